@@ -1,0 +1,63 @@
+"""The `cakelm` command: one subcommand per stage, each a Config dataclass and a `main(cfg)`.
+
+    cakelm --help
+    cakelm pipeline                    # data -> tokenizer -> pretrain -> sample on Shakespeare
+    cakelm pretrain --help             # every option, grouped (model., optim., loop.)
+    torchrun --nproc_per_node 2 -m cakelm pretrain
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+import torch.distributed as dist
+
+from cakelm import __version__
+from cakelm.common import CakeError
+from cakelm.config import ConfigError, add_arguments, config_from_args
+from cakelm.stages import data, export, pipeline, pretrain, sample, tokenizer
+
+# command -> (stage module, its Config class, its presets, one-line help)
+COMMANDS: dict[str, tuple[ModuleType, type, dict | None, str]] = {
+    "pipeline": (pipeline, pipeline.PipelineConfig, None, "run every stage into one run directory"),
+    "data": (data, data.DataConfig, None, "fetch/read raw text and split train/validation documents"),
+    "tokenizer": (tokenizer, tokenizer.TokenizerConfig, None, "train the BPE tokenizer and encode token shards"),
+    "pretrain": (pretrain, pretrain.PretrainConfig, pretrain.PRESETS, "next-token pretraining (DDP under torchrun)"),
+    "sample": (sample, sample.SampleConfig, None, "print continuations of a prompt from a checkpoint"),
+    "export": (export, export.ExportConfig, None, "export a checkpoint (Hugging Face Llama directory)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cakelm", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"cakelm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, cls, presets, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(p, cls, presets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    module, cls, presets, _ = COMMANDS[ns.command]
+    run: Callable[[Any], Any] = module.main
+    try:
+        run(config_from_args(cls, ns, presets))
+    except (CakeError, ConfigError) as e:
+        print(f"cakelm {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

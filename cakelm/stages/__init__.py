@@ -1,0 +1,1 @@
+"""One module per pipeline stage: a Config dataclass and `main(cfg) -> Path` (the directory it wrote)."""

@@ -1,0 +1,149 @@
+"""`cakelm pipeline`: every stage, in order, into one run directory.
+
+    cakelm pipeline                          # the CPU preset on Shakespeare, into runs/default
+    cakelm pipeline --preset micro --out runs/smoke
+    cakelm pipeline --from pretrain          # redo pretraining (and what follows), keep data and tokenizer
+    cakelm pipeline --only sample
+
+Stages so far: data -> tokenizer -> pretrain -> sample (RUN/data, RUN/tokenizer, RUN/base, RUN/samples.txt).
+A stage whose output is complete and was made with the same resolved config is skipped; once a stage runs,
+every later stage runs too (its input changed). An interrupted pretraining continues from its last checkpoint.
+Each stage prints one summary line; the run ends with a table and RUN/pipeline.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cakelm.common import peak_memory_mb, print0, write_json_atomic, write_text_atomic
+from cakelm.config import ConfigError, build_config, flatten, opt, to_dict
+from cakelm.stages import data as data_stage
+from cakelm.stages import pretrain as pretrain_stage
+from cakelm.stages import sample as sample_stage
+from cakelm.stages import tokenizer as tokenizer_stage
+
+STAGES = ("data", "tokenizer", "pretrain", "sample")
+
+# Per preset: overrides for each stage (dotted keys, as on the command line) and the pretrain stage's preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {"tokenizer": {"vocab_size": 2048}, "pretrain": "cpu"},
+    "micro": {"tokenizer": {"vocab_size": 512}, "pretrain": "micro"},
+    "10m": {"tokenizer": {"vocab_size": 4096}, "pretrain": "10m"},
+    "gpu": {"tokenizer": {"vocab_size": 32768}, "pretrain": "gpu"},
+}
+
+
+@dataclass
+class PipelineConfig:
+    preset: str = opt("cpu", "size of every stage: cpu (2 cores, minutes), micro (seconds), 10m, gpu",
+                      choices=tuple(PRESETS))
+    out: str = opt("runs/default", "run directory (one subdirectory per stage)")
+    data: list[str] = opt(["shakespeare"], "text sources for pretraining (see `cakelm data --help`)")
+    from_stage: str | None = opt(None, "rerun this stage and every later one", alias="--from", choices=STAGES)
+    only: str | None = opt(None, "run just this stage", choices=STAGES)
+    prompts: list[str] = opt(["Romeo.\n", "Hamlet.\n", "First Citizen.\n"], "prompts for the sample stage")
+    device: str = opt("auto", "device for training and sampling", choices=("auto", "cpu", "cuda", "mps"))
+    seed: int = opt(1337, "random seed")
+
+    def __post_init__(self) -> None:
+        if self.from_stage and self.only:
+            raise ConfigError("use --from or --only, not both")
+
+
+def _stage_configs(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
+    p = PRESETS[cfg.preset]
+    data = build_config(data_stage.DataConfig, ("pipeline", {"data": cfg.data, "out": str(run / "data")}))
+    tok = build_config(tokenizer_stage.TokenizerConfig, (f"pipeline preset {cfg.preset}", p["tokenizer"]),
+                       ("pipeline", {"data": [str(run / "data")], "out": str(run / "tokenizer")}))
+    pre = build_config(pretrain_stage.PretrainConfig,
+                       (f"pretrain preset {p['pretrain']}", pretrain_stage.PRESETS[p["pretrain"]]),
+                       ("pipeline", {"data": str(run / "tokenizer"), "out": str(run / "base"),
+                                     "loop.device": cfg.device, "loop.seed": cfg.seed}))
+    return {"data": data, "tokenizer": tok, "pretrain": pre}
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Configs equal up to the flags that only say how to (re)start."""
+    ignore = {"resume", "overwrite"}
+    return {k: v for k, v in flatten(a).items() if k not in ignore} == \
+        {k: v for k, v in flatten(b).items() if k not in ignore}
+
+
+def _status(out: Path, cfg: Any) -> str:
+    """'done' (complete, same config), 'partial' (same config, unfinished), or 'stale'/'missing'."""
+    meta_path = out / "meta.json"
+    if not meta_path.is_file():
+        return "missing"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "stale"
+    if not _same(meta.get("config", {}), to_dict(cfg)):
+        return "stale"
+    return "done" if meta.get("complete") else "partial"
+
+
+def _summary(name: str, out: Path) -> str:
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    if name == "data":
+        return f"{meta['train']['documents']} train docs, {meta['train']['bytes'] / 1e6:.2f} MB"
+    if name == "tokenizer":
+        return f"vocab {meta['vocab_size']}, {meta['val']['bytes_per_token']:.2f} bytes/token"
+    m = meta["metrics"]
+    return f"val bpb {m.get('val_bpb', float('nan')):.3f}, {m.get('tok_per_s', 0):,.0f} tok/s"
+
+
+def main(cfg: PipelineConfig) -> Path:
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    configs = _stage_configs(cfg, run)
+    outs = {"data": run / "data", "tokenizer": run / "tokenizer", "pretrain": run / "base"}
+    mains: dict[str, Callable[[Any], Any]] = {"data": data_stage.main, "tokenizer": tokenizer_stage.main,
+                                             "pretrain": pretrain_stage.main}
+    rows: list[dict[str, Any]] = []
+    forced = False
+    t_run = time.time()
+    for name in STAGES:
+        if cfg.only and name != cfg.only:
+            continue
+        forced = forced or name in (cfg.from_stage, cfg.only)
+        t0 = time.time()
+        if name == "sample":
+            texts = []
+            for i, prompt in enumerate(cfg.prompts):
+                sc = sample_stage.SampleConfig(ckpt=str(outs["pretrain"]), prompt=prompt, max_new_tokens=120,
+                                               temperature=0.8, top_k=50, seed=cfg.seed + i, device=cfg.device)
+                texts.append(prompt + sample_stage.main(sc, echo=False)[0])
+            write_text_atomic(run / "samples.txt", ("\n" + "-" * 60 + "\n").join(texts) + "\n")
+            print0(f"sample: {len(texts)} samples -> {run / 'samples.txt'}\n" + "-" * 60 + "\n" + texts[0].strip())
+            rows.append({"stage": name, "status": "ran", "seconds": time.time() - t0,
+                         "result": f"{len(texts)} samples in samples.txt", "peak_mb": peak_memory_mb()})
+            continue
+        stage_cfg, out = configs[name], outs[name]
+        status = _status(out, stage_cfg)
+        if status == "done" and not forced:
+            print0(f"{name}: up to date in {out}, skipped")
+            rows.append({"stage": name, "status": "skipped", "seconds": 0.0, "result": _summary(name, out),
+                         "peak_mb": peak_memory_mb()})
+            continue
+        if name == "pretrain":
+            stage_cfg.resume = status == "partial" and not forced
+            stage_cfg.overwrite = True
+        mains[name](stage_cfg)
+        forced = True  # everything downstream of a stage that ran must run again
+        rows.append({"stage": name, "status": "ran", "seconds": time.time() - t0, "result": _summary(name, out),
+                     "peak_mb": peak_memory_mb()})
+    total = time.time() - t_run
+    lines = [f"{'stage':<10} {'status':<8} {'time':>8} {'peak MB':>8}  result"]
+    lines += [f"{r['stage']:<10} {r['status']:<8} {r['seconds']:>7.1f}s {r['peak_mb']:>8.0f}  {r['result']}"
+              for r in rows]
+    lines.append(f"{'total':<10} {'':<8} {total:>7.1f}s {peak_memory_mb():>8.0f}")
+    print0("\n" + "\n".join(lines))
+    write_json_atomic(run / "pipeline.json", {"config": to_dict(cfg), "stages": rows, "seconds": total,
+                                              "peak_mb": peak_memory_mb()})
+    return run

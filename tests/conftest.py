@@ -1,0 +1,61 @@
+"""Shared fixtures: a small synthetic corpus and a tokenizer/shard directory built from it once per session.
+
+Everything is tiny (a few hundred KB of text, a 320-token vocabulary, 2-layer models) so the suite stays fast on
+2 CPU cores; nothing touches the network (CAKELM_HOME points into a temporary directory)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from cakelm.config import build_config
+from cakelm.model import ModelConfig
+from cakelm.stages import data as data_stage
+from cakelm.stages import tokenizer as tokenizer_stage
+
+WORDS = ("the king queen lord lady love death night day sword crown heart blood fair foul sweet time "
+         "speak hear see come go stay die live thou thee thy my your our what why how where when and but "
+         "not no yes good ill man woman friend enemy house honour grace fortune heaven earth").split()
+
+
+def make_corpus(folder: Path, n_docs: int = 12, words_per_doc: int = 3000, seed: int = 0) -> Path:
+    """Write n_docs .txt files of seeded pseudo-English (speaker lines and verse)."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(n_docs):
+        lines = []
+        for _ in range(words_per_doc // 10):
+            speaker = rng.choice(["KING.", "QUEEN.", "LORD.", "FOOL."])
+            line = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12)))
+            lines.append(f"{speaker}\n{line.capitalize()}{rng.choice('.,!?;')}\n")
+        (folder / f"play_{d:02d}.txt").write_text("\n".join(lines), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAKELM_HOME", str(tmp_path_factory.getbasetemp() / "cakelm_home"))
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
+    """`cakelm data` + `cakelm tokenizer` output for the synthetic corpus (vocab 320)."""
+    root = tmp_path_factory.mktemp("run")
+    data_stage.main(build_config(data_stage.DataConfig, ("test", {"data": [str(corpus)], "out": str(root / "data"),
+                                                                 "val_fraction": 0.2})))
+    return tokenizer_stage.main(build_config(tokenizer_stage.TokenizerConfig, (
+        "test", {"data": [str(root / "data")], "out": str(root / "tokenizer"), "vocab_size": 320})))
+
+
+def tiny_model_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=320, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+    return ModelConfig(**{**base, **kw})

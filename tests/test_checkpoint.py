@@ -1,0 +1,61 @@
+"""Checkpoints: round trip, tied weights stored once, interrupted saves detected, bad directories named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cakelm.checkpoint import is_checkpoint, load_meta, load_model, save_checkpoint
+from cakelm.common import CakeError
+from cakelm.model import Transformer
+from cakelm.tokenizer import Tokenizer
+from tests.conftest import tiny_model_config
+
+
+def test_round_trip(tmp_path, tok_dir) -> None:
+    tok = Tokenizer.load(tok_dir)
+    m = Transformer(tiny_model_config(tie_embeddings=True))
+    save_checkpoint(tmp_path / "c", m, tok, {"stage": "test", "step": 5, "note": "x"}, {"step": 5})
+    assert is_checkpoint(tmp_path / "c")
+    assert "lm_head.weight" not in load_file(tmp_path / "c" / "model.safetensors")  # tied: stored once
+    m2, tok2, meta = load_model(tmp_path / "c")
+    assert meta["note"] == "x" and meta["step"] == 5 and "code_version" in meta
+    assert tok2.encode("the king") == tok.encode("the king")
+    x = torch.randint(0, 320, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(m.eval()(x), m2(x))
+    assert m2.lm_head.weight.data_ptr() == m2.embed.weight.data_ptr()
+
+
+def test_interrupted_save_detected(tmp_path, tok_dir) -> None:
+    tok = Tokenizer.load(tok_dir)
+    save_checkpoint(tmp_path / "c", Transformer(tiny_model_config()), tok, {"stage": "t", "step": 5})
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    meta["step"] = 6  # as if meta.json of step 6 landed but the weights of step 6 did not
+    (tmp_path / "c" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CakeError, match="weights are from step 5 but meta.json says step 6"):
+        load_meta(tmp_path / "c")
+
+
+def test_bad_directories(tmp_path, tok_dir) -> None:
+    with pytest.raises(CakeError, match="checkpoint not found"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CakeError, match="not a cakelm checkpoint .missing model.safetensors"):
+        load_model(tmp_path / "empty")
+    tok = Tokenizer.load(tok_dir)
+    save_checkpoint(tmp_path / "c", Transformer(tiny_model_config()), tok, {"stage": "t", "step": 1})
+    (tmp_path / "c" / "meta.json").write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(CakeError, match="meta.json: not UTF-8"):
+        load_model(tmp_path / "c")
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    (tmp_path / "c" / "meta.json").write_text('{"stage": "t", "step": 1}')
+    (tmp_path / "c" / "config.json").write_text(json.dumps({**cfg, "dim": 64}))
+    with pytest.raises(CakeError, match="weights do not match config.json"):
+        load_model(tmp_path / "c")
+    (tmp_path / "c" / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))
+    with pytest.raises(Exception, match="unknown option 'n_layer'"):
+        load_model(tmp_path / "c")

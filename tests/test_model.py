@@ -1,0 +1,130 @@
+"""Model: shapes, causal masking, KV-cache equivalence, config validation, init, FLOP count."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cakelm.config import ConfigError
+from cakelm.model import PRESETS, KVCache, ModelConfig, Transformer, flops_per_token
+from tests.conftest import tiny_model_config
+
+
+def test_shapes_and_param_count() -> None:
+    cfg = tiny_model_config()
+    m = Transformer(cfg)
+    logits = m(torch.randint(0, cfg.vocab_size, (3, 17)))
+    assert logits.shape == (3, 17, cfg.vocab_size)
+    D = cfg.dim
+    per_layer = D * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + D * D + 3 * D * cfg.ffn_dim + 2 * D
+    assert m.num_params() == 2 * cfg.vocab_size * D + cfg.n_layers * per_layer + D
+
+
+def test_ffn_dim_and_kv_heads_defaults() -> None:
+    cfg = ModelConfig(dim=384, n_heads=6)
+    assert cfg.ffn_dim == 1024  # 8/3 * 384 = 1024 exactly
+    assert cfg.n_kv_heads == 6
+    assert ModelConfig(dim=256).ffn_dim == 704  # 682.7 rounded up to a multiple of 64
+
+
+def test_tied_embeddings_share_storage() -> None:
+    m = Transformer(tiny_model_config(tie_embeddings=True))
+    assert m.lm_head.weight.data_ptr() == m.embed.weight.data_ptr()
+    assert m.num_params() == Transformer(tiny_model_config()).num_params() - 320 * 32
+
+
+def test_causal_masking() -> None:
+    cfg = tiny_model_config()
+    m = Transformer(cfg).eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 20))
+    y = x.clone()
+    y[:, 12] = (y[:, 12] + 1) % cfg.vocab_size  # change one token
+    with torch.no_grad():
+        a, b = m(x), m(y)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=0)  # the past cannot see the future
+    assert (a[:, 12:] - b[:, 12:]).abs().amax() > 1e-4  # the change is visible from its position on
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_kv_cache_matches_full_forward(n_kv_heads: int) -> None:
+    cfg = tiny_model_config(n_kv_heads=n_kv_heads)
+    m = Transformer(cfg).eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        full = m(x)
+        cache = KVCache(cfg, 2, 24, "cpu")
+        parts = [m(x[:, :10], kv_cache=cache), m(x[:, 10:15], kv_cache=cache)]  # prefill, then a chunk
+        parts += [m(x[:, t:t + 1], kv_cache=cache) for t in range(15, 24)]  # then one token at a time
+    assert cache.pos == 24
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_too_long_and_cache_overflow() -> None:
+    cfg = tiny_model_config()
+    m = Transformer(cfg)
+    with pytest.raises(ValueError, match="longer than the context"):
+        m(torch.zeros(1, cfg.max_seq_len + 1, dtype=torch.long))
+    cache = KVCache(cfg, 1, 4, "cpu")
+    with pytest.raises(ValueError, match="overflow"):
+        m(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(dim=30, n_heads=4), "divisible"),
+    (dict(n_heads=4, n_kv_heads=3), "multiple"),
+    (dict(dim=12, n_heads=4), "even"),
+    (dict(n_layers=0), "n_layers must be positive"),
+])
+def test_config_validation(bad: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(**bad)
+
+
+def test_init_weights() -> None:
+    cfg = ModelConfig(vocab_size=512, dim=256, n_layers=8, n_heads=4)
+    m = Transformer(cfg)
+    assert torch.all(m.layers[0].attn_norm.weight == 1)
+    assert abs(m.layers[0].attn.q.weight.std().item() - 0.02) < 0.002
+    assert abs(m.layers[0].mlp.down.weight.std().item() - 0.02 / math.sqrt(16)) < 0.0005
+    # a fresh model predicts close to uniform: loss ~ ln(vocab)
+    loss = torch.nn.functional.cross_entropy(m(torch.randint(0, 512, (2, 64))).view(-1, 512),
+                                             torch.randint(0, 512, (128,)))
+    assert abs(loss.item() - math.log(512)) < 0.1
+
+
+def test_flops_per_token_hand_computed() -> None:
+    cfg = ModelConfig(vocab_size=100, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=16, max_seq_len=4)
+    # matmul params: q 8x8, k 8x4, v 8x4, o 8x8 -> 192; mlp 3*8*16 = 384; head 8*100 = 800 -> 1376
+    # attention: 12 * layers 1 * heads 2 * head_dim 4 * T 4 = 384
+    assert flops_per_token(cfg) == 6 * 1376 + 384
+
+
+def test_presets_build() -> None:
+    for name, shape in PRESETS.items():
+        cfg = ModelConfig(vocab_size=1024, **shape)
+        assert cfg.dim % cfg.n_heads == 0, name
+    assert 9e6 < Transformer(ModelConfig(vocab_size=65, **PRESETS["10m"])).num_params(exclude_embedding=True) < 12e6
+
+
+def test_rmsnorm_matches_reference_and_gradcheck() -> None:
+    from cakelm.model import RMSNorm, _RMSNormFunction
+
+    torch.manual_seed(0)
+    norm = RMSNorm(16, 1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    g = torch.randn(3, 5, 16)
+    norm(x).backward(g)
+    dx, dw = x.grad.clone(), norm.weight.grad.clone()
+    x.grad, w = None, norm.weight.detach().clone().requires_grad_()
+    ref = torch.nn.functional.rms_norm(x, (16,), w, 1e-5)
+    ref.backward(g)
+    torch.testing.assert_close(norm(x), ref)
+    torch.testing.assert_close(dx, x.grad)
+    torch.testing.assert_close(dw, w.grad)
+    xd = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    wd = torch.rand(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormFunction.apply(a, b, 1e-5), (xd, wd))

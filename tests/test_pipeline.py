@@ -1,0 +1,41 @@
+"""`cakelm pipeline` end to end at the micro preset: stages, skipping, --from/--only, samples, export."""
+
+from __future__ import annotations
+
+import json
+
+from cakelm.checkpoint import load_meta
+from cakelm.config import build_config
+from cakelm.stages import pipeline
+
+
+def run(corpus, out, **kw):
+    return pipeline.main(build_config(pipeline.PipelineConfig, ("test", {
+        "preset": "micro", "data": [str(corpus)], "out": str(out), "prompts": ["KING.\n"], **kw})))
+
+
+def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
+    out = run(corpus, tmp_path / "run")
+    for f in ("data/train.jsonl", "tokenizer/tokenizer.json", "tokenizer/train.bin", "base/model.safetensors",
+              "samples.txt", "pipeline.json"):
+        assert (out / f).is_file(), f
+    assert load_meta(out / "base")["complete"] is True
+    samples = (out / "samples.txt").read_text()
+    assert samples.startswith("KING.\n") and len(samples) > 20
+    first = json.loads((out / "pipeline.json").read_text())
+    assert [s["status"] for s in first["stages"]] == ["ran"] * 4
+
+    run(corpus, tmp_path / "run")  # nothing changed: every stage is skipped except sampling
+    again = json.loads((out / "pipeline.json").read_text())
+    assert [s["status"] for s in again["stages"]] == ["skipped", "skipped", "skipped", "ran"]
+    table = capsys.readouterr().out
+    assert "pretrain   skipped" in table and "total" in table
+
+    step_before = load_meta(out / "base")["step"]
+    run(corpus, tmp_path / "run", from_stage="pretrain")  # redo pretraining only
+    third = json.loads((out / "pipeline.json").read_text())
+    assert [s["status"] for s in third["stages"]] == ["skipped", "skipped", "ran", "ran"]
+    assert load_meta(out / "base")["step"] == step_before
+
+    run(corpus, tmp_path / "run", only="tokenizer")  # a changed input forces what depends on it
+    assert [s["stage"] for s in json.loads((out / "pipeline.json").read_text())["stages"]] == ["tokenizer"]
