@@ -3,9 +3,10 @@
     python benchmarks/pretrain_throughput.py                 # both shapes, prints a table
     python benchmarks/pretrain_throughput.py --shapes a --steps 30
 
-Shapes (vocabulary 65, i.e. character level, as in nanoGPT's shakespeare_char):
-  (a) nanoGPT's CPU example: 4 layers, 4 heads, width 128, context 64, batch 12
-  (b) nanoGPT's GPU config:  6 layers, 6 heads, width 384, context 256, batch 8
+Shapes (a) and (b) use vocabulary 65 (character level, as in nanoGPT's shakespeare_char):
+  (a)  nanoGPT's CPU example: 4 layers, 4 heads, width 128, context 64, batch 12
+  (b)  nanoGPT's GPU config:  6 layers, 6 heads, width 384, context 256, batch 8
+  cpu  our default CPU preset: 4 layers, width 128, context 256, batch 16, BPE vocabulary 2048
 
 MFU is achieved FLOP/s (model.flops_per_token: 6 x matmul params + attention, the PaLM/nanoGPT formula) over the
 fp32 matmul peak this script measures on the machine (best of several 2048x2048 matmuls).
@@ -26,16 +27,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cakelm.common import peak_memory_mb
+from cakelm.common import keep_freed_memory, peak_memory_mb
 from cakelm.losses import lm_loss
 from cakelm.model import ModelConfig, Transformer, flops_per_token
 from cakelm.optim import OptimConfig, build_optimizers
 
 SHAPES = {
-    "a": dict(n_layers=4, n_heads=4, dim=128, max_seq_len=64, batch=12),
-    "b": dict(n_layers=6, n_heads=6, dim=384, max_seq_len=256, batch=8),
+    "a": dict(n_layers=4, n_heads=4, dim=128, max_seq_len=64, batch=12, vocab=65),
+    "b": dict(n_layers=6, n_heads=6, dim=384, max_seq_len=256, batch=8, vocab=65),
+    # the `cpu` preset that `cakelm pipeline` trains (BPE vocabulary 2048)
+    "cpu": dict(n_layers=4, n_heads=4, dim=128, max_seq_len=256, batch=16, vocab=2048),
 }
-VOCAB = 65
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -108,17 +110,17 @@ def make_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], x: torc
     return step
 
 
-def bench_shape(name: str, steps: int, rounds: int, peak: float) -> dict:
+def bench_shape(name: str, steps: int, rounds: int, peak: float, compile: bool) -> dict:
     s = SHAPES[name]
-    B, T = s["batch"], s["max_seq_len"]
+    B, T, V = s["batch"], s["max_seq_len"], s["vocab"]
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=VOCAB, dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"], max_seq_len=T)
-    ours = Transformer(cfg)
-    ours_step = make_step(ours, build_optimizers(ours, OptimConfig(), torch.device("cpu")),
-                          torch.randint(0, VOCAB, (B, T)), torch.randint(0, VOCAB, (B, T)))
-    ref = RefGPT(VOCAB, s["dim"], s["n_heads"], s["n_layers"], T)
+    cfg = ModelConfig(vocab_size=V, dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"], max_seq_len=T)
+    ours, ref = Transformer(cfg), RefGPT(V, s["dim"], s["n_heads"], s["n_layers"], T)
+    ours_opt = build_optimizers(ours, OptimConfig(), torch.device("cpu"))
     ref_opt = [torch.optim.AdamW(ref.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)]
-    ref_step = make_step(ref, ref_opt, torch.randint(0, VOCAB, (B, T)), torch.randint(0, VOCAB, (B, T)))
+    wrap = torch.compile if compile else (lambda m: m)
+    ours_step = make_step(wrap(ours), ours_opt, torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T)))
+    ref_step = make_step(wrap(ref), ref_opt, torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T)))
     for fn in (ours_step, ref_step):
         for _ in range(3):
             fn()
@@ -142,20 +144,23 @@ def bench_shape(name: str, steps: int, rounds: int, peak: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", nargs="+", default=["a", "b"], choices=sorted(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["a", "b", "cpu"], choices=list(SHAPES))
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models (minutes of compiling)")
     ap.add_argument("--steps", type=int, default=0, help="timed steps per round (default: 20 for a, 3 for b)")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of ours / reference")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the training loop does on CPU
     peak = matmul_peak()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
+          f"{', torch.compile' if args.compile else ', eager'}")
     print(f"{'shape':<6}{'params':>8}{'ms/step':>10}{'tok/s':>10}{'MFU':>7} | {'ref ms':>8}{'ref tok/s':>10}"
           f"{'ref MFU':>8} | {'speedup':>7}")
     for name in args.shapes:
-        steps = args.steps or (20 if name == "a" else 3)
-        r = bench_shape(name, steps, args.rounds, peak)
+        steps = args.steps or {"a": 20, "b": 3, "cpu": 5}[name]
+        r = bench_shape(name, steps, args.rounds, peak, args.compile)
         print(f"{r['shape']:<6}{r['params_M']:>7.2f}M{r['ms_per_step']:>10.1f}{r['tok_per_s']:>10,.0f}"
               f"{r['mfu']:>7.1%} | {r['ref_ms_per_step']:>8.1f}{r['ref_tok_per_s']:>10,.0f}{r['ref_mfu']:>8.1%} | "
               f"{r['speedup']:>6.2f}x", flush=True)

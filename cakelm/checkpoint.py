@@ -15,7 +15,6 @@ silently mixing two steps. Later stages read an earlier stage's directory and in
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +110,3 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise CakeError(f"--resume: {path} has no train_state.pt (it was saved without optimizer state)")
     return torch.load(p, map_location="cpu", weights_only=False)
-
-
-def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
-    shutil.copyfile(Path(src) / "tokenizer.json", Path(dst) / "tokenizer.json")

@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from cakelm.common import DistInfo, all_reduce_sum, barrier, pick_dtype
+from cakelm.common import DistInfo, all_reduce_sum, barrier, keep_freed_memory, pick_dtype
 from cakelm.config import ConfigError, opt
 from cakelm.optim import OptimConfig, build_optimizers, lr_multiplier, set_lr
 
@@ -126,6 +126,8 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
     Returns the last logged metrics (including the final evaluation)."""
     device, info = ctx.device, ctx.dist
     dtype = pick_dtype(cfg.dtype, device)
+    if device.type == "cpu":
+        keep_freed_memory()
     optimizers = build_optimizers(model, optim_cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
     start = 0
