@@ -16,10 +16,10 @@ from typing import Any
 
 import torch.distributed as dist
 
-from cakelm import __version__
+from cakelm import __version__, serve
 from cakelm.common import CakeError
 from cakelm.config import ConfigError, add_arguments, config_from_args
-from cakelm.stages import data, export, pipeline, pretrain, sample, tokenizer
+from cakelm.stages import chat, data, export, pipeline, pretrain, sample, tokenizer
 
 # command -> (stage module, its Config class, its presets, one-line help)
 COMMANDS: dict[str, tuple[ModuleType, type, dict | None, str]] = {
@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[ModuleType, type, dict | None, str]] = {
     "tokenizer": (tokenizer, tokenizer.TokenizerConfig, None, "train the BPE tokenizer and encode token shards"),
     "pretrain": (pretrain, pretrain.PretrainConfig, pretrain.PRESETS, "next-token pretraining (DDP under torchrun)"),
     "sample": (sample, sample.SampleConfig, None, "print continuations of a prompt from a checkpoint"),
+    "chat": (chat, chat.ChatConfig, None, "chat with a checkpoint in the terminal (streamed replies)"),
+    "serve": (serve, serve.ServeConfig, None, "OpenAI-compatible HTTP API and a web chat page"),
     "export": (export, export.ExportConfig, None, "export a checkpoint (Hugging Face Llama directory)"),
 }
 

@@ -1,20 +1,70 @@
-"""Text generation with a KV cache: prefill the prompt once, then decode one token per step.
+"""The inference engine: KV-cache generation for sampling, chat, serving and RL rollouts (one path for all).
 
-This is the single-sequence core that `cakelm sample` uses; batching, streaming text and log-probabilities grow
-here (one generation path for sampling, chat, serving and RL rollouts).
+- prefill: the prompts run through the model once, filling a preallocated `KVCache`; then one-token decode
+  steps reuse it, so a step costs the same at token 10 and at token 1000.
+- batching: prompts of different lengths are left-padded into one batch; the cache gives each row its own RoPE
+  positions and a mask that hides the padding, so a row's tokens are exactly those it would get alone.
+- n samples of one prompt share its prefill (the cache rows are copied after it).
+- sampling: greedy (temperature 0) or temperature / top-k / top-p with a seeded generator; stop token ids,
+  stop strings (never emitted), and max_new_tokens.
+- streaming: `Engine.stream` yields text pieces as they become final: a multi-byte UTF-8 character split over
+  tokens is held back until complete, and so is text that could still turn into a stop string.
+- log-probabilities of the sampled tokens on request (under the sampling temperature, before top-k/top-p),
+  which RL needs.
 
-    for token_id in generate(model, prompt_ids, max_new_tokens=100, temperature=0.8, top_k=50, seed=0):
-        ...
+    engine = Engine(model, tokenizer)
+    [c] = engine.generate([tokenizer.encode("ROMEO.", bos=True)], SamplingParams(max_new_tokens=50, seed=0))
+    for event in engine.stream([prompt_ids], SamplingParams(temperature=0.7, stop_strings=("\\nUSER:",))):
+        print(event.text, end="")
 """
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from cakelm.common import CakeError
 from cakelm.model import KVCache, Transformer
+from cakelm.tokenizer import Tokenizer
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = no limit
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()  # generation ends after one of these tokens (kept in ids, not in text)
+    stop_strings: tuple[str, ...] = ()  # generation ends when the text contains one (cut from the text)
+    logprobs: bool = False
+
+
+@dataclass
+class Completion:
+    """One generated sequence. `ids` includes a final stop token; `text` excludes stop tokens and strings."""
+
+    prompt_index: int
+    ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (stop token or string) or "length"
+    prompt_tokens: int
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class StreamEvent:
+    """One sampled token of one row. `text` is the text that became final with it (often "" while a character
+    or a possible stop string is incomplete); `finish_reason` is set on the row's last event."""
+
+    row: int
+    prompt_index: int
+    text: str
+    token_id: int
+    finish_reason: str | None = None
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -35,36 +85,135 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
         drop = probs.cumsum(dim=-1) - probs >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
-def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             stop_ids: Sequence[int] = ()) -> Iterator[int]:
-    """Yield up to `max_new_tokens` sampled token ids after `prompt`, stopping after a token in `stop_ids`.
+@dataclass
+class _Row:
+    """Text assembly for one output row: incremental UTF-8 decoding, stop strings, what was already emitted."""
 
-    The prompt plus the new tokens must fit the context: a prompt that does not leave room for one new token is
-    an error, and `max_new_tokens` is cut to what fits."""
-    ctx = model.cfg.max_seq_len
-    if not prompt:
-        raise CakeError("empty prompt: give at least one token (e.g. <|bos|>)")
-    if len(prompt) >= ctx:
-        raise CakeError(f"prompt is {len(prompt)} tokens but the model's context is {ctx}; shorten it")
-    device = model.lm_head.weight.device
-    generator = torch.Generator(device=device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()
-    max_new_tokens = min(max_new_tokens, ctx - len(prompt))
-    cache = KVCache(model.cfg, 1, len(prompt) + max_new_tokens, device, model.lm_head.weight.dtype)
-    logits = model(torch.tensor([list(prompt)], device=device), kv_cache=cache)[:, -1]  # prefill: (1, V)
-    for i in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (1,)
-        tok = int(nxt.item())
-        yield tok
-        if tok in stop_ids or i == max_new_tokens - 1:
-            return
-        logits = model(nxt.view(1, 1), kv_cache=cache)[:, -1]  # decode one token
+    prompt_index: int
+    stop_strings: tuple[str, ...]
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    finish: str | None = None
+    decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+
+    def push(self, token: int, logprob: float, tok: Tokenizer, stop_ids: tuple[int, ...], last: bool) -> str:
+        """Add a sampled token; return the text that became final."""
+        self.ids.append(token)
+        self.logprobs.append(logprob)
+        if token in stop_ids:
+            self.finish = "stop"
+        else:
+            self.text += self.decoder.decode(tok.token_bytes(token))
+            for s in self.stop_strings:
+                # a stop string can only appear in text not yet emitted plus the held-back tail before it
+                at = self.text.find(s, max(0, self.emitted - len(s) + 1))
+                if at >= 0:
+                    self.text, self.finish = self.text[:at], "stop"
+                    break
+        if self.finish is None and last:
+            self.finish = "length"
+        if self.finish is not None:
+            if not self.text.endswith("\ufffd"):
+                self.text += self.decoder.decode(b"", final=True)  # an unfinished character becomes U+FFFD
+            safe = len(self.text)
+        else:
+            safe = len(self.text) - self._held_back()
+        piece, self.emitted = self.text[self.emitted:safe], max(self.emitted, safe)
+        return piece
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        for n in range(min(len(self.text), max((len(s) for s in self.stop_strings), default=1) - 1), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stop_strings):
+                return n
+        return 0
+
+
+class Engine:
+    """Generation over one model and tokenizer. Not thread-safe: callers that share it serialise requests."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer) -> None:
+        self.model, self.tok = model.eval(), tokenizer  # the tokenizer supplies the padding id and token bytes
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+
+    @property
+    def context(self) -> int:
+        return self.model.cfg.max_seq_len
+
+    def check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
+        if not prompts:
+            raise CakeError("no prompts to generate from")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise CakeError(f"prompt {i} is empty: give at least one token (e.g. <|bos|>)")
+            if len(p) >= self.context:
+                raise CakeError(f"prompt {i} is {len(p)} tokens but the model's context is {self.context}; "
+                                "shorten it (at least one token must fit after it)")
+
+    @torch.no_grad()
+    def _tokens(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, bool]]:
+        """Yield (next token ids (B*n,), their logprobs or None, is_last_step) for every decode step."""
+        self.check_prompts(prompts)
+        longest = max(len(p) for p in prompts)
+        steps = min(params.max_new_tokens, self.context - longest)  # cut to what fits after the longest prompt
+        pad = [longest - len(p) for p in prompts]
+        cache = KVCache(self.model.cfg, len(prompts), longest + steps, self.device, self.dtype, pad)
+        idx = torch.tensor([[self.tok.pad_id] * k + list(p) for k, p in zip(pad, prompts)], device=self.device)
+        logits = self.model(idx, kv_cache=cache)[:, -1]  # prefill: (B, V)
+        if n > 1:
+            cache.repeat_rows(n)
+            logits = logits.repeat_interleave(n, dim=0)  # (B*n, V)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
+        for step in range(steps):
+            nxt = sample_next(logits, params.temperature, params.top_k, params.top_p, gen)  # (B*n,)
+            lp = None
+            if params.logprobs:
+                t = params.temperature if params.temperature > 0 else 1.0
+                lp = torch.log_softmax(logits.float() / t, dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
+            last = step == steps - 1
+            yield nxt, lp, last
+            if not last:
+                logits = self.model(nxt[:, None], kv_cache=cache)[:, -1]  # decode one token per row
+
+    def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int = 1
+               ) -> Iterator[StreamEvent]:
+        """Generate n continuations of every prompt in one batch, yielding text as it becomes final.
+
+        Rows are ordered prompt by prompt (row = prompt_index * n + sample). A row's last event carries its
+        finish_reason; the generator ends when every row has finished."""
+        yield from self._events(self._rows(prompts, params, n), prompts, params, n)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int = 1) -> list[Completion]:
+        """All completions (n per prompt, grouped by prompt) at once."""
+        rows = self._rows(prompts, params, n)
+        for _ in self._events(rows, prompts, params, n):
+            pass
+        return [Completion(row.prompt_index, row.ids, row.text, row.finish or "length",
+                           len(prompts[row.prompt_index]), row.logprobs if params.logprobs else None)
+                for row in rows]
+
+    @staticmethod
+    def _rows(prompts: Sequence[Sequence[int]], params: SamplingParams, n: int) -> list[_Row]:
+        return [_Row(i // n, tuple(params.stop_strings)) for i in range(len(prompts) * n)]
+
+    def _events(self, rows: list[_Row], prompts: Sequence[Sequence[int]], params: SamplingParams, n: int
+                ) -> Iterator[StreamEvent]:
+        stop_ids = tuple(params.stop_ids)
+        for nxt, lp, last in self._tokens(prompts, params, n):
+            ids, lps = nxt.tolist(), (lp.tolist() if lp is not None else [0.0] * len(rows))
+            for r, row in enumerate(rows):
+                if row.finish is not None:
+                    continue
+                piece = row.push(ids[r], lps[r], self.tok, stop_ids, last)
+                yield StreamEvent(r, row.prompt_index, piece, ids[r], row.finish)
+            if all(row.finish for row in rows):
+                return

@@ -122,16 +122,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Preallocated keys and values for every layer, (n_layers, B, KV, max_len, D) each.
 
-    All rows share one write position `pos` (prompts of one length, or N samples of one prompt). The engine
-    advances `pos` after each forward; `Attention` writes the new keys/values at [pos, pos+T)."""
+    Rows share one write slot `pos`: a forward of T tokens writes slots [pos, pos+T) and advances `pos`. Prompts
+    of different lengths are left-padded to a common length, and `pad[b]` says how many leading slots of row b
+    are padding: row b's token in slot s sits at position s - pad[b] (for RoPE) and never attends to padding."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, pad: list[int] | None = None) -> None:
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
+        self.pad = torch.tensor(pad, device=device) if pad is not None and any(pad) else None  # (B,) or None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, KV, T, D) at [pos, pos+T); return all keys/values so far, (B, KV, pos+T, D)."""
@@ -141,6 +143,32 @@ class KVCache:
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def repeat_rows(self, n: int) -> None:
+        """Turn each row into n copies (row b -> rows b*n .. b*n+n-1): n samples continue one prefill."""
+        self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+        if self.pad is not None:
+            self.pad = self.pad.repeat_interleave(n)
+
+    def mask(self, T: int) -> tuple[torch.Tensor | None, bool]:
+        """(attn_mask, is_causal) for T new tokens: None/True for a fresh unpadded prefill, None/False for one
+        decoded token without padding, else a boolean mask (T, S) or (B, 1, T, S) with S = pos + T."""
+        start = self.pos
+        if self.pad is None:
+            if start == 0 or T == 1:
+                return None, start == 0 and T > 1
+            # query i (slot start+i) sees slots 0..start+i; SDPA's is_causal would align the square top-left
+            return torch.ones(T, start + T, dtype=torch.bool, device=self.k.device).tril(diagonal=start), False
+        slots = torch.arange(start, start + T, device=self.k.device)[None, :, None]  # (1, T, 1)
+        keys = torch.arange(start + T, device=self.k.device)[None, None, :]  # (1, 1, S)
+        real = keys >= self.pad[:, None, None]  # (B, 1, S): not padding
+        # A padding slot attends to itself only: its output is never used, but must stay finite.
+        return ((real & (keys <= slots)) | (keys == slots))[:, None], False  # (B, 1, T, S)
+
+    def positions(self, T: int) -> torch.Tensor:
+        """RoPE positions of the T new tokens: (T,) without padding, (B, T) with."""
+        slots = torch.arange(self.pos, self.pos + T, device=self.k.device)
+        return slots if self.pad is None else (slots[None, :] - self.pad[:, None]).clamp(min=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,27 +220,19 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None,
+                mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = apply_rope(self.q(x).view(B, T, H, D).transpose(1, 2), cos, sin)  # (B, H, T, D)
         k = apply_rope(self.k(x).view(B, T, KV, D).transpose(1, 2), cos, sin)  # (B, KV, T, D)
         v = self.v(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
-        mask, causal = None, True
         if kv_cache is not None:
-            start = kv_cache.pos
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, start+T, D)
-            if start > 0:
-                # Query i (absolute position start+i) sees keys 0..start+i. SDPA's is_causal would align the
-                # square to the top-left, which is wrong once keys outnumber queries.
-                causal = False
-                if T > 1:
-                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, S, D), S = cached + T
         if KV != H:
             # (B, KV, S, D) -> (B, H, S, D); each KV head serves H/KV consecutive query heads.
             k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, D)
         return self.o(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -235,9 +255,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None,
+                mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, mask, causal)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -280,16 +300,24 @@ class Transformer(nn.Module):
         return n - self.embed.weight.numel() if exclude_embedding else n
 
     def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids idx (B, T). With a KV cache, idx holds the tokens at positions
+        """Logits (B, T, vocab) for token ids idx (B, T). With a KV cache, idx holds the tokens for cache slots
         [kv_cache.pos, kv_cache.pos + T) and the cache position advances by T."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.cfg.max_seq_len})")
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # (T, D/2)
+        if kv_cache is None:
+            mask, causal = None, T > 1
+            cos, sin = self.cos[:T], self.sin[:T]  # (T, D/2)
+        else:
+            mask, causal = kv_cache.mask(T)
+            pos = kv_cache.positions(T)  # (T,) or (B, T)
+            cos, sin = self.cos[pos], self.sin[pos]  # (T, D/2), or (B, T, D/2) -> (B, 1, T, D/2) below
+            if pos.ndim == 2:
+                cos, sin = cos[:, None], sin[:, None]
         x = self.embed(idx)  # (B, T, C)
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache)
+            x = layer(x, cos, sin, kv_cache, mask, causal)
         if kv_cache is not None:
             kv_cache.pos += T
         return self.lm_head(self.norm(x))  # (B, T, vocab)

@@ -1,4 +1,5 @@
-"""Generation: greedy equals step-by-step argmax of the full forward, seeds reproduce, limits are enforced."""
+"""The engine: cached decoding equals recomputation, batching equals one-by-one, streaming equals the final
+text (Japanese and emoji included), seeds reproduce, stop tokens/strings and limits hold."""
 
 from __future__ import annotations
 
@@ -6,44 +7,140 @@ import pytest
 import torch
 
 from cakelm.common import CakeError
-from cakelm.engine import generate, sample_next
+from cakelm.engine import Engine, SamplingParams, _Row, sample_next
 from cakelm.model import Transformer
+from cakelm.tokenizer import Tokenizer
 from tests.conftest import tiny_model_config
+
+GREEDY = SamplingParams(max_new_tokens=30, temperature=0)
 
 
 @pytest.fixture(scope="module")
-def model() -> Transformer:
+def engine(tok_dir) -> Engine:
     torch.manual_seed(0)
-    return Transformer(tiny_model_config(max_seq_len=48)).eval()
+    model = Transformer(tiny_model_config(max_seq_len=64))
+    with torch.no_grad():  # sharper logits than the init, so greedy choices are not near-ties
+        model.lm_head.weight.mul_(20)
+    return Engine(model, Tokenizer.load(tok_dir))
 
 
-def test_greedy_matches_full_forward(model: Transformer) -> None:
-    prompt = [0, 17, 42, 99]
-    out = list(generate(model, prompt, max_new_tokens=20, temperature=0))
-    seq = list(prompt)
+def full_recompute_greedy(model: Transformer, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
+    seq, lps = list(prompt), []
     with torch.no_grad():
-        for _ in range(20):
-            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    assert out == seq[len(prompt):]
+        for _ in range(steps):
+            logp = torch.log_softmax(model(torch.tensor([seq]))[0, -1], dim=-1)
+            seq.append(int(logp.argmax()))
+            lps.append(float(logp.max()))
+    return seq[len(prompt):], lps
 
 
-def test_seed_reproducible_and_top_k_one_is_greedy(model: Transformer) -> None:
-    a = list(generate(model, [0, 5], 15, temperature=1.0, seed=7))
-    b = list(generate(model, [0, 5], 15, temperature=1.0, seed=7))
-    c = list(generate(model, [0, 5], 15, temperature=1.0, seed=8))
-    assert a == b and a != c
-    assert list(generate(model, [0, 5], 15, temperature=1.0, top_k=1, seed=3)) == \
-        list(generate(model, [0, 5], 15, temperature=0))
+def test_cached_decoding_equals_full_recompute(engine: Engine) -> None:
+    prompt = engine.tok.encode("KING.\nThe crown", bos=True)
+    (c,) = engine.generate([prompt], SamplingParams(max_new_tokens=30, temperature=0, logprobs=True))
+    ids, lps = full_recompute_greedy(engine.model, prompt, 30)
+    assert c.ids == ids and c.finish_reason == "length" and c.prompt_tokens == len(prompt)
+    assert c.logprobs == pytest.approx(lps, abs=1e-5)
 
 
-def test_limits_and_stop(model: Transformer) -> None:
-    assert len(list(generate(model, [0] * 40, 100, temperature=0))) == 8  # cut to the 48-token context
-    with pytest.raises(CakeError, match="context is 48"):
-        list(generate(model, [0] * 48, 5))
-    with pytest.raises(CakeError, match="empty prompt"):
-        list(generate(model, [], 5))
-    first = next(generate(model, [0, 5], 10, temperature=0))
-    assert list(generate(model, [0, 5], 10, temperature=0, stop_ids=(first,))) == [first]
+def test_batch_of_different_lengths_equals_each_alone(engine: Engine) -> None:
+    texts = ["KING.", "QUEEN.\nWhat says the fool of the house", "A", "LORD.\nMy heart and my honour, sweet"]
+    prompts = [engine.tok.encode(t, bos=True) for t in texts]
+    assert len({len(p) for p in prompts}) == 4
+    params = SamplingParams(max_new_tokens=20, temperature=0, logprobs=True)
+    batched = engine.generate(prompts, params)
+    for p, c in zip(prompts, batched):
+        (alone,) = engine.generate([p], params)
+        assert c.ids == alone.ids and c.text == alone.text
+        assert c.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+
+
+def test_n_samples_share_the_prefill(engine: Engine) -> None:
+    prompt = engine.tok.encode("FOOL.\n", bos=True)
+    greedy = engine.generate([prompt], GREEDY, n=3)
+    assert [c.prompt_index for c in greedy] == [0, 0, 0] and len({tuple(c.ids) for c in greedy}) == 1
+    sampled = engine.generate([prompt, prompt[:2]], SamplingParams(max_new_tokens=12, seed=1), n=3)
+    assert [c.prompt_index for c in sampled] == [0, 0, 0, 1, 1, 1]
+    assert len({tuple(c.ids) for c in sampled[:3]}) > 1  # different samples of one prompt
+
+
+def test_seed_reproducible_and_top_k_one_is_greedy(engine: Engine) -> None:
+    prompt = engine.tok.encode("KING.", bos=True)
+
+    def run(**kw):
+        return engine.generate([prompt], SamplingParams(max_new_tokens=15, **kw))[0].ids
+    assert run(seed=7) == run(seed=7) != run(seed=8)
+    assert run(top_k=1, seed=3) == run(temperature=0)
+
+
+def test_streaming_equals_generate(engine: Engine) -> None:
+    prompts = [engine.tok.encode(t, bos=True) for t in ("日本語の", "emoji 🐈‍⬛ and", "KING.")]
+    params = SamplingParams(max_new_tokens=40, temperature=1.5, seed=11)  # hot: random bytes, broken UTF-8
+    done = engine.generate(prompts, params)
+    pieces: dict[int, str] = {}
+    finishes = {}
+    for ev in engine.stream(prompts, params):
+        pieces[ev.row] = pieces.get(ev.row, "") + ev.text
+        if ev.finish_reason:
+            finishes[ev.row] = ev.finish_reason
+    assert [pieces[i] for i in range(3)] == [c.text for c in done]
+    assert finishes == {i: c.finish_reason for i, c in enumerate(done)}
+
+
+def test_stream_never_splits_a_character(tok_dir) -> None:
+    tok = Tokenizer.load(tok_dir)
+    text = "日本語🐈‍⬛ ok"
+    row = _Row(0, ())
+    ids = tok.encode(text)
+    pieces = [row.push(t, 0.0, tok, (), last=(i == len(ids) - 1)) for i, t in enumerate(ids)]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert len(ids) > len(text)  # characters really were split over several tokens
+
+
+def test_stop_strings_are_cut_and_never_emitted(tok_dir) -> None:
+    tok = Tokenizer.load(tok_dir)
+    row = _Row(0, ("\nUSER:",))
+    ids = tok.encode("I am well.\nUSER: and you?")
+    pieces = []
+    for t in ids:
+        pieces.append(row.push(t, 0.0, tok, (), last=False))
+        if row.finish:
+            break
+    assert "".join(pieces) == row.text == "I am well." and row.finish == "stop"
+    assert all("USER" not in p and not p.endswith("\n") for p in pieces)
+    row2 = _Row(0, ("\nUSER:",))  # a prefix of a stop string that does not complete it is released later
+    out = "".join(row2.push(t, 0.0, tok, (), last=i == 3) for i, t in enumerate(tok.encode("a\nUS!")))
+    assert out == "a\nUS!" and row2.finish == "length"
+
+
+def test_stop_token_ends_the_row(engine: Engine) -> None:
+    prompt = engine.tok.encode("KING.", bos=True)
+    first = engine.generate([prompt], GREEDY)[0].ids[0]
+    (c,) = engine.generate([prompt], SamplingParams(max_new_tokens=10, temperature=0, stop_ids=(first,)))
+    assert c.ids == [first] and c.text == "" and c.finish_reason == "stop"
+
+
+def test_limits(engine: Engine) -> None:
+    (c,) = engine.generate([[0] * 60], SamplingParams(max_new_tokens=100, temperature=0))
+    assert len(c.ids) == 4 and c.finish_reason == "length"  # cut to the 64-token context
+    with pytest.raises(CakeError, match="prompt 0 is 64 tokens but the model's context is 64"):
+        engine.generate([[0] * 64], GREEDY)
+    with pytest.raises(CakeError, match="prompt 1 is empty"):
+        engine.generate([[0], []], GREEDY)
+
+
+def test_decode_uses_the_cache_not_the_prefix(engine: Engine, monkeypatch) -> None:
+    """After the prefill, every forward call sees exactly one new token per row."""
+    seen = []
+    original = engine.model.forward
+
+    def spy(idx, kv_cache=None):
+        seen.append(idx.shape[1])
+        return original(idx, kv_cache)
+
+    monkeypatch.setattr(engine.model, "forward", spy)
+    engine.generate([[0, 1, 2, 3, 4]], SamplingParams(max_new_tokens=10, temperature=0))
+    assert seen == [5] + [1] * 9
 
 
 def test_top_p_keeps_smallest_nucleus() -> None:

@@ -9,7 +9,7 @@ import torch
 
 from cakelm.checkpoint import load_model, save_checkpoint
 from cakelm.common import CakeError
-from cakelm.engine import generate
+from cakelm.engine import Engine, SamplingParams
 from cakelm.hf_compat import from_hf_state_dict, model_config_from_hf, to_hf_state_dict
 from cakelm.model import Transformer
 from cakelm.stages import export as export_stage
@@ -45,7 +45,7 @@ def test_export_matches_transformers(tmp_path, tok_dir, tied: bool, n_kv_heads: 
 
     # greedy generation: transformers' generate vs our engine, same 30 tokens
     prompt = tok.encode("KING.\nThe", bos=True)
-    ours = list(generate(model, prompt, max_new_tokens=30, temperature=0))
+    ours = Engine(model, tok).generate([prompt], SamplingParams(max_new_tokens=30, temperature=0))[0].ids
     theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=None,
                          pad_token_id=tok.pad_id)[0, len(prompt):].tolist()
     assert ours == theirs

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from cakelm.checkpoint import load_model
 from cakelm.common import CakeError, pick_device
 from cakelm.config import ConfigError, opt
-from cakelm.engine import generate
+from cakelm.engine import Engine, SamplingParams
 
 
 @dataclass
@@ -40,15 +40,20 @@ def main(cfg: SampleConfig, echo: bool = True) -> list[str]:
     if not cfg.ckpt:
         raise CakeError("give a checkpoint directory, e.g. `cakelm sample runs/default/base`")
     model, tok, _ = load_model(cfg.ckpt, pick_device(cfg.device))
+    engine = Engine(model, tok)
     prompt = tok.encode(cfg.prompt, bos=True)
     texts = []
-    for i in range(cfg.num_samples):
-        seed = None if cfg.seed is None else cfg.seed + i
-        ids = list(generate(model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, seed,
-                            stop_ids=(tok.bos_id,)))
-        if ids and ids[-1] == tok.bos_id:
-            ids = ids[:-1]
-        texts.append(tok.decode(ids))
+    for i in range(cfg.num_samples):  # one at a time, so each can stream to the terminal
+        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                None if cfg.seed is None else cfg.seed + i, stop_ids=(tok.bos_id,))
         if echo:
-            print(("" if i == 0 else "-" * 60 + "\n") + cfg.prompt + texts[-1], flush=True)
+            print(("" if i == 0 else "\n" + "-" * 60 + "\n") + cfg.prompt, end="", flush=True)
+        text = ""
+        for ev in engine.stream([prompt], params):
+            text += ev.text
+            if echo:
+                print(ev.text, end="", flush=True)
+        texts.append(text)
+    if echo:
+        print()
     return texts

@@ -1,0 +1,137 @@
+"""Conversations -> token ids: the one place that decides how a dialogue looks to a model.
+
+Two formats, chosen by the checkpoint's meta.json ("chat_format"), overridable by a flag:
+
+- chat (models fine-tuned on dialogues), with the tokenizer's special tokens:
+      <|bos|><|system|>Be brief.<|end|><|user|>Hi!<|end|><|assistant|>Hello.<|end|>
+  A reply ends with <|end|>. The SFT loss mask covers each assistant reply and its <|end|>.
+- playscript (base models, which have never seen those tokens), as plain text they can continue:
+      <|bos|>The following is a dialogue between a USER and a helpful, knowledgeable ASSISTANT.
+      Be brief.
+
+      USER: Hi!
+      ASSISTANT: Hello.
+  Generation stops at the next "USER:" line.
+
+A message is {"role": "system" | "user" | "assistant", "content": str}; a system message may only come first.
+
+    ids, mask = render(messages, tok, "chat")            # for training
+    prompt = render_prompt(messages, tok, "playscript")   # for generation: ends where the assistant speaks
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from cakelm.common import CakeError
+from cakelm.tokenizer import Tokenizer
+
+FORMATS = ("chat", "playscript")
+ROLES = ("system", "user", "assistant")
+PLAYSCRIPT_HEADER = "The following is a dialogue between a USER and a helpful, knowledgeable ASSISTANT."
+_SPEAKER = {"user": "USER:", "assistant": "ASSISTANT:"}
+
+Message = dict[str, str]
+
+
+def validate(messages: Sequence[Any], where: str = "conversation") -> list[Message]:
+    """Check roles and contents; return the messages as plain dicts. Errors name the message index."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise CakeError(f"{where}: expected a non-empty list of messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise CakeError(f'{where}: message {i} must be {{"role": ..., "content": "..."}}')
+        if m["role"] not in ROLES:
+            raise CakeError(f"{where}: message {i} has unknown role {m['role']!r} (use system, user or assistant)")
+        if m["role"] == "system" and i != 0:
+            raise CakeError(f"{where}: message {i} is a system message; only the first message may be one")
+        if not m["content"].strip():
+            raise CakeError(f"{where}: message {i} ({m['role']}) has empty content")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise CakeError(f"unknown chat format {fmt!r} (use {' or '.join(FORMATS)})")
+
+
+def render(messages: Sequence[Message], tok: Tokenizer, fmt: str) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask) of a whole conversation; mask 1 marks what the model should learn to say: each
+    assistant reply, with its <|end|> in chat format (a playscript reply has no end marker: it ends where the
+    next "USER:" line begins)."""
+    _check_format(fmt)
+    messages = validate(messages)
+    ids, mask = [tok.bos_id], [0]
+
+    def add(piece: list[int], learn: bool) -> None:
+        ids.extend(piece)
+        mask.extend([int(learn)] * len(piece))
+
+    if fmt == "chat":
+        role_id = {"system": tok.system_id, "user": tok.user_id, "assistant": tok.assistant_id}
+        for m in messages:
+            learn = m["role"] == "assistant"
+            add([role_id[m["role"]]], False)
+            add(tok.encode(m["content"]) + [tok.end_id], learn)
+        return ids, mask
+    header = PLAYSCRIPT_HEADER + (f"\n{messages[0]['content']}" if messages[0]["role"] == "system" else "") + "\n"
+    add(tok.encode(header), False)
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        # "\nUSER:" is its own piece so the prompt at generation time tokenizes exactly like training text
+        add(tok.encode("\n" + _SPEAKER[m["role"]]), False)
+        add(tok.encode(" " + m["content"].strip()), m["role"] == "assistant")
+    return ids, mask
+
+
+def render_prompt(messages: Sequence[Message], tok: Tokenizer, fmt: str) -> list[int]:
+    """Ids of a conversation that ends with a user message, followed by the opening of the assistant's turn."""
+    messages = validate(messages)
+    if messages[-1]["role"] != "user":
+        raise CakeError("the conversation must end with a user message to ask for a reply")
+    ids, _ = render(messages, tok, fmt)
+    if fmt == "chat":
+        return ids + [tok.assistant_id]
+    return ids + tok.encode("\n" + _SPEAKER["assistant"])
+
+
+def stop_rules(tok: Tokenizer, fmt: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(stop token ids, stop strings) that end an assistant reply."""
+    _check_format(fmt)
+    if fmt == "chat":
+        return (tok.end_id, tok.bos_id), ()
+    return (tok.bos_id,), ("\nUSER:", "\nASSISTANT:")
+
+
+def clean_reply(text: str) -> str:
+    """A generated reply without the whitespace around it (a playscript reply starts after "ASSISTANT:")."""
+    return text.strip()
+
+
+def fit_history(messages: Sequence[Message], tok: Tokenizer, fmt: str, budget: int) -> tuple[list[Message], int]:
+    """Drop the oldest turns (never the system message or the last user message) until the prompt has at most
+    `budget` tokens. Returns (kept messages, number dropped); a last message that cannot fit is a CakeError."""
+    messages = validate(messages)
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    dropped = 0
+    while len(render_prompt(system + turns, tok, fmt)) > budget:
+        if len(turns) == 1:
+            n = len(render_prompt(system + turns, tok, fmt))
+            raise CakeError(f"the message needs {n} prompt tokens but only {budget} fit in the context "
+                            "(with room for the reply); shorten it or lower --max-new-tokens")
+        # drop the oldest user turn and the assistant reply that answered it
+        cut = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1
+        turns, dropped = turns[cut:], dropped + cut
+    return system + turns, dropped
+
+
+def format_of(meta: dict[str, Any], override: str | None = None) -> str:
+    """The format a checkpoint speaks: the override if given, else meta.json's "chat_format", else playscript."""
+    fmt = override or meta.get("chat_format") or "playscript"
+    _check_format(fmt)
+    return fmt

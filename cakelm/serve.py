@@ -1,0 +1,402 @@
+"""`cakelm serve CKPT`: an OpenAI-compatible HTTP API over the engine, and a web chat page.
+
+    cakelm serve runs/default/base                  # http://127.0.0.1:8000/ (chat page) and /v1 (API)
+    cakelm serve runs/default/sft --port 9000 --api-key s3cret
+
+    POST /v1/chat/completions   {"messages": [...], "max_tokens", "temperature", "top_p", "n", "stop", "seed",
+                                 "stream"}  -> chat.completion (or server-sent chat.completion.chunk events)
+    POST /v1/completions        {"prompt": "..." | [...], same options}       -> text_completion
+    GET  /v1/models, GET /health, GET / (the chat page)
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused-unless---api-key")
+    client.chat.completions.create(model="cakelm", messages=[{"role": "user", "content": "Hi"}])
+
+One worker thread generates, one request at a time in arrival order, so concurrent requests queue and never
+mix their tokens; a client that disconnects mid-stream cancels its request. Errors use OpenAI's JSON shape
+({"error": {"message", "type", "param", "code"}}) with 400/401/404/413 statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cakelm.chat_format import format_of, render_prompt, stop_rules, validate
+from cakelm.checkpoint import load_model
+from cakelm.common import CakeError, pick_device
+from cakelm.config import ConfigError, opt
+from cakelm.engine import Engine, SamplingParams, StreamEvent
+
+MAX_BODY_BYTES = 1_000_000  # a request body larger than this gets 413
+MAX_N = 8  # choices per request
+MAX_STOP = 4  # stop strings per request, as OpenAI
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.body = status, {"message": message, "type": type, "param": param, "code": code}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Request bodies (unknown fields are ignored, as OpenAI clients send many)
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+
+class ChatRequest(_Options):
+    messages: list[dict[str, Any]]
+
+
+class CompletionRequest(_Options):
+    prompt: str | list[str]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The generation worker
+
+
+@dataclass
+class Job:
+    prompts: list[list[int]]
+    params: SamplingParams
+    n: int
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+
+
+_DONE = object()
+
+
+class Worker:
+    """Runs jobs on one background thread, first come first served, pushing events to each job's queue."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        threading.Thread(target=self._run, name="cakelm-generate", daemon=True).start()
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int) -> Job:
+        job = Job(prompts, params, n, asyncio.get_running_loop())
+        self.jobs.put(job)
+        return job
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            result: Any = _DONE
+            try:
+                if not job.cancelled:
+                    for ev in self.engine.stream(job.prompts, job.params, job.n):
+                        if job.cancelled:
+                            break
+                        job.loop.call_soon_threadsafe(job.events.put_nowait, ev)
+            except Exception as e:  # surfaced to the request as a 500, never kills the worker
+                result = e
+            job.loop.call_soon_threadsafe(job.events.put_nowait, result)
+
+
+async def _events(job: Job) -> AsyncIterator[StreamEvent]:
+    try:
+        while True:
+            item = await job.events.get()
+            if item is _DONE:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        job.cancelled = True  # the client went away (or we are done): stop generating for it
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The app
+
+
+class _BodyLimit:
+    """ASGI middleware: 413 for request bodies over the limit (declared or actual size)."""
+
+    def __init__(self, app: Callable, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _send_json(send, 413, _too_large(self.limit))
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _send_json(send, 413, _too_large(self.limit))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _too_large(limit: int) -> dict:
+    return {"error": {"message": f"request body is larger than {limit} bytes", "type": "invalid_request_error",
+                      "param": None, "code": "request_too_large"}}
+
+
+async def _send_json(send: Callable, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    worker: Worker
+    fmt: str
+    model_name: str
+    api_key: str | None
+    max_tokens_limit: int
+    ckpt: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def create_app(engine: Engine, fmt: str, model_name: str = "cakelm", api_key: str | None = None,
+               max_tokens_limit: int = 1024, body_limit: int = MAX_BODY_BYTES, ckpt: str | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` (conversations rendered in chat format `fmt`)."""
+    st = ServerState(engine, Worker(engine), fmt, model_name, api_key, max_tokens_limit, ckpt)
+    app = FastAPI(title="cakelm", docs_url=None, redoc_url=None)
+    app.state.server = st
+    app.add_middleware(_BodyLimit, limit=body_limit)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse({"error": e.body}, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        return JSONResponse({"error": {"message": f"{where}: {err.get('msg')}" if where else err.get("msg"),
+                                       "type": "invalid_request_error", "param": where or None, "code": None}},
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": {"message": str(e.detail), "type": "invalid_request_error", "param": None,
+                                       "code": None}}, status_code=e.status_code)
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next: Callable[[Request], Awaitable]) -> Any:
+        if st.api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {st.api_key}".encode()):
+                return JSONResponse({"error": {"message": "Incorrect or missing API key (send 'Authorization: "
+                                               "Bearer KEY')", "type": "invalid_request_error", "param": None,
+                                               "code": "invalid_api_key"}}, status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model": st.model_name, "queued": st.worker.jobs.qsize()}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": st.model_name, "object": "model", "created": st.created,
+                                            "owned_by": "cakelm"}]}
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return resources.files("cakelm.web").joinpath("chat.html").read_text(encoding="utf-8")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest) -> Any:
+        _check_model(st, req.model)
+        try:
+            messages = validate(req.messages, "messages")
+            prompt = render_prompt(messages, engine.tok, st.fmt)
+        except CakeError as e:
+            raise APIError(400, str(e), param="messages") from None
+        stop_ids, stop_strings = stop_rules(engine.tok, st.fmt)
+        params = _params(st, req, [prompt], stop_ids, stop_strings)
+        return await _respond(st, req, [prompt], params, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Any:
+        _check_model(st, req.model)
+        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not texts or len(texts) * req.n > MAX_N:
+            raise APIError(400, f"give 1 to {MAX_N} prompts x n completions", param="prompt")
+        prompts = [engine.tok.encode(t, bos=True) for t in texts]
+        params = _params(st, req, prompts, (engine.tok.bos_id,), ())
+        return await _respond(st, req, prompts, params, chat=False)
+
+    return app
+
+
+def _check_model(st: ServerState, model: str | None) -> None:
+    if model not in (None, "", st.model_name):
+        raise APIError(404, f"The model '{model}' does not exist; this server serves '{st.model_name}'",
+                       param="model", code="model_not_found")
+
+
+def _params(st: ServerState, req: _Options, prompts: list[list[int]], stop_ids: tuple[int, ...],
+            stop_strings: tuple[str, ...]) -> SamplingParams:
+    longest = max(len(p) for p in prompts)
+    room = st.engine.context - longest
+    if room < 1:
+        raise APIError(400, f"the prompt is {longest} tokens but the model's context is {st.engine.context} "
+                            "(at least one token must fit after it)", param="messages",
+                       code="context_length_exceeded")
+    asked = req.max_completion_tokens or req.max_tokens
+    if asked is not None and asked > st.max_tokens_limit:
+        raise APIError(400, f"max_tokens is {asked}; this server allows at most {st.max_tokens_limit}",
+                       param="max_tokens")
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > MAX_STOP or any(not s for s in stops):
+        raise APIError(400, f"stop: give up to {MAX_STOP} non-empty strings", param="stop")
+    return SamplingParams(min(asked or st.max_tokens_limit, room), req.temperature, 0, req.top_p, req.seed,
+                          stop_ids, stop_strings + tuple(stops))
+
+
+async def _respond(st: ServerState, req: _Options, prompts: list[list[int]], params: SamplingParams,
+                   chat: bool) -> Any:
+    job = st.worker.submit(prompts, params, req.n)
+    rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+    base = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": st.model_name}
+    prompt_tokens = sum(len(p) for p in prompts)
+    if req.stream:
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        return StreamingResponse(_sse(job, base, chat, prompt_tokens, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    texts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    completion_tokens = 0
+    async for ev in _events(job):
+        completion_tokens += 1
+        texts[ev.row] = texts.get(ev.row, "") + ev.text
+        if ev.finish_reason:
+            finish[ev.row] = ev.finish_reason
+    choices = []
+    for i in range(len(prompts) * req.n):
+        text = texts.get(i, "").strip() if chat else texts.get(i, "")
+        choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                        "finish_reason": finish.get(i, "length")} if chat else
+                       {"index": i, "text": text, "logprobs": None, "finish_reason": finish.get(i, "length")})
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    return {**base, "choices": choices, "usage": usage}
+
+
+async def _sse(job: Job, base: dict, chat: bool, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per piece of text, a last chunk per choice with its finish_reason."""
+    chunk = {**base, "object": "chat.completion.chunk" if chat else "text_completion"}
+    started: set[int] = set()
+    completion_tokens = 0
+
+    def data(choice: dict) -> str:
+        return f"data: {json.dumps({**chunk, 'choices': [choice]})}\n\n"
+
+    async for ev in _events(job):
+        completion_tokens += 1
+        text = ev.text
+        if chat and ev.row not in started:
+            text = text.lstrip()  # a playscript reply starts after "ASSISTANT:"
+            if not text and not ev.finish_reason:
+                continue
+            started.add(ev.row)
+            yield data({"index": ev.row, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+        if text:
+            yield data({"index": ev.row, "delta": {"content": text}, "finish_reason": None} if chat else
+                       {"index": ev.row, "text": text, "logprobs": None, "finish_reason": None})
+        if ev.finish_reason:
+            yield data({"index": ev.row, "delta": {}, "finish_reason": ev.finish_reason} if chat else
+                       {"index": ev.row, "text": "", "logprobs": None, "finish_reason": ev.finish_reason})
+    if include_usage:
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `cakelm serve`
+
+
+@dataclass
+class ServeConfig:
+    ckpt: str = opt("", "checkpoint directory", positional=True)
+    host: str = opt("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)")
+    port: int = opt(8000, "port")
+    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1 (default: $CAKELM_API_KEY)")
+    model_name: str | None = opt(None, "model id reported by /v1/models (default: the checkpoint's folder name)")
+    max_tokens: int = opt(1024, "largest max_tokens a request may ask for")
+    playscript: bool | None = opt(None, "render chats as a plain-text playscript (default: from the checkpoint)")
+    device: str = opt("auto", "device", choices=("auto", "cpu", "cuda", "mps"))
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536 or self.max_tokens < 1:
+            raise ConfigError(f"--port must be in 1..65535 and --max-tokens >= 1 (got {self.port}, {self.max_tokens})")
+
+
+def build_app(cfg: ServeConfig) -> FastAPI:
+    """The app for a checkpoint, as `cakelm serve` runs it."""
+    if not cfg.ckpt:
+        raise CakeError("give a checkpoint directory, e.g. `cakelm serve runs/default/base`")
+    model, tok, meta = load_model(cfg.ckpt, pick_device(cfg.device))
+    override = None if cfg.playscript is None else ("playscript" if cfg.playscript else "chat")
+    name = cfg.model_name or Path(cfg.ckpt).resolve().name
+    return create_app(Engine(model, tok), format_of(meta, override), name,
+                      cfg.api_key or os.environ.get("CAKELM_API_KEY") or None, cfg.max_tokens, ckpt=cfg.ckpt)
+
+
+def main(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    app = build_app(cfg)
+    url = f"http://{cfg.host}:{cfg.port}"
+    print(f"cakelm serve: {cfg.ckpt} at {url}  (chat page: {url}/ ; OpenAI API: {url}/v1)", flush=True)
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    except OSError as e:  # e.g. the port is taken
+        raise CakeError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None

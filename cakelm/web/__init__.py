@@ -1,0 +1,1 @@
+"""Static pages served by `cakelm serve` (no build step, no external resources)."""

@@ -1,0 +1,51 @@
+"""Test helpers: a small checkpoint in chat format, and a real uvicorn server on a free localhost port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from cakelm.checkpoint import save_checkpoint
+from cakelm.model import Transformer
+from cakelm.tokenizer import Tokenizer
+from tests.conftest import tiny_model_config
+
+
+def make_chat_checkpoint(out: Path, tok_dir: Path, max_seq_len: int = 128) -> Path:
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_config(max_seq_len=max_seq_len))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # decisive greedy choices
+    return save_checkpoint(out, model, Tokenizer.load(tok_dir), {"stage": "test", "step": 0, "chat_format": "chat"})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(app) -> Iterator[str]:
+    """Serve `app` with uvicorn in a thread; yield its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
