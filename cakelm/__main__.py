@@ -55,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CakeError, ConfigError) as e:
         print(f"cakelm {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"cakelm {ns.command}: interrupted", file=sys.stderr)
+        return 130
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

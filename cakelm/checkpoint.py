@@ -8,13 +8,18 @@
                            "code_version", "parent" (checkpoint this one started from), ...}
       train_state.pt      optimizer state, step, RNG states: what `--resume` needs for an exact continuation
 
-Every file is written to a temporary name, fsynced and renamed; meta.json goes last and carries the step, which
-`load_meta` cross-checks against the weights, so a save interrupted between two renames is detected instead of
-silently mixing two steps. Later stages read an earlier stage's directory and inherit what they do not override.
+A save writes and fsyncs every file under a temporary name first, then renames them into place (meta.json last),
+so an interrupted save leaves the old checkpoint or the new one. The weights, meta.json and train_state.pt all
+carry the step, and loading cross-checks them: a crash in the instant between two renames is reported, never
+silently resumed as a mix of two steps. Later stages read an earlier stage's directory and inherit what they do
+not override.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from cakelm.common import CakeError, atomic_path, code_version, read_json, write_json_atomic
+from cakelm.common import CakeError, code_version, fsync_path, read_json
 from cakelm.model import ModelConfig, Transformer
 from cakelm.tokenizer import Tokenizer
 
@@ -47,16 +52,29 @@ def save_checkpoint(out: str | Path, model: Transformer, tokenizer: Tokenizer, m
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     step = int(meta["step"])
+    writers: dict[str, Callable[[Path], object]] = {}
     if train_state is not None:
-        with atomic_path(out / "train_state.pt") as tmp:
-            torch.save(train_state, tmp)
-    elif (out / "train_state.pt").exists():
-        (out / "train_state.pt").unlink()  # a stale one from an older step must not be resumed from
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file(_weights(model), str(tmp), metadata={"step": str(step), "format": "pt"})
-    write_json_atomic(out / "config.json", model.cfg.to_dict())
-    tokenizer.save(out / "tokenizer.json")
-    write_json_atomic(out / "meta.json", {"code_version": code_version(), **meta})
+        writers["train_state.pt"] = lambda p: torch.save({**train_state, "step": step}, p)
+    writers["model.safetensors"] = lambda p: save_file(_weights(model), str(p), metadata={"step": str(step),
+                                                                                         "format": "pt"})
+    writers["config.json"] = lambda p: p.write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
+    writers["tokenizer.json"] = lambda p: p.write_text(tokenizer.hf.to_str(pretty=True), encoding="utf-8")
+    writers["meta.json"] = lambda p: p.write_text(json.dumps({"code_version": code_version(), **meta}, indent=2,
+                                                             sort_keys=True) + "\n", encoding="utf-8")
+    staged: dict[str, Path] = {}
+    try:
+        for name, write in writers.items():  # 1. everything written and fsynced under temporary names
+            staged[name] = out / f".{name}.tmp"
+            write(staged[name])
+            fsync_path(staged[name])
+        if train_state is None:
+            (out / "train_state.pt").unlink(missing_ok=True)  # a stale one must not be resumed from
+        for name in list(staged):  # 2. renamed into place, meta.json last
+            os.replace(staged.pop(name), out / name)
+        fsync_path(out)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
     return out
 
 
@@ -76,7 +94,7 @@ def load_meta(path: str | Path) -> dict[str, Any]:
         raise CakeError(f"{path / 'model.safetensors'}: unreadable weights ({e})") from None
     if saved_step is not None and int(saved_step) != int(meta.get("step", -1)):
         raise CakeError(f"{path}: weights are from step {saved_step} but meta.json says step {meta.get('step')} "
-                        "(a save was interrupted); resume from an earlier copy or retrain")
+                        "(a save was cut off); retrain, or --overwrite it")
     return meta
 
 
@@ -98,7 +116,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Tr
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise CakeError(f"{path}: weights do not match config.json ({str(e).splitlines()[0]})") from None
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise CakeError(f"{path}: weights do not match config.json ({detail[:300]})") from None
     tok = Tokenizer.load(Path(path) / "tokenizer.json")
     if tok.vocab_size > cfg.vocab_size:
         raise CakeError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
@@ -106,7 +125,16 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Tr
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
+    """The optimizer/loop state saved with a checkpoint, checked to be from the same step as its weights."""
     p = Path(path) / "train_state.pt"
     if not p.is_file():
         raise CakeError(f"--resume: {path} has no train_state.pt (it was saved without optimizer state)")
-    return torch.load(p, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for a corrupt file
+        raise CakeError(f"{p}: unreadable ({str(e).splitlines()[0][:200]})") from None
+    step = load_meta(path)["step"]
+    if not isinstance(state, dict) or state.get("step") != step:
+        raise CakeError(f"{p} is from step {state.get('step') if isinstance(state, dict) else '?'} but the "
+                        f"weights are from step {step} (a save was cut off); retrain, or --overwrite it")
+    return state

@@ -177,6 +177,15 @@ def peak_memory_mb() -> float:
 # one, never half of either.
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file (or a directory's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is fsynced and renamed onto `path`."""
@@ -187,8 +196,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_path(tmp_path)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -13,11 +13,17 @@ Contracts:
   same gradient as 1 micro-batch of 8 rows.
 - `evaluate(model) -> dict` runs on every rank (it may all-reduce) under no_grad/eval mode.
 - `save(step, metrics, train_state, final)` is called on rank 0 only.
+
+Ctrl-C (SIGINT) is graceful: the loop finishes the step it is in, saves, and exits; `--resume` continues as if
+nothing happened. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -30,7 +36,15 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from cakelm.common import DistInfo, all_reduce_sum, barrier, keep_freed_memory, pick_dtype
+from cakelm.common import (
+    CakeError,
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    keep_freed_memory,
+    pick_dtype,
+    write_text_atomic,
+)
 from cakelm.config import ConfigError, opt
 from cakelm.optim import OptimConfig, build_optimizers, lr_multiplier, set_lr
 
@@ -108,12 +122,37 @@ class MetricsLog:
                         kept.append(line)
                 except json.JSONDecodeError:
                     break  # a torn last line from a crash
-        path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
     def write(self, row: dict[str, Any]) -> None:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
+
+
+class GracefulStop:
+    """While active (in the main thread), the first SIGINT only sets `requested`; the loop stops at the next
+    step boundary. A second SIGINT raises KeyboardInterrupt as usual."""
+
+    def __init__(self, announce: bool) -> None:
+        self.requested, self.announce, self._previous = False, announce, None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.announce:
+            print("\nstopping after this step and saving a checkpoint (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopContext,
@@ -133,6 +172,11 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
     start = 0
     if resume_state is not None:
         start = int(resume_state["step"])
+        if resume_state["world_size"] != info.world_size:
+            raise CakeError(f"--resume: the run was saved with {resume_state['world_size']} process(es) and "
+                            f"this is {info.world_size}; resume with the same number (data order depends on it)")
+        if len(resume_state["optimizers"]) != len(optimizers):
+            raise CakeError("--resume: the saved run used another optimizer (see --optim.name in its meta.json)")
         for o, s in zip(optimizers, resume_state["optimizers"], strict=True):
             o.load_state_dict(s)
         torch.set_rng_state(resume_state["rng"]["torch"])
@@ -144,21 +188,34 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
     bar = tqdm(total=cfg.max_steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=not (info.is_main and cfg.progress))
     last: dict[str, Any] = {}
+    # the state of the current logging window travels with checkpoints, so a resumed run logs the same averages
+    saved_log = (resume_state or {}).get("log", {})
     tokens_seen = int(resume_state["tokens_seen"]) if resume_state else 0
-    t_log, steps_since_log, tokens_since_log = time.perf_counter(), 0, 0
-    loss_acc = torch.zeros((), device=device)
+    steps_since_log, tokens_since_log = saved_log.get("steps", 0), saved_log.get("tokens", 0)
+    loss_acc = torch.tensor(saved_log.get("loss_sum", 0.0), device=device)
+    t_log = time.perf_counter()
     model.train()
 
     def train_state(step_done: int) -> dict[str, Any]:
         return {"step": step_done, "tokens_seen": tokens_seen, "world_size": info.world_size,
-                "optimizers": [o.state_dict() for o in optimizers], "rng": {"torch": torch.get_rng_state()}}
+                "optimizers": [o.state_dict() for o in optimizers], "rng": {"torch": torch.get_rng_state()},
+                "log": {"steps": steps_since_log, "tokens": tokens_since_log, "loss_sum": loss_acc.item()}}
 
     completed = start  # optimizer steps fully applied
-    try:
+    with GracefulStop(announce=info.is_main and cfg.progress) as stop:
         for step in range(start, cfg.max_steps):
             lr = set_lr(optimizers, lr_multiplier(step, cfg.max_steps, optim_cfg))
             micro = [batches(step, m) for m in range(cfg.grad_accum)]
-            n_units = all_reduce_sum(torch.tensor(float(sum(b["n"] for b in micro)), device=device), info).item()
+            # one all-reduce per step: the units of the whole global batch, and whether any rank got a Ctrl-C
+            flags = torch.tensor([float(sum(b["n"] for b in micro)), float(stop.requested)], device=device)
+            n_units, stop_requested = all_reduce_sum(flags, info).tolist()
+            if stop_requested and completed > start:
+                barrier(info)
+                if info.is_main:
+                    save(completed, last, train_state(completed), False)
+                bar.close()
+                raise SystemExit(f"stopped: saved a checkpoint at step {completed} in {ctx.out}; "
+                                 "continue with --resume")
             step_tokens = sum(b["input"].numel() for b in micro) * info.world_size
             step_loss = torch.zeros((), device=device)
             step_extra: dict[str, torch.Tensor] = {}
@@ -220,12 +277,5 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
                     save(completed, last, train_state(completed), final)
                 barrier(info)
             t_log += time.perf_counter() - t_pause  # evaluation and saving do not count against throughput
-    except KeyboardInterrupt:
-        bar.close()
-        if info.enabled or completed == start:
-            raise
-        save(completed, last, train_state(completed), False)
-        raise SystemExit(f"interrupted: saved a checkpoint at step {completed} in {ctx.out}; "
-                         "continue with --resume") from None
     bar.close()
     return last

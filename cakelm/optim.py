@@ -37,6 +37,10 @@ class OptimConfig:
     grad_clip: float = opt(1.0, "clip the global gradient norm to this value (0 = off)")
 
     def __post_init__(self) -> None:
+        for name in ("lr", "min_lr_ratio", "decay_frac", "weight_decay", "beta1", "beta2", "eps", "momentum",
+                     "grad_clip"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"optim.{name} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be positive, got {self.lr}")
         if self.warmup_steps < 0:

@@ -59,3 +59,22 @@ def test_bad_directories(tmp_path, tok_dir) -> None:
     (tmp_path / "c" / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))
     with pytest.raises(Exception, match="unknown option 'n_layer'"):
         load_model(tmp_path / "c")
+
+
+def test_train_state_checked_against_weights(tmp_path, tok_dir) -> None:
+    from cakelm.checkpoint import load_train_state
+
+    tok = Tokenizer.load(tok_dir)
+    m = Transformer(tiny_model_config())
+    save_checkpoint(tmp_path / "c", m, tok, {"stage": "t", "step": 5}, {"optimizers": [], "tokens_seen": 1})
+    assert load_train_state(tmp_path / "c")["step"] == 5
+    torch.save({"step": 4, "optimizers": []}, tmp_path / "c" / "train_state.pt")  # a save cut off in between
+    with pytest.raises(CakeError, match="train_state.pt is from step 4 but the weights are from step 5"):
+        load_train_state(tmp_path / "c")
+    (tmp_path / "c" / "train_state.pt").write_bytes(b"garbage")
+    with pytest.raises(CakeError, match="train_state.pt: unreadable"):
+        load_train_state(tmp_path / "c")
+    save_checkpoint(tmp_path / "c", m, tok, {"stage": "t", "step": 6})  # saved without state: the stale one goes
+    assert not (tmp_path / "c" / "train_state.pt").exists()
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["config.json", "meta.json", "model.safetensors",
+                                                                  "tokenizer.json"]  # no temporary files left

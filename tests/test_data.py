@@ -24,8 +24,14 @@ def test_split_is_deterministic_and_order_independent() -> None:
     assert {d.name for d in val} == {d.name for d in val2}
     assert not {d.name for d in val} & {d.name for d in train}
     assert len(split_documents(docs[:2], 0.01)[1]) == 1  # at least one validation document
+    one = Doc("input.txt", "".join(f"line {i}\n" for i in range(100)))  # one big file: cut at line breaks
+    train1, val1 = split_documents([one], 0.1)
+    assert len(train1) + len(val1) == 20 and len(val1) == 2
+    assert "".join(d.text for d in sorted(train1 + val1, key=lambda d: int(d.name.split("#")[1]))) == one.text
     with pytest.raises(CakeError, match="at least 2 documents"):
-        split_documents(docs[:1], 0.1)
+        split_documents([Doc("x", "one line")], 0.1)
+    with pytest.raises(CakeError, match="share the name"):
+        split_documents([Doc("x", "a"), Doc("x", "b")], 0.1)
 
 
 def test_local_sources(tmp_path) -> None:
@@ -35,7 +41,8 @@ def test_local_sources(tmp_path) -> None:
     (tmp_path / "a" / "sub" / "y.txt").write_text("日本語", encoding="utf-8")
     (tmp_path / "a" / "blank.txt").write_text("  \n", encoding="utf-8")  # whitespace-only: skipped
     docs = read_source(str(tmp_path / "a"))
-    assert [d.name for d in docs] == ["sub/y.txt", "x.txt"] and docs[1].text == "hello\nworld"
+    assert [d.name for d in docs] == [f"{tmp_path.as_posix()}/a/sub/y.txt", f"{tmp_path.as_posix()}/a/x.txt"]
+    assert docs[1].text == "hello\nworld"
     (tmp_path / "d.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "id": 3}\n', encoding="utf-8")
     assert [d.text for d in read_source(str(tmp_path / "d.jsonl"))] == ["one", "two"]
 

@@ -11,6 +11,7 @@ import sys
 import torch
 
 from cakelm.checkpoint import load_meta, load_model
+from tests.serving import free_port
 from tests.test_loop import MICRO, losses, run_pretrain
 
 
@@ -33,7 +34,7 @@ def test_ddp_two_processes_match_one(tok_dir, tmp_path) -> None:
     single = run_pretrain(tok_dir, tmp_path / "single", **common, **{"loop.batch_size": 4, "loop.grad_accum": 2})
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "cakelm", "pretrain", "--data", str(tok_dir), "--out", str(tmp_path / "ddp"),
            *_flags({**common, "loop.batch_size": 4, "loop.grad_accum": 1}), "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -67,28 +69,46 @@ def test_gradient_accumulation_invariance(tok_dir, tmp_path) -> None:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
 
 
-def test_resume_is_exact(tok_dir, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    full = run_pretrain(tok_dir, tmp_path / "full", **{"loop.max_steps": 16})
+@pytest.mark.parametrize("log_every", [1, 5])
+def test_resume_is_exact(tok_dir, tmp_path, monkeypatch: pytest.MonkeyPatch, log_every: int) -> None:
+    kw = {"loop.max_steps": 16, "loop.log_every": log_every, "loop.eval_every": 8}
+    full = run_pretrain(tok_dir, tmp_path / "full", **kw)
 
-    # Interrupt a second run during step 9 (Ctrl-C): the loop saves the 9 finished steps and exits.
+    # Ctrl-C while step 9's batch loads (steps 0-8 are done): the loop saves 9 steps at the step boundary.
     original = TokenBatches.get
 
     def interrupted(self, step, micro):
         if step == 9:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
         return original(self, step, micro)
 
     monkeypatch.setattr(TokenBatches, "get", interrupted)
-    with pytest.raises(SystemExit, match="step 9"):
-        run_pretrain(tok_dir, tmp_path / "cut", **{"loop.max_steps": 16})
+    with pytest.raises(SystemExit, match="saved a checkpoint at step 9"):
+        run_pretrain(tok_dir, tmp_path / "cut", **kw)
     monkeypatch.setattr(TokenBatches, "get", original)
     assert load_meta(tmp_path / "cut")["step"] == 9 and load_meta(tmp_path / "cut")["complete"] is False
 
-    cut = run_pretrain(tok_dir, tmp_path / "cut", **{"loop.max_steps": 16, "resume": True})
+    cut = run_pretrain(tok_dir, tmp_path / "cut", **kw, resume=True)
     assert losses(cut) == losses(full)  # the resumed loss curve is the uninterrupted one, bit for bit
+    rows_full = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    rows_cut = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_cut] == [r["step"] for r in rows_full]
+    assert [r.get("val_loss") for r in rows_cut] == [r.get("val_loss") for r in rows_full]
     wf, wc = weights(full), weights(cut)
     for k in wf:
         assert torch.equal(wf[k], wc[k]), k
+
+
+def test_resume_refuses_a_different_run(tok_dir, tmp_path) -> None:
+    from cakelm.common import CakeError
+
+    run_pretrain(tok_dir, tmp_path / "b", **{"loop.max_steps": 4})
+    with pytest.raises(CakeError, match=r"options differ .*optim.lr \(saved 0.01, now 0.5\)"):
+        run_pretrain(tok_dir, tmp_path / "b", **{"loop.max_steps": 8, "optim.lr": 0.5}, resume=True)
+    run_pretrain(tok_dir, tmp_path / "b", **{"loop.max_steps": 4}, resume=True)  # complete: nothing to do
+    assert load_meta(tmp_path / "b")["step"] == 4
+    longer = run_pretrain(tok_dir, tmp_path / "b", **{"loop.max_steps": 6}, resume=True)  # go on to 6 steps
+    assert load_meta(longer)["step"] == 6 and len(losses(longer)) == 6
 
 
 def test_batches_are_deterministic_and_sharded(tok_dir) -> None:

@@ -37,5 +37,6 @@ def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
     assert [s["status"] for s in third["stages"]] == ["skipped", "skipped", "ran", "ran"]
     assert load_meta(out / "base")["step"] == step_before
 
-    run(corpus, tmp_path / "run", only="tokenizer")  # a changed input forces what depends on it
-    assert [s["stage"] for s in json.loads((out / "pipeline.json").read_text())["stages"]] == ["tokenizer"]
+    run(corpus, tmp_path / "run", only="tokenizer")  # --only: just that stage, redone
+    only = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert [(s["stage"], s["status"]) for s in only] == [("tokenizer", "ran")]

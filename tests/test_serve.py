@@ -114,8 +114,8 @@ def test_body_limit_and_malformed_json(server) -> None:
 
 
 def test_sixteen_concurrent_streams(client, reference) -> None:
-    prompts = [f"Tell me of the {w}." for w in ("king", "queen", "lord", "lady", "crown", "sword", "night", "day",
-                                                 "heart", "blood", "house", "grace", "heaven", "earth", "fool", "friend")]
+    words = "king queen lord lady crown sword night day heart blood house grace heaven earth fool friend".split()
+    prompts = [f"Tell me of the {w}." for w in words]
     expected = [reference(msg(p), 16) for p in prompts]
 
     def stream(p: str) -> str:

@@ -105,10 +105,10 @@ def _decode(raw: bytes, where: str) -> str:
     return text.replace("\r\n", "\n")
 
 
-def _txt_docs(path: Path, root: Path) -> Iterator[Doc]:
+def _txt_docs(path: Path) -> Iterator[Doc]:
     text = _decode(path.read_bytes(), str(path))
     if text.strip():
-        yield Doc(str(path.relative_to(root)) if path != root else path.name, text)
+        yield Doc(path.as_posix(), text)
 
 
 def _jsonl_docs(path: Path) -> Iterator[Doc]:
@@ -124,7 +124,7 @@ def _jsonl_docs(path: Path) -> Iterator[Doc]:
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise CakeError(f'{path}:{lineno}: expected an object with a string "text" field')
             if obj["text"].strip():
-                yield Doc(f"{path.name}:{lineno}", obj["text"])
+                yield Doc(f"{path.as_posix()}:{lineno}", obj["text"])
 
 
 def read_source(source: str) -> list[Doc]:
@@ -140,11 +140,11 @@ def read_source(source: str) -> list[Doc]:
             files = sorted(f for f in p.rglob("*.txt") if f.is_file())
             if not files:
                 raise CakeError(f"--data {source}: folder has no .txt files")
-            docs = [d for f in files for d in _txt_docs(f, p)]
+            docs = [d for f in files for d in _txt_docs(f)]
         elif p.suffix == ".jsonl":
             docs = list(_jsonl_docs(p))
         elif p.suffix == ".txt":
-            docs = list(_txt_docs(p, p))
+            docs = list(_txt_docs(p))
         else:
             raise CakeError(f"--data {source}: unsupported file type '{p.suffix}' (use .txt, .jsonl or a folder)")
     if not docs:
@@ -152,16 +152,37 @@ def read_source(source: str) -> list[Doc]:
     return docs
 
 
+def chunk_document(doc: Doc, pieces: int) -> list[Doc]:
+    """Cut one document into about `pieces` parts at line breaks (named name#0, name#1, ...)."""
+    lines = doc.text.splitlines(keepends=True)
+    target = max(1, len(doc.text) // pieces)
+    out, buf, size = [], [], 0
+    for line in lines:
+        buf.append(line)
+        size += len(line)
+        if size >= target:
+            out.append("".join(buf))
+            buf, size = [], 0
+    if buf:
+        out.append("".join(buf))
+    return [Doc(f"{doc.name}#{i}", t) for i, t in enumerate(out)]
+
+
 def split_documents(docs: list[Doc], val_fraction: float) -> tuple[list[Doc], list[Doc]]:
     """Split into (train, val) by whole documents. A document is in val when its name's sha256 ranks among the
-    lowest `val_fraction` of all names: deterministic, order-independent, at least one document on each side."""
+    lowest `val_fraction` of all names: deterministic, order-independent, at least one document on each side.
+    A single document (one big input.txt, as nanoGPT users have) is first cut into 20 parts at line breaks."""
+    if len(docs) == 1:
+        docs = chunk_document(docs[0], 20)
     if len(docs) < 2:
-        raise CakeError(f"need at least 2 documents to split off a validation set, got {len(docs)}; "
-                        "split your text into several files or JSONL lines")
+        raise CakeError("need at least 2 documents (or one with several lines) to split off a validation set")
     n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
     ranked = sorted(docs, key=lambda d: hashlib.sha256(d.name.encode()).hexdigest())
     val_names = {d.name for d in ranked[:n_val]}
-    return [d for d in docs if d.name not in val_names], [d for d in docs if d.name in val_names]
+    train, val = [d for d in docs if d.name not in val_names], [d for d in docs if d.name in val_names]
+    if not train:  # every document has the same name, e.g. one file passed twice
+        raise CakeError(f"all documents share the name {docs[0].name!r}; pass each source once")
+    return train, val
 
 
 # ----------------------------------------------------------------------------------------------------------------

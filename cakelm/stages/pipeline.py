@@ -7,7 +7,8 @@
 
 Stages so far: data -> tokenizer -> pretrain -> sample (RUN/data, RUN/tokenizer, RUN/base, RUN/samples.txt).
 A stage whose output is complete and was made with the same resolved config is skipped; once a stage runs,
-every later stage runs too (its input changed). An interrupted pretraining continues from its last checkpoint.
+every later stage runs too (its input changed). An interrupted pretraining continues from its last checkpoint
+(also under --only/--from, which otherwise redo their stages).
 Each stage prints one summary line; the run ends with a table and RUN/pipeline.json.
 """
 
@@ -68,8 +69,8 @@ def _stage_configs(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
 
 
 def _same(a: dict, b: dict) -> bool:
-    """Configs equal up to the flags that only say how to (re)start."""
-    ignore = {"resume", "overwrite"}
+    """Configs equal up to the flags that say how to (re)start and where to run, not what to compute."""
+    ignore = {"resume", "overwrite", "loop.device", "loop.progress"}
     return {k: v for k, v in flatten(a).items() if k not in ignore} == \
         {k: v for k, v in flatten(b).items() if k not in ignore}
 
@@ -106,12 +107,12 @@ def main(cfg: PipelineConfig) -> Path:
     mains: dict[str, Callable[[Any], Any]] = {"data": data_stage.main, "tokenizer": tokenizer_stage.main,
                                              "pretrain": pretrain_stage.main}
     rows: list[dict[str, Any]] = []
-    forced = False
+    upstream_ran = False  # an earlier stage produced new output: everything after it must be redone
     t_run = time.time()
     for name in STAGES:
         if cfg.only and name != cfg.only:
             continue
-        forced = forced or name in (cfg.from_stage, cfg.only)
+        forced = upstream_ran or name in (cfg.from_stage, cfg.only)
         t0 = time.time()
         if name == "sample":
             texts = []
@@ -132,10 +133,11 @@ def main(cfg: PipelineConfig) -> Path:
                          "peak_mb": peak_memory_mb()})
             continue
         if name == "pretrain":
-            stage_cfg.resume = status == "partial" and not forced
+            # an interrupted run of the same config continues, unless its input just changed
+            stage_cfg.resume = status == "partial" and not upstream_ran
             stage_cfg.overwrite = True
         mains[name](stage_cfg)
-        forced = True  # everything downstream of a stage that ran must run again
+        upstream_ran = True
         rows.append({"stage": name, "status": "ran", "seconds": time.time() - t0, "result": _summary(name, out),
                      "peak_mb": peak_memory_mb()})
     total = time.time() - t_run

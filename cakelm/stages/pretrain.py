@@ -24,7 +24,7 @@ import torch
 
 from cakelm.checkpoint import is_checkpoint, load_meta, load_model, load_train_state, save_checkpoint
 from cakelm.common import CakeError, DistInfo, all_reduce_sum, init_distributed, print0, seed_everything
-from cakelm.config import nested, opt, to_dict
+from cakelm.config import flatten, nested, opt, to_dict
 from cakelm.data.shards import TokenBatches, eval_batches, open_shard
 from cakelm.loop import LoopConfig, LoopContext, train
 from cakelm.losses import bits_per_byte, lm_loss, token_nll
@@ -89,6 +89,22 @@ def make_evaluate(val_tokens: np.ndarray, tok: Tokenizer, seq_len: int, loop: Lo
 
 
 
+# Options that may change when a run is resumed: how long it runs and how it reports, not what it computes.
+RESUMABLE = {"resume", "overwrite", "loop.max_steps", "loop.eval_every", "loop.eval_tokens", "loop.log_every",
+             "loop.save_every", "loop.progress", "loop.device"}
+
+
+def check_same_run(saved: dict, now: dict, out: Path) -> None:
+    """--resume continues the saved run, so the options that shape it must match; say which ones do not."""
+    a, b = flatten(saved), flatten(now)
+    diff = [k for k in sorted(set(a) | set(b)) if k not in RESUMABLE and a.get(k) != b.get(k)]
+    if diff:
+        shown = ", ".join(f"{k} (saved {a.get(k)!r}, now {b.get(k)!r})" for k in diff[:3])
+        raise CakeError(f"--resume: options differ from the run saved in {out}: {shown}"
+                        f"{f' and {len(diff) - 3} more' if len(diff) > 3 else ''}; pass the same options "
+                        "(see its meta.json) or use --overwrite to start over")
+
+
 def _start(cfg: PretrainConfig, tok: Tokenizer, device: torch.device, info: DistInfo
            ) -> tuple[Transformer | None, dict | None]:
     """The model to train and, with --resume, the saved train state. (None, None) when there is nothing to do."""
@@ -101,6 +117,10 @@ def _start(cfg: PretrainConfig, tok: Tokenizer, device: torch.device, info: Dist
             print0(f"pretrain: {out} is already complete at step {meta['step']} (raise --max-steps to go on)",
                    info=info)
             return None, None
+        if meta["step"] >= cfg.loop.max_steps:
+            raise CakeError(f"--resume: {out} is at step {meta['step']}; --max-steps {cfg.loop.max_steps} must be "
+                            "larger to continue")
+        check_same_run(meta.get("config", {}), to_dict(cfg), out)
         state = load_train_state(out)
         print0(f"resuming {out} from step {state['step']}", info=info)
         return model.train(), state
