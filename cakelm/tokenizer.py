@@ -119,14 +119,15 @@ class Tokenizer:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The raw bytes a token stands for (b"" for special tokens)."""
-        return self._bytes_table[token_id]
+        """The raw bytes a token stands for (b"" for special tokens, and for ids past the vocabulary, which a
+        model whose embedding is padded beyond the tokenizer can still produce)."""
+        return self._bytes_table[token_id] if 0 <= token_id < len(self._bytes_table) else b""
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Decode ids to text. Specials are rendered by name unless skipped; invalid UTF-8 becomes U+FFFD."""
         out, buf = [], bytearray()
         for i in ids:
-            b = self._bytes_table[i]
+            b = self.token_bytes(i)
             if b or i not in self._special_ids:
                 buf += b
                 continue

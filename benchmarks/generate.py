@@ -1,0 +1,139 @@
+"""Generation speed: prefill tokens/s, decode tokens/s at batch 1 and 8, time to first token, and how the cost
+of a decoded token grows with the text, for cakelm's engine and for Hugging Face `transformers.generate` on
+the same weights (an export of the same model), each with and without a KV cache.
+
+    python benchmarks/generate.py                      # the 10m preset (6 layers, width 384, context 256)
+    python benchmarks/generate.py --preset tiny --new-tokens 64
+
+Weights are random (speed does not depend on them); decoding is greedy and never stops early, so every
+configuration generates exactly --new-tokens tokens. transformers is needed for its rows (the dev extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+from cakelm.common import peak_memory_mb
+from cakelm.engine import Engine, SamplingParams
+from cakelm.hf_compat import export_hf
+from cakelm.model import PRESETS, ModelConfig, Transformer
+from cakelm.tokenizer import Tokenizer
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of fn() over `repeats` runs (after one warm-up run)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def toy_tokenizer(vocab: int) -> Tokenizer:
+    text = " ".join(f"{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}{chr(97 + i // 676 % 26)}" for i in range(vocab * 4))
+    return Tokenizer.train(iter([text] * 3), vocab_size=vocab, min_frequency=1)
+
+
+def per_token_ms(engine: Engine, prompt: list[int], n: int, window: int) -> list[float]:
+    """ms per decoded token over consecutive windows of the generation (flat = the prefix is not recomputed)."""
+    stamps = []
+    params = SamplingParams(max_new_tokens=n, temperature=0)
+    for _ in engine.stream([prompt], params):
+        stamps.append(time.perf_counter())
+    return [1000 * (stamps[i + window] - stamps[i]) / window for i in range(0, len(stamps) - window, window)]
+
+
+@torch.no_grad()
+def no_cache_decode(model: Transformer, prompt: list[int], n: int) -> None:
+    """Greedy decoding that recomputes the whole sequence for every token (what a cache-less generate does)."""
+    seq = torch.tensor([prompt])
+    for _ in range(n):
+        nxt = model(seq)[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="10m", choices=sorted(PRESETS))
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    tok = toy_tokenizer(args.vocab)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, **PRESETS[args.preset])
+    model = Transformer(cfg).eval()
+    engine = Engine(model, tok)
+    P, N = args.prompt_tokens, min(args.new_tokens, cfg.max_seq_len - args.prompt_tokens)
+    prompt = torch.randint(10, cfg.vocab_size, (P,)).tolist()
+    prompts8 = [torch.randint(10, cfg.vocab_size, (P - 3 * i,)).tolist() for i in range(8)]  # 8 different lengths
+    greedy = SamplingParams(max_new_tokens=N, temperature=0)
+    print(f"{args.preset}: {model.num_params() / 1e6:.1f}M parameters, {cfg.n_layers} layers, width {cfg.dim}, "
+          f"context {cfg.max_seq_len}; prompt {P} tokens, {N} new tokens; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    rows = []
+
+    long_prompt = torch.randint(10, cfg.vocab_size, (cfg.max_seq_len // 2,)).tolist()
+    one = SamplingParams(max_new_tokens=1, temperature=0)
+    t_prefill = timed(lambda: engine.generate([long_prompt], one), args.repeats)
+    rows.append(("cakelm", f"prefill ({len(long_prompt)} tokens) + first token", f"{len(long_prompt) / t_prefill:,.0f}"
+                 " prompt tok/s", f"TTFT {1000 * t_prefill:.1f} ms"))
+    t1 = timed(lambda: engine.generate([prompt], greedy), args.repeats)
+    rows.append(("cakelm, KV cache", "decode, batch 1", f"{N / t1:,.1f} tok/s", f"{1000 * t1 / N:.2f} ms/token"))
+    t8 = timed(lambda: engine.generate(prompts8, greedy), args.repeats)
+    rows.append(("cakelm, KV cache", "decode, batch 8 (8 lengths)", f"{8 * N / t8:,.1f} tok/s",
+                 f"{8 * t1 / t8:.1f}x batch 1"))
+    t_nc = timed(lambda: no_cache_decode(model, prompt, N), 1)
+    rows.append(("cakelm, no cache", "decode, batch 1", f"{N / t_nc:,.1f} tok/s", f"{1000 * t_nc / N:.2f} ms/token"))
+    window = max(1, N // 4)
+    flat = per_token_ms(engine, prompt, N, window)
+
+    hf_rows = []
+    try:
+        import transformers
+
+        with tempfile.TemporaryDirectory() as d:
+            export_hf(model, tok, d)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+        kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=tok.pad_id)
+        ids1 = torch.tensor([prompt])
+        with torch.no_grad():
+            h1 = timed(lambda: hf.generate(ids1, **kw), args.repeats)
+            h_nc = timed(lambda: hf.generate(ids1, use_cache=False, **kw), 1)
+            left = torch.tensor([[tok.pad_id] * (P - len(p)) + p for p in prompts8])
+            mask = (torch.arange(P)[None] >= torch.tensor([P - len(p) for p in prompts8])[:, None]).long()
+            h8 = timed(lambda: hf.generate(left, attention_mask=mask, **kw), args.repeats)
+            h_ttft = timed(lambda: hf.generate(torch.tensor([long_prompt]), **{**kw, "max_new_tokens": 1,
+                                                                             "min_new_tokens": 1}), args.repeats)
+        hf_rows = [
+            (f"transformers {transformers.__version__}", f"prefill ({len(long_prompt)} tokens) + first token",
+             f"{len(long_prompt) / h_ttft:,.0f} prompt tok/s", f"TTFT {1000 * h_ttft:.1f} ms"),
+            ("transformers, KV cache", "decode, batch 1", f"{N / h1:,.1f} tok/s", f"{1000 * h1 / N:.2f} ms/token"),
+            ("transformers, KV cache", "decode, batch 8 (8 lengths)", f"{8 * N / h8:,.1f} tok/s",
+             f"{8 * h1 / h8:.1f}x batch 1"),
+            ("transformers, no cache", "decode, batch 1", f"{N / h_nc:,.1f} tok/s", f"{1000 * h_nc / N:.2f} ms/token"),
+        ]
+    except ImportError:
+        print("(transformers is not installed: its rows are skipped)")
+
+    w = [max(len(r[i]) for r in rows + hf_rows) for i in range(4)]
+    for r in rows + hf_rows:
+        print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)))
+    if hf_rows:
+        print(f"cakelm vs transformers, batch-1 decode with caches: {h1 / t1:.2f}x; batch 8: {h8 / t8:.2f}x")
+    print("cakelm ms/token by position (windows of %d tokens): %s" % (window, ", ".join(f"{x:.2f}" for x in flat)))
+    print(f"peak memory (RSS) {peak_memory_mb():.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
