@@ -131,7 +131,7 @@ def main() -> None:
         print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)))
     if hf_rows:
         print(f"cakelm vs transformers, batch-1 decode with caches: {h1 / t1:.2f}x; batch 8: {h8 / t8:.2f}x")
-    print("cakelm ms/token by position (windows of %d tokens): %s" % (window, ", ".join(f"{x:.2f}" for x in flat)))
+    print(f"cakelm ms/token by position (windows of {window} tokens): {', '.join(f'{x:.2f}' for x in flat)}")
     print(f"peak memory (RSS) {peak_memory_mb():.0f} MB")
 
 
