@@ -42,6 +42,15 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()  # generation ends when the text contains one (cut from the text)
     logprobs: bool = False
 
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise CakeError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not (self.temperature >= 0 and self.top_k >= 0 and 0 < self.top_p <= 1):  # also rejects NaN
+            raise CakeError(f"need temperature >= 0, top_k >= 0 and top_p in (0, 1]; got {self.temperature}, "
+                            f"{self.top_k}, {self.top_p}")
+        if any(not s for s in self.stop_strings):
+            raise CakeError("stop strings must not be empty")
+
 
 @dataclass
 class Completion:
@@ -105,21 +114,21 @@ class _Row:
         """Add a sampled token; return the text that became final."""
         self.ids.append(token)
         self.logprobs.append(logprob)
+        cut = False
         if token in stop_ids:
             self.finish = "stop"
         else:
             self.text += self.decoder.decode(tok.token_bytes(token))
-            for s in self.stop_strings:
-                # a stop string can only appear in text not yet emitted plus the held-back tail before it
-                at = self.text.find(s, max(0, self.emitted - len(s) + 1))
-                if at >= 0:
-                    self.text, self.finish = self.text[:at], "stop"
-                    break
+            # A stop string can only start in the text not yet emitted (emitted text held back none of one).
+            # When several match, the text is cut at the earliest.
+            hits = [at for s in self.stop_strings if (at := self.text.find(s, self.emitted)) >= 0]
+            if hits:
+                self.text, self.finish, cut = self.text[:min(hits)], "stop", True
         if self.finish is None and last:
             self.finish = "length"
         if self.finish is not None:
-            if not self.text.endswith("\ufffd"):
-                self.text += self.decoder.decode(b"", final=True)  # an unfinished character becomes U+FFFD
+            if not cut:  # bytes of an unfinished character become U+FFFD (after a cut they lie beyond the text)
+                self.text += self.decoder.decode(b"", final=True)
             safe = len(self.text)
         else:
             safe = len(self.text) - self._held_back()
@@ -158,12 +167,17 @@ class Engine:
                                 "shorten it (at least one token must fit after it)")
 
     @torch.no_grad()
+    def limits(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[int]:
+        """New tokens each prompt may get: max_new_tokens, cut to what fits in the context after it."""
+        return [min(params.max_new_tokens, self.context - len(p)) for p in prompts]
+
     def _tokens(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, bool]]:
-        """Yield (next token ids (B*n,), their logprobs or None, is_last_step) for every decode step."""
+        """Yield (next token ids (B*n,), their logprobs or None, is_last_step) for every decode step, until the
+        row with the most room has had its share (rows past their own limit are computed but ignored)."""
         self.check_prompts(prompts)
         longest = max(len(p) for p in prompts)
-        steps = min(params.max_new_tokens, self.context - longest)  # cut to what fits after the longest prompt
+        steps = max(self.limits(prompts, params))
         pad = [longest - len(p) for p in prompts]
         cache = KVCache(self.model.cfg, len(prompts), longest + steps, self.device, self.dtype, pad)
         idx = torch.tensor([[self.tok.pad_id] * k + list(p) for k, p in zip(pad, prompts)], device=self.device)
@@ -208,12 +222,13 @@ class Engine:
     def _events(self, rows: list[_Row], prompts: Sequence[Sequence[int]], params: SamplingParams, n: int
                 ) -> Iterator[StreamEvent]:
         stop_ids = tuple(params.stop_ids)
-        for nxt, lp, last in self._tokens(prompts, params, n):
+        limit = [lim for lim in self.limits(prompts, params) for _ in range(n)]  # per row
+        for nxt, lp, _ in self._tokens(prompts, params, n):
             ids, lps = nxt.tolist(), (lp.tolist() if lp is not None else [0.0] * len(rows))
             for r, row in enumerate(rows):
                 if row.finish is not None:
                     continue
-                piece = row.push(ids[r], lps[r], self.tok, stop_ids, last)
+                piece = row.push(ids[r], lps[r], self.tok, stop_ids, last=len(row.ids) + 1 == limit[r])
                 yield StreamEvent(r, row.prompt_index, piece, ids[r], row.finish)
             if all(row.finish for row in rows):
                 return

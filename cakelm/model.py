@@ -132,6 +132,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
+        self.max_pos = cfg.max_seq_len - 1
         self.pos = 0
         self.pad = torch.tensor(pad, device=device) if pad is not None and any(pad) else None  # (B,) or None
 
@@ -166,9 +167,11 @@ class KVCache:
         return ((real & (keys <= slots)) | (keys == slots))[:, None], False  # (B, 1, T, S)
 
     def positions(self, T: int) -> torch.Tensor:
-        """RoPE positions of the T new tokens: (T,) without padding, (B, T) with."""
+        """RoPE positions of the T new tokens: (T,) without padding, (B, T) with. With padding, rows may be
+        given different numbers of tokens: a row past the context (the engine ignores its output) is clamped to
+        the last position instead of indexing past the RoPE table."""
         slots = torch.arange(self.pos, self.pos + T, device=self.k.device)
-        return slots if self.pad is None else (slots[None, :] - self.pad[:, None]).clamp(min=0)
+        return slots if self.pad is None else (slots[None, :] - self.pad[:, None]).clamp(0, self.max_pos)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -304,7 +307,8 @@ class Transformer(nn.Module):
         [kv_cache.pos, kv_cache.pos + T) and the cache position advances by T."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
+        # (a padded batch may run past the context in rows that are done; KVCache.positions handles those)
+        if start + T > self.cfg.max_seq_len and (kv_cache is None or kv_cache.pad is None):
             raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.cfg.max_seq_len})")
         if kv_cache is None:
             mask, causal = None, T > 1

@@ -69,7 +69,7 @@ class _Options(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
 
@@ -121,23 +121,40 @@ class Worker:
                     for ev in self.engine.stream(job.prompts, job.params, job.n):
                         if job.cancelled:
                             break
-                        job.loop.call_soon_threadsafe(job.events.put_nowait, ev)
-            except Exception as e:  # surfaced to the request as a 500, never kills the worker
+                        _deliver(job, ev)
+            except Exception as e:  # reported to the request as a 500; the worker carries on
                 result = e
-            job.loop.call_soon_threadsafe(job.events.put_nowait, result)
+            _deliver(job, result)
 
 
-async def _events(job: Job) -> AsyncIterator[StreamEvent]:
+def _deliver(job: Job, item: Any) -> None:
+    """Hand an event to the job's event loop (if its request is still there)."""
+    if job.cancelled:
+        return
+    try:
+        job.loop.call_soon_threadsafe(job.events.put_nowait, item)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        job.cancelled = True
+
+
+async def _events(job: Job, request: Request | None = None) -> AsyncIterator[StreamEvent]:
+    """The job's events as they come. With `request`, a client that hangs up cancels the job (streaming
+    responses are cancelled by the server itself when the client goes)."""
     try:
         while True:
-            item = await job.events.get()
+            try:
+                item = await asyncio.wait_for(job.events.get(), timeout=1.0 if request else None)
+            except asyncio.TimeoutError:  # queued behind other requests, or generating: still wanted?
+                if request is not None and await request.is_disconnected():
+                    return
+                continue
             if item is _DONE:
                 return
             if isinstance(item, Exception):
-                raise item
+                raise APIError(500, f"generation failed: {item}", type="server_error") from None
             yield item
     finally:
-        job.cancelled = True  # the client went away (or we are done): stop generating for it
+        job.cancelled = True  # done, failed, or the client went away: stop generating for it
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,35 +162,37 @@ async def _events(job: Job) -> AsyncIterator[StreamEvent]:
 
 
 class _BodyLimit:
-    """ASGI middleware: 413 for request bodies over the limit (declared or actual size)."""
+    """ASGI middleware: 413 for request bodies over the limit, whether declared (Content-Length) or sent chunked.
+    The body is read here (bounded by the limit) and replayed to the app."""
 
     def __init__(self, app: Callable, limit: int) -> None:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _send_json(send, 413, _too_large(self.limit))
-        seen = 0
-
-        async def limited() -> dict:
-            nonlocal seen
+        body, more = bytearray(), True
+        while more:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await _send_json(send, 413, _too_large(self.limit))
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _send_json(send, 413, _too_large(self.limit))
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # after the body: wait for the disconnect, as the server would
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 def _too_large(limit: int) -> dict:
@@ -249,7 +268,7 @@ def create_app(engine: Engine, fmt: str, model_name: str = "cakelm", api_key: st
         return resources.files("cakelm.web").joinpath("chat.html").read_text(encoding="utf-8")
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest) -> Any:
+    async def chat_completions(req: ChatRequest, request: Request) -> Any:
         _check_model(st, req.model)
         try:
             messages = validate(req.messages, "messages")
@@ -257,18 +276,18 @@ def create_app(engine: Engine, fmt: str, model_name: str = "cakelm", api_key: st
         except CakeError as e:
             raise APIError(400, str(e), param="messages") from None
         stop_ids, stop_strings = stop_rules(engine.tok, st.fmt)
-        params = _params(st, req, [prompt], stop_ids, stop_strings)
-        return await _respond(st, req, [prompt], params, chat=True)
+        params = _params(st, req, [prompt], stop_ids, stop_strings, "messages")
+        return await _respond(st, req, request, [prompt], params, chat=True)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Any:
+    async def completions(req: CompletionRequest, request: Request) -> Any:
         _check_model(st, req.model)
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not texts or len(texts) * req.n > MAX_N:
             raise APIError(400, f"give 1 to {MAX_N} prompts x n completions", param="prompt")
         prompts = [engine.tok.encode(t, bos=True) for t in texts]
-        params = _params(st, req, prompts, (engine.tok.bos_id,), ())
-        return await _respond(st, req, prompts, params, chat=False)
+        params = _params(st, req, prompts, (engine.tok.bos_id,), (), "prompt")
+        return await _respond(st, req, request, prompts, params, chat=False)
 
     return app
 
@@ -280,12 +299,12 @@ def _check_model(st: ServerState, model: str | None) -> None:
 
 
 def _params(st: ServerState, req: _Options, prompts: list[list[int]], stop_ids: tuple[int, ...],
-            stop_strings: tuple[str, ...]) -> SamplingParams:
+            stop_strings: tuple[str, ...], prompt_param: str) -> SamplingParams:
     longest = max(len(p) for p in prompts)
     room = st.engine.context - longest
     if room < 1:
         raise APIError(400, f"the prompt is {longest} tokens but the model's context is {st.engine.context} "
-                            "(at least one token must fit after it)", param="messages",
+                            "(at least one token must fit after it)", param=prompt_param,
                        code="context_length_exceeded")
     asked = req.max_completion_tokens or req.max_tokens
     if asked is not None and asked > st.max_tokens_limit:
@@ -294,12 +313,13 @@ def _params(st: ServerState, req: _Options, prompts: list[list[int]], stop_ids: 
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > MAX_STOP or any(not s for s in stops):
         raise APIError(400, f"stop: give up to {MAX_STOP} non-empty strings", param="stop")
-    return SamplingParams(min(asked or st.max_tokens_limit, room), req.temperature, 0, req.top_p, req.seed,
-                          stop_ids, stop_strings + tuple(stops))
+    # each prompt is cut to the room it has after it, by the engine
+    return SamplingParams(asked or st.max_tokens_limit, req.temperature, 0, req.top_p, req.seed, stop_ids,
+                          stop_strings + tuple(stops))
 
 
-async def _respond(st: ServerState, req: _Options, prompts: list[list[int]], params: SamplingParams,
-                   chat: bool) -> Any:
+async def _respond(st: ServerState, req: _Options, request: Request, prompts: list[list[int]],
+                   params: SamplingParams, chat: bool) -> Any:
     job = st.worker.submit(prompts, params, req.n)
     rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     base = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
@@ -312,7 +332,7 @@ async def _respond(st: ServerState, req: _Options, prompts: list[list[int]], par
     texts: dict[int, str] = {}
     finish: dict[int, str] = {}
     completion_tokens = 0
-    async for ev in _events(job):
+    async for ev in _events(job, request):
         completion_tokens += 1
         texts[ev.row] = texts.get(ev.row, "") + ev.text
         if ev.finish_reason:
@@ -337,25 +357,29 @@ async def _sse(job: Job, base: dict, chat: bool, prompt_tokens: int, include_usa
     def data(choice: dict) -> str:
         return f"data: {json.dumps({**chunk, 'choices': [choice]})}\n\n"
 
-    async for ev in _events(job):
-        completion_tokens += 1
-        text = ev.text
-        if chat and ev.row not in started:
-            text = text.lstrip()  # a playscript reply starts after "ASSISTANT:"
-            if not text and not ev.finish_reason:
-                continue
-            started.add(ev.row)
-            yield data({"index": ev.row, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-        if text:
-            yield data({"index": ev.row, "delta": {"content": text}, "finish_reason": None} if chat else
-                       {"index": ev.row, "text": text, "logprobs": None, "finish_reason": None})
-        if ev.finish_reason:
-            yield data({"index": ev.row, "delta": {}, "finish_reason": ev.finish_reason} if chat else
-                       {"index": ev.row, "text": "", "logprobs": None, "finish_reason": ev.finish_reason})
-    if include_usage:
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
-        yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\n"
+    try:
+        async for ev in _events(job):
+            completion_tokens += 1
+            text = ev.text
+            if chat and ev.row not in started:
+                text = text.lstrip()  # a playscript reply starts after "ASSISTANT:"
+                if not text and not ev.finish_reason:
+                    continue
+                started.add(ev.row)
+                yield data({"index": ev.row, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            if text:
+                yield data({"index": ev.row, "delta": {"content": text}, "finish_reason": None} if chat else
+                           {"index": ev.row, "text": text, "logprobs": None, "finish_reason": None})
+            if ev.finish_reason:
+                yield data({"index": ev.row, "delta": {}, "finish_reason": ev.finish_reason} if chat else
+                           {"index": ev.row, "text": "", "logprobs": None, "finish_reason": ev.finish_reason})
+    except APIError as e:  # the status line is long gone: report the failure in the stream, as OpenAI does
+        yield f"data: {json.dumps({'error': e.body})}\n\n"
+    else:
+        if include_usage:
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                     "total_tokens": prompt_tokens + completion_tokens}
+            yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\n"
     yield "data: [DONE]\n\n"
 
 

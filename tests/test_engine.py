@@ -150,3 +150,35 @@ def test_top_p_keeps_smallest_nucleus() -> None:
     assert draws == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
     draws = {int(sample_next(logits, 1.0, top_p=0.4, generator=g)) for _ in range(50)}
     assert draws == {0}
+
+
+def test_short_prompt_keeps_its_room_in_a_batch(engine: Engine) -> None:
+    short, long = [0, 5, 6], [0] + [7] * 58  # context 64: room for 61 and 5 new tokens
+    params = SamplingParams(max_new_tokens=20, temperature=0)
+    a, b = engine.generate([short, long], params)
+    assert len(a.ids) == 20 and len(b.ids) == 5 and b.finish_reason == "length"
+    assert a.ids == engine.generate([short], params)[0].ids and b.ids == engine.generate([long], params)[0].ids
+
+
+def test_earliest_stop_string_wins_and_no_stray_replacement_char(tok_dir) -> None:
+    tok = Tokenizer.load(tok_dir)
+    row = _Row(0, ("ab", "b"))
+    text = "".join(row.push(t, 0.0, tok, (), last=False) for t in tok.encode("xab"))
+    assert row.text == text == "x" and row.finish == "stop"
+
+
+    class Pieces:  # a token that completes the stop string and starts a 2-byte character in one
+        def token_bytes(self, i: int) -> bytes:
+            return {1: b"hi", 2: b"\nUSER:\xc3"}[i]
+
+    row = _Row(0, ("\nUSER:",))
+    out = row.push(1, 0.0, Pieces(), (), last=False) + row.push(2, 0.0, Pieces(), (), last=False)
+    assert out == row.text == "hi" and row.finish == "stop"
+    row = _Row(0, ())
+    assert row.push(2, 0.0, Pieces(), (), last=True) == "\nUSER:\ufffd"  # cut short by the length limit
+
+
+def test_sampling_params_are_checked() -> None:
+    for bad in (dict(max_new_tokens=0), dict(top_p=0.0), dict(temperature=float("nan")), dict(stop_strings=("",))):
+        with pytest.raises(CakeError):
+            SamplingParams(**bad)

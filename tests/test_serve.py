@@ -88,6 +88,7 @@ def test_n_seed_and_completions_endpoint(client) -> None:
     (dict(messages=[{"role": "wizard", "content": "hi"}]), "unknown role 'wizard'"),
     (dict(messages=msg("word " * 200)), "context"),
     (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
+    (dict(seed=2**64), "seed"),
 ])
 def test_bad_requests_get_400(client, kw, match) -> None:
     args = {"model": "tiny", "messages": msg("hi"), **kw}
@@ -107,6 +108,14 @@ def test_body_limit_and_malformed_json(server) -> None:
     url = server[0] + "/v1/chat/completions"
     r = httpx.post(url, content=b'{"messages": [' + b" " * 1_100_000 + b"]}",
                    headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    def chunks():  # no Content-Length: the limit must hold for the bytes actually sent
+        yield b'{"messages": ['
+        for _ in range(12):
+            yield b" " * 100_000
+        yield b"]}"
+
+    r = httpx.post(url, content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"

@@ -38,10 +38,10 @@ def test_chat_page_streams_a_reply(tok_dir, tmp_path) -> None:
             page.keyboard.press("Enter")
             expect(page.locator(".msg.user")).to_have_text("Good morrow, what news?")
             reply = page.locator(".msg.assistant")
-            expect(reply).not_to_be_empty(timeout=20_000)
             expect(page.locator("#stats")).to_contain_text("tokens/s", timeout=20_000)
             expect(page.locator("#send")).to_be_enabled()
-            assert len(reply.inner_text().strip()) > 0
+            # the streamed reply, or the notice for a model that ended its turn at once (a random model may)
+            expect(reply).not_to_be_empty()
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "chat_page.png"))
             # a second turn goes into the same conversation

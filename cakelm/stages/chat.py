@@ -37,6 +37,7 @@ class ChatConfig:
     device: str = opt("auto", "device", choices=("auto", "cpu", "cuda", "mps"))
 
     def __post_init__(self) -> None:
+        self.system = self.system.strip() if self.system and self.system.strip() else None
         if self.max_new_tokens < 1 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ConfigError("--max-new-tokens must be >= 1, --temperature and --top-k >= 0, --top-p in (0, 1]")
 
@@ -113,3 +114,7 @@ def main(cfg: ChatConfig) -> None:
             chat.reply(msg)
         except CakeError as e:  # e.g. one message longer than the context: say so, keep the session
             print(f"\n[error: {e}]", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the session; the unanswered message is dropped
+            if chat.history and chat.history[-1]["role"] == "user":
+                chat.history.pop()
+            print("\n[reply interrupted]", flush=True)
