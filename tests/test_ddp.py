@@ -30,7 +30,9 @@ def val_rows(out) -> list[dict]:
 
 
 def test_ddp_two_processes_match_one(tok_dir, tmp_path) -> None:
-    common = {**MICRO, "loop.max_steps": 6, "loop.eval_every": 3}
+    # AdamW with a large epsilon: updates proportional to gradients, so the different summation order of the
+    # all-reduce stays at rounding size (see test_gradient_accumulation_invariance)
+    common = {**MICRO, "loop.max_steps": 6, "loop.eval_every": 3, "optim.name": "adamw", "optim.eps": 1e-3}
     single = run_pretrain(tok_dir, tmp_path / "single", **common, **{"loop.batch_size": 4, "loop.grad_accum": 2})
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
