@@ -107,9 +107,23 @@ def stop_rules(tok: Tokenizer, fmt: str) -> tuple[tuple[int, ...], tuple[str, ..
     return (tok.bos_id,), ("\nUSER:", "\nASSISTANT:")
 
 
-def clean_reply(text: str) -> str:
-    """A generated reply without the whitespace around it (a playscript reply starts after "ASSISTANT:")."""
-    return text.strip()
+class Reply:
+    """An assistant reply as it streams in. Leading whitespace is dropped (a playscript reply starts right after
+    "ASSISTANT:"), and `final` is the finished reply without trailing whitespace."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def add(self, piece: str) -> str:
+        """Append a streamed piece; return the part of it to show."""
+        if not self.text:
+            piece = piece.lstrip()
+        self.text += piece
+        return piece
+
+    @property
+    def final(self) -> str:
+        return self.text.rstrip()
 
 
 def fit_history(messages: Sequence[Message], tok: Tokenizer, fmt: str, budget: int) -> tuple[list[Message], int]:
@@ -130,8 +144,11 @@ def fit_history(messages: Sequence[Message], tok: Tokenizer, fmt: str, budget: i
     return system + turns, dropped
 
 
-def format_of(meta: dict[str, Any], override: str | None = None) -> str:
-    """The format a checkpoint speaks: the override if given, else meta.json's "chat_format", else playscript."""
-    fmt = override or meta.get("chat_format") or "playscript"
+def format_of(meta: dict[str, Any], playscript: bool | None = None) -> str:
+    """The format a checkpoint speaks: playscript/chat when the --playscript flag says so, else meta.json's
+    "chat_format", else playscript (a model without that key has not been taught the chat tokens)."""
+    if playscript is not None:
+        return "playscript" if playscript else "chat"
+    fmt = meta.get("chat_format") or "playscript"
     _check_format(fmt)
     return fmt

@@ -58,7 +58,7 @@ def save_checkpoint(out: str | Path, model: Transformer, tokenizer: Tokenizer, m
     writers["model.safetensors"] = lambda p: save_file(_weights(model), str(p), metadata={"step": str(step),
                                                                                          "format": "pt"})
     writers["config.json"] = lambda p: p.write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
-    writers["tokenizer.json"] = lambda p: p.write_text(tokenizer.hf.to_str(pretty=True), encoding="utf-8")
+    writers["tokenizer.json"] = tokenizer.save
     writers["meta.json"] = lambda p: p.write_text(json.dumps({"code_version": code_version(), **meta}, indent=2,
                                                              sort_keys=True) + "\n", encoding="utf-8")
     staged: dict[str, Path] = {}
@@ -80,6 +80,8 @@ def save_checkpoint(out: str | Path, model: Transformer, tokenizer: Tokenizer, m
 
 def load_meta(path: str | Path) -> dict[str, Any]:
     """meta.json of a checkpoint, checked against the weights' step."""
+    if not str(path):
+        raise CakeError("no checkpoint directory given")
     path = Path(path)
     if not path.is_dir():
         raise CakeError(f"checkpoint not found: {path}")

@@ -172,8 +172,8 @@ class Engine:
         return [min(params.max_new_tokens, self.context - len(p)) for p in prompts]
 
     def _tokens(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, bool]]:
-        """Yield (next token ids (B*n,), their logprobs or None, is_last_step) for every decode step, until the
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Yield (next token ids (B*n,), their logprobs or None) for every decode step, until the
         row with the most room has had its share (rows past their own limit are computed but ignored)."""
         self.check_prompts(prompts)
         longest = max(len(p) for p in prompts)
@@ -193,9 +193,8 @@ class Engine:
             if params.logprobs:
                 t = params.temperature if params.temperature > 0 else 1.0
                 lp = torch.log_softmax(logits.float() / t, dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
-            last = step == steps - 1
-            yield nxt, lp, last
-            if not last:
+            yield nxt, lp
+            if step < steps - 1:
                 logits = self.model(nxt[:, None], kv_cache=cache)[:, -1]  # decode one token per row
 
     def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int = 1
@@ -223,7 +222,7 @@ class Engine:
                 ) -> Iterator[StreamEvent]:
         stop_ids = tuple(params.stop_ids)
         limit = [lim for lim in self.limits(prompts, params) for _ in range(n)]  # per row
-        for nxt, lp, _ in self._tokens(prompts, params, n):
+        for nxt, lp in self._tokens(prompts, params, n):
             ids, lps = nxt.tolist(), (lp.tolist() if lp is not None else [0.0] * len(rows))
             for r, row in enumerate(rows):
                 if row.finish is not None:

@@ -38,7 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cakelm.chat_format import format_of, render_prompt, stop_rules, validate
+from cakelm.chat_format import Reply, format_of, render_prompt, stop_rules, validate
 from cakelm.checkpoint import load_model
 from cakelm.common import CakeError, pick_device
 from cakelm.config import ConfigError, opt
@@ -329,17 +329,19 @@ async def _respond(st: ServerState, req: _Options, request: Request, prompts: li
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return StreamingResponse(_sse(job, base, chat, prompt_tokens, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    texts: dict[int, str] = {}
+    replies = [Reply() for _ in range(len(prompts) * req.n)]
+    texts = [""] * len(replies)
     finish: dict[int, str] = {}
     completion_tokens = 0
     async for ev in _events(job, request):
         completion_tokens += 1
-        texts[ev.row] = texts.get(ev.row, "") + ev.text
+        replies[ev.row].add(ev.text)
+        texts[ev.row] += ev.text
         if ev.finish_reason:
             finish[ev.row] = ev.finish_reason
     choices = []
-    for i in range(len(prompts) * req.n):
-        text = texts.get(i, "").strip() if chat else texts.get(i, "")
+    for i in range(len(replies)):
+        text = replies[i].final if chat else texts[i]
         choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
                         "finish_reason": finish.get(i, "length")} if chat else
                        {"index": i, "text": text, "logprobs": None, "finish_reason": finish.get(i, "length")})
@@ -351,7 +353,7 @@ async def _respond(st: ServerState, req: _Options, request: Request, prompts: li
 async def _sse(job: Job, base: dict, chat: bool, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: one chunk per piece of text, a last chunk per choice with its finish_reason."""
     chunk = {**base, "object": "chat.completion.chunk" if chat else "text_completion"}
-    started: set[int] = set()
+    replies: dict[int, Reply] = {}
     completion_tokens = 0
 
     def data(choice: dict) -> str:
@@ -361,12 +363,13 @@ async def _sse(job: Job, base: dict, chat: bool, prompt_tokens: int, include_usa
         async for ev in _events(job):
             completion_tokens += 1
             text = ev.text
-            if chat and ev.row not in started:
-                text = text.lstrip()  # a playscript reply starts after "ASSISTANT:"
-                if not text and not ev.finish_reason:
-                    continue
-                started.add(ev.row)
-                yield data({"index": ev.row, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            if chat:
+                reply = replies.setdefault(ev.row, Reply())
+                first = not reply.text
+                text = reply.add(text)
+                if first and (text or ev.finish_reason):  # the reply begins: announce the role, as OpenAI does
+                    yield data({"index": ev.row, "delta": {"role": "assistant", "content": ""},
+                                "finish_reason": None})
             if text:
                 yield data({"index": ev.row, "delta": {"content": text}, "finish_reason": None} if chat else
                            {"index": ev.row, "text": text, "logprobs": None, "finish_reason": None})
@@ -405,12 +408,9 @@ class ServeConfig:
 
 def build_app(cfg: ServeConfig) -> FastAPI:
     """The app for a checkpoint, as `cakelm serve` runs it."""
-    if not cfg.ckpt:
-        raise CakeError("give a checkpoint directory, e.g. `cakelm serve runs/default/base`")
     model, tok, meta = load_model(cfg.ckpt, pick_device(cfg.device))
-    override = None if cfg.playscript is None else ("playscript" if cfg.playscript else "chat")
     name = cfg.model_name or Path(cfg.ckpt).resolve().name
-    return create_app(Engine(model, tok), format_of(meta, override), name,
+    return create_app(Engine(model, tok), format_of(meta, cfg.playscript), name,
                       cfg.api_key or os.environ.get("CAKELM_API_KEY") or None, cfg.max_tokens, ckpt=cfg.ckpt)
 
 

@@ -77,6 +77,7 @@ def test_fit_history_drops_oldest_turns(tok: Tokenizer) -> None:
 def test_format_of() -> None:
     assert format_of({}) == "playscript"
     assert format_of({"chat_format": "chat"}) == "chat"
-    assert format_of({"chat_format": "chat"}, "playscript") == "playscript"
+    assert format_of({"chat_format": "chat"}, playscript=True) == "playscript"
+    assert format_of({}, playscript=False) == "chat"
     with pytest.raises(CakeError, match="unknown chat format"):
         format_of({"chat_format": "chatml"})

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from cakelm.chat_format import clean_reply, fit_history, format_of, render_prompt, stop_rules
+from cakelm.chat_format import Reply, fit_history, format_of, render_prompt, stop_rules
 from cakelm.checkpoint import load_model
 from cakelm.common import CakeError, pick_device
 from cakelm.config import ConfigError, opt
@@ -64,14 +64,11 @@ class Chat:
             print(f"[dropped the {dropped} oldest message(s) to fit the {self.engine.context}-token context]",
                   file=sys.stderr, flush=True)
         self.history = messages[len(self.system):]
-        text, started = "", False
+        streamed = Reply()
         for ev in self.engine.stream([render_prompt(messages, self.engine.tok, self.fmt)], self.params):
-            piece = ev.text if started else ev.text.lstrip()  # a playscript reply starts after "ASSISTANT:"
-            started = started or bool(piece)
-            text += piece
-            print(piece, end="", file=out, flush=True)
+            print(streamed.add(ev.text), end="", file=out, flush=True)
         print(file=out, flush=True)
-        reply = clean_reply(text) or "..."
+        reply = streamed.final or "..."
         self.history.append({"role": "assistant", "content": reply})
         return reply
 
@@ -80,11 +77,8 @@ class Chat:
 
 
 def main(cfg: ChatConfig) -> None:
-    if not cfg.ckpt:
-        raise CakeError("give a checkpoint directory, e.g. `cakelm chat runs/default/base`")
     model, tok, meta = load_model(cfg.ckpt, pick_device(cfg.device))
-    override = None if cfg.playscript is None else ("playscript" if cfg.playscript else "chat")
-    chat = Chat(Engine(model, tok), format_of(meta, override), cfg)
+    chat = Chat(Engine(model, tok), format_of(meta, cfg.playscript), cfg)
     if cfg.prompt is not None:
         if not cfg.prompt.strip():
             raise CakeError("-p: the message is empty")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cakelm.checkpoint import load_model
-from cakelm.common import CakeError, pick_device
+from cakelm.common import pick_device
 from cakelm.config import ConfigError, opt
 from cakelm.engine import Engine, SamplingParams
 
@@ -37,8 +37,6 @@ class SampleConfig:
 
 def main(cfg: SampleConfig, echo: bool = True) -> list[str]:
     """Generate the samples; print them (prompt included) when `echo`; return the generated texts."""
-    if not cfg.ckpt:
-        raise CakeError("give a checkpoint directory, e.g. `cakelm sample runs/default/base`")
     model, tok, _ = load_model(cfg.ckpt, pick_device(cfg.device))
     engine = Engine(model, tok)
     prompt = tok.encode(cfg.prompt, bos=True)
