@@ -19,7 +19,8 @@ import torch.distributed as dist
 from cakelm import __version__, serve
 from cakelm.common import CakeError
 from cakelm.config import ConfigError, add_arguments, config_from_args
-from cakelm.stages import chat, data, export, pipeline, pretrain, sample, tokenizer
+from cakelm.stages import chat, data, export, pipeline, pretrain, sample, sft, tokenizer
+from cakelm.stages import eval as eval_stage
 
 # command -> (stage module, its Config class, its presets, one-line help)
 COMMANDS: dict[str, tuple[ModuleType, type, dict | None, str]] = {
@@ -27,6 +28,8 @@ COMMANDS: dict[str, tuple[ModuleType, type, dict | None, str]] = {
     "data": (data, data.DataConfig, None, "fetch/read raw text and split train/validation documents"),
     "tokenizer": (tokenizer, tokenizer.TokenizerConfig, None, "train the BPE tokenizer and encode token shards"),
     "pretrain": (pretrain, pretrain.PretrainConfig, pretrain.PRESETS, "next-token pretraining (DDP under torchrun)"),
+    "sft": (sft, sft.SFTConfig, sft.PRESETS, "supervised fine-tuning on conversations (assistant-only loss)"),
+    "eval": (eval_stage, eval_stage.EvalConfig, None, "task accuracy, end-of-turn rate and held-out chat loss"),
     "sample": (sample, sample.SampleConfig, None, "print continuations of a prompt from a checkpoint"),
     "chat": (chat, chat.ChatConfig, None, "chat with a checkpoint in the terminal (streamed replies)"),
     "serve": (serve, serve.ServeConfig, None, "OpenAI-compatible HTTP API and a web chat page"),

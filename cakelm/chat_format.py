@@ -21,7 +21,7 @@ A message is {"role": "system" | "user" | "assistant", "content": str}; a system
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cakelm.common import CakeError
@@ -58,33 +58,44 @@ def _check_format(fmt: str) -> None:
         raise CakeError(f"unknown chat format {fmt!r} (use {' or '.join(FORMATS)})")
 
 
+def render_parts(messages: Sequence[Message], tok: Tokenizer, fmt: str,
+                 encode: Callable[[str], list[int]] | None = None) -> list[tuple[list[int], list[int]]]:
+    """A conversation as (ids, loss_mask) pieces: the opening (<|bos|>, and in a playscript the header with the
+    system message), then one piece per message (empty for a playscript's system message). `render` is their
+    concatenation; a conversation can be cut between messages without tokenizing it again. `encode` replaces
+    tok.encode (e.g. a lookup of texts encoded in one batch)."""
+    _check_format(fmt)
+    messages = validate(messages)
+    enc = encode or tok.encode
+    if fmt == "chat":
+        role_id = {"system": tok.system_id, "user": tok.user_id, "assistant": tok.assistant_id}
+        parts = [([tok.bos_id], [0])]
+        for m in messages:
+            body = enc(m["content"]) + [tok.end_id]
+            learn = int(m["role"] == "assistant")
+            parts.append(([role_id[m["role"]], *body], [0] + [learn] * len(body)))
+        return parts
+    header = PLAYSCRIPT_HEADER + (f"\n{messages[0]['content']}" if messages[0]["role"] == "system" else "") + "\n"
+    opening = [tok.bos_id, *enc(header)]
+    parts = [(opening, [0] * len(opening))]
+    for m in messages:
+        if m["role"] == "system":
+            parts.append(([], []))
+            continue
+        # "\nUSER:" is its own piece so the prompt at generation time tokenizes exactly like training text
+        speaker, body = enc("\n" + _SPEAKER[m["role"]]), enc(" " + m["content"].strip())
+        parts.append((speaker + body, [0] * len(speaker) + [int(m["role"] == "assistant")] * len(body)))
+    return parts
+
+
 def render(messages: Sequence[Message], tok: Tokenizer, fmt: str) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) of a whole conversation; mask 1 marks what the model should learn to say: each
     assistant reply, with its <|end|> in chat format (a playscript reply has no end marker: it ends where the
     next "USER:" line begins)."""
-    _check_format(fmt)
-    messages = validate(messages)
-    ids, mask = [tok.bos_id], [0]
-
-    def add(piece: list[int], learn: bool) -> None:
-        ids.extend(piece)
-        mask.extend([int(learn)] * len(piece))
-
-    if fmt == "chat":
-        role_id = {"system": tok.system_id, "user": tok.user_id, "assistant": tok.assistant_id}
-        for m in messages:
-            learn = m["role"] == "assistant"
-            add([role_id[m["role"]]], False)
-            add(tok.encode(m["content"]) + [tok.end_id], learn)
-        return ids, mask
-    header = PLAYSCRIPT_HEADER + (f"\n{messages[0]['content']}" if messages[0]["role"] == "system" else "") + "\n"
-    add(tok.encode(header), False)
-    for m in messages:
-        if m["role"] == "system":
-            continue
-        # "\nUSER:" is its own piece so the prompt at generation time tokenizes exactly like training text
-        add(tok.encode("\n" + _SPEAKER[m["role"]]), False)
-        add(tok.encode(" " + m["content"].strip()), m["role"] == "assistant")
+    ids, mask = [], []
+    for piece_ids, piece_mask in render_parts(messages, tok, fmt):
+        ids += piece_ids
+        mask += piece_mask
     return ids, mask
 
 

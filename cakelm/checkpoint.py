@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from cakelm.common import CakeError, code_version, fsync_path, read_json
+from cakelm.config import flatten
 from cakelm.model import ModelConfig, Transformer
 from cakelm.tokenizer import Tokenizer
 
@@ -140,3 +141,37 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
         raise CakeError(f"{p} is from step {state.get('step') if isinstance(state, dict) else '?'} but the "
                         f"weights are from step {step} (a save was cut off); retrain, or --overwrite it")
     return state
+
+
+# Options that may change when a run is resumed: how long it runs and how it reports, not what it computes.
+RESUMABLE = {"resume", "overwrite", "loop.max_steps", "loop.eval_every", "loop.eval_tokens", "loop.log_every",
+             "loop.save_every", "loop.progress", "loop.device"}
+
+
+def check_same_run(saved: dict, now: dict, out: Path) -> None:
+    """--resume continues the saved run, so the options that shape it must match; say which ones do not."""
+    a, b = flatten(saved), flatten(now)
+    diff = [k for k in sorted(set(a) | set(b)) if k not in RESUMABLE and a.get(k) != b.get(k)]
+    if diff:
+        shown = ", ".join(f"{k} (saved {a.get(k)!r}, now {b.get(k)!r})" for k in diff[:3])
+        raise CakeError(f"--resume: options differ from the run saved in {out}: {shown}"
+                        f"{f' and {len(diff) - 3} more' if len(diff) > 3 else ''}; pass the same options "
+                        "(see its meta.json) or use --overwrite to start over")
+
+
+def resume_point(out: Path, resume: bool, overwrite: bool, max_steps: int, config: dict) -> str:
+    """How a training stage starts in `out`: "done" (--resume of a complete run), "resume" (continue the
+    checkpoint there, whose options must equal `config`) or "fresh". Refuses to silently replace a checkpoint."""
+    if resume and is_checkpoint(out):
+        meta = load_meta(out)
+        if meta.get("complete") and meta["step"] >= max_steps:
+            return "done"
+        if meta["step"] >= max_steps:
+            raise CakeError(f"--resume: {out} is at step {meta['step']}; --max-steps {max_steps} must be larger "
+                            "to continue")
+        check_same_run(meta.get("config", {}), config, out)
+        return "resume"
+    if is_checkpoint(out) and not overwrite:
+        raise CakeError(f"{out} already holds a checkpoint (step {load_meta(out).get('step')}); pass --resume to "
+                        "continue it, --overwrite to replace it, or choose another --out")
+    return "fresh"

@@ -174,6 +174,21 @@ class KVCache:
         return slots if self.pad is None else (slots[None, :] - self.pad[:, None]).clamp(0, self.max_pos)
 
 
+def segment_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed rows, segments (B, T) of sequence ids (each sequence contiguous): the attention mask
+    (B, 1, T, T), True where query i may see key j (same sequence, j <= i), and the position of every token
+    within its own sequence (B, T)."""
+    B, T = segments.shape
+    t = torch.arange(T, device=segments.device)
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    mask = same & (t[None, :, None] >= t[None, None, :])
+    # a sequence starts where the id changes; position = t - (start of the sequence t belongs to)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values  # (B, T)
+    return mask[:, None], t - first
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Modules
 
@@ -302,15 +317,26 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         return n - self.embed.weight.numel() if exclude_embedding else n
 
-    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T). With a KV cache, idx holds the tokens for cache slots
-        [kv_cache.pos, kv_cache.pos + T) and the cache position advances by T."""
+        [kv_cache.pos, kv_cache.pos + T) and the cache position advances by T.
+
+        `segments` (B, T) packs several sequences into one row (training only): equal ids mark one sequence,
+        which must be contiguous. Attention stays inside a sequence and positions restart at 0 in each, so
+        every sequence gets exactly the logits it would get alone."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         # (a padded batch may run past the context in rows that are done; KVCache.positions handles those)
         if start + T > self.cfg.max_seq_len and (kv_cache is None or kv_cache.pad is None):
             raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.cfg.max_seq_len})")
-        if kv_cache is None:
+        if segments is not None:
+            if kv_cache is not None:
+                raise ValueError("segments (packed sequences) cannot be combined with a KV cache")
+            mask, pos = segment_mask(segments)  # (B, 1, T, T), (B, T)
+            causal = False
+            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (B, 1, T, D/2)
+        elif kv_cache is None:
             mask, causal = None, T > 1
             cos, sin = self.cos[:T], self.sin[:T]  # (T, D/2)
         else:

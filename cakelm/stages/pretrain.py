@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cakelm.checkpoint import is_checkpoint, load_meta, load_model, load_train_state, save_checkpoint
+from cakelm.checkpoint import load_model, load_train_state, resume_point, save_checkpoint
 from cakelm.common import CakeError, DistInfo, all_reduce_sum, init_distributed, print0, seed_everything
-from cakelm.config import flatten, nested, opt, to_dict
+from cakelm.config import nested, opt, to_dict
 from cakelm.data.shards import TokenBatches, eval_batches, open_shard
 from cakelm.loop import LoopConfig, LoopContext, train
 from cakelm.losses import bits_per_byte, lm_loss, token_nll
@@ -55,7 +55,7 @@ def _model(name: str) -> dict[str, Any]:
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},  # the defaults
     # Seconds, for tests and smoke runs.
-    "micro": {"model.dim": 64, "model.n_layers": 2, "model.n_heads": 4, "model.max_seq_len": 64,
+    "micro": {"model.dim": 64, "model.n_layers": 2, "model.n_heads": 4, "model.max_seq_len": 256,
               "loop.max_steps": 30, "loop.batch_size": 8, "loop.eval_every": 0, "loop.eval_tokens": 4096,
               "loop.log_every": 5, "optim.warmup_steps": 5, "optim.name": "adamw", "optim.lr": 3e-3},
     "10m": {**_model("10m"), "loop.max_steps": 3000, "loop.batch_size": 16, "loop.eval_every": 250,
@@ -89,44 +89,21 @@ def make_evaluate(val_tokens: np.ndarray, tok: Tokenizer, seq_len: int, loop: Lo
 
 
 
-# Options that may change when a run is resumed: how long it runs and how it reports, not what it computes.
-RESUMABLE = {"resume", "overwrite", "loop.max_steps", "loop.eval_every", "loop.eval_tokens", "loop.log_every",
-             "loop.save_every", "loop.progress", "loop.device"}
-
-
-def check_same_run(saved: dict, now: dict, out: Path) -> None:
-    """--resume continues the saved run, so the options that shape it must match; say which ones do not."""
-    a, b = flatten(saved), flatten(now)
-    diff = [k for k in sorted(set(a) | set(b)) if k not in RESUMABLE and a.get(k) != b.get(k)]
-    if diff:
-        shown = ", ".join(f"{k} (saved {a.get(k)!r}, now {b.get(k)!r})" for k in diff[:3])
-        raise CakeError(f"--resume: options differ from the run saved in {out}: {shown}"
-                        f"{f' and {len(diff) - 3} more' if len(diff) > 3 else ''}; pass the same options "
-                        "(see its meta.json) or use --overwrite to start over")
-
-
 def _start(cfg: PretrainConfig, tok: Tokenizer, device: torch.device, info: DistInfo
            ) -> tuple[Transformer | None, dict | None]:
     """The model to train and, with --resume, the saved train state. (None, None) when there is nothing to do."""
     out = Path(cfg.out)
-    if cfg.resume and is_checkpoint(out):
-        model, saved_tok, meta = load_model(out, device)
+    point = resume_point(out, cfg.resume, cfg.overwrite, cfg.loop.max_steps, to_dict(cfg))
+    if point == "done":
+        print0(f"pretrain: {out} is already complete (raise --max-steps to go on)", info=info)
+        return None, None
+    if point == "resume":
+        model, saved_tok, _ = load_model(out, device)
         if saved_tok.vocab_size != tok.vocab_size:
             raise CakeError(f"--resume: {out} was trained with a different tokenizer than {cfg.data}")
-        if meta.get("complete") and meta["step"] >= cfg.loop.max_steps:
-            print0(f"pretrain: {out} is already complete at step {meta['step']} (raise --max-steps to go on)",
-                   info=info)
-            return None, None
-        if meta["step"] >= cfg.loop.max_steps:
-            raise CakeError(f"--resume: {out} is at step {meta['step']}; --max-steps {cfg.loop.max_steps} must be "
-                            "larger to continue")
-        check_same_run(meta.get("config", {}), to_dict(cfg), out)
         state = load_train_state(out)
         print0(f"resuming {out} from step {state['step']}", info=info)
         return model.train(), state
-    if is_checkpoint(out) and not cfg.overwrite:
-        raise CakeError(f"{out} already holds a checkpoint (step {load_meta(out).get('step')}); pass --resume to "
-                        "continue it, --overwrite to replace it, or choose another --out")
     if cfg.resume:
         print0(f"--resume: no checkpoint in {out} yet, starting from scratch", info=info)
     if cfg.init:

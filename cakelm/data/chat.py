@@ -1,0 +1,202 @@
+"""Chat data: conversations from files, built-in sources or the Hugging Face hub, as checked examples.
+
+A chat source is one string on the command line (`--data SRC[=WEIGHT] ...`):
+- `chitchat`: 7,168 human conversations from PyPI `chitchat-dataset==0.9.0` (MIT), fetched with
+  `pip download --no-deps`, sha256-checked and cached; the two speakers become user and assistant;
+- a task from `cakelm.tasks` (`arithmetic`, `gsm`, `basic_arithmetic`): generated question/answer pairs;
+- a `.jsonl` file in the Hugging Face / TRL formats, one conversation per line:
+      {"messages": [{"role": "system", "content": ...}, {"role": "user", ...}, {"role": "assistant", ...}]}
+      {"prompt": "What is 2 + 2?", "completion": "4."}          (or both as message lists)
+  An optional "answer" field is kept (exact-match evaluation and rewards use it);
+- `hf:NAME` or `hf:NAME:SPLIT`: a Hugging Face dataset in one of those formats (needs `datasets` and internet).
+
+Every conversation is validated (roles, empty content, system only first, ends on an assistant turn) and every
+error names the file and line; `skip_bad_lines=True` counts and skips bad lines instead.
+
+    examples, skipped = read_chat_source("my_chats.jsonl", "train")
+    train, val = split_examples(examples, 0.05)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cakelm.chat_format import Message, validate
+from cakelm.common import CakeError, atomic_path, cakelm_home
+from cakelm.data.sources import PackageSource, fetch_package
+from cakelm.tasks import TASKS, make_problems
+
+CHITCHAT = PackageSource(
+    package="chitchat-dataset", version="0.9.0", archive="chitchat_dataset-0.9.0-py3-none-any.whl",
+    sha256="7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e", members="chitchat_dataset/dataset.json",
+    about="7,168 human chit-chat conversations (MIT); PyPI chitchat-dataset==0.9.0",
+)
+BUILTIN_CHAT = ("chitchat", *TASKS)
+VAL_FRACTION = 0.02  # share of a conversation source held out (by name hash) for validation and `cakelm eval`
+
+
+@dataclass(frozen=True)
+class Example:
+    name: str  # stable identifier: "chitchat/<id>", "data.jsonl:12", "arithmetic/train/3"
+    messages: list[Message] = field(hash=False)
+    answer: str | None = None  # exact final answer, for tasks
+
+
+def parse_row(obj: Any, where: str) -> Example:
+    """One JSONL object (messages or prompt/completion format) -> Example; CakeError naming `where` if bad."""
+    if not isinstance(obj, dict):
+        raise CakeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        messages = obj["messages"]
+    elif "prompt" in obj and "completion" in obj:
+        prompt, completion = obj["prompt"], obj["completion"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+        if not isinstance(prompt, list) or not isinstance(completion, list):
+            raise CakeError(f'{where}: "prompt" and "completion" must be strings or lists of messages')
+        messages = prompt + completion
+    else:
+        raise CakeError(f'{where}: expected "messages" or "prompt" and "completion" (got keys: '
+                        f'{", ".join(sorted(obj)) or "none"})')
+    messages = validate(messages, where)
+    if messages[-1]["role"] != "assistant":
+        raise CakeError(f"{where}: the conversation ends on a {messages[-1]['role']} turn; it must end with an "
+                        "assistant reply (there is nothing to learn after it)")
+    if not any(m["role"] == "user" for m in messages):
+        raise CakeError(f"{where}: no user message")
+    answer = obj.get("answer")
+    if answer is not None and not isinstance(answer, (str, int, float)):
+        raise CakeError(f'{where}: "answer" must be a string or a number')
+    return Example(where, messages, None if answer is None else str(answer))
+
+
+def read_chat_jsonl(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[Example], int]:
+    """Examples of a JSONL file and the number of bad lines skipped (always 0 unless skip_bad_lines)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CakeError(f"{p}: no such file")
+    examples, skipped = [], 0
+    with open(p, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            where = f"{p}:{lineno}"
+            try:
+                try:
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError as e:
+                    raise CakeError(f"{where}: not UTF-8 (invalid byte at column {e.start + 1})") from None
+                if not line:
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CakeError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                examples.append(parse_row(obj, where))
+            except CakeError:
+                if not skip_bad_lines:
+                    raise
+                skipped += 1
+    if not examples:
+        raise CakeError(f"{p}: no conversations" + (f" ({skipped} bad lines skipped)" if skipped else ""))
+    return examples, skipped
+
+
+def chitchat_examples() -> list[Example]:
+    """The chitchat conversations: consecutive messages of one sender form a turn; the first sender is the user.
+    A final user turn is dropped (a conversation must end with the assistant)."""
+    archive = fetch_package(CHITCHAT)
+    cache = cakelm_home() / "downloads" / "chitchat.jsonl"
+    if not cache.is_file() or cache.stat().st_mtime < archive.stat().st_mtime:
+        with zipfile.ZipFile(archive) as z:
+            raw = json.loads(z.read(CHITCHAT.members))
+        with atomic_path(cache) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            for conv_id in sorted(raw):
+                turns = [" ".join(m["text"].strip() for m in turn if m["text"].strip())
+                         for turn in raw[conv_id]["messages"]]
+                turns = [t for t in turns if t]
+                if len(turns) % 2:
+                    turns = turns[:-1]
+                if not turns:
+                    continue
+                msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+                fh.write(json.dumps({"id": conv_id, "messages": msgs}, ensure_ascii=False) + "\n")
+    out = []
+    with open(cache, encoding="utf-8") as fh:
+        for line in fh:
+            obj = json.loads(line)
+            out.append(Example(f"chitchat/{obj['id']}", obj["messages"]))
+    return out
+
+
+def task_examples(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
+    return [Example(f"{task}/{split}/{i}", [{"role": "user", "content": p.question},
+                                            {"role": "assistant", "content": p.solution}], p.answer)
+            for i, p in enumerate(make_problems(task, split, n, seed))]
+
+
+def _hf_examples(spec: str, skip_bad_lines: bool) -> tuple[list[Example], int]:
+    name, _, split = spec.removeprefix("hf:").partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise CakeError(f"--data {spec}: Hugging Face datasets need `pip install datasets` (and internet)") from None
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # the hub raises many kinds; one line is what the user needs
+        raise CakeError(f"--data {spec}: could not load the dataset ({type(e).__name__}: {e})") from None
+    examples, skipped = [], 0
+    for i, row in enumerate(ds):
+        try:
+            examples.append(parse_row(dict(row), f"{spec}[{i}]"))
+        except CakeError:
+            if not skip_bad_lines:
+                raise
+            skipped += 1
+    return examples, skipped
+
+
+def parse_weighted(spec: str) -> tuple[str, float]:
+    """"chitchat=0.3" -> ("chitchat", 0.3); a spec without "=WEIGHT" has weight 1."""
+    src, sep, w = spec.rpartition("=")
+    if not sep:
+        return spec, 1.0
+    try:
+        weight = float(w)
+    except ValueError:
+        return spec, 1.0  # an "=" that is part of a file name
+    if not weight > 0 or weight == float("inf"):
+        raise CakeError(f"--data {spec}: the weight must be a positive number")
+    return src, weight
+
+
+def read_chat_source(src: str, split: str = "train", task_size: int = 20000, seed: int = 0,
+                     skip_bad_lines: bool = False) -> tuple[list[Example], int]:
+    """(examples, bad lines skipped) of one source. Tasks are generated for `split` ("train": task_size
+    problems; "eval": the held-out problems); other sources return all their conversations (split them with
+    `split_examples`)."""
+    if src in TASKS:
+        return task_examples(src, split, task_size, seed), 0
+    if src == "chitchat":
+        return chitchat_examples(), 0
+    if src.startswith("hf:"):
+        return _hf_examples(src, skip_bad_lines)
+    p = Path(src)
+    if p.suffix != ".jsonl":
+        raise CakeError(f"--data {src}: not a chat source (built-in: {', '.join(BUILTIN_CHAT)}; files: .jsonl; "
+                        "hub: hf:NAME)" if not p.exists() else f"--data {src}: chat data must be a .jsonl file")
+    return read_chat_jsonl(p, skip_bad_lines)
+
+
+def split_examples(examples: list[Example], val_fraction: float) -> tuple[list[Example], list[Example]]:
+    """(train, val) by a hash of each example's name: deterministic and order-independent, at least one each."""
+    if len(examples) < 2:
+        raise CakeError(f"{examples[0].name if examples else 'chat data'}: need at least 2 conversations to hold "
+                        "some out for validation")
+    n_val = min(len(examples) - 1, max(1, round(val_fraction * len(examples))))
+    ranked = sorted(examples, key=lambda e: hashlib.sha256(e.name.encode()).hexdigest())
+    val_names = {e.name for e in ranked[:n_val]}
+    return [e for e in examples if e.name not in val_names], [e for e in examples if e.name in val_names]

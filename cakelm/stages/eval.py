@@ -1,0 +1,185 @@
+"""`cakelm eval CKPT`: what a checkpoint can do, measured the same way for every stage.
+
+    cakelm eval runs/default/sft                          # arithmetic, gsm and chat loss; a table
+    cakelm eval runs/default/base --json base_eval.json   # a base model: few-shot playscript prompts
+    cakelm eval runs/default/sft --tasks arithmetic --limit 500
+
+For each task (see `cakelm.tasks`; the problems are the held-out ones, never trained on; or your own JSONL file
+of conversations, each with an "answer"):
+- accuracy: the model answers each question by greedy generation (batched through the engine), and the reply
+  is right when its final number equals the answer (exact match, "The answer is 1,234." reads as 1234);
+- ends turn: the share of replies that end their turn themselves (<|end|> in chat format, the next "USER:"
+  line in a playscript) instead of running into the token limit.
+A chat model is asked directly. A base model speaks the playscript (see `chat_format.py`), and each question
+follows --shots worked examples from the training problems, so it can pick up the answer format.
+
+`chat`: loss per assistant token (nats) on held-out conversations (the ones `cakelm sft` holds out), in the
+format the model speaks.
+
+Prints a table; --json writes the results (with a few example replies per task).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cakelm.chat_format import Message, fit_history, format_of, render_prompt, stop_rules
+from cakelm.checkpoint import load_model
+from cakelm.common import CakeError, pick_device, print0, seed_everything, write_json_atomic
+from cakelm.config import ConfigError, opt
+from cakelm.data.chat import VAL_FRACTION, read_chat_jsonl, read_chat_source, split_examples
+from cakelm.data.chat_batches import encode_examples, fixed_batches
+from cakelm.engine import Engine, SamplingParams
+from cakelm.model import Transformer
+from cakelm.stages.sft import chat_loss
+from cakelm.tasks import TASKS, is_correct, make_problems
+from cakelm.tokenizer import Tokenizer
+
+EVALS = (*TASKS, "chat")
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = opt("", "checkpoint directory", positional=True)
+    tasks: list[str] = opt(["arithmetic", "gsm", "chat"], "what to measure: " + ", ".join(EVALS) +
+                           ", or a .jsonl file of conversations with an \"answer\" field")
+    limit: int = opt(200, "held-out problems (or conversations, for chat) per task")
+    shots: int = opt(3, "worked examples before each question when the model speaks the playscript")
+    chat_data: str = opt("chitchat", "conversations for the chat loss (a chat source, as in `cakelm sft`)")
+    max_new_tokens: int = opt(96, "longest reply in tokens")
+    batch_size: int = opt(32, "questions generated at once")
+    playscript: bool | None = opt(None, "ask as a plain-text playscript (default: from the checkpoint)")
+    json: str | None = opt(None, "also write the results to this JSON file")
+    device: str = opt("auto", "device", choices=("auto", "cpu", "cuda", "mps"))
+    seed: int = opt(0, "random seed (which few-shot examples are shown)")
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.tasks if t not in EVALS and not t.endswith(".jsonl")]
+        if bad or not self.tasks:
+            raise ConfigError(f"--tasks: unknown {', '.join(bad) or '(none given)'} (choose from {', '.join(EVALS)})")
+        if self.limit < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.shots < 0:
+            raise ConfigError("--limit, --max-new-tokens and --batch-size must be >= 1, --shots >= 0")
+
+
+def load_task(task: str, limit: int) -> list[tuple[list[Message], str]]:
+    """(prompt messages, answer) pairs: the held-out problems of a built-in task, or the rows of a JSONL file
+    (messages or prompt/completion, each with an "answer"; a final assistant turn is dropped)."""
+    if task in TASKS:
+        return [([{"role": "user", "content": p.question}], p.answer) for p in make_problems(task, "eval", limit)]
+    examples, _ = read_chat_jsonl(task)
+    out = []
+    for ex in examples[:limit]:
+        if ex.answer is None:
+            raise CakeError(f'{ex.name}: an evaluation row needs an "answer" field')
+        out.append((ex.messages[:-1], ex.answer))
+    return out
+
+
+def task_accuracy(engine: Engine, fmt: str, task: str, cfg: EvalConfig) -> dict[str, Any]:
+    """Greedy answers to the held-out problems of `task`: accuracy, ends-turn share, a few examples."""
+    tok = engine.tok
+    problems = load_task(task, cfg.limit)
+    shots = []
+    if fmt == "playscript" and task in TASKS and cfg.shots:
+        shots = make_problems(task, "train", cfg.shots, seed=cfg.seed + 1)
+    demo = [m for p in shots for m in ({"role": "user", "content": p.question},
+                                       {"role": "assistant", "content": p.solution})]
+    max_new = min(cfg.max_new_tokens, engine.context // 2)
+    prompts, kept = [], []
+    for messages, answer in problems:
+        try:
+            fitted, _ = fit_history(demo + messages, tok, fmt, engine.context - max_new)
+        except CakeError:
+            continue  # the question alone does not fit this model's context: counted as too long
+        prompts.append(render_prompt(fitted, tok, fmt))
+        kept.append((messages[-1]["content"], answer))
+    stop_ids, stop_strings = stop_rules(tok, fmt)
+    params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop_ids=stop_ids, stop_strings=stop_strings)
+    correct = ended = reply_tokens = 0
+    examples = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        for c in engine.generate(prompts[i:i + cfg.batch_size], params):
+            question, answer = kept[i + c.prompt_index]
+            ok = is_correct(c.text, answer)
+            correct += ok
+            ended += c.finish_reason == "stop" and c.ids[-1] != tok.bos_id
+            reply_tokens += len(c.ids)
+            if len(examples) < 5:
+                examples.append({"question": question, "reply": c.text.strip(), "answer": answer, "correct": ok})
+    n = len(kept)
+    return {"n": n, "too_long": len(problems) - n, "accuracy": correct / n if n else float("nan"),
+            "end_of_turn": ended / n if n else float("nan"), "reply_tokens": reply_tokens / n if n else float("nan"),
+            "shots": len(shots), "examples": examples}
+
+
+def chat_heldout_loss(model: Transformer, tok: Tokenizer, fmt: str, cfg: EvalConfig) -> dict[str, Any]:
+    """Loss per assistant token on the held-out conversations of cfg.chat_data."""
+    examples, _ = read_chat_source(cfg.chat_data, split="eval", task_size=cfg.limit)
+    if cfg.chat_data not in TASKS:
+        examples = split_examples(examples, VAL_FRACTION)[1]
+    seqs, counts = encode_examples(examples[:cfg.limit], tok, fmt, model.cfg.max_seq_len + 1)
+    device = model.lm_head.weight.device
+    total, n = torch.zeros((), dtype=torch.float64), 0
+    for b in fixed_batches(seqs, cfg.batch_size, tok.pad_id, True, model.cfg.max_seq_len):
+        loss_sum, count = chat_loss(model, b, device)
+        total += loss_sum.double().cpu()
+        n += int(count)
+    return {"loss": (total / max(n, 1)).item(), "tokens": n, "conversations": counts["conversations"],
+            "data": cfg.chat_data}
+
+
+@torch.no_grad()
+def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
+    """All requested measurements of one checkpoint, as a dict (what --json writes)."""
+    if not cfg.ckpt:
+        raise CakeError("give a checkpoint directory: cakelm eval CKPT")
+    seed_everything(cfg.seed)
+    model, tok, meta = load_model(cfg.ckpt, pick_device(cfg.device))
+    model.eval()
+    fmt = format_of(meta, cfg.playscript)
+    engine = Engine(model, tok)
+    t0 = time.time()
+    out: dict[str, Any] = {"ckpt": str(cfg.ckpt), "stage": meta.get("stage"), "step": meta.get("step"),
+                           "format": fmt, "tasks": {}}
+    for task in cfg.tasks:
+        if task == "chat":
+            out["chat"] = chat_heldout_loss(model, tok, fmt, cfg)
+        else:
+            out["tasks"][task] = task_accuracy(engine, fmt, task, cfg)
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def pct(x: float) -> str:
+    return "-" if x != x else f"{100 * x:.1f}%"  # NaN: nothing was asked
+
+
+def format_results(results: dict[str, dict[str, Any]]) -> str:
+    """A table with one row per (checkpoint, task): accuracy, ends turn, and the chat loss."""
+    lines = [f"{'model':<12} {'format':<10} {'task':<17} {'n':>5} {'accuracy':>9} {'ends turn':>10}"]
+    for name, r in results.items():
+        for task, t in r["tasks"].items():
+            label = task if len(task) <= 17 else "..." + task[-14:]
+            lines.append(f"{name:<12} {r['format']:<10} {label:<17} {t['n']:>5} {pct(t['accuracy']):>9} "
+                         f"{pct(t['end_of_turn']):>10}" + (f"  ({t['too_long']} too long for the context)"
+                                                            if t["too_long"] else ""))
+        if "chat" in r:
+            c = r["chat"]
+            lines.append(f"{name:<12} {r['format']:<10} {'chat loss':<17} {c['conversations']:>5} "
+                         f"{c['loss']:>9.3f}  (nats per assistant token, held-out {c['data']})")
+    return "\n".join(lines)
+
+
+def main(cfg: EvalConfig) -> Path | None:
+    result = evaluate_checkpoint(cfg)
+    print0(format_results({Path(cfg.ckpt).name or cfg.ckpt: result}))
+    if cfg.json:
+        write_json_atomic(cfg.json, result)
+        print0(f"eval: results -> {cfg.json}")
+        return Path(cfg.json)
+    return None

@@ -1,0 +1,177 @@
+"""`cakelm sft` and `cakelm eval` on a tiny model: accumulation invariance, exact resume, DDP, learning a task,
+the chat-format checkpoint, and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cakelm.__main__ import main as cli
+from cakelm.checkpoint import load_meta, load_model, save_checkpoint
+from cakelm.common import CakeError
+from cakelm.config import build_config
+from cakelm.data.chat_batches import ChatBatches
+from cakelm.model import Transformer
+from cakelm.stages import eval as eval_stage
+from cakelm.stages import sft
+from cakelm.tokenizer import Tokenizer
+from tests.serving import free_port
+from tests.test_ddp import _flags
+from tests.test_loop import losses
+
+TINY = {"loop.progress": False, "loop.log_every": 1, "loop.eval_every": 0, "val_size": 8, "optim.warmup_steps": 0}
+
+
+def last_digit_rows(n: int, seed: int) -> list[dict]:
+    """A toy task with held-out generalisation: the last digit of a 3-4 digit number."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        x = rng.randint(100, 9999)
+        rows.append({"prompt": f"What is the last digit of {x}?", "completion": f"It is {x % 10}.",
+                     "answer": str(x % 10)})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def base(tok_dir, tmp_path_factory) -> Path:
+    """A random-init tiny checkpoint standing in for a pretrained base model."""
+    tok = Tokenizer.load(tok_dir)
+    torch.manual_seed(0)
+    from tests.conftest import tiny_model_config
+    model = Transformer(tiny_model_config(dim=64, n_heads=4, n_kv_heads=4, max_seq_len=256))
+    out = tmp_path_factory.mktemp("base") / "base"
+    save_checkpoint(out, model, tok, {"stage": "pretrain", "step": 0, "complete": True, "chat_format": "playscript"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("toy")
+    train = last_digit_rows(600, seed=1)
+    held = [r for r in last_digit_rows(100, seed=2) if r["prompt"] not in {t["prompt"] for t in train}]
+    return {"train": write_jsonl(root / "train.jsonl", train), "eval": write_jsonl(root / "eval.jsonl", held)}
+
+
+def run_sft(base: Path, data: list[str], out: Path, **kw) -> Path:
+    return sft.main(build_config(sft.SFTConfig, ("test", {"init": str(base), "data": data, "out": str(out),
+                                                         **TINY, **kw})))
+
+
+def test_accumulation_does_not_change_the_loss(base, toy, tmp_path) -> None:
+    # 1 micro-batch of 8 conversations and 4 x 2 give the same loss and gradient norm at every step (loss
+    # normalised by the target tokens of the whole step); AdamW with a large eps keeps updates proportional
+    # to gradients, so rounding-level differences do not grow
+    common = {"loop.max_steps": 3, "optim.name": "adamw", "optim.eps": 1e-3}
+    a = run_sft(base, [toy["train"]], tmp_path / "a", **common, **{"loop.batch_size": 8, "loop.grad_accum": 1})
+    b = run_sft(base, [toy["train"]], tmp_path / "b", **common, **{"loop.batch_size": 4, "loop.grad_accum": 2})
+    c = run_sft(base, [toy["train"]], tmp_path / "c", **common, **{"loop.batch_size": 2, "loop.grad_accum": 4,
+                                                                    "packing": False})
+    ra, rb, rc = ([json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()] for p in (a, b, c))
+    for x, y, z in zip(ra, rb, rc):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) == pytest.approx(z["loss"], rel=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4) == pytest.approx(z["grad_norm"], rel=1e-4)
+    meta = load_meta(a)
+    assert meta["stage"] == "sft" and meta["chat_format"] == "chat" and meta["complete"]
+
+
+def test_resume_continues_exactly(base, toy, tmp_path, monkeypatch) -> None:
+    data, kw = [toy["train"], "arithmetic=0.5"], {"task_size": 200, "loop.batch_size": 8, "loop.max_steps": 6}
+    straight = run_sft(base, data, tmp_path / "straight", **kw)
+    original = ChatBatches.get
+
+    def interrupted(self, step, micro):  # Ctrl-C while step 3's batch loads: steps 0-2 are saved
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, step, micro)
+
+    monkeypatch.setattr(ChatBatches, "get", interrupted)
+    with pytest.raises(SystemExit, match="continue with --resume"):
+        run_sft(base, data, tmp_path / "cut", **kw)
+    monkeypatch.setattr(ChatBatches, "get", original)
+    assert load_meta(tmp_path / "cut")["step"] == 3
+    resumed = run_sft(base, data, tmp_path / "cut", resume=True, **kw)
+    assert losses(straight) == losses(resumed)  # bit for bit
+    with pytest.raises(CakeError, match="options differ"):
+        run_sft(base, [toy["train"]], tmp_path / "cut", resume=True, **{**kw, "loop.max_steps": 8})
+
+
+def test_sft_learns_a_held_out_task(base, toy, tmp_path) -> None:
+    def accuracy(ckpt: Path) -> dict:  # asked in the chat format, before and after
+        cfg = build_config(eval_stage.EvalConfig, ("test", {"ckpt": str(ckpt), "tasks": [toy["eval"]],
+                                                            "max_new_tokens": 16, "playscript": False}))
+        return eval_stage.evaluate_checkpoint(cfg)["tasks"][toy["eval"]]
+
+    before = accuracy(base)
+    out = run_sft(base, [toy["train"]], tmp_path / "sft", **{"loop.max_steps": 150, "loop.batch_size": 32,
+                                                             "optim.lr": 2e-2, "loop.log_every": 50})
+    after = accuracy(out)
+    assert before["n"] == after["n"] >= 90
+    assert before["accuracy"] < 0.3 and before["end_of_turn"] < 0.5
+    assert after["accuracy"] >= 0.9, (after["accuracy"], after["examples"])
+    assert after["end_of_turn"] >= 0.95
+    # the checkpoint speaks the chat format: `cakelm chat` answers in it
+    model, tok, meta = load_model(out)
+    assert meta["chat_format"] == "chat" and meta["parent"] == str(base)
+
+
+def test_eval_json_and_table(base, toy, tmp_path, capsys) -> None:
+    path = tmp_path / "e.json"
+    assert cli(["eval", str(base), "--tasks", "arithmetic", toy["eval"], "chat", "--chat-data", toy["eval"],
+                "--limit", "12", "--max-new-tokens", "4", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["format"] == "playscript" and set(result["tasks"]) == {"arithmetic", toy["eval"]}
+    arith = result["tasks"]["arithmetic"]
+    assert arith["n"] + arith["too_long"] == 12 and 0 <= arith["accuracy"] <= 1 and arith["shots"] == 3
+    assert result["chat"]["tokens"] > 0 and result["chat"]["loss"] > 0
+    table = capsys.readouterr().out
+    assert "arithmetic" in table and "chat loss" in table
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--init", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    (["--data", "missing.jsonl"], "missing.jsonl: no such file"),
+    (["--data", "arithmetic=-1"], "weight must be a positive number"),
+    (["--task-size", "-1"], "--task-size must be >= 0"),
+    (["--val-fraction", "1.5"], "val-fraction must be in (0, 1)"),
+])
+def test_bad_options_are_one_line_errors(base, tmp_path, capsys, args, message) -> None:
+    argv = ["sft", "--init", str(base), "--out", str(tmp_path / "o"), "--data", "arithmetic", *args]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_eval_rejects_rows_without_answers(base, tmp_path, capsys) -> None:
+    bad = write_jsonl(tmp_path / "noanswer.jsonl", [{"prompt": "Hi", "completion": "Hello."}])
+    assert cli(["eval", str(base), "--tasks", bad]) == 2
+    assert 'noanswer.jsonl:1: an evaluation row needs an "answer" field' in capsys.readouterr().err
+
+
+def test_ddp_two_processes_match_one(base, toy, tmp_path) -> None:
+    common = {**TINY, "loop.max_steps": 3, "optim.name": "adamw", "optim.eps": 1e-3}
+    single = run_sft(base, [toy["train"]], tmp_path / "single", **{**common, "loop.batch_size": 4,
+                                                                    "loop.grad_accum": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "cakelm", "sft", "--init", str(base), "--data", toy["train"], "--out", str(tmp_path / "ddp"),
+           *_flags({**common, "loop.batch_size": 4}), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_meta(tmp_path / "ddp")["world_size"] == 2
+    for a, b in zip(losses(single), losses(tmp_path / "ddp"), strict=True):
+        assert abs(a - b) < 1e-4
