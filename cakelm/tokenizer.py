@@ -114,9 +114,11 @@ class Tokenizer:
         ids = self.hf.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if bos else ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many texts in parallel (Rust threads)."""
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: list[str], chunk: int = 1024) -> list[list[int]]:
+        """Encode many texts in parallel (Rust threads), `chunk` at a time: an HF Encoding also holds offsets,
+        token strings and masks, and 100k of them at once take gigabytes."""
+        return [e.ids for i in range(0, len(texts), chunk)
+                for e in self.hf.encode_batch(texts[i:i + chunk], add_special_tokens=False)]
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes a token stands for (b"" for special tokens, and for ids past the vocabulary, which a
