@@ -220,6 +220,7 @@ def test_chat_batches_split_ranks_like_accumulation() -> None:
     assert not torch.equal(one.get(0, 0)["input"], one.get(1, 0)["input"])
 
 
+@pytest.mark.slow
 def test_chitchat_from_pypi() -> None:
     """The real package (pip download, sha256-pinned): alternating turns, ending with the assistant."""
     from cakelm.data.chat import chitchat_examples

@@ -161,16 +161,17 @@ def pct(x: float) -> str:
 
 def format_results(results: dict[str, dict[str, Any]]) -> str:
     """A table with one row per (checkpoint, task): accuracy, ends turn, and the chat loss."""
-    lines = [f"{'model':<12} {'format':<10} {'task':<17} {'n':>5} {'accuracy':>9} {'ends turn':>10}"]
+    lines = [f"{'model':<12} {'format':<10} {'task':<24} {'n':>5} {'accuracy':>9} {'ends turn':>10}"]
     for name, r in results.items():
         for task, t in r["tasks"].items():
-            label = task if len(task) <= 17 else "..." + task[-14:]
-            lines.append(f"{name:<12} {r['format']:<10} {label:<17} {t['n']:>5} {pct(t['accuracy']):>9} "
+            label = task if task in TASKS else Path(task).name
+            label = label if len(label) <= 24 else "..." + label[-21:]
+            lines.append(f"{name:<12} {r['format']:<10} {label:<24} {t['n']:>5} {pct(t['accuracy']):>9} "
                          f"{pct(t['end_of_turn']):>10}" + (f"  ({t['too_long']} too long for the context)"
                                                             if t["too_long"] else ""))
         if "chat" in r:
             c = r["chat"]
-            lines.append(f"{name:<12} {r['format']:<10} {'chat loss':<17} {c['conversations']:>5} "
+            lines.append(f"{name:<12} {r['format']:<10} {'chat loss':<24} {c['conversations']:>5} "
                          f"{c['loss']:>9.3f}  (nats per assistant token, held-out {c['data']})")
     return "\n".join(lines)
 
