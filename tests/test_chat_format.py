@@ -81,3 +81,23 @@ def test_format_of() -> None:
     assert format_of({}, playscript=False) == "chat"
     with pytest.raises(CakeError, match="unknown chat format"):
         format_of({"chat_format": "chatml"})
+
+
+def test_multi_turn_mask_covers_each_reply_and_its_end(tok: Tokenizer) -> None:
+    from cakelm.chat_format import render_parts
+
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again?"},
+            {"role": "assistant", "content": "Yes, again."}]
+    ids, mask = render(conv, tok, "chat")
+    e = tok.encode
+    learned = [i for i, m in zip(ids, mask) if m]
+    assert learned == [*e("Hello."), tok.end_id, *e("Yes, again."), tok.end_id]
+    # nothing of the system or user turns, nor the role tokens, is a target
+    assert all(m == 0 for i, m in zip(ids, mask) if i in (tok.bos_id, tok.system_id, tok.user_id, tok.assistant_id))
+    # the parts concatenate to the whole, one part per message after the opening
+    parts = render_parts(conv, tok, "chat")
+    assert len(parts) == 1 + len(conv)
+    assert [i for p, _ in parts for i in p] == ids and [m for _, q in parts for m in q] == mask
+    ids_p, mask_p = render(conv, tok, "playscript")
+    assert tok.decode([i for i, m in zip(ids_p, mask_p) if m]) == " Hello. Yes, again."
