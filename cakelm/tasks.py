@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 from cakelm.common import CakeError
@@ -52,6 +52,7 @@ class Problem:
     answer: str  # the exact final answer, e.g. "85"
     solution: str  # the reference assistant reply, ending with the answer
     key: str  # identity of the problem regardless of wording, e.g. "37+48"
+    entry: dict | None = field(default=None, compare=False, hash=False)  # reasoning-gym's problem, for its scorer
 
 
 def final_number(text: str) -> str | None:
@@ -153,10 +154,10 @@ def _gym_problem(task: str, entry: dict) -> Problem:
         solution = f"{cot}\nThe answer is {answer}."
     else:
         solution = f"The answer is {answer}."
-    return Problem(entry["question"].strip(), answer, solution, entry["question"].strip())
+    return Problem(entry["question"].strip(), answer, solution, entry["question"].strip(), entry)
 
 
-_GYM_NAMES = {"gsm": "gsm_symbolic", "basic_arithmetic": "basic_arithmetic"}
+GYM_NAMES = {"gsm": "gsm_symbolic", "basic_arithmetic": "basic_arithmetic"}
 _GYM_EVAL_SEED = 10_000_019  # eval questions come from their own seed, far from any training seed
 GYM_EVAL_SIZE = 1000  # reasoning-gym eval sets are prefixes of these 1000 questions, all kept out of training
 
@@ -171,7 +172,7 @@ def make_problems(task: str, split: str, n: int, seed: int = 0) -> list[Problem]
         raise CakeError(f"need at least one {task} problem, asked for {n}")
     if task == "arithmetic":
         return arithmetic_problems(split, n, seed)
-    name = _GYM_NAMES[task]
+    name = GYM_NAMES[task]
     if split == "eval":
         if n > GYM_EVAL_SIZE:
             raise CakeError(f"task {task}: at most {GYM_EVAL_SIZE} evaluation problems, asked for {n}")

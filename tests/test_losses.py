@@ -52,3 +52,61 @@ def test_wsd_and_constant() -> None:
     assert lr_multiplier(100, 100, cfg) == pytest.approx(0.0)
     const = OptimConfig(warmup_steps=4, schedule="constant")
     assert [lr_multiplier(s, 10, const) for s in (0, 3, 9)] == [0.25, 1.0, 1.0]
+
+
+def test_group_advantages_hand_computed() -> None:
+    from cakelm.losses import group_advantages
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    # group 1: mean 0.25, Bessel std sqrt(0.75 / 3) = 0.5; group 2 has no signal
+    adv, zero = group_advantages(rewards, 4, "group")
+    assert zero == 1
+    torch.testing.assert_close(adv, torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]) / torch.tensor(
+        [0.5001] * 4 + [1e-4] * 4) * torch.tensor([1.0] * 4 + [0.0] * 4))
+    adv, _ = group_advantages(rewards, 4, "none")  # Dr. GRPO: centred only
+    torch.testing.assert_close(adv, torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]))
+    adv, _ = group_advantages(rewards, 4, "batch")  # batch std: sqrt(1.875 / 7)
+    assert adv[0].item() == pytest.approx(0.75 / (math.sqrt(1.875 / 7) + 1e-4), rel=1e-5)
+    with pytest.raises(ValueError):
+        group_advantages(rewards, 3)
+
+
+def test_clipped_policy_loss_hand_computed() -> None:
+    from cakelm.losses import clipped_policy_loss
+
+    logp = torch.log(torch.tensor([[1.5, 1.5, 0.5, 1.25]]))
+    old = torch.zeros(1, 4)
+    adv = torch.tensor([[1.0, -1.0, -1.0, 1.0]])
+    loss, clipped = clipped_policy_loss(logp, old, adv, eps_low=0.2, eps_high=0.28)
+    # ratio 1.5, A=+1: clipped to 1.28; A=-1: the unclipped -1.5 is the min; ratio 0.5, A=-1: clipped to 0.8;
+    # ratio 1.25 < 1.28: not clipped (clip-higher)
+    torch.testing.assert_close(loss, torch.tensor([[-1.28, 1.5, 0.8, -1.25]]))
+    assert clipped.tolist() == [[True, False, True, False]]
+    # one advantage per completion broadcasts; with A > 0 a ratio below 1 - eps stays unclipped (the min is
+    # pessimistic: the objective never gains from moving further)
+    loss1, clipped1 = clipped_policy_loss(logp, old, torch.tensor([2.0]))
+    torch.testing.assert_close(loss1, torch.tensor([[-2.4, -2.4, -1.0, -2.4]]))
+    assert clipped1.tolist() == [[True, True, False, True]]
+
+
+def test_kl_k3_hand_computed() -> None:
+    from cakelm.losses import kl_k3
+
+    kl = kl_k3(torch.log(torch.tensor([0.5, 0.3])), torch.log(torch.tensor([0.25, 0.3])))
+    torch.testing.assert_close(kl, torch.tensor([0.5 + math.log(2.0) - 1.0, 0.0]))
+    assert torch.isfinite(kl_k3(torch.tensor([-1000.0]), torch.tensor([0.0]))).all()  # clamped, no overflow
+
+
+def test_aggregation_modes_hand_computed() -> None:
+    from cakelm.losses import aggregate
+
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert [round(x.item() if torch.is_tensor(x) else x, 6) for x in aggregate(per_token, mask, "token_mean")] \
+        == [7.0, 3.0]
+    total, units = aggregate(per_token, mask, "sequence_mean")  # (1 + 2) / 2 + 4 / 1
+    assert (total.item(), units) == (5.5, 2.0)
+    total, units = aggregate(per_token, mask, "constant", max_new_tokens=4)  # / (2 completions x 4)
+    assert (total.item(), units) == (7.0, 8.0)
+    with pytest.raises(ValueError):
+        aggregate(per_token, mask, "constant")

@@ -1,0 +1,117 @@
+"""Verifiable rewards for RL: plain Python functions that score one completion.
+
+A reward is `fn(prompt: str, completion: str, **fields) -> float | None`. `fields` are the row's other data:
+the task's `answer`, the rollout's `finish_reason` ("stop" or "length"), a reasoning-gym `task` and `entry`...
+A reward takes what it needs and ignores the rest (`**_`); it returns None when it does not apply to the row.
+
+On the command line a reward is a built-in name or `module:function` (any importable module, e.g. your own
+`my_rewards.py` in the working directory), with an optional weight `=W` (default 1):
+
+    --rewards exact_match format=0.2 my_rewards:brevity=0.5
+
+Built-ins (`BUILTIN`):
+- `exact_match`: 1 when the completion's final number equals the row's `answer` (commas, a trailing period and
+  "The answer is ..." are fine), else 0; None for rows without an answer.
+- `format`: 1 when the reply ended its turn itself (finish_reason "stop") within `max_chars` characters, else 0.
+- `gym`: the scorer reasoning-gym ships for the row's task (`task` = gsm / basic_arithmetic, `entry` = the
+  generated problem), given the completion's final number (or its last line).
+
+`score` combines several rewards with their weights; a reward that raises is reported with its name and the
+prompt that broke it, never swallowed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cakelm.common import CakeError
+from cakelm.tasks import GYM_NAMES, final_number, is_correct
+
+Reward = Callable[..., "float | None"]
+
+
+def exact_match(prompt: str, completion: str, answer: str | None = None, **_: Any) -> float | None:
+    if answer is None:
+        return None
+    return 1.0 if is_correct(completion, str(answer)) else 0.0
+
+
+def format_reward(prompt: str, completion: str, finish_reason: str | None = None, max_chars: int = 400,
+                  **_: Any) -> float:
+    return 1.0 if finish_reason == "stop" and len(completion) <= max_chars else 0.0
+
+
+def gym(prompt: str, completion: str, task: str | None = None, entry: dict | None = None, **_: Any) -> float | None:
+    if task is None or entry is None:
+        return None
+    if task not in GYM_NAMES:
+        raise ValueError(f"gym: unknown task {task!r} (known: {', '.join(GYM_NAMES)})")
+    import reasoning_gym
+
+    lines = completion.strip().splitlines()
+    answer = final_number(completion) or (lines[-1] if lines else "")
+    return float(reasoning_gym.get_score_answer_fn(GYM_NAMES[task])(answer, entry))
+
+
+BUILTIN: dict[str, Reward] = {"exact_match": exact_match, "format": format_reward, "gym": gym}
+
+
+@dataclass(frozen=True)
+class WeightedReward:
+    name: str
+    fn: Reward
+    weight: float
+
+
+def load_reward(spec: str) -> WeightedReward:
+    """"exact_match", "format=0.2" or "my_rewards:brevity=0.5" -> WeightedReward (one-line CakeError if bad)."""
+    name, weight = spec, 1.0
+    if "=" in spec:
+        name, _, w = spec.rpartition("=")
+        try:
+            weight = float(w)
+        except ValueError:
+            raise CakeError(f"--rewards {spec}: the weight after '=' must be a number") from None
+        if weight != weight or abs(weight) == float("inf"):
+            raise CakeError(f"--rewards {spec}: the weight must be finite")
+    if name in BUILTIN:
+        return WeightedReward(name, BUILTIN[name], weight)
+    module_name, sep, attr = name.partition(":")
+    if not sep or not module_name or not attr:
+        raise CakeError(f"--rewards {spec}: not a built-in reward ({', '.join(BUILTIN)}) or module:function")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # your own my_rewards.py next to where you run cakelm
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise CakeError(f"--rewards {spec}: cannot import {module_name} ({e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise CakeError(f"--rewards {spec}: {module_name} has no function {attr}")
+    return WeightedReward(name, fn, weight)
+
+
+def score(rewards: Sequence[WeightedReward], prompt: str, completion: str, fields: dict[str, Any]
+          ) -> tuple[float | None, dict[str, float | None]]:
+    """(weighted sum of the rewards that apply, or None if none applies; each reward's own value)."""
+    parts: dict[str, float | None] = {}
+    total, applied = 0.0, False
+    for r in rewards:
+        try:
+            value = r.fn(prompt, completion, **fields)
+        except Exception as e:  # a user's reward: report which one broke, on what
+            short = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+            raise CakeError(f"reward {r.name} failed on prompt {short!r}: {type(e).__name__}: {e}") from e
+        if value is not None:
+            if not isinstance(value, (int, float)) or value != value:  # bools count as 1 and 0
+                raise CakeError(f"reward {r.name} returned {value!r} for prompt {prompt[:80]!r}; it must return a "
+                                "number or None")
+            total += r.weight * float(value)
+            applied = True
+        parts[r.name] = None if value is None else float(value)
+    return (total if applied else None), parts

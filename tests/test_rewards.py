@@ -1,0 +1,64 @@
+"""Verifiable rewards: built-ins on hand-picked replies, reasoning-gym's scorer, user rewards by module:function,
+weights, and errors that name the reward and the prompt."""
+
+from __future__ import annotations
+
+import pytest
+
+from cakelm.common import CakeError
+from cakelm.rewards import exact_match, format_reward, gym, load_reward, score
+from cakelm.tasks import make_problems
+
+
+@pytest.mark.parametrize("reply,answer,expected", [
+    ("The answer is 85.", "85", 1.0), ("7 + 8 = 15, carry 1. 3 + 4 + 1 = 8. So 37 + 48 = 85.", "85", 1.0),
+    ("It is 1,234.", "1234", 1.0), ("85 or maybe 86", "85", 0.0), ("no idea", "85", 0.0), ("-7", "-7", 1.0),
+])
+def test_exact_match(reply, answer, expected) -> None:
+    assert exact_match("q", reply, answer=answer) == expected
+    assert exact_match("q", reply) is None  # no answer: does not apply
+
+
+def test_format_reward() -> None:
+    assert format_reward("q", "Short.", finish_reason="stop") == 1.0
+    assert format_reward("q", "Short.", finish_reason="length") == 0.0
+    assert format_reward("q", "x" * 401, finish_reason="stop") == 0.0
+    assert format_reward("q", "x" * 401, finish_reason="stop", max_chars=500) == 1.0
+
+
+def test_gym_scorer_on_generated_problems() -> None:
+    p = make_problems("gsm", "eval", 1)[0]
+    assert p.entry is not None
+    assert gym(p.question, p.solution, task="gsm", entry=p.entry) == 1.0
+    assert gym(p.question, "The answer is 0.", task="gsm", entry=p.entry) < 0.1  # (0.01: a number, but wrong)
+    assert gym(p.question, p.solution) is None
+
+
+def test_user_reward_by_module_function(tmp_path, monkeypatch) -> None:
+    (tmp_path / "my_rewards.py").write_text(
+        "def brevity(prompt, completion, **_):\n    return 1.0 / (1 + len(completion))\n"
+        "def broken(prompt, completion, **_):\n    raise KeyError('answer')\n"
+        "def wrong_type(prompt, completion, **_):\n    return 'good'\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rewards = [load_reward("exact_match"), load_reward("format=0.5"), load_reward("my_rewards:brevity=2")]
+    assert [(r.name, r.weight) for r in rewards] == [("exact_match", 1.0), ("format", 0.5), ("my_rewards:brevity", 2.0)]
+    total, parts = score(rewards, "What is 2 + 2?", "4.", {"answer": "4", "finish_reason": "stop"})
+    assert parts == {"exact_match": 1.0, "format": 1.0, "my_rewards:brevity": pytest.approx(1 / 3)}
+    assert total == pytest.approx(1.0 + 0.5 + 2 / 3)
+    total, parts = score([load_reward("exact_match")], "Hi", "Hello", {})
+    assert total is None and parts == {"exact_match": None}  # nothing applies
+    with pytest.raises(CakeError, match=r"reward my_rewards:broken failed on prompt 'What is 2 \+ 2\?': KeyError"):
+        score([load_reward("my_rewards:broken")], "What is 2 + 2?", "4", {})
+    with pytest.raises(CakeError, match="must return a number or None"):
+        score([load_reward("my_rewards:wrong_type")], "q", "4", {})
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("nonsense", "not a built-in reward"), ("no_such_module_xyz:f", "cannot import no_such_module_xyz"),
+    ("cakelm.tasks:no_such_function", "has no function no_such_function"), ("format=abc", "must be a number"),
+    ("format=nan", "must be finite"),
+])
+def test_bad_reward_specs(spec, message) -> None:
+    with pytest.raises(CakeError, match=message):
+        load_reward(spec)
