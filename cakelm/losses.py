@@ -64,8 +64,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     if group_size < 2 or rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"need a 1-d tensor of groups of {group_size} >= 2 rewards, got shape {tuple(rewards.shape)}")
     groups = rewards.float().view(-1, group_size)  # (P, G)
-    centred = groups - groups.mean(dim=1, keepdim=True)
-    zero_signal = int((groups.std(dim=1) == 0).sum())
+    flat = groups.amax(dim=1, keepdim=True) == groups.amin(dim=1, keepdim=True)  # (P, 1): all rewards equal
+    # (tested by equality, not std == 0: the mean of seven 0.7s is not exactly 0.7 in floating point)
+    centred = (groups - groups.mean(dim=1, keepdim=True)).masked_fill(flat, 0.0)
+    zero_signal = int(flat.sum())
     if scale == "group":
         centred = centred / (groups.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":

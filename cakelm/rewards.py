@@ -23,6 +23,8 @@ prompt that broke it, never swallowed.
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -88,8 +90,8 @@ def load_reward(spec: str) -> WeightedReward:
         sys.path.insert(0, str(Path.cwd()))  # your own my_rewards.py next to where you run cakelm
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise CakeError(f"--rewards {spec}: cannot import {module_name} ({e})") from None
+    except Exception as e:  # ImportError, or a SyntaxError / exception inside the user's module
+        raise CakeError(f"--rewards {spec}: cannot import {module_name} ({type(e).__name__}: {e})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise CakeError(f"--rewards {spec}: {module_name} has no function {attr}")
@@ -108,9 +110,9 @@ def score(rewards: Sequence[WeightedReward], prompt: str, completion: str, field
             short = prompt if len(prompt) <= 80 else prompt[:77] + "..."
             raise CakeError(f"reward {r.name} failed on prompt {short!r}: {type(e).__name__}: {e}") from e
         if value is not None:
-            if not isinstance(value, (int, float)) or value != value:  # bools count as 1 and 0
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):  # bools count as 1 and 0
                 raise CakeError(f"reward {r.name} returned {value!r} for prompt {prompt[:80]!r}; it must return a "
-                                "number or None")
+                                "finite number or None")
             total += r.weight * float(value)
             applied = True
         parts[r.name] = None if value is None else float(value)

@@ -9,7 +9,8 @@ Tasks (`TASKS`):
 
 Train and eval problems never overlap. For `arithmetic` the split is by the problem itself, not its wording: a
 problem (operands and operator) is held out when a hash of it falls in the eval bucket, so no phrasing of a
-held-out problem is ever trained on, nor appears in the pretraining equations. For reasoning-gym tasks the eval
+held-out problem (nor its operands swapped, for + and *) is ever trained on, nor appears in the pretraining
+equations. For reasoning-gym tasks the eval
 questions come from another seed, and any training question equal to one of them is dropped.
 
     problems = make_problems("arithmetic", "train", 1000, seed=0)
@@ -124,7 +125,8 @@ def arithmetic_problems(split: str, n: int, seed: int) -> list[Problem]:
     while len(out) < n:
         a, op, b, c = _arithmetic_problem(rng)
         key = f"{a}{op}{b}"
-        if _is_eval(key) != (split == "eval"):
+        # 7 * 8 and 8 * 7 are one fact: the split looks at both orders alike
+        if _is_eval(f"{min(a, b)}{op}{max(a, b)}" if op in "+*" else key) != (split == "eval"):
             continue
         question = rng.choice(_PHRASES[op]).format(a=a, b=b)
         out.append(Problem(question, str(c), worked_solution(a, op, b), key))

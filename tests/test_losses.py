@@ -69,6 +69,9 @@ def test_group_advantages_hand_computed() -> None:
     assert adv[0].item() == pytest.approx(0.75 / (math.sqrt(1.875 / 7) + 1e-4), rel=1e-5)
     with pytest.raises(ValueError):
         group_advantages(rewards, 3)
+    # equal rewards that are not exact in binary (the mean of seven 0.7s is not 0.7): still no signal
+    adv, zero = group_advantages(torch.full((7,), 0.7), 7, "group")
+    assert zero == 1 and torch.equal(adv, torch.zeros(7))
 
 
 def test_clipped_policy_loss_hand_computed() -> None:

@@ -50,8 +50,17 @@ def test_user_reward_by_module_function(tmp_path, monkeypatch) -> None:
     assert total is None and parts == {"exact_match": None}  # nothing applies
     with pytest.raises(CakeError, match=r"reward my_rewards:broken failed on prompt 'What is 2 \+ 2\?': KeyError"):
         score([load_reward("my_rewards:broken")], "What is 2 + 2?", "4", {})
-    with pytest.raises(CakeError, match="must return a number or None"):
+    with pytest.raises(CakeError, match="must return a finite number or None"):
         score([load_reward("my_rewards:wrong_type")], "q", "4", {})
+    import numpy as np
+
+    from cakelm.rewards import WeightedReward
+    assert score([WeightedReward("np", lambda p, c, **_: np.float32(0.5), 1.0)], "q", "c", {})[0] == 0.5
+    with pytest.raises(CakeError, match="finite"):
+        score([WeightedReward("inf", lambda p, c, **_: float("inf"), 1.0)], "q", "c", {})
+    (tmp_path / "bad_syntax.py").write_text("def f(:\n")
+    with pytest.raises(CakeError, match="cannot import bad_syntax.*SyntaxError"):
+        load_reward("bad_syntax:f")
 
 
 @pytest.mark.parametrize("spec,message", [

@@ -105,6 +105,13 @@ def test_resume_continues_exactly(base, toy, tmp_path, monkeypatch) -> None:
     assert load_meta(tmp_path / "cut")["step"] == 3
     resumed = run_sft(base, data, tmp_path / "cut", resume=True, **kw)
     assert losses(straight) == losses(resumed)  # bit for bit
+    # with generated tasks sized from the run (--task-size 0), going on past the end keeps the same problems
+    auto = {**kw, "task_size": 0, "loop.max_steps": 2}
+    run_sft(base, ["arithmetic"], tmp_path / "auto", **auto)
+    size = load_meta(tmp_path / "auto")["data"]["arithmetic"]["task_size"]
+    run_sft(base, ["arithmetic"], tmp_path / "auto", resume=True, **{**auto, "loop.max_steps": 4})
+    assert load_meta(tmp_path / "auto")["data"]["arithmetic"]["task_size"] == size
+    assert load_meta(tmp_path / "auto")["parent_stage"] == "pretrain"
     with pytest.raises(CakeError, match="options differ"):
         run_sft(base, [toy["train"]], tmp_path / "cut", resume=True, **{**kw, "loop.max_steps": 8})
 
@@ -145,6 +152,7 @@ def test_eval_json_and_table(base, toy, tmp_path, capsys) -> None:
     (["--init", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
     (["--data", "missing.jsonl"], "missing.jsonl: no such file"),
     (["--data", "arithmetic=-1"], "weight must be a positive number"),
+    (["--data", "arithmetic", "arithmetic=2"], "--data lists arithmetic twice"),
     (["--task-size", "-1"], "--task-size must be >= 0"),
     (["--val-fraction", "1.5"], "val-fraction must be in (0, 1)"),
 ])
@@ -156,10 +164,16 @@ def test_bad_options_are_one_line_errors(base, tmp_path, capsys, args, message) 
     assert not (tmp_path / "o" / "model.safetensors").exists()
 
 
-def test_eval_rejects_rows_without_answers(base, tmp_path, capsys) -> None:
+def test_eval_rows(base, tmp_path, capsys) -> None:
     bad = write_jsonl(tmp_path / "noanswer.jsonl", [{"prompt": "Hi", "completion": "Hello."}])
     assert cli(["eval", str(base), "--tasks", bad]) == 2
     assert 'noanswer.jsonl:1: an evaluation row needs an "answer" field' in capsys.readouterr().err
+    # questions need no reference reply: {"prompt", "answer"} or messages ending on the user
+    ok = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "What is 2 + 2?", "answer": 4},
+                                            {"messages": [{"role": "system", "content": "Be brief."},
+                                                          {"role": "user", "content": "1 + 1?"}], "answer": "2"}])
+    cfg = build_config(eval_stage.EvalConfig, ("test", {"ckpt": str(base), "tasks": [ok], "max_new_tokens": 4}))
+    assert eval_stage.evaluate_checkpoint(cfg)["tasks"][ok]["n"] == 2
 
 
 def test_ddp_two_processes_match_one(base, toy, tmp_path) -> None:

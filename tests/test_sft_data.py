@@ -46,6 +46,9 @@ def test_arithmetic_answers_are_right_and_splits_never_overlap() -> None:
         assert int(p.answer) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] >= 0
         assert is_correct(p.solution, p.answer) and p.solution.endswith(f"{a} {op} {b} = {p.answer}.")
     assert not {p.key for p in train} & {p.key for p in held}
+    # nor with the operands swapped: 7 * 8 held out means 8 * 7 is too
+    swapped = {re.sub(r"(\d+)([+*])(\d+)", r"\3\2\1", p.key) for p in held}
+    assert not {p.key for p in train} & swapped
     assert not {p.question for p in train} & {p.question for p in held}
     assert len({p.question.split()[0] for p in train}) >= 5  # varied phrasings
     # the pretraining equations are training problems only
@@ -140,8 +143,21 @@ def test_parse_weighted_and_split() -> None:
         parse_weighted("arithmetic=0")
     examples, _ = read_chat_source("arithmetic", task_size=300)
     train, val = split_examples(examples, 0.1)
-    assert len(val) == 30 and len(train) == 270 and not {e.name for e in train} & {e.name for e in val}
-    assert split_examples(list(reversed(examples)), 0.1)[1] == sorted(val, key=lambda e: -int(e.name.split("/")[-1]))
+    assert 20 <= len(val) <= 40 and len(train) + len(val) == 300
+    assert not {json.dumps(e.messages) for e in train} & {json.dumps(e.messages) for e in val}
+    assert split_examples(list(reversed(examples)), 0.1)[1] == list(reversed(val))
+
+
+def test_split_does_not_depend_on_how_a_file_is_named(tmp_path, monkeypatch) -> None:
+    rows = [json.dumps({"prompt": f"Question {i}?", "completion": f"Answer {i}."}) for i in range(200)]
+    _write(tmp_path / "c.jsonl", rows)
+    monkeypatch.chdir(tmp_path)
+    a = split_examples(read_chat_jsonl("c.jsonl")[0], 0.1)[1]
+    b = split_examples(read_chat_jsonl(tmp_path / "c.jsonl")[0], 0.1)[1]
+    _write(tmp_path / "c.jsonl", [json.dumps({"prompt": "New?", "completion": "Yes."}), *rows])  # a line added
+    c = split_examples(read_chat_jsonl(tmp_path / "c.jsonl")[0], 0.1)[1]
+    assert [e.messages for e in a] == [e.messages for e in b]
+    assert {json.dumps(e.messages) for e in a} - {json.dumps(e.messages) for e in c} == set()
 
 
 def test_long_conversations_are_cut_at_user_turns(tok) -> None:
@@ -231,7 +247,7 @@ def test_chitchat_from_pypi() -> None:
         roles = [m["role"] for m in ex.messages]
         assert roles == ["user", "assistant"] * (len(roles) // 2) and all(m["content"].strip() for m in ex.messages)
     train, val = split_examples(examples, 0.02)
-    assert len(val) == 80 and not {e.name for e in train} & {e.name for e in val}
+    assert 78 <= len(val) <= 82 and not {e.name for e in train} & {e.name for e in val}  # 2%, by content
 
 
 def test_hub_datasets_go_through_the_same_checks(monkeypatch) -> None:

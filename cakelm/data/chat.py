@@ -47,10 +47,13 @@ class Example:
     answer: str | None = None  # exact final answer, for tasks
 
 
-def parse_row(obj: Any, where: str) -> Example:
-    """One JSONL object (messages or prompt/completion format) -> Example; CakeError naming `where` if bad."""
+def parse_row(obj: Any, where: str, reply_required: bool = True) -> Example:
+    """One JSONL object (messages or prompt/completion format) -> Example; CakeError naming `where` if bad.
+    With reply_required=False (questions for evaluation) a row may be just a prompt, or end on a user turn."""
     if not isinstance(obj, dict):
         raise CakeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if not reply_required and "prompt" in obj and "completion" not in obj and "messages" not in obj:
+        obj = {**obj, "completion": []}
     if "messages" in obj:
         messages = obj["messages"]
     elif "prompt" in obj and "completion" in obj:
@@ -64,18 +67,19 @@ def parse_row(obj: Any, where: str) -> Example:
         raise CakeError(f'{where}: expected "messages" or "prompt" and "completion" (got keys: '
                         f'{", ".join(sorted(obj)) or "none"})')
     messages = validate(messages, where)
-    if messages[-1]["role"] != "assistant":
+    if messages[-1]["role"] != "assistant" and reply_required:
         raise CakeError(f"{where}: the conversation ends on a {messages[-1]['role']} turn; it must end with an "
                         "assistant reply (there is nothing to learn after it)")
     if not any(m["role"] == "user" for m in messages):
         raise CakeError(f"{where}: no user message")
     answer = obj.get("answer")
-    if answer is not None and not isinstance(answer, (str, int, float)):
+    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
         raise CakeError(f'{where}: "answer" must be a string or a number')
     return Example(where, messages, None if answer is None else str(answer))
 
 
-def read_chat_jsonl(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[Example], int]:
+def read_chat_jsonl(path: str | Path, skip_bad_lines: bool = False, reply_required: bool = True
+                    ) -> tuple[list[Example], int]:
     """Examples of a JSONL file and the number of bad lines skipped (always 0 unless skip_bad_lines)."""
     p = Path(path)
     if not p.is_file():
@@ -86,7 +90,7 @@ def read_chat_jsonl(path: str | Path, skip_bad_lines: bool = False) -> tuple[lis
             where = f"{p}:{lineno}"
             try:
                 try:
-                    line = raw.decode("utf-8").strip()
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
                 except UnicodeDecodeError as e:
                     raise CakeError(f"{where}: not UTF-8 (invalid byte at column {e.start + 1})") from None
                 if not line:
@@ -95,7 +99,7 @@ def read_chat_jsonl(path: str | Path, skip_bad_lines: bool = False) -> tuple[lis
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise CakeError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                examples.append(parse_row(obj, where))
+                examples.append(parse_row(obj, where, reply_required))
             except CakeError:
                 if not skip_bad_lines:
                     raise
@@ -191,12 +195,23 @@ def read_chat_source(src: str, split: str = "train", task_size: int = 20000, see
     return read_chat_jsonl(p, skip_bad_lines)
 
 
+def _content_hash(e: Example) -> str:
+    return hashlib.sha256(json.dumps(e.messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 def split_examples(examples: list[Example], val_fraction: float) -> tuple[list[Example], list[Example]]:
-    """(train, val) by a hash of each example's name: deterministic and order-independent, at least one each."""
+    """(train, val) by a hash of each conversation's content: deterministic, independent of the order, of the
+    path a file was named by and of lines added elsewhere in it; equal conversations land on the same side.
+    At least one example on each side."""
     if len(examples) < 2:
         raise CakeError(f"{examples[0].name if examples else 'chat data'}: need at least 2 conversations to hold "
                         "some out for validation")
     n_val = min(len(examples) - 1, max(1, round(val_fraction * len(examples))))
-    ranked = sorted(examples, key=lambda e: hashlib.sha256(e.name.encode()).hexdigest())
-    val_names = {e.name for e in ranked[:n_val]}
-    return [e for e in examples if e.name not in val_names], [e for e in examples if e.name in val_names]
+    ranked = sorted({_content_hash(e) for e in examples})
+    val_keys = set(ranked[:max(1, round(len(ranked) * n_val / len(examples)))])
+    if len(val_keys) == len(ranked):
+        raise CakeError(f"{examples[0].name}: all conversations are the same; need at least 2 different ones")
+    train, val = [], []
+    for e in examples:
+        (val if _content_hash(e) in val_keys else train).append(e)
+    return train, val

@@ -1,6 +1,6 @@
 """Chat examples -> token batches for SFT and evaluation: rendering, long conversations, the mixture, packing.
 
-- `encode_examples` renders each conversation with its loss mask (`chat_format.render`). A conversation
+- `encode_examples` renders each conversation with its loss mask (`chat_format.render_parts`). A conversation
   longer than the context is cut at user turns into pieces that fit (each keeps the system message); a single
   exchange that is still too long is truncated at the end, and counted.
 - `Mixture` decides which example fills every slot of every batch: a source is drawn with probability

@@ -67,16 +67,19 @@ class EvalConfig:
 
 
 def load_task(task: str, limit: int) -> list[tuple[list[Message], str]]:
-    """(prompt messages, answer) pairs: the held-out problems of a built-in task, or the rows of a JSONL file
-    (messages or prompt/completion, each with an "answer"; a final assistant turn is dropped)."""
+    """(prompt messages, answer) pairs: the held-out problems of a built-in task, or the rows of a JSONL file:
+    {"prompt": ..., "answer": ...} or messages ending on the question (a final assistant turn is dropped)."""
     if task in TASKS:
         return [([{"role": "user", "content": p.question}], p.answer) for p in make_problems(task, "eval", limit)]
-    examples, _ = read_chat_jsonl(task)
+    examples, _ = read_chat_jsonl(task, reply_required=False)
     out = []
     for ex in examples[:limit]:
         if ex.answer is None:
             raise CakeError(f'{ex.name}: an evaluation row needs an "answer" field')
-        out.append((ex.messages[:-1], ex.answer))
+        messages = ex.messages[:-1] if ex.messages[-1]["role"] == "assistant" else ex.messages
+        if messages[-1]["role"] != "user":
+            raise CakeError(f"{ex.name}: an evaluation row must ask something: end on a user message")
+        out.append((messages, ex.answer))
     return out
 
 
@@ -129,7 +132,7 @@ def chat_heldout_loss(model: Transformer, tok: Tokenizer, fmt: str, cfg: EvalCon
         loss_sum, count = chat_loss(model, b, device)
         total += loss_sum.double().cpu()
         n += int(count)
-    return {"loss": (total / max(n, 1)).item(), "tokens": n, "conversations": counts["conversations"],
+    return {"loss": (total / n).item() if n else float("nan"), "tokens": n, "conversations": counts["conversations"],
             "data": cfg.chat_data}
 
 

@@ -82,23 +82,30 @@ PRESETS = {
 }
 
 
-def load_sources(cfg: SFTConfig, info: DistInfo) -> tuple[list[tuple[str, float, list, list]], int]:
-    """[(source, weight, train examples, val examples)] and the number of bad lines skipped."""
+def load_sources(cfg: SFTConfig, info: DistInfo, task_sizes: dict[str, int] | None = None
+                 ) -> tuple[list[tuple[str, float, list, list, int | None]], int]:
+    """[(source, weight, train examples, val examples, problems generated for a task)] and the number of bad
+    lines skipped. `task_sizes` (from the checkpoint, on --resume) pins how many problems each task generates,
+    so raising --max-steps continues on the same data."""
     out, skipped = [], 0
     specs = [parse_weighted(spec) for spec in cfg.data]
+    names = [src for src, _ in specs]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise CakeError(f"--data lists {twice} twice; give each source once, with a weight (SRC=W)")
     total = sum(w for _, w in specs)
     draws = cfg.loop.max_steps * cfg.loop.batch_size * cfg.loop.grad_accum * info.world_size
     for src, weight in specs:
         if src in TASKS:
-            n = cfg.task_size or math.ceil(1.1 * draws * weight / total) + 64
+            n = (task_sizes or {}).get(src) or cfg.task_size or math.ceil(1.1 * draws * weight / total) + 64
             train = task_examples(src, "train", n, cfg.loop.seed)
             val = task_examples(src, "eval", cfg.val_size)
-        else:
-            examples, bad = read_chat_source(src, skip_bad_lines=cfg.skip_bad_lines)
-            skipped += bad
-            train, val = split_examples(examples, cfg.val_fraction)
-            val = val[:cfg.val_size]
-        out.append((src, weight, train, val))
+            out.append((src, weight, train, val, n))
+            continue
+        examples, bad = read_chat_source(src, skip_bad_lines=cfg.skip_bad_lines)
+        skipped += bad
+        train, val = split_examples(examples, cfg.val_fraction)
+        out.append((src, weight, train, val[:cfg.val_size], None))
     if skipped:
         print0(f"sft: skipped {skipped} bad lines (--skip-bad-lines)", info=info)
     return out, skipped
@@ -143,20 +150,23 @@ def main(cfg: SFTConfig) -> Path:
         return out
     if cfg.resume and point == "fresh":
         print0(f"--resume: no checkpoint in {out} yet, starting from {cfg.init}", info=info)
-    model, tok, init_meta = load_model(out if point == "resume" else cfg.init, device)
+    model, tok, start_meta = load_model(out if point == "resume" else cfg.init, device)
     resume_state = load_train_state(out) if point == "resume" else None
+    parent_stage = start_meta.get("parent_stage") if point == "resume" else start_meta.get("stage")
     model.train()
     seq_len = model.cfg.max_seq_len
-    sources, skipped = load_sources(cfg, info)
+    saved_sizes = {src: c["task_size"] for src, c in start_meta.get("data", {}).items() if c.get("task_size")} \
+        if point == "resume" else None
+    sources, skipped = load_sources(cfg, info, saved_sizes)
     train_seqs, val_seqs, counts = [], {}, {}
-    for src, weight, train_ex, val_ex in sources:
+    for src, weight, train_ex, val_ex, task_size in sources:
         seqs, c = encode_examples(train_ex, tok, "chat", seq_len + 1)
         if not seqs:
             raise CakeError(f"--data {src}: no conversation has an assistant reply that fits the context")
         vseqs, _ = encode_examples(val_ex, tok, "chat", seq_len + 1)
         train_seqs.append(seqs)
         val_seqs[src] = vseqs
-        counts[src] = {"weight": weight, **c, "val_sequences": len(vseqs)}
+        counts[src] = {"weight": weight, **c, "val_sequences": len(vseqs), "task_size": task_size}
     print0("sft: " + "; ".join(f"{s} (weight {c['weight']:g}): {c['sequences']:,} sequences, "
                                f"{c['target_tokens'] / max(c['sequences'], 1):.0f} target tokens each"
                                + (f", {c['truncated']} truncated" if c["truncated"] else "")
@@ -176,7 +186,7 @@ def main(cfg: SFTConfig) -> Path:
     def save(step: int, metrics: dict, train_state: dict, final: bool) -> None:
         save_checkpoint(out, model, tok, {
             "stage": "sft", "step": step, "complete": final, "config": to_dict(cfg), "metrics": metrics,
-            "parent": cfg.init, "parent_stage": init_meta.get("stage"), "chat_format": "chat", "data": counts,
+            "parent": cfg.init, "parent_stage": parent_stage, "chat_format": "chat", "data": counts,
             "skipped_lines": skipped, "tokens": train_state["tokens_seen"], "world_size": info.world_size,
             "num_params": model.num_params(),
         }, train_state)
