@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from cakelm.chat_format import Message, fit_history, format_of, render_prompt, stop_rules
 from cakelm.checkpoint import load_model
@@ -57,6 +58,7 @@ class EvalConfig:
     json: str | None = opt(None, "also write the results to this JSON file")
     device: str = opt("auto", "device", choices=("auto", "cpu", "cuda", "mps"))
     seed: int = opt(0, "random seed (which few-shot examples are shown)")
+    progress: bool = opt(True, "show a progress bar while generating")
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in EVALS and not t.endswith(".jsonl")]
@@ -105,8 +107,12 @@ def task_accuracy(engine: Engine, fmt: str, task: str, cfg: EvalConfig) -> dict[
     params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop_ids=stop_ids, stop_strings=stop_strings)
     correct = ended = reply_tokens = 0
     examples = []
+    bar = tqdm(total=len(prompts), desc=f"eval {Path(task).name}", unit="q", dynamic_ncols=True, leave=False,
+               disable=not cfg.progress)
     for i in range(0, len(prompts), cfg.batch_size):
-        for c in engine.generate(prompts[i:i + cfg.batch_size], params):
+        completions = engine.generate(prompts[i:i + cfg.batch_size], params)
+        bar.update(len(completions))
+        for c in completions:
             question, answer = kept[i + c.prompt_index]
             ok = is_correct(c.text, answer)
             correct += ok
@@ -114,6 +120,7 @@ def task_accuracy(engine: Engine, fmt: str, task: str, cfg: EvalConfig) -> dict[
             reply_tokens += len(c.ids)
             if len(examples) < 5:
                 examples.append({"question": question, "reply": c.text.strip(), "answer": answer, "correct": ok})
+    bar.close()
     n = len(kept)
     return {"n": n, "too_long": len(problems) - n, "accuracy": correct / n if n else float("nan"),
             "end_of_turn": ended / n if n else float("nan"), "reply_tokens": reply_tokens / n if n else float("nan"),
