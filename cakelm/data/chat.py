@@ -28,7 +28,7 @@ from typing import Any
 
 from cakelm.chat_format import Message, validate
 from cakelm.common import CakeError, atomic_path, cakelm_home
-from cakelm.data.sources import PackageSource, fetch_package
+from cakelm.data.sources import PackageSource, fetch_package, jsonl_rows
 from cakelm.tasks import TASKS, make_problems
 
 CHITCHAT = PackageSource(
@@ -85,25 +85,15 @@ def read_chat_jsonl(path: str | Path, skip_bad_lines: bool = False, reply_requir
     if not p.is_file():
         raise CakeError(f"{p}: no such file")
     examples, skipped = [], 0
-    with open(p, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            where = f"{p}:{lineno}"
-            try:
-                try:
-                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
-                except UnicodeDecodeError as e:
-                    raise CakeError(f"{where}: not UTF-8 (invalid byte at column {e.start + 1})") from None
-                if not line:
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CakeError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                examples.append(parse_row(obj, where, reply_required))
-            except CakeError:
-                if not skip_bad_lines:
-                    raise
-                skipped += 1
+    for where, obj in jsonl_rows(p):
+        try:
+            if isinstance(obj, CakeError):
+                raise obj
+            examples.append(parse_row(obj, where, reply_required))
+        except CakeError:
+            if not skip_bad_lines:
+                raise
+            skipped += 1
     if not examples:
         raise CakeError(f"{p}: no conversations" + (f" ({skipped} bad lines skipped)" if skipped else ""))
     return examples, skipped

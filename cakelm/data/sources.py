@@ -23,6 +23,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cakelm.common import CakeError, atomic_path, cakelm_home
 from cakelm.tasks import equations
@@ -114,20 +115,33 @@ def _txt_docs(path: Path) -> Iterator[Doc]:
         yield Doc(path.as_posix(), text)
 
 
-def _jsonl_docs(path: Path) -> Iterator[Doc]:
+def jsonl_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(where, object) for every non-empty line of a JSONL file, where = "path:line". A line that is not UTF-8
+    (a byte-order mark is fine) or not JSON comes as (where, CakeError), so a caller can stop or skip it."""
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
-            line = _decode(raw, f"{path}:{lineno}").strip()
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
+            except UnicodeDecodeError as e:
+                yield where, CakeError(f"{where}: not UTF-8 (invalid byte at column {e.start + 1})")
+                continue
             if not line:
                 continue
             try:
-                obj = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                raise CakeError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise CakeError(f'{path}:{lineno}: expected an object with a string "text" field')
-            if obj["text"].strip():
-                yield Doc(f"{path.as_posix()}:{lineno}", obj["text"])
+                yield where, CakeError(f"{where}: not valid JSON ({e.msg})")
+
+
+def _jsonl_docs(path: Path) -> Iterator[Doc]:
+    for where, obj in jsonl_rows(path):
+        if isinstance(obj, CakeError):
+            raise obj
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise CakeError(f'{where}: expected an object with a string "text" field')
+        if obj["text"].strip():
+            yield Doc(f"{path.as_posix()}:{where.rpartition(':')[2]}", obj["text"])
 
 
 ARITHMETIC_LINES, ARITHMETIC_DOCS = 60_000, 60
