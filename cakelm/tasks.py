@@ -135,7 +135,7 @@ def arithmetic_problems(split: str, n: int, seed: int) -> list[Problem]:
 
 def equations(n: int, seed: int) -> list[str]:
     """n lines "a op b = c" of training problems only: arithmetic text for the pretraining mixture."""
-    return [p.key.replace(p.key.strip("0123456789"), f" {p.key.strip('0123456789')} ") + f" = {p.answer}"
+    return [re.sub(r"(\d+)(\D)(\d+)", r"\1 \2 \3", p.key) + f" = {p.answer}"
             for p in arithmetic_problems("train", n, seed)]
 
 

@@ -13,8 +13,8 @@ A chat source is one string on the command line (`--data SRC[=WEIGHT] ...`):
 Every conversation is validated (roles, empty content, system only first, ends on an assistant turn) and every
 error names the file and line; `skip_bad_lines=True` counts and skips bad lines instead.
 
-    examples, skipped = read_chat_source("my_chats.jsonl", "train")
-    train, val = split_examples(examples, 0.05)
+    examples, skipped = read_chat_source("my_chats.jsonl")
+    train, held_out, skipped = train_and_heldout("my_chats.jsonl")     # the split sft and eval both use
 """
 
 from __future__ import annotations
@@ -205,3 +205,17 @@ def split_examples(examples: list[Example], val_fraction: float) -> tuple[list[E
     for e in examples:
         (val if _content_hash(e) in val_keys else train).append(e)
     return train, val
+
+
+def train_and_heldout(src: str, val_fraction: float = VAL_FRACTION, val_size: int = 200, task_size: int = 0,
+                      seed: int = 0, skip_bad_lines: bool = False) -> tuple[list[Example], list[Example], int]:
+    """(train, held-out, bad lines skipped) of one source: the one place that decides what is held out, for
+    `cakelm sft` and `cakelm eval` alike. A task gives task_size generated training problems (none for 0) and
+    val_size of its held-out problems; other sources hold out val_fraction of their conversations by content
+    (at most val_size of them are returned)."""
+    if src in TASKS:
+        train = task_examples(src, "train", task_size, seed) if task_size else []
+        return train, task_examples(src, "eval", val_size), 0
+    examples, skipped = read_chat_source(src, skip_bad_lines=skip_bad_lines)
+    train, val = split_examples(examples, val_fraction)
+    return train, val[:val_size], skipped

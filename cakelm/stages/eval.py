@@ -33,11 +33,11 @@ from cakelm.chat_format import Message, fit_history, format_of, render_prompt, s
 from cakelm.checkpoint import load_model
 from cakelm.common import CakeError, pick_device, print0, seed_everything, write_json_atomic
 from cakelm.config import ConfigError, opt
-from cakelm.data.chat import VAL_FRACTION, read_chat_jsonl, read_chat_source, split_examples
+from cakelm.data.chat import read_chat_jsonl, train_and_heldout
 from cakelm.data.chat_batches import encode_examples, fixed_batches
 from cakelm.engine import Engine, SamplingParams
 from cakelm.model import Transformer
-from cakelm.stages.sft import chat_loss
+from cakelm.stages.sft import heldout_loss
 from cakelm.tasks import TASKS, is_correct, make_problems
 from cakelm.tokenizer import Tokenizer
 
@@ -129,17 +129,12 @@ def task_accuracy(engine: Engine, fmt: str, task: str, cfg: EvalConfig) -> dict[
 
 def chat_heldout_loss(model: Transformer, tok: Tokenizer, fmt: str, cfg: EvalConfig) -> dict[str, Any]:
     """Loss per assistant token on the held-out conversations of cfg.chat_data."""
-    examples, _ = read_chat_source(cfg.chat_data, split="eval", task_size=cfg.limit)
-    if cfg.chat_data not in TASKS:
-        examples = split_examples(examples, VAL_FRACTION)[1]
-    seqs, counts = encode_examples(examples[:cfg.limit], tok, fmt, model.cfg.max_seq_len + 1)
-    device = model.lm_head.weight.device
-    total, n = torch.zeros((), dtype=torch.float64), 0
-    for b in fixed_batches(seqs, cfg.batch_size, tok.pad_id, True, model.cfg.max_seq_len):
-        loss_sum, count = chat_loss(model, b, device)
-        total += loss_sum.double().cpu()
-        n += int(count)
-    return {"loss": (total / n).item() if n else float("nan"), "tokens": n, "conversations": counts["conversations"],
+    _, examples, _ = train_and_heldout(cfg.chat_data, val_size=cfg.limit)
+    seqs, counts = encode_examples(examples, tok, fmt, model.cfg.max_seq_len + 1)
+    batches = fixed_batches(seqs, cfg.batch_size, tok.pad_id, True, model.cfg.max_seq_len)
+    total, n = heldout_loss(model, batches, model.lm_head.weight.device).tolist()
+    n = int(n)
+    return {"loss": total / n if n else float("nan"), "tokens": n, "conversations": counts["conversations"],
             "data": cfg.chat_data}
 
 

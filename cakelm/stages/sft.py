@@ -34,7 +34,7 @@ import torch
 from cakelm.checkpoint import load_model, load_train_state, resume_point, save_checkpoint
 from cakelm.common import CakeError, DistInfo, all_reduce_sum, init_distributed, print0
 from cakelm.config import ConfigError, nested, opt, to_dict
-from cakelm.data.chat import BUILTIN_CHAT, VAL_FRACTION, parse_weighted, read_chat_source, split_examples, task_examples
+from cakelm.data.chat import BUILTIN_CHAT, VAL_FRACTION, parse_weighted, train_and_heldout
 from cakelm.data.chat_batches import ChatBatches, Seq, encode_examples, fixed_batches
 from cakelm.loop import LoopConfig, LoopContext, train
 from cakelm.losses import lm_loss
@@ -96,16 +96,13 @@ def load_sources(cfg: SFTConfig, info: DistInfo, task_sizes: dict[str, int] | No
     total = sum(w for _, w in specs)
     draws = cfg.loop.max_steps * cfg.loop.batch_size * cfg.loop.grad_accum * info.world_size
     for src, weight in specs:
+        n = None
         if src in TASKS:
             n = (task_sizes or {}).get(src) or cfg.task_size or math.ceil(1.1 * draws * weight / total) + 64
-            train = task_examples(src, "train", n, cfg.loop.seed)
-            val = task_examples(src, "eval", cfg.val_size)
-            out.append((src, weight, train, val, n))
-            continue
-        examples, bad = read_chat_source(src, skip_bad_lines=cfg.skip_bad_lines)
+        train, val, bad = train_and_heldout(src, cfg.val_fraction, cfg.val_size, n or 0, cfg.loop.seed,
+                                            cfg.skip_bad_lines)
         skipped += bad
-        train, val = split_examples(examples, cfg.val_fraction)
-        out.append((src, weight, train, val[:cfg.val_size], None))
+        out.append((src, weight, train, val, n))
     if skipped:
         print0(f"sft: skipped {skipped} bad lines (--skip-bad-lines)", info=info)
     return out, skipped
@@ -118,11 +115,8 @@ def make_evaluate(val: dict[str, list[Seq]], tok: Tokenizer, cfg: SFTConfig, row
                                    info.world_size) for name, seqs in val.items()}
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        acc = torch.zeros(len(batches), 2, dtype=torch.float64, device=device)  # [sum nll, tokens] per source
-        for i, bs in enumerate(batches.values()):
-            for b in bs:
-                loss_sum, n = chat_loss(model, b, device)
-                acc[i] += torch.stack([loss_sum.double(), n.double()])
+        # [sum nll, tokens] per source, summed over ranks
+        acc = torch.stack([heldout_loss(model, bs, device) for bs in batches.values()])
         acc = all_reduce_sum(acc, info)
         out = {"val_loss": (acc[:, 0].sum() / acc[:, 1].sum()).item()}
         if len(batches) > 1:
@@ -130,6 +124,15 @@ def make_evaluate(val: dict[str, list[Seq]], tok: Tokenizer, cfg: SFTConfig, row
         return out
 
     return evaluate
+
+
+def heldout_loss(model: torch.nn.Module, batches: list[dict], device: torch.device) -> torch.Tensor:
+    """[summed nll, number of target tokens] over chat batches, float64 (the loss is their ratio)."""
+    acc = torch.zeros(2, dtype=torch.float64, device=device)
+    for b in batches:
+        loss_sum, n = chat_loss(model, b, device)
+        acc += torch.stack([loss_sum.double(), n.double()])
+    return acc
 
 
 def chat_loss(model: torch.nn.Module, batch: dict, device: torch.device | None = None
