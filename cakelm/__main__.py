@@ -19,7 +19,7 @@ import torch.distributed as dist
 from cakelm import __version__, serve
 from cakelm.common import CakeError
 from cakelm.config import ConfigError, add_arguments, config_from_args
-from cakelm.stages import chat, data, export, pipeline, pretrain, sample, sft, tokenizer
+from cakelm.stages import chat, data, export, grpo, pipeline, pretrain, sample, sft, tokenizer
 from cakelm.stages import eval as eval_stage
 
 # command -> (stage module, its Config class, its presets, one-line help)
@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[ModuleType, type, dict | None, str]] = {
     "tokenizer": (tokenizer, tokenizer.TokenizerConfig, None, "train the BPE tokenizer and encode token shards"),
     "pretrain": (pretrain, pretrain.PretrainConfig, pretrain.PRESETS, "next-token pretraining (DDP under torchrun)"),
     "sft": (sft, sft.SFTConfig, sft.PRESETS, "supervised fine-tuning on conversations (assistant-only loss)"),
+    "grpo": (grpo, grpo.GRPOConfig, grpo.PRESETS, "RL from verifiable rewards: GRPO on task prompts (DAPO/Dr. GRPO "
+             "options)"),
     "eval": (eval_stage, eval_stage.EvalConfig, None, "task accuracy, end-of-turn rate and held-out chat loss"),
     "sample": (sample, sample.SampleConfig, None, "print continuations of a prompt from a checkpoint"),
     "chat": (chat, chat.ChatConfig, None, "chat with a checkpoint in the terminal (streamed replies)"),

@@ -166,11 +166,11 @@ class Engine:
                 raise CakeError(f"prompt {i} is {len(p)} tokens but the model's context is {self.context}; "
                                 "shorten it (at least one token must fit after it)")
 
-    @torch.no_grad()
     def limits(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[int]:
         """New tokens each prompt may get: max_new_tokens, cut to what fits in the context after it."""
         return [min(params.max_new_tokens, self.context - len(p)) for p in prompts]
 
+    @torch.no_grad()  # on a generator, torch enters no_grad at every resume (callers may hold grad mode on)
     def _tokens(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Yield (next token ids (B*n,), their logprobs or None) for every decode step, until the

@@ -10,7 +10,10 @@ Contracts:
   function of (step, micro): that is what makes `--resume` exact.
 - `loss_fn(model, batch) -> (loss_sum, metrics)` returns the loss *summed* over the batch's units. The loop
   divides by the units of the whole step (all micro-batches, all ranks), so 8 micro-batches of 1 row give the
-  same gradient as 1 micro-batch of 8 rows.
+  same gradient as 1 micro-batch of 8 rows. A metric is a scalar sum (logged per unit, like the loss) or a
+  pair [sum, count] (logged as sum / count over the whole step, e.g. per token when the units are sequences).
+- A batch may carry `"metrics"`: floats describing the whole step (the same on every rank, e.g. the reward of
+  RL rollouts), read from micro-batch 0 and averaged over the steps of a logging window.
 - `evaluate(model) -> dict` runs on every rank (it may all-reduce) under no_grad/eval mode.
 - `save(step, metrics, train_state, final)` is called on rank 0 only.
 
@@ -160,9 +163,11 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
           loss_fn: Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]],
           evaluate: Callable[[nn.Module], dict[str, float]] | None,
           save: Callable[[int, dict[str, Any], dict[str, Any], bool], None],
-          resume_state: dict[str, Any] | None = None, flops_per_token: float | None = None) -> dict[str, Any]:
+          resume_state: dict[str, Any] | None = None, flops_per_token: float | None = None,
+          show: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train `model` (already on ctx.device) from step 0, or from `resume_state`, to cfg.max_steps.
-    Returns the last logged metrics (including the final evaluation)."""
+    `show` names metrics to display in the progress bar besides the loss. Returns the last logged metrics
+    (including the final evaluation)."""
     device, info = ctx.device, ctx.dist
     dtype = pick_dtype(cfg.dtype, device)
     if device.type == "cpu":
@@ -193,13 +198,15 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
     tokens_seen = int(resume_state["tokens_seen"]) if resume_state else 0
     steps_since_log, tokens_since_log = saved_log.get("steps", 0), saved_log.get("tokens", 0)
     loss_acc = torch.tensor(saved_log.get("loss_sum", 0.0), device=device)
+    batch_metrics: dict[str, float] = dict(saved_log.get("batch_metrics", {}))  # summed over the window's steps
     t_log = time.perf_counter()
     model.train()
 
     def train_state(step_done: int) -> dict[str, Any]:
         return {"step": step_done, "tokens_seen": tokens_seen, "world_size": info.world_size,
                 "optimizers": [o.state_dict() for o in optimizers], "rng": {"torch": torch.get_rng_state()},
-                "log": {"steps": steps_since_log, "tokens": tokens_since_log, "loss_sum": loss_acc.item()}}
+                "log": {"steps": steps_since_log, "tokens": tokens_since_log, "loss_sum": loss_acc.item(),
+                        "batch_metrics": dict(batch_metrics)}}
 
     completed = start  # optimizer steps fully applied
     with GracefulStop(announce=info.is_main and cfg.progress) as stop:
@@ -217,6 +224,8 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
                 raise SystemExit(f"stopped: saved a checkpoint at step {completed} in {ctx.out}; "
                                  "continue with --resume")
             step_tokens = sum(b["input"].numel() for b in micro) * info.world_size
+            for k, v in micro[0].get("metrics", {}).items():
+                batch_metrics[k] = batch_metrics.get(k, 0.0) + float(v)
             step_loss = torch.zeros((), device=device)
             step_extra: dict[str, torch.Tensor] = {}
             for m, batch in enumerate(micro):
@@ -250,13 +259,17 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
                        "grad_norm": grad_norm.item(), "tokens": tokens_seen,
                        "tok_per_s": tokens_since_log / dt, "ms_per_step": 1000 * dt / steps_since_log}
                 for k, v in step_extra.items():
-                    row[k] = (all_reduce_sum(v, info) / n_units).item()
+                    v = all_reduce_sum(v, info)
+                    row[k] = (v / n_units).item() if v.ndim == 0 else (v[0] / v[1].clamp(min=1e-12)).item()
+                row.update({k: v / steps_since_log for k, v in batch_metrics.items()})
                 if flops_per_token:
                     row["tflops"] = flops_per_token * row["tok_per_s"] / info.world_size / 1e12
                     if peak:
                         row["mfu"] = row["tflops"] * 1e12 / peak
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tok_per_s']:,.0f}", refresh=False)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", **{k: f"{row[k]:.3f}" for k in show if k in row},
+                                tok_s=f"{row['tok_per_s']:,.0f}", refresh=False)
                 loss_acc.zero_()
+                batch_metrics.clear()
                 steps_since_log, tokens_since_log = 0, 0
                 t_log = time.perf_counter()
             t_pause = time.perf_counter()

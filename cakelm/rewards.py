@@ -13,6 +13,8 @@ Built-ins (`BUILTIN`):
 - `exact_match`: 1 when the completion's final number equals the row's `answer` (commas, a trailing period and
   "The answer is ..." are fine), else 0; None for rows without an answer.
 - `format`: 1 when the reply ended its turn itself (finish_reason "stop") within `max_chars` characters, else 0.
+- `equations`: the share of the equations in the completion ("9 + 9 + 1 = 19") that are true; None if it
+  writes none. Partial credit for worked arithmetic, step by step.
 - `gym`: the scorer reasoning-gym ships for the row's task (`task` = gsm / basic_arithmetic, `entry` = the
   generated problem), given the completion's final number (or its last line).
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +51,33 @@ def format_reward(prompt: str, completion: str, finish_reason: str | None = None
     return 1.0 if finish_reason == "stop" and len(completion) <= max_chars else 0.0
 
 
+_EQUATION = re.compile(r"(?<![\d.])(\d+(?:\s*[-+*]\s*\d+)+)\s*=\s*(-?\d+)(?!\.?\d)")
+
+
+def equations(prompt: str, completion: str, **_: Any) -> float | None:
+    """The share of the equations written in the reply ("8 + 6 = 14", "9 + 9 + 1 = 19", "7 * 8 = 56") that are
+    true; None when it writes none. A dense, verifiable signal for worked arithmetic: a reply with one slip in
+    three steps scores 2/3, where exact match sees only the final number."""
+    found = _EQUATION.findall(completion)
+    if not found:
+        return None
+    # integers joined by + - * only: evaluated by splitting, never by eval()
+    true = sum(_value(lhs) == int(rhs) for lhs, rhs in found)
+    return true / len(found)
+
+
+def _value(expression: str) -> int:
+    tokens = re.findall(r"\d+|[-+*]", expression)
+    terms, sign, product = [], 1, int(tokens[0])
+    for op, num in zip(tokens[1::2], tokens[2::2]):
+        if op == "*":
+            product *= int(num)
+        else:
+            terms.append(sign * product)
+            sign, product = (1 if op == "+" else -1), int(num)
+    return sum(terms) + sign * product
+
+
 def gym(prompt: str, completion: str, task: str | None = None, entry: dict | None = None, **_: Any) -> float | None:
     if task is None or entry is None:
         return None
@@ -60,7 +90,8 @@ def gym(prompt: str, completion: str, task: str | None = None, entry: dict | Non
     return float(reasoning_gym.get_score_answer_fn(GYM_NAMES[task])(answer, entry))
 
 
-BUILTIN: dict[str, Reward] = {"exact_match": exact_match, "format": format_reward, "gym": gym}
+BUILTIN: dict[str, Reward] = {"exact_match": exact_match, "format": format_reward, "equations": equations,
+                               "gym": gym}
 
 
 @dataclass(frozen=True)

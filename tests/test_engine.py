@@ -182,3 +182,15 @@ def test_sampling_params_are_checked() -> None:
     for bad in (dict(max_new_tokens=0), dict(top_p=0.0), dict(temperature=float("nan")), dict(stop_strings=("",))):
         with pytest.raises(CakeError):
             SamplingParams(**bad)
+
+
+def test_generation_builds_no_autograd_graph(engine: Engine) -> None:
+    # callers (the RL stages) generate with grad mode on: the engine must not record a graph for its cache
+    seen = []
+    hook = engine.model.register_forward_hook(lambda m, i, o: seen.append((torch.is_grad_enabled(), o.requires_grad)))
+    try:
+        with torch.enable_grad():
+            engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, seed=0, logprobs=True))
+    finally:
+        hook.remove()
+    assert seen and not any(g or r for g, r in seen)

@@ -113,3 +113,33 @@ def test_aggregation_modes_hand_computed() -> None:
     assert (total.item(), units) == (7.0, 8.0)
     with pytest.raises(ValueError):
         aggregate(per_token, mask, "constant")
+
+
+def test_on_policy_loss_is_zero_but_its_gradient_is_not() -> None:
+    from cakelm.losses import aggregate, clipped_policy_loss
+
+    # ratio 1 (logp = old_logp) and advantages centred over the group: the loss is sum(A) = 0 ...
+    logp = torch.log(torch.tensor([[0.5, 0.25, 0.8], [0.5, 0.4, 0.9]])).requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0])
+    per_token, clipped = clipped_policy_loss(logp, logp.detach(), adv)
+    loss, units = aggregate(per_token, torch.ones(2, 3), "token_mean")
+    assert loss.item() == pytest.approx(0.0, abs=1e-6) and units == 6.0 and not clipped.any()
+    # ... but d loss / d logp_t = -A_i * ratio = -A_i: push up completion 0's tokens, down completion 1's
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.0] * 3, [1.0] * 3]))
+
+
+def test_shifting_rewards_changes_nothing_and_equal_rewards_give_no_gradient() -> None:
+    from cakelm.losses import aggregate, clipped_policy_loss, group_advantages
+
+    rewards = torch.tensor([0.0, 1.0, 0.5, 0.25, 0.3, 0.3, 0.3, 0.3])
+    for scale in ("group", "batch", "none"):
+        a, za = group_advantages(rewards, 4, scale)
+        b, zb = group_advantages(rewards + 7.0, 4, scale)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert za == zb == 1
+        # the second group's rewards are all equal: its completions get no gradient, whatever the ratio
+        logp = torch.randn(8, 5, requires_grad=True)
+        per_token, _ = clipped_policy_loss(logp, logp.detach() + 0.1 * torch.randn(8, 5), a)
+        aggregate(per_token, torch.ones(8, 5), "token_mean")[0].backward()
+        assert torch.count_nonzero(logp.grad[4:]) == 0 and torch.count_nonzero(logp.grad[:4]) > 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cakelm.common import CakeError
-from cakelm.rewards import exact_match, format_reward, gym, load_reward, score
+from cakelm.rewards import equations, exact_match, format_reward, gym, load_reward, score
 from cakelm.tasks import make_problems
 
 
@@ -24,6 +24,17 @@ def test_format_reward() -> None:
     assert format_reward("q", "Short.", finish_reason="length") == 0.0
     assert format_reward("q", "x" * 401, finish_reason="stop") == 0.0
     assert format_reward("q", "x" * 401, finish_reason="stop", max_chars=500) == 1.0
+
+
+@pytest.mark.parametrize("reply,expected", [
+    ("7 + 8 = 15, carry 1. 3 + 4 + 1 = 8. So 37 + 48 = 85.", 1.0),
+    ("12 - 7 = 5, borrow 1. 5 - 1 - 1 = 4. So 52 - 17 = 35.", 2 / 3),  # one slip in three steps
+    ("7 * 8 = 54.", 0.0), ("2 + 3 * 4 = 14 and 10 - 2 - 3 = 5", 1.0),  # * binds tighter; - is left to right
+    ("no equations here", None), ("1.5 + 2 = 3.5", None), ("2 + 2 = 4.5", None),  # decimals are not ours to judge
+])
+def test_equations_reward(reply, expected) -> None:
+    value = equations("q", reply)
+    assert value == (pytest.approx(expected) if expected is not None else None)
 
 
 def test_gym_scorer_on_generated_problems() -> None:

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ class Example:
     name: str  # stable identifier: "chitchat/<id>", "data.jsonl:12", "arithmetic/train/3"
     messages: list[Message] = field(hash=False)
     answer: str | None = None  # exact final answer, for tasks
+    fields: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # a row's other keys (rewards)
 
 
 def parse_row(obj: Any, where: str, reply_required: bool = True) -> Example:
@@ -75,7 +78,8 @@ def parse_row(obj: Any, where: str, reply_required: bool = True) -> Example:
     answer = obj.get("answer")
     if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
         raise CakeError(f'{where}: "answer" must be a string or a number')
-    return Example(where, messages, None if answer is None else str(answer))
+    extra = {k: v for k, v in obj.items() if k not in ("messages", "prompt", "completion", "answer")}
+    return Example(where, messages, None if answer is None else str(answer), extra)
 
 
 def read_chat_jsonl(path: str | Path, skip_bad_lines: bool = False, reply_required: bool = True
@@ -128,11 +132,12 @@ def chitchat_examples() -> list[Example]:
 
 def task_examples(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
     return [Example(f"{task}/{split}/{i}", [{"role": "user", "content": p.question},
-                                            {"role": "assistant", "content": p.solution}], p.answer)
+                                            {"role": "assistant", "content": p.solution}], p.answer,
+                    {"task": task, **({"entry": p.entry} if p.entry is not None else {})})
             for i, p in enumerate(make_problems(task, split, n, seed))]
 
 
-def _hf_examples(spec: str, skip_bad_lines: bool) -> tuple[list[Example], int]:
+def _hf_examples(spec: str, skip_bad_lines: bool, reply_required: bool = True) -> tuple[list[Example], int]:
     name, _, split = spec.removeprefix("hf:").partition(":")
     try:
         import datasets
@@ -145,7 +150,7 @@ def _hf_examples(spec: str, skip_bad_lines: bool) -> tuple[list[Example], int]:
     examples, skipped = [], 0
     for i, row in enumerate(ds):
         try:
-            examples.append(parse_row(dict(row), f"{spec}[{i}]"))
+            examples.append(parse_row(dict(row), f"{spec}[{i}]", reply_required))
         except CakeError:
             if not skip_bad_lines:
                 raise
@@ -168,21 +173,21 @@ def parse_weighted(spec: str) -> tuple[str, float]:
 
 
 def read_chat_source(src: str, split: str = "train", task_size: int = 20000, seed: int = 0,
-                     skip_bad_lines: bool = False) -> tuple[list[Example], int]:
+                     skip_bad_lines: bool = False, reply_required: bool = True) -> tuple[list[Example], int]:
     """(examples, bad lines skipped) of one source. Tasks are generated for `split` ("train": task_size
     problems; "eval": the held-out problems); other sources return all their conversations (split them with
-    `split_examples`)."""
+    `split_examples`). reply_required=False accepts rows that only ask (prompts for RL)."""
     if src in TASKS:
         return task_examples(src, split, task_size, seed), 0
     if src == "chitchat":
         return chitchat_examples(), 0
     if src.startswith("hf:"):
-        return _hf_examples(src, skip_bad_lines)
+        return _hf_examples(src, skip_bad_lines, reply_required)
     p = Path(src)
     if p.suffix != ".jsonl":
         raise CakeError(f"--data {src}: not a chat source (built-in: {', '.join(BUILTIN_CHAT)}; files: .jsonl; "
                         "hub: hf:NAME)" if not p.exists() else f"--data {src}: chat data must be a .jsonl file")
-    return read_chat_jsonl(p, skip_bad_lines)
+    return read_chat_jsonl(p, skip_bad_lines, reply_required)
 
 
 def _content_hash(e: Example) -> str:
@@ -208,7 +213,8 @@ def split_examples(examples: list[Example], val_fraction: float) -> tuple[list[E
 
 
 def train_and_heldout(src: str, val_fraction: float = VAL_FRACTION, val_size: int = 200, task_size: int = 0,
-                      seed: int = 0, skip_bad_lines: bool = False) -> tuple[list[Example], list[Example], int]:
+                      seed: int = 0, skip_bad_lines: bool = False, reply_required: bool = True
+                      ) -> tuple[list[Example], list[Example], int]:
     """(train, held-out, bad lines skipped) of one source: the one place that decides what is held out, for
     `cakelm sft` and `cakelm eval` alike. A task gives task_size generated training problems (none for 0) and
     val_size of its held-out problems; other sources hold out val_fraction of their conversations by content
@@ -216,6 +222,35 @@ def train_and_heldout(src: str, val_fraction: float = VAL_FRACTION, val_size: in
     if src in TASKS:
         train = task_examples(src, "train", task_size, seed) if task_size else []
         return train, task_examples(src, "eval", val_size), 0
-    examples, skipped = read_chat_source(src, skip_bad_lines=skip_bad_lines)
+    examples, skipped = read_chat_source(src, skip_bad_lines=skip_bad_lines, reply_required=reply_required)
     train, val = split_examples(examples, val_fraction)
     return train, val[:val_size], skipped
+
+
+Source = tuple[str, float, list[Example], list[Example], "int | None"]
+
+
+def load_sources(specs: Sequence[str], draws: int, task_size: int = 0, val_fraction: float = VAL_FRACTION,
+                 val_size: int = 200, seed: int = 0, skip_bad_lines: bool = False, reply_required: bool = True,
+                 task_sizes: dict[str, int] | None = None) -> tuple[list[Source], int]:
+    """A weighted mixture of sources (`SRC[=W]` specs) for a training stage: [(source, weight, train examples,
+    held-out examples, problems generated for a task)] and the number of bad lines skipped. A task generates
+    task_size training problems, or (0) about as many as its share of `draws` (the examples the run will draw);
+    `task_sizes` (saved in a checkpoint, on --resume) pins them, so raising --max-steps continues on the same
+    data."""
+    specs_w = [parse_weighted(spec) for spec in specs]
+    names = [src for src, _ in specs_w]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise CakeError(f"--data lists {twice} twice; give each source once, with a weight (SRC=W)")
+    total = sum(w for _, w in specs_w)
+    out, skipped = [], 0
+    for src, weight in specs_w:
+        n = None
+        if src in TASKS:
+            n = (task_sizes or {}).get(src) or task_size or math.ceil(1.1 * draws * weight / total) + 64
+        train, val, bad = train_and_heldout(src, val_fraction, val_size, n or 0, seed, skip_bad_lines,
+                                            reply_required)
+        skipped += bad
+        out.append((src, weight, train, val, n))
+    return out, skipped

@@ -5,8 +5,8 @@
     cakelm pipeline --from pretrain          # redo pretraining (and what follows), keep data and tokenizer
     cakelm pipeline --only sft
 
-Stages so far: data -> tokenizer -> pretrain -> sample -> sft -> eval (RUN/data, RUN/tokenizer, RUN/base,
-RUN/samples.txt, RUN/sft, RUN/eval.json: task accuracy and chat loss of the base and the SFT model).
+Stages so far: data -> tokenizer -> pretrain -> sample -> sft -> grpo -> eval (RUN/data, RUN/tokenizer, RUN/base,
+RUN/samples.txt, RUN/sft, RUN/grpo, RUN/eval.json: task accuracy and chat loss of the base, SFT and GRPO models).
 A stage whose output is complete and was made with the same resolved config is skipped; once a stage runs,
 every later stage runs too (its input changed). An interrupted pretraining continues from its last checkpoint
 (also under --only/--from, which otherwise redo their stages).
@@ -26,20 +26,22 @@ from cakelm.common import peak_memory_mb, print0, read_json, write_json_atomic, 
 from cakelm.config import ConfigError, build_config, flatten, opt, to_dict
 from cakelm.stages import data as data_stage
 from cakelm.stages import eval as eval_stage
+from cakelm.stages import grpo as grpo_stage
 from cakelm.stages import pretrain as pretrain_stage
 from cakelm.stages import sample as sample_stage
 from cakelm.stages import sft as sft_stage
 from cakelm.stages import tokenizer as tokenizer_stage
 
-STAGES = ("data", "tokenizer", "pretrain", "sample", "sft", "eval")
+STAGES = ("data", "tokenizer", "pretrain", "sample", "sft", "grpo", "eval")
 
-# Per preset: overrides for each stage (dotted keys, as on the command line), the pretrain and sft stages'
-# presets, and the number of held-out problems per evaluation task.
+# Per preset: overrides for each stage (dotted keys, as on the command line), the pretrain, sft and grpo
+# stages' presets, and the number of held-out problems per evaluation task.
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": {"tokenizer": {"vocab_size": 2048}, "pretrain": "cpu", "sft": "cpu", "eval_limit": 200},
-    "micro": {"tokenizer": {"vocab_size": 512}, "pretrain": "micro", "sft": "micro", "eval_limit": 16},
-    "10m": {"tokenizer": {"vocab_size": 4096}, "pretrain": "10m", "sft": "cpu", "eval_limit": 500},
-    "gpu": {"tokenizer": {"vocab_size": 32768}, "pretrain": "gpu", "sft": "cpu", "eval_limit": 1000},
+    "cpu": {"tokenizer": {"vocab_size": 2048}, "pretrain": "cpu", "sft": "cpu", "grpo": "cpu", "eval_limit": 200},
+    "micro": {"tokenizer": {"vocab_size": 512}, "pretrain": "micro", "sft": "micro", "grpo": "micro",
+              "eval_limit": 16},
+    "10m": {"tokenizer": {"vocab_size": 4096}, "pretrain": "10m", "sft": "cpu", "grpo": "cpu", "eval_limit": 500},
+    "gpu": {"tokenizer": {"vocab_size": 32768}, "pretrain": "gpu", "sft": "cpu", "grpo": "cpu", "eval_limit": 1000},
 }
 
 
@@ -53,6 +55,8 @@ class PipelineConfig:
     only: str | None = opt(None, "run just this stage", choices=STAGES)
     prompts: list[str] = opt(["Romeo.\n", "Hamlet.\n", "First Citizen.\n"], "prompts for the sample stage")
     sft_data: list[str] = opt(sft_stage.DEFAULT_DATA, "chat sources for SFT (see `cakelm sft --help`)")
+    grpo_data: list[str] = opt(["arithmetic"], "prompt sources for GRPO (see `cakelm grpo --help`)")
+    rewards: list[str] = opt(["exact_match"], "GRPO rewards (see `cakelm grpo --help`)")
     eval_tasks: list[str] = opt(["arithmetic", "gsm", "chat"], "what the eval stage measures (see `cakelm eval`)")
     device: str = opt("auto", "device for training and sampling", choices=("auto", "cpu", "cuda", "mps"))
     seed: int = opt(1337, "random seed")
@@ -74,7 +78,10 @@ def _stage_configs(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
     sft = build_config(sft_stage.SFTConfig, (f"sft preset {p['sft']}", sft_stage.PRESETS[p["sft"]]),
                        ("pipeline", {"init": str(run / "base"), "data": cfg.sft_data, "out": str(run / "sft"),
                                      "loop.device": cfg.device, "loop.seed": cfg.seed}))
-    return {"data": data, "tokenizer": tok, "pretrain": pre, "sft": sft}
+    rl = build_config(grpo_stage.GRPOConfig, (f"grpo preset {p['grpo']}", grpo_stage.PRESETS[p["grpo"]]),
+                      ("pipeline", {"init": str(run / "sft"), "data": cfg.grpo_data, "rewards": cfg.rewards,
+                                    "out": str(run / "grpo"), "loop.device": cfg.device, "loop.seed": cfg.seed}))
+    return {"data": data, "tokenizer": tok, "pretrain": pre, "sft": sft, "grpo": rl}
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -107,14 +114,17 @@ def _summary(name: str, out: Path) -> str:
     m = meta["metrics"]
     if name == "sft":
         return f"val loss {m.get('val_loss', float('nan')):.3f} (assistant tokens)"
+    if name == "grpo":
+        return (f"reward {m.get('reward', float('nan')):.3f}, held-out accuracy "
+                f"{m.get('val_accuracy', float('nan')):.3f} (greedy), {m.get('rollout_tok_s', 0):,.0f} sampled tok/s")
     return f"val bpb {m.get('val_bpb', float('nan')):.3f}, {m.get('tok_per_s', 0):,.0f} tok/s"
 
 
 def _eval(cfg: PipelineConfig, run: Path, outs: dict[str, Path], forced: bool) -> tuple[str, str]:
-    """Evaluate the base and the SFT model into RUN/eval.json (skipped when it is up to date)."""
+    """Evaluate the base, SFT and GRPO models into RUN/eval.json (skipped when it is up to date)."""
     path = run / "eval.json"
     settings = {"tasks": cfg.eval_tasks, "limit": PRESETS[cfg.preset]["eval_limit"]}
-    models = {"base": outs["pretrain"], "sft": outs["sft"]}
+    models = {"base": outs["pretrain"], "sft": outs["sft"], "grpo": outs["grpo"]}
     old = read_json(path) if path.is_file() else None
     if not forced and old and old.get("settings") == settings:
         print0(f"eval: up to date in {path}, skipped")
@@ -135,16 +145,18 @@ def _eval_summary(results: dict[str, Any]) -> str:
         return "chat loss " + " -> ".join(f"{r['chat']['loss']:.3f}" for r in results.values())
     acc = " -> ".join(eval_stage.pct(r["tasks"][task]["accuracy"]) for r in results.values())
     eot = " -> ".join(eval_stage.pct(r["tasks"][task]["end_of_turn"]) for r in results.values())
-    return f"{task} {acc} (base -> sft), ends turn {eot}"
+    return f"{task} {acc} ({' -> '.join(results)}), ends turn {eot}"
 
 
 def main(cfg: PipelineConfig) -> Path:
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     configs = _stage_configs(cfg, run)
-    outs = {"data": run / "data", "tokenizer": run / "tokenizer", "pretrain": run / "base", "sft": run / "sft"}
+    outs = {"data": run / "data", "tokenizer": run / "tokenizer", "pretrain": run / "base", "sft": run / "sft",
+            "grpo": run / "grpo"}
     mains: dict[str, Callable[[Any], Any]] = {"data": data_stage.main, "tokenizer": tokenizer_stage.main,
-                                             "pretrain": pretrain_stage.main, "sft": sft_stage.main}
+                                             "pretrain": pretrain_stage.main, "sft": sft_stage.main,
+                                             "grpo": grpo_stage.main}
     rows: list[dict[str, Any]] = []
     upstream_ran = False  # an earlier stage produced new output: everything after it must be redone
     t_run = time.time()
@@ -176,7 +188,7 @@ def main(cfg: PipelineConfig) -> Path:
             rows.append({"stage": name, "status": "skipped", "seconds": 0.0, "result": _summary(name, out),
                          "peak_mb": peak_memory_mb()})
             continue
-        if name in ("pretrain", "sft"):
+        if name in ("pretrain", "sft", "grpo"):
             # an interrupted run of the same config continues, unless its input just changed
             stage_cfg.resume = status == "partial" and not upstream_ran
             stage_cfg.overwrite = True

@@ -23,7 +23,6 @@ chat tokens. `cakelm eval` measures what SFT did (task accuracy, replies that en
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,13 +33,12 @@ import torch
 from cakelm.checkpoint import load_model, load_train_state, resume_point, save_checkpoint
 from cakelm.common import CakeError, DistInfo, all_reduce_sum, init_distributed, print0
 from cakelm.config import ConfigError, nested, opt, to_dict
-from cakelm.data.chat import BUILTIN_CHAT, VAL_FRACTION, parse_weighted, train_and_heldout
+from cakelm.data.chat import BUILTIN_CHAT, VAL_FRACTION, load_sources
 from cakelm.data.chat_batches import ChatBatches, Seq, encode_examples, fixed_batches
 from cakelm.loop import LoopConfig, LoopContext, train
 from cakelm.losses import lm_loss
 from cakelm.model import flops_per_token
 from cakelm.optim import OptimConfig
-from cakelm.tasks import TASKS
 from cakelm.tokenizer import Tokenizer
 
 DEFAULT_DATA = ["chitchat=0.1", "arithmetic=0.85", "gsm=0.05"]
@@ -80,32 +78,6 @@ PRESETS = {
     "micro": {"val_size": 32, "loop.max_steps": 20, "loop.batch_size": 16, "loop.eval_every": 0,
               "loop.log_every": 5, "optim.warmup_steps": 2},
 }
-
-
-def load_sources(cfg: SFTConfig, info: DistInfo, task_sizes: dict[str, int] | None = None
-                 ) -> tuple[list[tuple[str, float, list, list, int | None]], int]:
-    """[(source, weight, train examples, val examples, problems generated for a task)] and the number of bad
-    lines skipped. `task_sizes` (from the checkpoint, on --resume) pins how many problems each task generates,
-    so raising --max-steps continues on the same data."""
-    out, skipped = [], 0
-    specs = [parse_weighted(spec) for spec in cfg.data]
-    names = [src for src, _ in specs]
-    if len(set(names)) != len(names):
-        twice = next(n for n in names if names.count(n) > 1)
-        raise CakeError(f"--data lists {twice} twice; give each source once, with a weight (SRC=W)")
-    total = sum(w for _, w in specs)
-    draws = cfg.loop.max_steps * cfg.loop.batch_size * cfg.loop.grad_accum * info.world_size
-    for src, weight in specs:
-        n = None
-        if src in TASKS:
-            n = (task_sizes or {}).get(src) or cfg.task_size or math.ceil(1.1 * draws * weight / total) + 64
-        train, val, bad = train_and_heldout(src, cfg.val_fraction, cfg.val_size, n or 0, cfg.loop.seed,
-                                            cfg.skip_bad_lines)
-        skipped += bad
-        out.append((src, weight, train, val, n))
-    if skipped:
-        print0(f"sft: skipped {skipped} bad lines (--skip-bad-lines)", info=info)
-    return out, skipped
 
 
 def make_evaluate(val: dict[str, list[Seq]], tok: Tokenizer, cfg: SFTConfig, row_len: int, device: torch.device,
@@ -160,7 +132,11 @@ def main(cfg: SFTConfig) -> Path:
     seq_len = model.cfg.max_seq_len
     saved_sizes = {src: c["task_size"] for src, c in start_meta.get("data", {}).items() if c.get("task_size")} \
         if point == "resume" else None
-    sources, skipped = load_sources(cfg, info, saved_sizes)
+    draws = cfg.loop.max_steps * cfg.loop.batch_size * cfg.loop.grad_accum * info.world_size
+    sources, skipped = load_sources(cfg.data, draws, cfg.task_size, cfg.val_fraction, cfg.val_size, cfg.loop.seed,
+                                    cfg.skip_bad_lines, task_sizes=saved_sizes)
+    if skipped:
+        print0(f"sft: skipped {skipped} bad lines (--skip-bad-lines)", info=info)
     train_seqs, val_seqs, counts = [], {}, {}
     for src, weight, train_ex, val_ex, task_size in sources:
         seqs, c = encode_examples(train_ex, tok, "chat", seq_len + 1)

@@ -1,0 +1,261 @@
+"""`cakelm grpo` on tiny models: rollout log-probs match the training forward, the DDP-split loss equals the
+single-process one in every aggregation mode, GRPO raises a reward, exact resume inside a rollout window, the
+pipeline of rewards and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cakelm.__main__ import main as cli
+from cakelm.checkpoint import load_meta, save_checkpoint
+from cakelm.common import CakeError
+from cakelm.config import build_config
+from cakelm.data.chat import Example
+from cakelm.engine import SamplingParams
+from cakelm.losses import aggregate, clipped_policy_loss
+from cakelm.model import Transformer
+from cakelm.rewards import load_reward
+from cakelm.rollout import Rollout, completion_logprobs, prompts_of, sample, to_batch
+from cakelm.stages import grpo
+from cakelm.tokenizer import Tokenizer
+from tests.conftest import tiny_model_config
+from tests.serving import free_port
+from tests.test_ddp import _flags
+from tests.test_sft import write_jsonl
+
+TINY = {"loop.progress": False, "loop.log_every": 1, "loop.eval_every": 0, "val_size": 8, "optim.warmup_steps": 0,
+        "group_size": 4, "prompts_per_step": 4, "max_new_tokens": 8, "loop.batch_size": 8, "log_kl": False}
+
+# A reward you would write yourself: the share of the letter "e" in the reply (every group has some signal).
+REWARD_MODULE = '''
+def e_share(prompt, completion, **fields):
+    return completion.count("e") / max(len(completion), 1)
+
+def broken(prompt, completion, **fields):
+    raise KeyError("no such field")
+'''
+
+
+@pytest.fixture(scope="module")
+def chat_model(tok_dir, tmp_path_factory) -> Path:
+    """A random-init tiny model saved as a chat checkpoint (GRPO needs one; it need not be any good)."""
+    tok = Tokenizer.load(tok_dir)
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_config(dim=64, n_heads=4, n_kv_heads=4, max_seq_len=64))
+    out = tmp_path_factory.mktemp("chat") / "sft"
+    save_checkpoint(out, model, tok, {"stage": "sft", "step": 0, "complete": True, "chat_format": "chat"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> str:
+    rows = [{"prompt": f"Tell me about the {w} and the {v}.", "answer": str(i % 7), "topic": w}
+            for i, (w, v) in enumerate((a, b) for a in ("king", "queen", "lord", "lady", "sword", "crown")
+                                       for b in ("night", "day", "heart", "blood", "time", "house"))]
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", rows)
+
+
+@pytest.fixture
+def user_rewards(tmp_path, monkeypatch) -> None:
+    (tmp_path / "my_rewards.py").write_text(REWARD_MODULE)
+    monkeypatch.chdir(tmp_path)  # `module:function` imports from the working directory
+    sys.modules.pop("my_rewards", None)
+
+
+def run_grpo(init: Path, data: list[str], out: Path, **kw) -> Path:
+    return grpo.main(build_config(grpo.GRPOConfig, ("test", {"init": str(init), "data": data, "out": str(out),
+                                                             **TINY, **kw})))
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_logprobs_equal_the_sampling_ones(chat_model, prompts) -> None:
+    from cakelm.checkpoint import load_model
+
+    model, tok, _ = load_model(chat_model)
+    examples = [Example("q", [{"role": "user", "content": "Tell me about the king."}]),
+                Example("r", [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                              {"role": "user", "content": "And the night?"}], "3", {"topic": "night"})]
+    rows_ = prompts_of(examples)
+    assert rows_[1].messages[-1]["content"] == "And the night?" and rows_[1].fields == {"topic": "night",
+                                                                                         "answer": "3"}
+    for temperature in (1.0, 0.7):
+        params = SamplingParams(max_new_tokens=10, temperature=temperature, seed=3)
+        rolls = sample(model, tok, [r.messages for r in rows_], params, n=3)
+        assert [r.prompt for r in rolls] == [0, 0, 0, 1, 1, 1]
+        batch = to_batch(rolls, tok.pad_id)
+        assert batch["mask"].sum(1).tolist() == [len(r.ids) for r in rolls]  # exactly the completion tokens
+        with torch.no_grad():
+            logp, entropy = completion_logprobs(model, batch["input"], batch["target"], temperature)
+        # the training forward (full sequence, right padding) scores each sampled token as the engine did
+        # (KV cache, left padding, under the same temperature): the importance ratio starts at 1
+        torch.testing.assert_close(logp, batch["old_logp"], atol=2e-5, rtol=0)
+        assert (entropy[batch["mask"] == 0] == 0).all() and (entropy[batch["mask"] == 1] > 0).all()
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_config())
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    inp, tgt, old, adv, mask = _fixed_batch()
+    half = slice(rank * 3, rank * 3 + 3)  # each rank gets 3 of the 6 completions
+    for mode in ("token_mean", "sequence_mean", "constant"):
+        logp, _ = completion_logprobs(ddp, inp[half], tgt[half])
+        loss, units = aggregate(clipped_policy_loss(logp, old[half], adv[half])[0], mask[half], mode, 7)
+        total = torch.tensor([units])
+        dist.all_reduce(total)
+        (loss * world / total).backward()  # the loop's normalisation: DDP averages, x world turns it into a sum
+        if rank == 0:
+            results[mode] = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+    dist.destroy_process_group()
+
+
+def _fixed_batch() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    inp = torch.randint(0, 320, (6, 9), generator=g)
+    tgt = torch.randint(0, 320, (6, 9), generator=g)
+    mask = torch.zeros(6, 9)
+    for i, (a, b) in enumerate([(2, 9), (4, 6), (1, 8), (3, 4), (5, 9), (2, 3)]):  # completions of varied length
+        mask[i, a:b] = 1
+    tgt = torch.where(mask.bool(), tgt, -100)
+    old = -torch.rand(6, 9, generator=g) * 6 * mask
+    adv = torch.tensor([1.2, -0.4, -0.8, 0.5, 0.5, -1.0])
+    return inp, tgt, old, adv, mask
+
+
+def test_loss_split_across_two_processes_equals_one(tmp_path) -> None:
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+        split = dict(results)
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_config())
+    inp, tgt, old, adv, mask = _fixed_batch()
+    for mode in ("token_mean", "sequence_mean", "constant"):
+        logp, _ = completion_logprobs(model, inp, tgt)
+        loss, units = aggregate(clipped_policy_loss(logp, old, adv)[0], mask, mode, 7)
+        (loss / units).backward()
+        for a, b in zip([p.grad for p in model.parameters()], split[mode], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        model.zero_grad(set_to_none=True)
+
+
+def test_grpo_raises_the_reward(chat_model, prompts, tmp_path, user_rewards) -> None:
+    out = run_grpo(chat_model, [prompts], tmp_path / "grpo", rewards=["my_rewards:e_share"], group_size=6,
+                   prompts_per_step=6, **{"loop.max_steps": 16, "loop.batch_size": 12, "loop.eval_every": 16,
+                                          "optim.lr": 1e-2, "log_kl": True})
+    r = rows(out)
+    assert len(r) == 16 and all(k in r[0] for k in ("reward", "reward_std", "zero_signal", "entropy", "clip_frac",
+                                                    "kl", "completion_len", "rollout_s", "rollout_tok_s"))
+    assert r[0]["ratio"] == pytest.approx(1.0, abs=1e-4) and r[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    first, last = sum(x["reward"] for x in r[:3]) / 3, sum(x["reward"] for x in r[-3:]) / 3
+    assert last > first + 0.1, [round(x["reward"], 3) for x in r]
+    assert r[-1]["kl"] > 0.01  # it moved away from the reference
+    meta = load_meta(out)
+    assert meta["stage"] == "grpo" and meta["chat_format"] == "chat" and meta["parent_stage"] == "sft"
+    assert meta["rewards"] == ["my_rewards:e_share"] and "val_reward" in meta["metrics"]
+
+
+def test_resume_inside_a_rollout_window_is_exact(chat_model, prompts, tmp_path, monkeypatch) -> None:
+    kw = {"num_iterations": 2, "loop.max_steps": 6, "rewards": ["exact_match", "format=0.5"]}
+    straight = run_grpo(chat_model, [prompts], tmp_path / "straight", **kw)
+    original = grpo.Rollouts.get
+
+    def interrupted(self, step, micro):  # Ctrl-C during step 3: steps 0-2 saved, step 3 reuses step 2's rollouts
+        if (step, micro) == (3, 0):
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, step, micro)
+
+    monkeypatch.setattr(grpo.Rollouts, "get", interrupted)
+    with pytest.raises(SystemExit, match="continue with --resume"):
+        run_grpo(chat_model, [prompts], tmp_path / "cut", **kw)
+    monkeypatch.setattr(grpo.Rollouts, "get", original)
+    assert load_meta(tmp_path / "cut")["step"] == 3
+    resumed = run_grpo(chat_model, [prompts], tmp_path / "cut", resume=True, **kw)
+    a, b = rows(straight), rows(resumed)
+    assert [x["loss"] for x in a] == [x["loss"] for x in b] and [x["reward"] for x in a] == [x["reward"] for x in b]
+    assert a[3]["rollout_s"] == 0.0 and a[2]["rollout_s"] > 0  # step 3 trained on step 2's rollouts
+    assert a[3]["clip_frac"] >= 0 and a[2]["ratio"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_rewards_none_and_mask_truncated(chat_model, tok_dir) -> None:
+    tok = Tokenizer.load(tok_dir)
+    rows_ = prompts_of([Example("a", [{"role": "user", "content": "x"}], "4"),
+                        Example("b", [{"role": "user", "content": "y"}])])  # b has no answer: exact_match is None
+
+    def roll(prompt: int, text: str, ended: bool) -> Rollout:
+        return Rollout(prompt, [tok.bos_id, tok.user_id], [5, tok.end_id if ended else 6], text, ended, [-1.0, -2.0])
+
+    rolls = [roll(0, "It is 4.", True), roll(0, "It is 5.", False), roll(1, "?", True), roll(1, "!", True)]
+    values, (correct, answered, tokens, ended, unscored) = grpo.score_rollouts(
+        [load_reward("exact_match"), load_reward("format=0.5")], rows_, rolls)
+    assert values == [1.5, 0.0, 0.5, 0.5]  # format counts where exact_match does not apply
+    assert (correct, answered, tokens, ended, unscored) == (1, 2, 8, 3, 0)
+    values, counts = grpo.score_rollouts([load_reward("exact_match")], rows_, rolls)
+    assert values == [1.0, 0.0, 0.0, 0.0] and counts[-1] == 2  # unscored: 0 (the group has no scored reply)
+    batch = to_batch(rolls, tok.pad_id)
+    assert batch["input"].shape == (4, 3) and batch["target"][0].tolist() == [-100, 5, tok.end_id]
+    assert batch["old_logp"][0].tolist() == [0.0, -1.0, -2.0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--group-size", "1"], "--group-size must be >= 2"),
+    (["--temperature", "0"], "need --temperature > 0"),
+    (["--rewards", "nope"], "not a built-in reward"),
+    (["--rewards", "my_rewards:missing"], "my_rewards has no function missing"),
+    (["--rewards", "my_rewards:broken"], "reward my_rewards:broken failed on prompt 'Tell me about the"),
+    (["--data", "missing.jsonl"], "missing.jsonl: no such file"),
+])
+def test_bad_options_are_one_line_errors(chat_model, prompts, tmp_path, capsys, user_rewards, args,
+                                         message) -> None:
+    argv = ["grpo", "--init", str(chat_model), "--out", str(tmp_path / "o"), "--data", prompts,
+            *_flags(TINY), *args]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_base_model_is_refused(tok_dir, prompts, tmp_path, capsys) -> None:
+    tok = Tokenizer.load(tok_dir)
+    save_checkpoint(tmp_path / "base", Transformer(tiny_model_config()), tok, {"stage": "pretrain", "step": 0})
+    assert cli(["grpo", "--init", str(tmp_path / "base"), "--data", prompts, "--out", str(tmp_path / "o")]) == 2
+    assert "run `cakelm sft` first" in capsys.readouterr().err
+    chat = tmp_path / "chat"
+    save_checkpoint(chat, Transformer(tiny_model_config()), tok, {"stage": "sft", "step": 0, "chat_format": "chat"})
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "king " * 80}, {"prompt": "queen " * 80}])
+    with pytest.raises(CakeError, match="no prompt fits the model's context of 32 tokens"):
+        run_grpo(chat, [long], tmp_path / "o2")
+
+
+def test_ddp_two_processes(chat_model, prompts, tmp_path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = {**TINY, "loop.max_steps": 2, "loop.eval_every": 2, "scale_rewards": "batch"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "cakelm", "grpo", "--init", str(chat_model), "--data", prompts, "--out", str(tmp_path / "ddp"),
+           *_flags(common), "--rewards", "format", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 2 ranks" in proc.stdout
+    meta = load_meta(tmp_path / "ddp")
+    assert meta["world_size"] == 2 and meta["step"] == 2
+    r = rows(tmp_path / "ddp")
+    assert 0 <= r[-1]["reward"] <= 1 and 0 <= r[-1]["val_end_of_turn"] <= 1
+    odd = subprocess.run([*cmd[:cmd.index("--init")], "--init", str(chat_model), "--data", prompts, "--out",
+                          str(tmp_path / "odd"), *_flags({**common, "prompts_per_step": 3}), "--device", "cpu"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert odd.returncode != 0 and "must be a multiple of the 2 ranks" in odd.stderr
