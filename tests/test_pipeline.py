@@ -37,6 +37,7 @@ def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
     again = json.loads((out / "pipeline.json").read_text())
     assert [s["status"] for s in again["stages"]] == ["skipped", "skipped", "skipped", "ran", "skipped", "skipped",
                                                       "skipped"]
+    assert "(base -> sft -> grpo)" in again["stages"][-1]["result"]  # in pipeline order, read back from eval.json
     table = capsys.readouterr().out
     assert "pretrain   skipped" in table and "total" in table
 

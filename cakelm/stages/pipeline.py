@@ -140,6 +140,8 @@ def _eval(cfg: PipelineConfig, run: Path, outs: dict[str, Path], forced: bool) -
 
 
 def _eval_summary(results: dict[str, Any]) -> str:
+    # in pipeline order (eval.json is written with sorted keys)
+    results = {m: results[m] for m in ("base", "sft", "grpo") if m in results}
     task = next(iter(results["sft"]["tasks"]), None)
     if task is None:
         return "chat loss " + " -> ".join(f"{r['chat']['loss']:.3f}" for r in results.values())
