@@ -248,7 +248,7 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
             tokens_seen += step_tokens
             tokens_since_log += step_tokens
             steps_since_log += 1
-            loss_acc += all_reduce_sum(step_loss, info) / n_units
+            loss_acc += all_reduce_sum(step_loss, info) / max(n_units, 1.0)  # a step with no units (all masked) logs 0
             bar.update(1)
 
             final = completed == cfg.max_steps
@@ -260,7 +260,7 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
                        "tok_per_s": tokens_since_log / dt, "ms_per_step": 1000 * dt / steps_since_log}
                 for k, v in step_extra.items():
                     v = all_reduce_sum(v, info)
-                    row[k] = (v / n_units).item() if v.ndim == 0 else (v[0] / v[1].clamp(min=1e-12)).item()
+                    row[k] = (v / max(n_units, 1.0)).item() if v.ndim == 0 else (v[0] / v[1].clamp(min=1e-12)).item()
                 row.update({k: v / steps_since_log for k, v in batch_metrics.items()})
                 if flops_per_token:
                     row["tflops"] = flops_per_token * row["tok_per_s"] / info.world_size / 1e12

@@ -259,3 +259,14 @@ def test_ddp_two_processes(chat_model, prompts, tmp_path) -> None:
                           str(tmp_path / "odd"), *_flags({**common, "prompts_per_step": 3}), "--device", "cpu"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert odd.returncode != 0 and "must be a multiple of the 2 ranks" in odd.stderr
+
+
+def test_mask_truncated_leaves_cut_replies_out(chat_model, prompts, tmp_path) -> None:
+    # a random model almost never says <|end|> within 3 tokens: with --mask-truncated nothing is trained on
+    out = run_grpo(chat_model, [prompts], tmp_path / "masked", mask_truncated=True, max_new_tokens=3,
+                   **{"loop.max_steps": 2, "optim.lr": 1e-2})
+    r = rows(out)
+    assert all(x["truncated"] == 1.0 and x["loss"] == 0.0 and x["grad_norm"] == 0.0 for x in r)
+    from cakelm.checkpoint import load_model
+    before, after = load_model(chat_model)[0].state_dict(), load_model(out)[0].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
