@@ -117,3 +117,91 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_new_to
             raise ValueError("constant aggregation needs max_new_tokens >= 1")
         return (per_token * mask).sum(), float(per_token.size(0) * max_new_tokens)
     raise ValueError(f"mode must be one of {AGGREGATIONS}, got {mode!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RLHF: reward model, DPO, PPO. Shapes: P preference pairs; N rollouts of T tokens.
+
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | float = 0.0,
+                  center: float = 0.0) -> torch.Tensor:
+    """Per-pair reward-model loss -log sigmoid(r_chosen - r_rejected - margin) (Bradley & Terry 1952; the
+    InstructGPT reward model, Ouyang et al. 2022, arXiv 2203.02155; the margin of Llama 2, arXiv 2307.09288),
+    plus center * (r_chosen + r_rejected)^2, which pins the scale-free rewards near 0 (TRL's
+    center_rewards_coefficient, Eisenstein et al. 2023). All (P,)."""
+    loss = -F.logsigmoid(r_chosen - r_rejected - margin)
+    if center:
+        loss = loss + center * (r_chosen + r_rejected) ** 2
+    return loss
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid"
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO loss and the implicit rewards beta * (log pi - log pi_ref) of the chosen and rejected
+    replies, all (P,), from sequence log-probs (summed over reply tokens) of the policy and the reference.
+
+    h = (log pi(y_c) - log pi_ref(y_c)) - (log pi(y_r) - log pi_ref(y_r));
+    sigmoid: -log sigmoid(beta * h) (Rafailov et al. 2023, arXiv 2305.18290), ln 2 when policy = reference;
+    ipo: (h - 1 / (2 beta))^2 (Azar et al. 2023, "A General Theoretical Paradigm...", arXiv 2310.12036; TRL feeds
+    it per-token mean log-probs, the caller decides)."""
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"loss_type must be one of {DPO_LOSSES}, got {loss_type!r}")
+    chosen, rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    h = chosen - rejected
+    loss = -F.logsigmoid(beta * h) if loss_type == "sigmoid" else (h - 1.0 / (2.0 * beta)) ** 2
+    return loss, beta * chosen.detach(), beta * rejected.detach()
+
+
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k1 estimate of KL(policy || reference), logp - ref_logp: unbiased, can be negative per sample;
+    the per-token penalty PPO puts into the reward (Schulman 2020, "Approximating KL Divergence")."""
+    return logp - ref_logp
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over (N, T) per-token rewards and values, mask 1 on the reply's tokens
+    (a contiguous run starting anywhere). Returns (advantages, returns = advantages + values), 0 off the mask.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1} (Schulman et al. 2016, arXiv
+    1506.02438), where "t+1" is the next reply token: values at masked positions never enter (V after the last
+    reply token is 0), as in TRL's and OpenRLHF's PPO."""
+    mask = mask.to(values.dtype)
+    values = values * mask
+    adv = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    for t in range(values.size(1) - 1, -1, -1):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        a = delta + gamma * lam * next_adv
+        adv[:, t] = a * m
+        # off the mask, carry the next reply token's value and advantage through unchanged
+        next_value = torch.where(m > 0, values[:, t], next_value)
+        next_adv = torch.where(m > 0, a, next_adv)
+    return adv, (adv + values) * mask
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the positions where mask is 1 (std with Bessel's correction, as TRL's
+    masked_whiten); shift_mean=False keeps the mean (rescales only). 0 off the mask."""
+    mask = mask.to(x.dtype)
+    n = mask.sum()
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1.0)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float = 0.2
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO value loss 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2) and where the clipped
+    term was the larger (PPO2's value clipping, OpenAI baselines; TRL's PPO)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    a, b = (values - returns) ** 2, (clipped - returns) ** 2
+    return 0.5 * torch.maximum(a, b), b > a

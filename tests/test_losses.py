@@ -143,3 +143,64 @@ def test_shifting_rewards_changes_nothing_and_equal_rewards_give_no_gradient() -
         per_token, _ = clipped_policy_loss(logp, logp.detach() + 0.1 * torch.randn(8, 5), a)
         aggregate(per_token, torch.ones(8, 5), "token_mean")[0].backward()
         assert torch.count_nonzero(logp.grad[4:]) == 0 and torch.count_nonzero(logp.grad[:4]) > 0
+
+
+def test_bradley_terry_hand_computed() -> None:
+    from cakelm.losses import bradley_terry
+
+    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0])
+    torch.testing.assert_close(bradley_terry(rc, rr), torch.tensor([math.log(1 + math.exp(-1)), math.log(2.0)]))
+    torch.testing.assert_close(bradley_terry(rc, rr, margin=1.0), torch.tensor([math.log(2.0), math.log(1 + math.e)]))
+    # centring adds 0.1 * (r_c + r_r)^2: 0.9 for the first pair, 0 for the second
+    torch.testing.assert_close(bradley_terry(rc, rr, center=0.1) - bradley_terry(rc, rr), torch.tensor([0.9, 0.0]))
+
+
+def test_dpo_loss_hand_computed_and_ln2_at_the_start() -> None:
+    from cakelm.losses import dpo_loss
+
+    same = torch.tensor([-3.0, -7.5])
+    loss, rc, rr = dpo_loss(same, same - 1, same, same - 1, beta=0.1)
+    torch.testing.assert_close(loss, torch.full((2,), math.log(2.0)))  # policy = reference: ln 2, rewards 0
+    assert rc.abs().max() == 0 and rr.abs().max() == 0
+    # chosen up 1 nat and rejected down 1 nat vs the reference: h = 2
+    args = (torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]))
+    loss, rc, rr = dpo_loss(*args, beta=0.5)
+    torch.testing.assert_close(loss, torch.tensor([math.log(1 + math.exp(-1.0))]))  # -log sigmoid(0.5 * 2)
+    torch.testing.assert_close((rc, rr), (torch.tensor([0.5]), torch.tensor([-0.5])))
+    loss, _, _ = dpo_loss(*args, beta=0.5, loss_type="ipo")
+    torch.testing.assert_close(loss, torch.tensor([1.0]))  # (h - 1/(2 beta))^2 = (2 - 1)^2
+    with pytest.raises(ValueError):
+        dpo_loss(*args, loss_type="hinge")
+
+
+def test_gae_hand_computed_and_masked_values_change_nothing() -> None:
+    from cakelm.losses import gae, kl_k1
+
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[9.0, 0.5, 0.6, 0.7, 50.0]])
+    mask = torch.tensor([[0, 1, 1, 1, 0]])  # a prompt token, three reply tokens, padding
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # delta_3 = 1 - 0.7 = 0.3; delta_2 = 0.7 - 0.6 = 0.1, A_2 = 0.1 + 0.5 * 0.3; delta_1 = 0.1, A_1 = 0.1 + 0.5 * 0.25
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0.225, 0.25, 0.3, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.0, 0.725, 0.85, 1.0, 0.0]]))
+    other = values.clone()
+    other[0, 0], other[0, 4] = -100.0, 1e6  # values where the mask is 0 never enter
+    torch.testing.assert_close(gae(rewards, other, mask, 1.0, 0.5)[0], adv)
+    # gamma < 1 discounts the next value: delta_2 = 0.9 * 0.7 - 0.6 = 0.03, A_2 = 0.03 + 0.9 * 1 * 0.3
+    adv, _ = gae(rewards, values, mask, gamma=0.9, lam=1.0)
+    assert adv[0, 2].item() == pytest.approx(0.3)
+    torch.testing.assert_close(kl_k1(torch.tensor([-1.0]), torch.tensor([-1.5])), torch.tensor([0.5]))
+
+
+def test_masked_whiten_and_clipped_value_loss() -> None:
+    from cakelm.losses import clipped_value_loss, masked_whiten
+
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 1000.0])
+    mask = torch.tensor([1, 1, 1, 1, 0])  # the masked 1000 is not part of the statistics
+    w = masked_whiten(x, mask)
+    torch.testing.assert_close(w, torch.tensor([-1.5, -0.5, 0.5, 1.5, 0.0]) / math.sqrt(5 / 3))
+    torch.testing.assert_close(masked_whiten(x, mask, shift_mean=False)[:4], w[:4] + 2.5)
+    # old value 1, return 2, clip 0.2: V = 1.5 is pulled back to 1.2, whose error (0.64) is the larger
+    loss, clipped = clipped_value_loss(torch.tensor([1.5, 1.1]), torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(loss, torch.tensor([0.32, 0.405]))
+    assert clipped.tolist() == [True, False]
