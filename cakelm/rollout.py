@@ -17,7 +17,7 @@ temperature, so the importance ratio exp(logp - old_logp) is 1 on the first pass
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -75,7 +75,7 @@ def sample(model: Transformer, tok: Tokenizer, prompts: Sequence[Sequence[Messag
     if params.stop_strings:
         raise CakeError("rollouts end on stop tokens only (a stop string would leave its tokens in the ids)")
     stop_ids, _ = stop_rules(tok, "chat")
-    params = SamplingParams(**{**params.__dict__, "stop_ids": stop_ids, "logprobs": True})
+    params = replace(params, stop_ids=stop_ids, logprobs=True)
     ids = [render_prompt(m, tok, "chat") for m in prompts]
     was_training = model.training
     engine = Engine(model, tok)  # switches the model to eval mode
@@ -85,7 +85,7 @@ def sample(model: Transformer, tok: Tokenizer, prompts: Sequence[Sequence[Messag
         for start in range(0, len(ids), per_call):
             part = ids[start:start + per_call]
             seed = None if params.seed is None else params.seed + start  # each chunk its own stream
-            for c in engine.generate(part, SamplingParams(**{**params.__dict__, "seed": seed}), n=n):
+            for c in engine.generate(part, replace(params, seed=seed), n=n):
                 ended = c.finish_reason == "stop" and c.ids[-1] == tok.end_id
                 out.append(Rollout(start + c.prompt_index, part[c.prompt_index], c.ids, c.text.strip(), ended,
                                    c.logprobs or []))

@@ -59,3 +59,16 @@ def tok_dir(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
 def tiny_model_config(**kw) -> ModelConfig:
     base = dict(vocab_size=320, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
     return ModelConfig(**{**base, **kw})
+
+
+def tiny_checkpoint(out: Path, tok_dir: Path, stage: str, chat_format: str, **model_kw) -> Path:
+    """A random-init tiny model saved as a complete checkpoint of `stage` speaking `chat_format` (a stand-in for
+    a pretrained or fine-tuned model in stage tests)."""
+    from cakelm.checkpoint import save_checkpoint
+    from cakelm.model import Transformer
+    from cakelm.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_config(**model_kw))
+    return save_checkpoint(out, model, Tokenizer.load(tok_dir), {"stage": stage, "step": 0, "complete": True,
+                                                                  "chat_format": chat_format})

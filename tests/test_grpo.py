@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cakelm.__main__ import main as cli
-from cakelm.checkpoint import load_meta, save_checkpoint
+from cakelm.checkpoint import load_meta
 from cakelm.common import CakeError
 from cakelm.config import build_config
 from cakelm.data.chat import Example
@@ -28,7 +28,7 @@ from cakelm.rewards import load_reward
 from cakelm.rollout import Rollout, completion_logprobs, prompts_of, sample, to_batch
 from cakelm.stages import grpo
 from cakelm.tokenizer import Tokenizer
-from tests.conftest import tiny_model_config
+from tests.conftest import tiny_checkpoint, tiny_model_config
 from tests.serving import free_port
 from tests.test_ddp import _flags
 from tests.test_sft import write_jsonl
@@ -49,12 +49,8 @@ def broken(prompt, completion, **fields):
 @pytest.fixture(scope="module")
 def chat_model(tok_dir, tmp_path_factory) -> Path:
     """A random-init tiny model saved as a chat checkpoint (GRPO needs one; it need not be any good)."""
-    tok = Tokenizer.load(tok_dir)
-    torch.manual_seed(0)
-    model = Transformer(tiny_model_config(dim=64, n_heads=4, n_kv_heads=4, max_seq_len=64))
-    out = tmp_path_factory.mktemp("chat") / "sft"
-    save_checkpoint(out, model, tok, {"stage": "sft", "step": 0, "complete": True, "chat_format": "chat"})
-    return out
+    return tiny_checkpoint(tmp_path_factory.mktemp("chat") / "sft", tok_dir, "sft", "chat", dim=64, n_heads=4,
+                           n_kv_heads=4, max_seq_len=64)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +77,7 @@ def rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_training_logprobs_equal_the_sampling_ones(chat_model, prompts) -> None:
+def test_training_logprobs_equal_the_sampling_ones(chat_model) -> None:
     from cakelm.checkpoint import load_model
 
     model, tok, _ = load_model(chat_model)
@@ -231,12 +227,10 @@ def test_bad_options_are_one_line_errors(chat_model, prompts, tmp_path, capsys, 
 
 
 def test_base_model_is_refused(tok_dir, prompts, tmp_path, capsys) -> None:
-    tok = Tokenizer.load(tok_dir)
-    save_checkpoint(tmp_path / "base", Transformer(tiny_model_config()), tok, {"stage": "pretrain", "step": 0})
+    tiny_checkpoint(tmp_path / "base", tok_dir, "pretrain", "playscript")
     assert cli(["grpo", "--init", str(tmp_path / "base"), "--data", prompts, "--out", str(tmp_path / "o")]) == 2
     assert "run `cakelm sft` first" in capsys.readouterr().err
-    chat = tmp_path / "chat"
-    save_checkpoint(chat, Transformer(tiny_model_config()), tok, {"stage": "sft", "step": 0, "chat_format": "chat"})
+    chat = tiny_checkpoint(tmp_path / "chat", tok_dir, "sft", "chat")
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "king " * 80}, {"prompt": "queen " * 80}])
     with pytest.raises(CakeError, match="no prompt fits the model's context of 32 tokens"):
         run_grpo(chat, [long], tmp_path / "o2")

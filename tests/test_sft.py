@@ -12,17 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from cakelm.__main__ import main as cli
-from cakelm.checkpoint import load_meta, load_model, save_checkpoint
+from cakelm.checkpoint import load_meta, load_model
 from cakelm.common import CakeError
 from cakelm.config import build_config
 from cakelm.data.chat_batches import ChatBatches
-from cakelm.model import Transformer
 from cakelm.stages import eval as eval_stage
 from cakelm.stages import sft
-from cakelm.tokenizer import Tokenizer
+from tests.conftest import tiny_checkpoint
 from tests.serving import free_port
 from tests.test_ddp import _flags
 from tests.test_loop import losses
@@ -49,13 +47,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 @pytest.fixture(scope="module")
 def base(tok_dir, tmp_path_factory) -> Path:
     """A random-init tiny checkpoint standing in for a pretrained base model."""
-    tok = Tokenizer.load(tok_dir)
-    torch.manual_seed(0)
-    from tests.conftest import tiny_model_config
-    model = Transformer(tiny_model_config(dim=64, n_heads=4, n_kv_heads=4, max_seq_len=256))
-    out = tmp_path_factory.mktemp("base") / "base"
-    save_checkpoint(out, model, tok, {"stage": "pretrain", "step": 0, "complete": True, "chat_format": "playscript"})
-    return out
+    return tiny_checkpoint(tmp_path_factory.mktemp("base") / "base", tok_dir, "pretrain", "playscript", dim=64,
+                           n_heads=4, n_kv_heads=4, max_seq_len=256)
 
 
 @pytest.fixture(scope="module")

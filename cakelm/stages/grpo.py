@@ -27,6 +27,9 @@ arXiv 2402.03300, with the corrections of DAPO, Yu et al. 2025, arXiv 2503.14476
    max_new_tokens)). --mask-truncated leaves completions that hit the token limit out of the loss (DAPO's
    overlong filtering). The KL term needs a frozen copy of --init, loaded when --beta > 0 or --log-kl.
 
+--loop.batch-size counts completions per forward pass; the micro-batches of a step follow from it (completions per
+rank / batch size), so --loop.grad-accum is set, not read.
+
 Logged per step (metrics.jsonl): reward and its std, accuracy (exact match where the rows have an answer),
 zero_signal, completion length, truncated share, KL to the reference, entropy, clip fraction, the importance
 ratio, rollout time and sampled tokens/s. Every --loop.eval-every steps: greedy reward, accuracy and
@@ -212,10 +215,13 @@ def score_rollouts(rewards: list[WeightedReward], rows: list[PromptRow], rolls: 
             answered += 1
             correct += exact_match(row.question, r.text, row.fields["answer"]) == 1.0
         ended += r.ended
-    groups = [r.prompt for r in rolls]
-    for i, v in enumerate(values):
-        if math.isnan(v):
-            mates = [values[j] for j in range(len(values)) if groups[j] == groups[i] and not math.isnan(values[j])]
+    scored: dict[int, list[float]] = {}  # prompt -> its completions' rewards that some reward applied to
+    for r, v in zip(rolls, values):
+        if not math.isnan(v):
+            scored.setdefault(r.prompt, []).append(v)
+    for i, r in enumerate(rolls):
+        if math.isnan(values[i]):
+            mates = scored.get(r.prompt, [])
             values[i] = sum(mates) / len(mates) if mates else 0.0
     return values, [correct, answered, sum(len(r.ids) for r in rolls), ended, unscored]
 
