@@ -4,9 +4,14 @@ the same weights (an export of the same model), each with and without a KV cache
 
     python benchmarks/generate.py                      # the 10m preset (6 layers, width 384, context 256)
     python benchmarks/generate.py --preset tiny --new-tokens 64
+    python benchmarks/generate.py --ckpt smollm2 --new-tokens 64 --repeats 2 --no-cache-rows 0
+                                                       # a real model: SmolLM2-135M (imported on the fly)
 
-Weights are random (speed does not depend on them); decoding is greedy and never stops early, so every
-configuration generates exactly --new-tokens tokens. transformers is needed for its rows (the dev extra).
+Weights are random for a preset (speed does not depend on them); --ckpt times a checkpoint's own weights
+(`smollm2` imports SmolLM2-135M-Instruct into a temporary directory first). Decoding is greedy and never stops
+early, so every configuration generates exactly --new-tokens tokens. transformers is needed for its rows (the dev
+extra). The memory-bandwidth bound is the fastest batch-1 decode any fp32 implementation can reach: every
+decoded token reads all the weights once, so tokens/s <= measured read bandwidth / bytes of weights.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from cakelm.checkpoint import load_model
 from cakelm.common import peak_memory_mb
 from cakelm.engine import Engine, SamplingParams
 from cakelm.hf_compat import export_hf
@@ -51,6 +57,23 @@ def per_token_ms(engine: Engine, prompt: list[int], n: int, window: int) -> list
     return [1000 * (stamps[i + window] - stamps[i]) / window for i in range(0, len(stamps) - window, window)]
 
 
+def read_bandwidth(mb: int = 1024, repeats: int = 5) -> float:
+    """Bytes/s this machine streams from memory: the best of `repeats` sums over an fp32 tensor of `mb` MB
+    (far larger than any cache), on torch's threads, as a decode step's matrix-vector products read weights."""
+    x = torch.ones(mb * 2**20 // 4)
+    return x.numel() * 4 / timed(lambda: x.sum(), repeats)
+
+
+def load(ckpt: str, tmp: str) -> tuple[Transformer, Tokenizer, str]:
+    """(model, tokenizer, label) of a checkpoint, or of SmolLM2 imported into `tmp` for `smollm2`."""
+    if ckpt == "smollm2":
+        from cakelm.stages import import_model
+
+        ckpt = str(import_model.main(import_model.ImportConfig(src="smollm2", out=f"{tmp}/smollm2")))
+    model, tok, meta = load_model(ckpt)
+    return model, tok, f"{meta.get('source', {}).get('name') or ckpt}"
+
+
 @torch.no_grad()
 def no_cache_decode(model: Transformer, prompt: list[int], n: int) -> None:
     """Greedy decoding that recomputes the whole sequence for every token (what a cache-less generate does)."""
@@ -67,23 +90,30 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ckpt", default=None, help="time this checkpoint instead of a preset (smollm2: import it)")
+    ap.add_argument("--no-cache-rows", type=int, default=1, help="1: also time decoding without a KV cache")
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    tok = toy_tokenizer(args.vocab)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, **PRESETS[args.preset])
-    model = Transformer(cfg).eval()
+    tmp = tempfile.TemporaryDirectory()
+    if args.ckpt:
+        model, tok, label = load(args.ckpt, tmp.name)
+        cfg = model.cfg
+    else:
+        tok = toy_tokenizer(args.vocab)
+        cfg = ModelConfig(vocab_size=tok.vocab_size, **PRESETS[args.preset])
+        model, label = Transformer(cfg).eval(), args.preset
     engine = Engine(model, tok)
     P, N = args.prompt_tokens, min(args.new_tokens, cfg.max_seq_len - args.prompt_tokens)
     prompt = torch.randint(10, cfg.vocab_size, (P,)).tolist()
     prompts8 = [torch.randint(10, cfg.vocab_size, (P - 3 * i,)).tolist() for i in range(8)]  # 8 different lengths
     greedy = SamplingParams(max_new_tokens=N, temperature=0)
-    print(f"{args.preset}: {model.num_params() / 1e6:.1f}M parameters, {cfg.n_layers} layers, width {cfg.dim}, "
+    print(f"{label}: {model.num_params() / 1e6:.1f}M parameters, {cfg.n_layers} layers, width {cfg.dim}, "
           f"context {cfg.max_seq_len}; prompt {P} tokens, {N} new tokens; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     rows = []
 
-    long_prompt = torch.randint(10, cfg.vocab_size, (cfg.max_seq_len // 2,)).tolist()
+    long_prompt = torch.randint(10, cfg.vocab_size, (min(cfg.max_seq_len // 2, 512),)).tolist()
     one = SamplingParams(max_new_tokens=1, temperature=0)
     t_prefill = timed(lambda: engine.generate([long_prompt], one), args.repeats)
     rows.append(("cakelm", f"prefill ({len(long_prompt)} tokens) + first token", f"{len(long_prompt) / t_prefill:,.0f}"
@@ -93,8 +123,10 @@ def main() -> None:
     t8 = timed(lambda: engine.generate(prompts8, greedy), args.repeats)
     rows.append(("cakelm, KV cache", "decode, batch 8 (8 lengths)", f"{8 * N / t8:,.1f} tok/s",
                  f"{8 * t1 / t8:.1f}x batch 1"))
-    t_nc = timed(lambda: no_cache_decode(model, prompt, N), 1)
-    rows.append(("cakelm, no cache", "decode, batch 1", f"{N / t_nc:,.1f} tok/s", f"{1000 * t_nc / N:.2f} ms/token"))
+    if args.no_cache_rows:
+        t_nc = timed(lambda: no_cache_decode(model, prompt, N), 1)
+        rows.append(("cakelm, no cache", "decode, batch 1", f"{N / t_nc:,.1f} tok/s",
+                     f"{1000 * t_nc / N:.2f} ms/token"))
     window = max(1, N // 4)
     flat = per_token_ms(engine, prompt, N, window)
 
@@ -109,7 +141,6 @@ def main() -> None:
         ids1 = torch.tensor([prompt])
         with torch.no_grad():
             h1 = timed(lambda: hf.generate(ids1, **kw), args.repeats)
-            h_nc = timed(lambda: hf.generate(ids1, use_cache=False, **kw), 1)
             left = torch.tensor([[tok.pad_id] * (P - len(p)) + p for p in prompts8])
             mask = (torch.arange(P)[None] >= torch.tensor([P - len(p) for p in prompts8])[:, None]).long()
             h8 = timed(lambda: hf.generate(left, attention_mask=mask, **kw), args.repeats)
@@ -121,8 +152,12 @@ def main() -> None:
             ("transformers, KV cache", "decode, batch 1", f"{N / h1:,.1f} tok/s", f"{1000 * h1 / N:.2f} ms/token"),
             ("transformers, KV cache", "decode, batch 8 (8 lengths)", f"{8 * N / h8:,.1f} tok/s",
              f"{8 * h1 / h8:.1f}x batch 1"),
-            ("transformers, no cache", "decode, batch 1", f"{N / h_nc:,.1f} tok/s", f"{1000 * h_nc / N:.2f} ms/token"),
         ]
+        if args.no_cache_rows:
+            with torch.no_grad():
+                h_nc = timed(lambda: hf.generate(ids1, use_cache=False, **kw), 1)
+            hf_rows.append(("transformers, no cache", "decode, batch 1", f"{N / h_nc:,.1f} tok/s",
+                            f"{1000 * h_nc / N:.2f} ms/token"))
     except ImportError:
         print("(transformers is not installed: its rows are skipped)")
 
@@ -132,6 +167,11 @@ def main() -> None:
     if hf_rows:
         print(f"cakelm vs transformers, batch-1 decode with caches: {h1 / t1:.2f}x; batch 8: {h8 / t8:.2f}x")
     print(f"cakelm ms/token by position (windows of {window} tokens): {', '.join(f'{x:.2f}' for x in flat)}")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied head counts once
+    bw = read_bandwidth()
+    bound = bw / weight_bytes
+    print(f"memory-bandwidth bound, batch 1: {weight_bytes / 1e6:.0f} MB of weights per token / {bw / 1e9:.1f} GB/s "
+          f"measured read bandwidth = {bound:.1f} tok/s (cakelm reaches {N / t1 / bound:.0%} of it)")
     print(f"peak memory (RSS) {peak_memory_mb():.0f} MB")
 
 

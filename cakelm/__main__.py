@@ -1,7 +1,7 @@
 """The `cakelm` command: one subcommand per stage, each a Config dataclass and a `main(cfg)`.
 
     cakelm --help
-    cakelm pipeline                    # data -> tokenizer -> pretrain -> sample on Shakespeare
+    cakelm pipeline                    # every stage, pretraining to RLHF, with a report card
     cakelm pretrain --help             # every option, grouped (model., optim., loop.)
     torchrun --nproc_per_node 2 -m cakelm pretrain
 """
@@ -19,8 +19,9 @@ import torch.distributed as dist
 from cakelm import __version__, serve
 from cakelm.common import CakeError
 from cakelm.config import ConfigError, add_arguments, config_from_args
-from cakelm.stages import chat, data, export, grpo, pipeline, pretrain, sample, sft, tokenizer
+from cakelm.stages import chat, compare, data, export, grpo, pipeline, pretrain, sample, sft, tokenizer
 from cakelm.stages import eval as eval_stage
+from cakelm.stages import dpo, import_model, ppo, prefs, reward
 
 # command -> (stage module, its Config class, its presets, one-line help)
 COMMANDS: dict[str, tuple[ModuleType, type, dict | None, str]] = {
@@ -31,11 +32,22 @@ COMMANDS: dict[str, tuple[ModuleType, type, dict | None, str]] = {
     "sft": (sft, sft.SFTConfig, sft.PRESETS, "supervised fine-tuning on conversations (assistant-only loss)"),
     "grpo": (grpo, grpo.GRPOConfig, grpo.PRESETS, "RL from verifiable rewards: GRPO on task prompts (DAPO/Dr. GRPO "
              "options)"),
+    "prefs": (prefs, prefs.PrefsConfig, prefs.PRESETS, "preference pairs: a chat model's replies judged by the rule-based "
+              "rater"),
+    "reward": (reward, reward.RewardConfig, reward.PRESETS, "reward model from preference pairs (Bradley-Terry); "
+               "`cakelm reward score CKPT --data FILE` scores replies"),
+    "reward-score": (reward, reward.ScoreConfig, None, "score replies with a reward model (also `reward score`)"),
+    "dpo": (dpo, dpo.DPOConfig, dpo.PRESETS, "Direct Preference Optimization on preference pairs (sigmoid, IPO)"),
+    "ppo": (ppo, ppo.PPOConfig, ppo.PRESETS, "RLHF with PPO against a reward model (value model, GAE, KL penalty)"),
     "eval": (eval_stage, eval_stage.EvalConfig, None, "task accuracy, end-of-turn rate and held-out chat loss"),
     "sample": (sample, sample.SampleConfig, None, "print continuations of a prompt from a checkpoint"),
     "chat": (chat, chat.ChatConfig, None, "chat with a checkpoint in the terminal (streamed replies)"),
     "serve": (serve, serve.ServeConfig, None, "OpenAI-compatible HTTP API and a web chat page"),
     "export": (export, export.ExportConfig, None, "export a checkpoint (Hugging Face Llama directory)"),
+    "import": (import_model, import_model.ImportConfig, None, "import a pretrained Llama-family model (smollm2, "
+               "a Hugging Face directory, a GGUF file, a hub id)"),
+    "compare": (compare, compare.CompareConfig, compare.PRESETS, "Transformer vs an LSTM of equal size: speed by "
+                "context, bits per byte at equal time, loss by position"),
 }
 
 
@@ -52,9 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["reward", "score"]:  # `cakelm reward score CKPT ...` is the reward-score command
+        argv = ["reward-score", *argv[2:]]
     ns = build_parser().parse_args(argv)
     module, cls, presets, _ = COMMANDS[ns.command]
-    run: Callable[[Any], Any] = module.main
+    run: Callable[[Any], Any] = reward.score_main if ns.command == "reward-score" else module.main
     try:
         run(config_from_args(cls, ns, presets))
     except (CakeError, ConfigError) as e:

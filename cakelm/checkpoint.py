@@ -4,9 +4,12 @@
       model.safetensors   weights (fp32 unless saved otherwise); metadata {"step": ...}
       config.json         ModelConfig
       tokenizer.json      the tokenizer the model was trained with
+      tokenizer_config.json  (imported models) the chat template and special tokens of a foreign vocabulary
       meta.json           {"stage", "step", "complete", "config" (resolved stage config), "metrics",
                            "code_version", "parent" (checkpoint this one started from), ...}
       train_state.pt      optimizer state, step, RNG states: what `--resume` needs for an exact continuation
+      heads.safetensors   (reward models and PPO) extra tensors beside the Transformer: the scalar head, the
+                          value model; see `cakelm.rlhf`
 
 A save writes and fsyncs every file under a temporary name first, then renames them into place (meta.json last),
 so an interrupted save leaves the old checkpoint or the new one. The weights, meta.json and train_state.pt all
@@ -30,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from cakelm.common import CakeError, code_version, fsync_path, read_json
 from cakelm.config import flatten
 from cakelm.model import ModelConfig, Transformer
-from cakelm.tokenizer import Tokenizer
+from cakelm.tokenizer import CAKELM_TEMPLATE, CONFIG_FILE, Tokenizer
 
 FILES = ("model.safetensors", "config.json", "tokenizer.json", "meta.json")
 
@@ -48,8 +51,9 @@ def _weights(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(out: str | Path, model: Transformer, tokenizer: Tokenizer, meta: dict[str, Any],
-                    train_state: dict[str, Any] | None = None) -> Path:
-    """Write (or overwrite) a checkpoint directory. `meta` must hold at least "stage" and "step"."""
+                    train_state: dict[str, Any] | None = None, heads: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write (or overwrite) a checkpoint directory. `meta` must hold at least "stage" and "step". `heads` are
+    tensors saved beside the model in heads.safetensors (a scalar head, a value model), with the same step."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     step = int(meta["step"])
@@ -58,8 +62,15 @@ def save_checkpoint(out: str | Path, model: Transformer, tokenizer: Tokenizer, m
         writers["train_state.pt"] = lambda p: torch.save({**train_state, "step": step}, p)
     writers["model.safetensors"] = lambda p: save_file(_weights(model), str(p), metadata={"step": str(step),
                                                                                          "format": "pt"})
+    if heads is not None:
+        writers["heads.safetensors"] = lambda p: save_file(
+            {k: v.detach().to("cpu").contiguous() for k, v in heads.items()}, str(p),
+            metadata={"step": str(step), "format": "pt"})
     writers["config.json"] = lambda p: p.write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
     writers["tokenizer.json"] = tokenizer.save
+    if tokenizer.template != CAKELM_TEMPLATE:  # an imported vocabulary: its chat template travels with it
+        writers[CONFIG_FILE] = lambda p: p.write_text(json.dumps(tokenizer.config(), indent=2) + "\n",
+                                                      encoding="utf-8")
     writers["meta.json"] = lambda p: p.write_text(json.dumps({"code_version": code_version(), **meta}, indent=2,
                                                              sort_keys=True) + "\n", encoding="utf-8")
     staged: dict[str, Path] = {}
@@ -70,6 +81,10 @@ def save_checkpoint(out: str | Path, model: Transformer, tokenizer: Tokenizer, m
             fsync_path(staged[name])
         if train_state is None:
             (out / "train_state.pt").unlink(missing_ok=True)  # a stale one must not be resumed from
+        if CONFIG_FILE not in staged:
+            (out / CONFIG_FILE).unlink(missing_ok=True)
+        if heads is None:
+            (out / "heads.safetensors").unlink(missing_ok=True)
         for name in list(staged):  # 2. renamed into place, meta.json last
             os.replace(staged.pop(name), out / name)
         fsync_path(out)
@@ -127,6 +142,24 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Tr
     return model.to(device).eval(), tok, meta
 
 
+def load_heads(path: str | Path) -> dict[str, torch.Tensor]:
+    """The extra tensors of a checkpoint (heads.safetensors), checked to be from the weights' step."""
+    path = Path(path)
+    meta = load_meta(path)
+    f = path / "heads.safetensors"
+    if not f.is_file():
+        raise CakeError(f"{path}: no heads.safetensors (a {meta.get('stage', '?')} checkpoint, not a reward model)")
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            step = (fh.metadata() or {}).get("step")
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CakeError(f"{f}: unreadable ({e})") from None
+    if step is not None and int(step) != int(meta.get("step", -1)):
+        raise CakeError(f"{f}: from step {step} but meta.json says step {meta.get('step')} (a save was cut off)")
+    return tensors
+
+
 def load_train_state(path: str | Path) -> dict[str, Any]:
     """The optimizer/loop state saved with a checkpoint, checked to be from the same step as its weights."""
     p = Path(path) / "train_state.pt"
@@ -145,7 +178,7 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
 
 # Options that may change when a run is resumed: how long it runs and how it reports, not what it computes.
 RESUMABLE = {"resume", "overwrite", "loop.max_steps", "loop.eval_every", "loop.eval_tokens", "loop.log_every",
-             "loop.save_every", "loop.progress", "loop.device"}
+             "loop.save_every", "loop.progress", "loop.device", "loop.grad_checkpoint"}
 
 
 def check_same_run(saved: dict, now: dict, out: Path) -> None:

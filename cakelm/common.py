@@ -172,6 +172,23 @@ def peak_memory_mb() -> float:
         return float("nan")
 
 
+def hardware_info(device: torch.device | None = None) -> dict[str, Any]:
+    """What a measurement ran on, for reports: CPU model, cores, torch version and threads, device (and GPU)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = device or pick_device("auto")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "device": device.type, "gpu": gpu,
+            "python": platform.python_version()}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Atomic writes: write a temp file in the same directory, fsync, rename. A crash leaves the old file or the new
 # one, never half of either.

@@ -1,23 +1,32 @@
-"""Hugging Face interop: our weights and config <-> `LlamaForCausalLM`, and the export directory.
+"""Hugging Face and GGUF interop: our weights and config <-> `LlamaForCausalLM`, the export directory, and
+reading Llama-architecture models from a Hugging Face directory or a GGUF file (`cakelm import`).
 
 Our Transformer is a Llama by construction, so the map is a renaming, one tensor to one tensor. RoPE uses the
-same "rotate half" layout, so no permutation is needed (GGUF files, which use the interleaved layout, do).
+same "rotate half" layout, so no permutation is needed for HF weights. GGUF files (llama.cpp) store q and k
+with the rows of each head interleaved for llama.cpp's RoPE; reading undoes that permutation, and dequantizes
+every tensor to fp32 with PyPI `gguf` (the same numbers transformers' GGUF loader computes).
 
     cakelm export runs/default/base --to hf out/hf-base
     AutoModelForCausalLM.from_pretrained("out/hf-base")
+    cfg, state_dict, tok, info = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer as HFTokenizer
 
-from cakelm.common import CakeError, write_json_atomic
+from cakelm.chat_format import jinja_template, template_from_jinja
+from cakelm.common import CakeError, read_json, write_json_atomic
 from cakelm.model import ModelConfig, Transformer
-from cakelm.tokenizer import Tokenizer
+from cakelm.tokenizer import ChatTemplate, Tokenizer
 
 # ours -> HF; {i} is the layer index. The output head is absent when tied to the embedding.
 _GLOBAL = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -107,8 +116,225 @@ def export_hf(model: Transformer, tok: Tokenizer, out: str | Path) -> Path:
         "eos_token_id": [tok.end_id, tok.bos_id],
     })
     tok.save(out / "tokenizer.json")
-    write_json_atomic(out / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|end|>",
-        "pad_token": "<|pad|>", "model_max_length": model.cfg.max_seq_len, "clean_up_tokenization_spaces": False,
-    })
+    # the model's chat template (an imported model's own, or ours written as Jinja), so that
+    # tokenizer.apply_chat_template gives the ids cakelm trains and generates with
+    write_json_atomic(out / "tokenizer_config.json", {**tok.config(), "model_max_length": model.cfg.max_seq_len,
+                                                      "chat_template": jinja_template(tok.template) or None})
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a Hugging Face directory
+
+
+def _token_name(value: Any) -> str | None:
+    """A special token as tokenizer_config.json gives it: a string or an AddedToken dict {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def hf_tokenizer(path: Path, config: dict[str, Any]) -> Tokenizer:
+    """The tokenizer of a Hugging Face model directory: tokenizer.json (byte-level BPE), its special tokens and
+    chat template from tokenizer_config.json (or chat_template.jinja), ids from config.json as a fallback."""
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        raise CakeError(f"{path}: no tokenizer.json (only Hugging Face fast tokenizers can be imported)")
+    try:
+        hf = HFTokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise CakeError(f"{file}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+    decoder = json.loads(hf.to_str()).get("decoder") or {}
+    if decoder.get("type") != "ByteLevel":
+        raise CakeError(f"{file}: unsupported tokenizer (decoder {decoder.get('type')}): only byte-level BPE "
+                        "vocabularies (GPT-2, Llama 3, SmolLM style) can be imported, not SentencePiece ones")
+    tc = read_json(path / "tokenizer_config.json", "tokenizer config") if (path / "tokenizer_config.json").is_file() \
+        else {}
+
+    def named(key: str, id_key: str) -> str | None:
+        ids = config.get(id_key)
+        ids = ids[0] if isinstance(ids, list) and ids else ids
+        return _token_name(tc.get(key)) or (hf.id_to_token(ids) if isinstance(ids, int) else None)
+
+    eos = named("eos_token", "eos_token_id")
+    if eos is None:
+        raise CakeError(f"{path}: neither tokenizer_config.json nor config.json names an end-of-sequence token")
+    bos = named("bos_token", "bos_token_id") or eos
+    pad = named("pad_token", "pad_token_id") or eos
+    jinja = tc.get("chat_template") or ""
+    if isinstance(jinja, list):  # several named templates: the default one
+        jinja = next((t["template"] for t in jinja if t.get("name") == "default"), "")
+    if not jinja and (path / "chat_template.jinja").is_file():
+        jinja = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    specials = [t.content for t in hf.get_added_tokens_decoder().values() if t.special]
+    template = template_from_jinja(jinja, bos, eos, pad, specials) if jinja else ChatTemplate(bos, pad, eos)
+    return Tokenizer(hf, template)
+
+
+def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, dict[str, Any]]:
+    """(model config, our state dict in fp32, tokenizer, info) of a Hugging Face Llama directory."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CakeError(f"{path}: no config.json (not a Hugging Face model directory)")
+    config = read_json(path / "config.json", "model config")
+    cfg = model_config_from_hf(config)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CakeError(f"{path}: no *.safetensors weights (pytorch_model.bin is not read; save the model with "
+                        "safe_serialization=True)")
+    hf_sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            hf_sd.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise CakeError(f"{f}: unreadable weights ({e})") from None
+    known = set(name_map(cfg).values()) | {"lm_head.weight"}
+    extra = sorted(k for k in hf_sd if k not in known and not k.endswith("rotary_emb.inv_freq"))
+    if extra:
+        raise CakeError(f"{path}: unsupported Llama variant: unexpected tensor {extra[0]}")
+    sd = {k: v.float() for k, v in from_hf_state_dict(hf_sd, cfg).items()}
+    info = {"format": "hf", "name": config.get("_name_or_path") or path.name,
+            "architectures": config.get("architectures")}
+    return cfg, sd, hf_tokenizer(path, config), info
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a GGUF file (llama.cpp)
+
+GGUF_GLOBAL = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight",
+               "output.weight": "lm_head.weight"}
+GGUF_LAYER = {
+    "attn_norm.weight": "attn_norm.weight", "attn_q.weight": "attn.q.weight", "attn_k.weight": "attn.k.weight",
+    "attn_v.weight": "attn.v.weight", "attn_output.weight": "attn.o.weight", "ffn_norm.weight": "mlp_norm.weight",
+    "ffn_gate.weight": "mlp.gate.weight", "ffn_up.weight": "mlp.up.weight", "ffn_down.weight": "mlp.down.weight",
+}
+_TOKEN_CONTROL = 3  # llama.cpp's token type of special tokens (1 normal, 3 control, 4 user-defined)
+
+
+def gguf_name_map(n_layers: int) -> dict[str, str]:
+    """Every GGUF tensor name of a Llama -> ours."""
+    names = dict(GGUF_GLOBAL)
+    for i in range(n_layers):
+        names.update({f"blk.{i}.{theirs}": f"layers.{i}.{ours}" for theirs, ours in GGUF_LAYER.items()})
+    return names
+
+
+def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k permutation (convert_hf_to_gguf.py `permute`): within each head, GGUF stores row
+    pairs (i, i + D/2) of HF's "rotate half" layout next to each other. w: (heads * D, C)."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's permutation itself (HF layout -> GGUF layout), the inverse of unpermute_rope."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, dict[str, Any]]:
+    """(model config, our state dict in fp32, tokenizer, info) of a Llama-architecture GGUF file."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise CakeError(f"GGUF file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/struct errors on files that are not GGUF
+        raise CakeError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0][:200]})") from None
+    missing = object()
+
+    def field(key: str, default: Any = missing) -> Any:
+        f = reader.fields.get(key)
+        if f is None:
+            if default is missing:
+                raise CakeError(f"{path}: GGUF metadata lacks {key}")
+            return default
+        return f.contents()
+
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise CakeError(f"{path}: unsupported GGUF architecture {arch!r} (cakelm imports Llama-architecture models)")
+    if field("llama.expert_count", 0):
+        raise CakeError(f"{path}: unsupported Llama variant: mixture of experts ({field('llama.expert_count')} "
+                        "experts)")
+    scaling = field("llama.rope.scaling.type", "none")
+    if scaling != "none" or "rope_freqs.weight" in {t.name for t in reader.tensors}:
+        raise CakeError(f"{path}: unsupported RoPE scaling {scaling if scaling != 'none' else 'rope_freqs'}")
+    n_heads, dim = field("llama.attention.head_count"), field("llama.embedding_length")
+    n_kv = field("llama.attention.head_count_kv", n_heads)
+    if isinstance(n_kv, list) or isinstance(n_heads, list):
+        raise CakeError(f"{path}: unsupported Llama variant: head counts differ between layers")
+    if field("llama.rope.dimension_count", dim // n_heads) != dim // n_heads or \
+            field("llama.attention.key_length", dim // n_heads) != dim // n_heads:
+        raise CakeError(f"{path}: unsupported Llama variant: head or RoPE dimension != embedding / heads")
+    tok = gguf_tokenizer(path, field)
+    names = {t.name for t in reader.tensors}
+    cfg = ModelConfig(
+        vocab_size=field("llama.vocab_size", tok.vocab_size), dim=dim, n_layers=field("llama.block_count"),
+        n_heads=n_heads, n_kv_heads=n_kv, ffn_dim=field("llama.feed_forward_length"),
+        max_seq_len=field("llama.context_length", 2048), rope_theta=float(field("llama.rope.freq_base", 10000.0)),
+        norm_eps=float(field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in names)
+    shapes = _param_shapes(cfg)
+    mapping, sd = gguf_name_map(cfg.n_layers), {}
+    for t in reader.tensors:
+        ours = mapping.get(t.name)
+        if ours is None:
+            raise CakeError(f"{path}: unsupported Llama variant: unexpected tensor {t.name}")
+        qtype = gguf.GGMLQuantizationType(t.tensor_type)
+        try:
+            if qtype.name in ("I8", "I16", "I32", "I64", "F64"):  # not weight formats llama.cpp quantizes to
+                raise NotImplementedError
+            w = np.asarray(gguf.quants.dequantize(t.data, qtype), dtype=np.float32)
+        except NotImplementedError:
+            raise CakeError(f"{path}: tensor {t.name} has unsupported type {qtype.name}") from None
+        if tuple(w.shape) != shapes[ours]:
+            raise CakeError(f"{path}: tensor {t.name} has shape {tuple(w.shape)}, the metadata implies "
+                            f"{shapes[ours]}")
+        if t.name.endswith("attn_q.weight"):
+            w = unpermute_rope(w, n_heads)
+        elif t.name.endswith("attn_k.weight"):
+            w = unpermute_rope(w, n_kv)
+        sd[ours] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))  # a copy: F32 data is a memmap
+    need = [k for k in shapes if k not in sd and not (k == "lm_head.weight" and cfg.tie_embeddings)]
+    if need:
+        raise CakeError(f"{path}: GGUF file lacks the tensor for {need[0]}")
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["embed.weight"]
+    types = sorted({gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors})
+    info = {"format": "gguf", "name": field("general.name", path.stem), "license": field("general.license", None),
+            "tensor_types": types}
+    return cfg, sd, tok, info
+
+
+def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every parameter of a Transformer with this config (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def gguf_tokenizer(path: Path, field: Any) -> Tokenizer:
+    """The byte-level BPE tokenizer stored in a GGUF file (tokens, merges, token types, special token ids,
+    pre-tokenizer name, chat template). `field(key, default)` reads the file's metadata."""
+    kind = field("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise CakeError(f"{path}: unsupported tokenizer {kind!r}: only byte-level BPE ('gpt2') vocabularies can be "
+                        "imported, not SentencePiece ones")
+    tokens = field("tokenizer.ggml.tokens")
+    types = field("tokenizer.ggml.token_type", [1] * len(tokens))
+    specials = [t for t, kind in zip(tokens, types) if kind == _TOKEN_CONTROL]
+
+    def token(key: str) -> str | None:
+        i = field(f"tokenizer.ggml.{key}_token_id", None)
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    eos = token("eos")
+    if eos is None:
+        raise CakeError(f"{path}: GGUF metadata lacks tokenizer.ggml.eos_token_id")
+    bos, pad = token("bos") or eos, token("padding") or eos
+    jinja = field("tokenizer.chat_template", "")
+    template = template_from_jinja(jinja, bos, eos, pad, specials) if jinja else ChatTemplate(bos, pad, eos)
+    try:
+        return Tokenizer.from_bpe(tokens, field("tokenizer.ggml.merges"), specials,
+                                  field("tokenizer.ggml.pre", "default"), template)
+    except CakeError as e:
+        raise CakeError(f"{path}: {e}") from None

@@ -49,6 +49,7 @@ from cakelm.common import (
     write_text_atomic,
 )
 from cakelm.config import ConfigError, opt
+from cakelm.model import Transformer
 from cakelm.optim import OptimConfig, build_optimizers, lr_multiplier, set_lr
 
 Batch = dict[str, Any]
@@ -69,6 +70,8 @@ class LoopConfig:
     device: str = opt("auto", "device", alias="--device", choices=("auto", "cpu", "cuda", "mps"))
     dtype: str = opt("auto", "autocast dtype: auto = bf16 on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16"))
     compile: bool = opt(False, "torch.compile the model (faster on GPUs; minutes of compiling on a CPU)")
+    grad_checkpoint: bool = opt(False, "recompute each block's activations in the backward pass: far less memory "
+                                "for ~1/3 more compute (models of 100M+ parameters, long rows)")
     seed: int = opt(1337, "random seed (init, data order, sampling)", alias="--seed")
     progress: bool = opt(True, "show a progress bar")
 
@@ -185,6 +188,9 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
         for o, s in zip(optimizers, resume_state["optimizers"], strict=True):
             o.load_state_dict(s)
         torch.set_rng_state(resume_state["rng"]["torch"])
+    for m in model.modules():  # the model, or the Transformer inside a wrapper (a scalar-head model)
+        if isinstance(m, Transformer):
+            m.grad_checkpoint = cfg.grad_checkpoint
     fwd: nn.Module = torch.compile(model) if cfg.compile else model
     if info.enabled:
         fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)

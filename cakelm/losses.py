@@ -205,3 +205,23 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     a, b = (values - returns) ** 2, (clipped - returns) ** 2
     return 0.5 * torch.maximum(a, b), b > a
+
+
+def ppo_token_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                      kl_coef: float) -> torch.Tensor:
+    """Per-token PPO rewards (N, T): -kl_coef * (logp - ref_logp) at every reply token (the k1 KL penalty) plus
+    the sequence score (N,) at the reply's last token; 0 off the mask (Ziegler et al. 2019, arXiv 1909.08593;
+    InstructGPT; TRL's and OpenRLHF's PPO)."""
+    mask = mask.to(logp.dtype)
+    rewards = -kl_coef * kl_k1(logp, ref_logp) * mask
+    T = mask.size(1)
+    last = T - 1 - mask.flip(1).argmax(1)  # (N,) the last reply position
+    return rewards.scatter_add(1, last[:, None], score.to(rewards.dtype)[:, None] * mask.gather(1, last[:, None]))
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, n_steps: int, horizon: int) -> float:
+    """The adaptive KL controller of Ziegler et al. 2019 (arXiv 1909.08593, section 2.2; TRL's AdaptiveKLController):
+    e = clip(kl / target - 1, -0.2, 0.2); coef <- coef * (1 + e * n_steps / horizon). It raises the coefficient
+    while the policy's KL exceeds the target and lowers it below."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n_steps / horizon)

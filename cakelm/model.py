@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from cakelm.config import ConfigError, opt
 
@@ -292,6 +293,10 @@ class Transformer(nn.Module):
         cos, sin = rope_cache(cfg, cfg.max_seq_len)
         self.register_buffer("cos", cos, persistent=False)  # (max_seq_len, D/2)
         self.register_buffer("sin", sin, persistent=False)
+        # Gradient (activation) checkpointing: in training, keep only each block's input and recompute the
+        # block in the backward pass. Memory for activations drops from ~all blocks' intermediates to one
+        # block's, for one more forward pass (~1/3 more compute). Set by the loop (--loop.grad-checkpoint).
+        self.grad_checkpoint = False
         self.init_weights()
 
     @torch.no_grad()
@@ -318,9 +323,10 @@ class Transformer(nn.Module):
         return n - self.embed.weight.numel() if exclude_embedding else n
 
     def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids idx (B, T). With a KV cache, idx holds the tokens for cache slots
-        [kv_cache.pos, kv_cache.pos + T) and the cache position advances by T.
+                segments: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids idx (B, T), or with `hidden` the final normed hidden states (B, T, C)
+        that the output head reads (scalar heads read them too: `cakelm.rlhf.ScalarModel`). With a KV cache, idx
+        holds the tokens for cache slots [kv_cache.pos, kv_cache.pos + T) and the cache position advances by T.
 
         `segments` (B, T) packs several sequences into one row (training only): equal ids mark one sequence,
         which must be contiguous. Attention stays inside a sequence and positions restart at 0 in each, so
@@ -346,8 +352,13 @@ class Transformer(nn.Module):
             if pos.ndim == 2:
                 cos, sin = cos[:, None], sin[:, None]
         x = self.embed(idx)  # (B, T, C)
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache, mask, causal)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, kv_cache, mask, causal, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, kv_cache, mask, causal)
         if kv_cache is not None:
             kv_cache.pos += T
-        return self.lm_head(self.norm(x))  # (B, T, vocab)
+        x = self.norm(x)
+        return x if hidden else self.lm_head(x)  # (B, T, C) or (B, T, vocab)

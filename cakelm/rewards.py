@@ -15,6 +15,8 @@ Built-ins (`BUILTIN`):
 - `format`: 1 when the reply ended its turn itself (finish_reason "stop") within `max_chars` characters, else 0.
 - `equations`: the share of the equations in the completion ("9 + 9 + 1 = 19") that are true; None if it
   writes none. Partial credit for worked arithmetic, step by step.
+- `rater`: the rule-based stand-in for a person that judges replies in RLHF (its score is the "gold" reward
+  the reward model learns from pairs and PPO/DPO are measured by): see `rater` below. Applies to every row.
 - `gym`: the scorer reasoning-gym ships for the row's task (`task` = gsm / basic_arithmetic, `entry` = the
   generated problem), given the completion's final number (or its last line).
 
@@ -90,8 +92,38 @@ def gym(prompt: str, completion: str, task: str | None = None, entry: dict | Non
     return float(reasoning_gym.get_score_answer_fn(GYM_NAMES[task])(answer, entry))
 
 
+_INT = re.compile(r"(?<![\d.])\d+(?![\d.]\d)")
+_ARITHMETIC = re.compile(r"\d\s*[-+*/=]\s*\d|=")
+RATER_WORDS = (5, 30, 60)  # full marks for length from 5 to 30 words, none from 60
+
+
+def rater(prompt: str, completion: str, answer: str | None = None, finish_reason: str | None = None, **_: Any
+          ) -> float:
+    """The documented rule-based rater that stands in for a person in the RLHF stages (`cakelm prefs` picks the
+    better of two replies with it; its score is the "gold" reward that PPO and DPO are judged by, against the
+    reward model's "proxy" score). A reply earns, out of 5 points for a question with an answer and 3 otherwise:
+    - 1 for ending its turn (finish_reason "stop") instead of running into the token limit;
+    - up to 1 for length: 1 from 5 to 30 words, rising linearly from 0 words to 5 (a one-word reply says
+      little) and falling linearly from 30 to 0 at 60 (rambling costs);
+    - 1 for staying on topic: a question with an answer must be answered with its own numbers (every integer of
+      the question appears in the reply); a chat message must not get arithmetic back (no equations);
+    - 2 for a correct final number (rows with an answer; exact match, as `exact_match`).
+    Replies with no words at all score 0."""
+    words = completion.split()
+    if not words:
+        return 0.0
+    ended = float(finish_reason == "stop")
+    short, lo, hi = RATER_WORDS
+    brief = min(1.0, len(words) / short, max(0.0, (hi - len(words)) / (hi - lo)))
+    if answer is None:
+        on_topic = float(not _ARITHMETIC.search(completion))
+        return ended + brief + on_topic
+    on_topic = float(set(_INT.findall(prompt)) <= set(_INT.findall(completion)))
+    return ended + brief + on_topic + 2.0 * is_correct(completion, str(answer))
+
+
 BUILTIN: dict[str, Reward] = {"exact_match": exact_match, "format": format_reward, "equations": equations,
-                               "gym": gym}
+                               "gym": gym, "rater": rater}
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from cakelm import losses
 from cakelm.losses import IGNORE_INDEX, bits_per_byte, lm_loss, token_nll
 from cakelm.optim import OptimConfig, lr_multiplier
 
@@ -204,3 +205,25 @@ def test_masked_whiten_and_clipped_value_loss() -> None:
     loss, clipped = clipped_value_loss(torch.tensor([1.5, 1.1]), torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0]))
     torch.testing.assert_close(loss, torch.tensor([0.32, 0.405]))
     assert clipped.tolist() == [True, False]
+
+
+def test_ppo_token_rewards_hand_computed() -> None:
+    # row 0: reply at positions 1..3; row 1: reply at 0..1 (then padding)
+    mask = torch.tensor([[0.0, 1, 1, 1], [1, 1, 0, 0]])
+    logp = torch.tensor([[9.0, -1.0, -2.0, -0.5], [-1.0, -1.0, 7.0, 7.0]])
+    ref = torch.tensor([[0.0, -1.5, -1.0, -0.5], [-2.0, -0.5, 0.0, 0.0]])
+    r = losses.ppo_token_rewards(torch.tensor([2.0, -1.0]), logp, ref, mask, kl_coef=0.1)
+    # -0.1 * (logp - ref) on the reply; the score added at the last reply token; 0 off the mask
+    expected = torch.tensor([[0.0, -0.05, 0.1, 0.0 + 2.0], [-0.1, 0.05 - 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(r, expected)
+    # a row with no reply tokens gets nothing, not the score
+    empty = losses.ppo_token_rewards(torch.tensor([5.0]), torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3), 0.1)
+    assert empty.abs().sum() == 0
+
+
+def test_adaptive_kl_coef_hand_computed() -> None:
+    # KL 12 against a target of 6: error clipped to +0.2; 256 replies over a horizon of 10,000
+    assert losses.adaptive_kl_coef(0.1, 12.0, 6.0, 256, 10_000) == pytest.approx(0.1 * (1 + 0.2 * 256 / 10_000))
+    # KL 5.4 against 6: error -0.1
+    assert losses.adaptive_kl_coef(0.1, 5.4, 6.0, 1000, 10_000) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
+    assert losses.adaptive_kl_coef(0.1, 6.0, 6.0, 1000, 10_000) == pytest.approx(0.1)

@@ -82,3 +82,20 @@ def test_user_reward_by_module_function(tmp_path, monkeypatch) -> None:
 def test_bad_reward_specs(spec, message) -> None:
     with pytest.raises(CakeError, match=message):
         load_reward(spec)
+
+
+def test_rater_hand_computed() -> None:
+    from cakelm.rewards import rater
+
+    q = "What is 23 + 87?"
+    worked = "3 + 7 = 10, carry 1. 2 + 8 + 1 = 11. So 23 + 87 = 110."  # 20 words
+    # ended 1 + length 1 + on topic 1 + correct 2
+    assert rater(q, worked, answer="110", finish_reason="stop") == 5.0
+    # cut off by the token limit, wrong, and without the question's 87: length only
+    assert rater(q, "3 + 7 = 10. So 23 + 8 = 31", answer="110", finish_reason="length") == 1.0
+    # small talk: ended + length (2 words: 2/5) + on topic (no arithmetic)
+    assert rater("Hi!", "Hello there.", finish_reason="stop") == pytest.approx(1 + 0.4 + 1)
+    # arithmetic in reply to small talk is off topic; 45 words: length (60 - 45) / 30
+    assert rater("Hi!", "so 2 + 2 = 4 " + "word " * 39, finish_reason="stop") == pytest.approx(1 + 0.5)
+    assert rater("Hi!", "   ", finish_reason="stop") == 0.0  # nothing said
+    assert rater("Hi!", "word " * 70, finish_reason="stop") == pytest.approx(1 + 0 + 1)

@@ -174,6 +174,10 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
             lines.append(f"{name:<12} {r['format']:<10} {label:<24} {t['n']:>5} {pct(t['accuracy']):>9} "
                          f"{pct(t['end_of_turn']):>10}" + (f"  ({t['too_long']} too long for the context)"
                                                             if t["too_long"] else ""))
+        if r.get("rlhf"):
+            h = r["rlhf"]
+            lines.append(f"{name:<12} {r['format']:<10} {'gold / proxy / KL':<24} {h['n']:>5} {h['gold']:>9.3f}  "
+                         f"proxy {h.get('proxy', float('nan')):.3f}, KL to SFT {h.get('kl', float('nan')):.2f} nats")
         if "chat" in r:
             c = r["chat"]
             lines.append(f"{name:<12} {r['format']:<10} {'chat loss':<24} {c['conversations']:>5} "

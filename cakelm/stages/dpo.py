@@ -1,0 +1,198 @@
+"""`cakelm dpo`: Direct Preference Optimization, the policy learns from preference pairs without a reward model.
+
+    cakelm dpo                                     # runs/default/prefs + runs/default/sft -> runs/default/dpo
+    cakelm dpo --beta 0.3 --loss-type ipo
+    cakelm dpo --data my_prefs.jsonl --reward-model ""      # no reward model: no proxy score in the evaluation
+    torchrun --nproc_per_node 2 -m cakelm dpo
+
+For each pair, with log-probabilities summed over the reply's tokens (the SFT loss mask: the reply and its
+<|end|>), of the policy pi and of the frozen reference pi_ref (--init, the SFT model):
+
+    h = [log pi(chosen) - log pi_ref(chosen)] - [log pi(rejected) - log pi_ref(rejected)]
+    sigmoid: -log sigmoid(beta * h)          (Rafailov et al. 2023, arXiv 2305.18290)
+    ipo:     (h - 1 / (2 beta))^2, on per-token mean log-probs (Azar et al. 2023, arXiv 2310.12036; as TRL)
+
+(`losses.dpo_loss`). The reference's log-probs are computed once, before training, with the same masks and
+padding as the policy's (`rlhf.sequence_logprobs` for both), so the first step's loss is exactly ln 2.
+
+Logged: loss, the implicit rewards beta * (log pi - log pi_ref) of chosen and rejected, pairwise accuracy and
+margin of those rewards, and the drift of the chosen reply's log-prob from the reference (it often falls even as
+the margin grows: both replies get less likely, the rejected one faster). Every --loop.eval-every steps, on
+held-out pairs the same numbers, and on their prompts (replies sampled at temperature 1): the rater's gold
+reward, the reward model's proxy score (--reward-model) and the KL to the reference, for the over-optimisation
+plot. --beta is the knob: smaller beta lets the policy move further from the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cakelm.chat_format import format_of, render_prompt
+from cakelm.checkpoint import load_model, load_train_state, resume_point, save_checkpoint
+from cakelm.common import CakeError, DistInfo, all_reduce_sum, init_distributed, print0
+from cakelm.config import ConfigError, nested, opt, to_dict
+from cakelm.data.prefs import EncodedPair, Pair, PairBatches, encode_pairs, load_prefs, pad_pairs
+from cakelm.loop import LoopConfig, LoopContext, train
+from cakelm.losses import DPO_LOSSES, dpo_loss
+from cakelm.model import Transformer
+from cakelm.optim import OptimConfig
+from cakelm.rlhf import RLHFEval, heldout_rows, load_scalar_model, sequence_logprobs
+
+
+@dataclass
+class DPOConfig:
+    init: str = opt("runs/default/sft", "chat checkpoint to improve; also the frozen reference")
+    data: str = opt("runs/default/prefs", "preference pairs: a directory with train.jsonl and val.jsonl (`cakelm "
+                    "prefs` output) or one .jsonl file (split by prompt)")
+    out: str = opt("runs/default/dpo", "checkpoint directory to write")
+    resume: bool = opt(False, "continue the run saved in --out")
+    overwrite: bool = opt(False, "replace a checkpoint already in --out instead of refusing")
+    beta: float = opt(0.1, "strength of the KL anchor to the reference (> 0; smaller moves further)")
+    loss_type: str = opt("sigmoid", "sigmoid (DPO) or ipo", choices=DPO_LOSSES)
+    reward_model: str = opt("runs/default/rm", "reward model for the proxy score in evaluations (\"\" for none)")
+    eval_prompts: int = opt(200, "held-out prompts (of the held-out pairs) for gold reward, proxy and KL")
+    eval_samples: int = opt(2, "replies sampled per held-out prompt in evaluations")
+    max_new_tokens: int = opt(64, "longest reply sampled in evaluations")
+    val_fraction: float = opt(0.1, "share of prompts held out when --data is a single file")
+    skip_bad_lines: bool = opt(False, "skip and count malformed JSONL lines instead of stopping at the first")
+    optim: OptimConfig = nested(OptimConfig, name="adamw", lr=1e-4, warmup_steps=5, schedule="constant",
+                                weight_decay=0.0)
+    loop: LoopConfig = nested(LoopConfig, max_steps=40, batch_size=32, eval_every=20, log_every=5)
+
+    def __post_init__(self) -> None:
+        if not self.beta > 0:
+            raise ConfigError(f"--beta must be > 0, got {self.beta}")
+        if self.eval_prompts < 1 or self.max_new_tokens < 1 or not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError("need --eval-prompts >= 1, --max-new-tokens >= 1 and --val-fraction in (0, 1)")
+
+
+PRESETS = {
+    "cpu": {},
+    "micro": {"loop.max_steps": 4, "loop.batch_size": 8, "loop.eval_every": 0, "optim.warmup_steps": 1,
+              "eval_prompts": 16, "max_new_tokens": 32},
+}
+
+
+def reply_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], mean: bool) -> torch.Tensor:
+    """(2P,) summed (or, for IPO, per-token mean) log-probs of each row's reply tokens."""
+    logp = sequence_logprobs(model, batch["input"], batch["reply"])
+    return logp / batch["reply"][:, 1:].sum(1).clamp(min=1) if mean else logp
+
+
+@torch.no_grad()
+def reference_logprobs(ref: Transformer, rows: list[EncodedPair], batch_size: int, pad_id: int, mean: bool,
+                       device: torch.device) -> None:
+    """Fill row.ref (chosen, rejected) with the reference's reply log-probs, batch by batch."""
+    for i in range(0, len(rows), batch_size):
+        part = rows[i:i + batch_size]
+        b = {k: v.to(device) for k, v in pad_pairs(part, pad_id).items()}
+        lp = reply_logprobs(ref, b, mean).cpu()
+        for j, r in enumerate(part):
+            r.ref = (lp[j].item(), lp[len(part) + j].item())
+
+
+def with_ref(batch: dict[str, Any], rows: list[EncodedPair]) -> dict[str, Any]:
+    return {**batch, "ref_logp": torch.tensor([r.ref[0] for r in rows] + [r.ref[1] for r in rows])}
+
+
+def dpo_batch_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: DPOConfig
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed DPO loss of P pairs and per-pair metrics as [sum, count] pairs."""
+    logp = reply_logprobs(model, batch, cfg.loss_type == "ipo")  # (2P,)
+    ref = batch["ref_logp"]
+    P = logp.numel() // 2
+    loss, rc, rr = dpo_loss(logp[:P], logp[P:], ref[:P], ref[P:], cfg.beta, cfg.loss_type)
+    n = torch.tensor(float(P), device=logp.device)
+    metrics = {"reward_chosen": rc.sum(), "reward_rejected": rr.sum(), "accuracy": (rc > rr).float().sum(),
+               "margin": (rc - rr).sum(), "chosen_logp_drift": (logp[:P] - ref[:P]).detach().sum()}
+    return loss.sum(), {k: torch.stack([v, n]) for k, v in metrics.items()}
+
+
+def make_evaluate(val: list[EncodedPair], judge: RLHFEval | None, cfg: DPOConfig, pad_id: int,
+                  device: torch.device, info: DistInfo) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """Held-out pair metrics (all ranks share the pairs), then gold/proxy/KL on held-out prompts (rank 0's
+    numbers are everyone's: sampling is seeded)."""
+    mine = val[info.rank::info.world_size]
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        acc = torch.zeros(4, dtype=torch.float64, device=device)  # pairs, loss, correct, margin
+        for i in range(0, len(mine), cfg.loop.batch_size):
+            part = mine[i:i + cfg.loop.batch_size]
+            b = {k: v.to(device) for k, v in with_ref(pad_pairs(part, pad_id), part).items()}
+            loss, m = dpo_batch_loss(model, b, cfg)
+            acc += torch.stack([m["accuracy"][1], loss, m["accuracy"][0], m["margin"][0]]).double()
+        acc = all_reduce_sum(acc, info)
+        out = {"val_loss": (acc[1] / acc[0]).item(), "val_pair_accuracy": (acc[2] / acc[0]).item(),
+               "val_margin": (acc[3] / acc[0]).item()}
+        if judge is not None:
+            out.update({f"val_{k}": v for k, v in judge(model).items()})
+        return out
+
+    return evaluate
+
+
+def load_judge(cfg: DPOConfig, val_pairs: list[Pair], ref: Transformer, tok: Any, device: torch.device) -> RLHFEval:
+    rm = load_scalar_model(cfg.reward_model, device)[0] if cfg.reward_model else None
+    budget = ref.cfg.max_seq_len - cfg.max_new_tokens
+    rows = [r for r in heldout_rows(cfg.data, val_pairs) if len(render_prompt(r.messages, tok, "chat")) <= budget]
+    return RLHFEval(rows[:cfg.eval_prompts], tok, rm, ref, cfg.max_new_tokens, cfg.loop.seed, cfg.eval_samples)
+
+
+def main(cfg: DPOConfig) -> Path:
+    info, device = init_distributed(cfg.loop.device)
+    t0 = time.time()
+    out = Path(cfg.out)
+    point = resume_point(out, cfg.resume, cfg.overwrite, cfg.loop.max_steps, to_dict(cfg))
+    if point == "done":
+        print0(f"dpo: {out} is already complete (raise --max-steps to go on)", info=info)
+        return out
+    model, tok, start_meta = load_model(out if point == "resume" else cfg.init, device)
+    if point == "fresh" and format_of(start_meta) != "chat":
+        raise CakeError(f"dpo: {cfg.init} is a base model; DPO improves a chat model (run `cakelm sft` first)")
+    resume_state = load_train_state(out) if point == "resume" else None
+    parent_stage = start_meta.get("parent_stage") if point == "resume" else start_meta.get("stage")
+    ref, _, _ = load_model(cfg.init, device)
+    ref.requires_grad_(False)
+    train_pairs, val_pairs, skipped = load_prefs(cfg.data, cfg.val_fraction, cfg.skip_bad_lines)
+    rows, dropped = encode_pairs(train_pairs, tok, "chat", model.cfg.max_seq_len)
+    val_rows, _ = encode_pairs(val_pairs, tok, "chat", model.cfg.max_seq_len)
+    if not rows or not val_rows:
+        raise CakeError(f"--data {cfg.data}: no {'training' if not rows else 'held-out'} pair fits the context of "
+                        f"{model.cfg.max_seq_len} tokens")
+    t_ref = time.time()
+    reference_logprobs(ref, rows + val_rows, 64, tok.pad_id, cfg.loss_type == "ipo", device)
+    print0(f"dpo: reference log-probs of {len(rows) + len(val_rows)} pairs in {time.time() - t_ref:.1f}s", info=info)
+    judge = load_judge(cfg, val_pairs, ref, tok, device)
+    batches = PairBatches(rows, cfg.loop.batch_size, cfg.loop.grad_accum, info.rank, info.world_size,
+                          cfg.loop.seed, tok.pad_id)
+    evaluate = make_evaluate(val_rows, judge, cfg, tok.pad_id, device, info)
+    model.train()
+    print0(f"dpo: {model.num_params() / 1e6:.2f}M parameters from {cfg.init}; beta {cfg.beta}, {cfg.loss_type} loss; "
+           f"{len(rows)} training pairs ({dropped} too long), {len(val_rows)} held out; {batches.global_batch} pairs "
+           f"per step, {cfg.loop.max_steps} steps on {device}" + (f" x {info.world_size} ranks" if info.enabled
+                                                                  else "")
+           + (f"; skipped {skipped} bad lines" if skipped else ""), info=info)
+
+    def save(step: int, metrics: dict, train_state: dict, final: bool) -> None:
+        save_checkpoint(out, model, tok, {
+            "stage": "dpo", "step": step, "complete": final, "config": to_dict(cfg), "metrics": metrics,
+            "parent": cfg.init, "parent_stage": parent_stage, "chat_format": "chat", "world_size": info.world_size,
+            "pairs": {"train": len(rows), "val": len(val_rows), "too_long": dropped, "skipped_lines": skipped},
+            "num_params": model.num_params(),
+        }, train_state)
+
+    metrics = train(model, cfg.loop, cfg.optim, LoopContext(device, info, out),
+                    lambda s, m: with_ref(batches.get(s, m), batches.part(s, m)),
+                    lambda m, b: dpo_batch_loss(m, b, cfg), evaluate, save, resume_state,
+                    show=("accuracy", "margin"))
+    print0(f"dpo: step {metrics.get('step')}, held-out pair accuracy {metrics.get('val_pair_accuracy', math.nan):.3f}, "
+           f"gold {metrics.get('val_gold', math.nan):.3f}, KL {metrics.get('val_kl', math.nan):.2f} -> {out} "
+           f"({time.time() - t0:.0f}s)", info=info)
+    return out

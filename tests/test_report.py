@@ -1,0 +1,209 @@
+"""The run report: report.html (self-contained: embedded images, no external references, escaped answers) and
+report.md from a synthetic run directory; partial and malformed runs; greedy answers side by side; and the page
+in a real headless Chromium (screenshot in tests/artifacts/report.png)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cakelm.common import write_json_atomic
+from cakelm.report import MISSING, collect_answers, write_report
+from cakelm.stages import compare
+from tests.conftest import tiny_checkpoint
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(__file__).parent / "artifacts"
+HEADINGS = ("1. Run", "2. Pretraining", "3. Models", "4. Reward over-optimisation", "5. Answers side by side",
+            "6. Transformer vs LSTM")
+MODELS = ("base", "sft", "dpo", "ppo", "grpo")
+EVIL = '<script>alert("x")</script> 1 | 2'
+
+
+def _model_eval(i: int, rlhf: bool) -> dict:
+    out = {"format": "chat", "chat": {"loss": 3.0 - 0.1 * i, "tokens": 100, "conversations": 8},
+           "tasks": {"arithmetic": {"n": 10, "accuracy": 0.1 * i, "end_of_turn": 0.5 + 0.1 * i, "examples": []},
+                     "gsm": {"n": 30, "accuracy": 0.05 * i, "end_of_turn": 0.9, "examples": []}}}
+    if rlhf:
+        out["rlhf"] = {"gold": 1.0 + 0.25 * i, "proxy": 0.5 * i, "kl": 0.75 * i}
+    return out
+
+
+def _compare_output(folder: Path) -> None:
+    """A compare.json shaped like `cakelm compare` writes, with its plots made by compare.plot."""
+    folder.mkdir(parents=True)
+    curve = lambda a, b: [{"seconds": s, "step": 10 * k, "tokens": 4096 * 10 * k, "val_loss": a - b * k,  # noqa: E731
+                           "val_bpb": (a - b * k) / 2} for k, s in enumerate((0.0, 5.0, 10.0, 15.0))]
+    result = {
+        "config": {"tokens_per_step": 4096, "budget_s": 15.0},
+        "models": {"transformer": {"params": 1_377_408, "n_layers": 4, "dim": 128},
+                   "lstm": {"params": 1_379_328, "n_layers": 2, "hidden": 192}},
+        "speed": [{"context": c, "batch_size": 4096 // c, "tokens_per_step": 4096,
+                   "transformer": {"ms_per_step": 400.0 + c / 4, "tok_per_s": 4096 / (0.4 + c / 4000)},
+                   "lstm": {"ms_per_step": 250.0, "tok_per_s": 4096 / 0.25}} for c in (64, 256, 1024)],
+        "training": {"seq_len": 256, "batch_size": 16,
+                     "transformer": {"steps": 30, "tokens": 122_880, "seconds": 15.0, "final_bpb": 2.7,
+                                     "curve": curve(7.6, 0.7)},
+                     "lstm": {"steps": 30, "tokens": 122_880, "seconds": 15.0, "final_bpb": 2.9,
+                              "curve": curve(7.6, 0.6)}},
+        "loss_by_position": {"transformer": [6.0 - i / 100 for i in range(256)], "lstm": [6.0] * 256},
+        "reading": "The Transformer read the numbers.\n\nSecond paragraph & <b>escaped</b>.",
+    }
+    result["plots"] = compare.plot(result, folder)
+    write_json_atomic(folder / "compare.json", result)
+
+
+def make_run(run: Path) -> Path:
+    """A complete synthetic run directory: every input the report reads."""
+    write_json_atomic(run / "pipeline.json", {
+        "config": {"preset": "cpu", "out": str(run), "device": "cpu", "data": ["shakespeare"]},
+        "stages": [{"stage": s, "status": "ran", "seconds": 10.0 + i, "result": f"result of {s}", "peak_mb": 500.0}
+                   for i, s in enumerate(("data", "tokenizer", "pretrain", "sft", "eval"))],
+        "seconds": 60.0, "peak_mb": 900.0})
+    (run / "base").mkdir()
+    rows = [{"step": s, "loss": 7.0 - s / 50, "tokens": 4096 * s, "tok_per_s": 9000.0, "ms_per_step": 450.0}
+            for s in range(10, 110, 10)]
+    for r in rows:
+        if r["step"] % 50 == 0:
+            r.update(val_loss=r["loss"] + 0.1, val_bpb=(r["loss"] + 0.1) / 2.2)
+    (run / "base" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_json_atomic(run / "eval.json", {"settings": {"limit": 10}, "models": {
+        m: _model_eval(i, rlhf=m != "base") for i, m in enumerate(MODELS)}})
+    write_json_atomic(run / "overopt.json", {"points": [
+        {"run": r, "label": f"step {k}", "kl": 0.5 * k, "gold": 1 + 0.3 * k - 0.05 * k * k, "proxy": 0.4 * k}
+        for r in ("ppo", "dpo") for k in range(5)]})
+    write_json_atomic(run / "answers.json", {"prompts": ["What is 2 + 2?", "Say hi."], "models": {
+        "grpo": ["4", "hi"], "base": ["four", EVIL], "sft": ["The answer is 4.", "Hi!\nHow are you?"]}})
+    _compare_output(run / "compare")
+    return run
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory) -> tuple[Path, str, str]:
+    run = make_run(tmp_path_factory.mktemp("run"))
+    html_path, md_path = write_report(run)
+    assert (html_path, md_path) == (run / "report.html", run / "report.md")
+    return run, html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
+
+
+def test_report_has_every_section_and_model(full_report) -> None:
+    run, html, md = full_report
+    for h in HEADINGS:
+        assert f"<h2>{h}</h2>" in html and f"## {h}" in md
+    assert "Not run" not in html and "Could not read" not in html
+    rows = re.findall(r"<tr><td>(\w+)</td>", html.split("<h2>3. Models</h2>")[1].split("<h2>")[0])
+    assert rows == list(MODELS)  # pipeline order, whatever order eval.json has them in
+    for m in MODELS:
+        assert re.search(rf"^\| {m} \|", md, re.M)
+    # the grpo row: chat loss 2.600, accuracies 40.0% and 20.0%, ends turn (10*0.9+30*0.9)/40, rlhf numbers
+    grpo = re.search(r"<tr><td>grpo</td>(.*?)</tr>", html).group(1)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", grpo)
+    assert cells == ["2.600", "40.0%", "20.0%", "90.0%", "2.000", "2.000", "3.000"]
+    base = re.findall(r"<td[^>]*>(.*?)</td>", re.search(r"<tr><td>base</td>(.*?)</tr>", html).group(1))
+    assert base[-3:] == [MISSING] * 3  # no RLHF numbers for the base model
+    text = re.sub(r'src="data:image/png;base64,[^"]*"', "", html)
+    assert not re.search(r"\b(nan|inf)\b", text, re.I)  # every number of a complete run is finite
+    assert "The Transformer read the numbers." in html and "Second paragraph &amp; &lt;b&gt;escaped" in html
+
+
+def test_report_html_is_self_contained(full_report) -> None:
+    run, html, md = full_report
+    images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', html)
+    assert len(images) == 5  # pretraining, over-optimisation, three compare plots
+    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    assert "http://" not in html and "https://" not in html
+    assert "<script" not in html.lower() and "<link" not in html.lower()
+    assert re.search(r'src="(?!data:)', html) is None  # nothing is loaded from anywhere
+    # markdown: the same images as files next to it
+    links = re.findall(r"!\[[^\]]*\]\((report_files/[^)]+\.png)\)", md)
+    assert len(links) == 5 and all((run / link).read_bytes()[:4] == b"\x89PNG" for link in links)
+
+
+def test_report_escapes_answers(full_report) -> None:
+    _, html, md = full_report
+    section = html.split("<h2>5. Answers side by side</h2>")[1].split("<h2>")[0]
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; 1 | 2" in section
+    assert "<th>base</th><th>sft</th><th>grpo</th>" in section  # pipeline order
+    assert "<script>" not in md and "&lt;script>alert" in md and "1 \\| 2" in md  # a pipe cannot split the cell
+    assert "Hi!<br>How are you?" in md
+
+
+def test_partial_run_still_gets_every_section(tmp_path) -> None:
+    html_path, md_path = write_report(tmp_path)
+    html = html_path.read_text()
+    for h in HEADINGS:
+        assert f"<h2>{h}</h2>" in html and f"## {h}" in md_path.read_text()
+    assert html.count("Not run") == 5 and "Stages: not run" in html
+    assert "code version" in html  # the header is there without pipeline.json
+
+
+def test_malformed_input_costs_only_its_section(tmp_path) -> None:
+    make_run(tmp_path)
+    write_json_atomic(tmp_path / "eval.json", {"models": {"sft": {"tasks": 5}}})
+    (tmp_path / "overopt.json").write_text("{not json")
+    html = write_report(tmp_path)[0].read_text()
+    models = html.split("<h2>3. Models</h2>")[1].split("<h2>")[0]
+    over = html.split("<h2>4. Reward over-optimisation</h2>")[1].split("<h2>")[0]
+    assert "Could not read" in models and "Could not read" in over and "overopt.json" in over
+    assert html.count("data:image/png;base64,") == 4  # the other sections are intact
+
+
+def test_collect_answers(tok_dir, tmp_path) -> None:
+    base = tiny_checkpoint(tmp_path / "base", tok_dir, "pretrain", "playscript")
+    sft = tiny_checkpoint(tmp_path / "sft", tok_dir, "sft", "chat", max_seq_len=64)
+    prompts = ["Good morrow.", "What is 2 + 2?", "long " * 200]
+    got = collect_answers({"base": base, "sft": sft, "ppo": tmp_path / "missing"}, prompts, 8, "cpu")
+    assert got["prompts"] == prompts
+    assert list(got["models"]) == ["base", "sft"]  # a checkpoint that does not exist is skipped
+    for replies in got["models"].values():
+        assert len(replies) == 3 and all(isinstance(r, str) for r in replies)
+        assert replies[2] == "(prompt too long for this model's context)"
+    assert collect_answers({"sft": sft}, prompts, 8, "cpu")["models"]["sft"] == got["models"]["sft"]  # greedy
+    # answers.json round-trips into the report
+    write_json_atomic(tmp_path / "answers.json", got)
+    html = write_report(tmp_path)[0].read_text()
+    assert "<th>base</th><th>sft</th>" in html and "Good morrow." in html
+
+
+@pytest.mark.skipif(not CHROMIUM and not os.environ.get("CAKELM_REQUIRE_BROWSER"),
+                    reason="Debian chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_chromium(full_report) -> None:
+
+    run, _, _ = full_report
+    widths, requests = open_in_chromium(run / "report.html", "report.png", len(MODELS))
+    assert len(widths) >= 3 and all(w > 0 for w in widths)
+    assert all(u.startswith(("file:", "data:")) for u in requests)  # nothing from the network
+
+
+def open_in_chromium(html: Path, screenshot: str, n_models: int) -> tuple[list[int], list[str]]:
+    """Open a report in headless Chromium (JavaScript off), check its models table and sections, save a
+    full-page screenshot to tests/artifacts/; returns (natural widths of its images, URLs requested)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900}, java_script_enabled=False)
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(html.resolve().as_uri())
+            table = page.locator("table", has=page.locator("th", has_text="KL to SFT"))
+            expect(table).to_have_count(1)
+            expect(table.locator("tbody tr")).to_have_count(n_models)
+            expect(page.locator("h2")).to_have_count(len(HEADINGS))
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / screenshot), full_page=True)
+            # Playwright's own evaluation runs even with the page's JavaScript off
+            widths = page.locator("img").evaluate_all("imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+        finally:
+            browser.close()
+    return widths, requests
+    assert (ARTIFACTS / "report.png").stat().st_size > 20000

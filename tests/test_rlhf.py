@@ -1,0 +1,327 @@
+"""RLHF stages on tiny random models and a toy preference (short, on-topic replies over long rambling ones):
+preference files, `cakelm prefs`, the reward model, DPO and PPO. Each stage must change every trainable
+parameter and move its own metric the right way; the formulas themselves are tested in test_losses.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cakelm.__main__ import main as cli
+from cakelm.checkpoint import load_heads, load_meta, load_model
+from cakelm.common import CakeError
+from cakelm.config import build_config
+from cakelm.data.prefs import encode_pairs, load_prefs, pad_pairs, read_prefs
+from cakelm.rlhf import ScalarModel, last_scores, load_scalar_model, sequence_logprobs
+from cakelm.stages import dpo, ppo, prefs, reward
+from cakelm.stages.dpo import reference_logprobs
+from tests.conftest import tiny_checkpoint
+from tests.serving import free_port
+from tests.test_ddp import _flags
+from tests.test_sft import write_jsonl
+
+WORDS = ("king", "queen", "lord", "lady", "sword", "crown", "night", "day", "heart", "blood", "time", "house")
+QUIET = {"loop.progress": False, "loop.log_every": 1, "loop.eval_every": 0, "optim.warmup_steps": 0}
+
+
+def toy_pairs(n: int) -> list[dict]:
+    """The chosen reply names the prompt's topic in two words; the rejected one rambles about something else."""
+    rows = []
+    for i in range(n):
+        w, other = WORDS[i % len(WORDS)], WORDS[(i * 5 + 3) % len(WORDS)]
+        rows.append({"prompt": f"Tell me of the {w}, friend {i}.", "chosen": f"The {w}.",
+                     "rejected": " ".join([f"and the {other} and the night"] * 2)})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def chat_model(tok_dir, tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("chat") / "sft", tok_dir, "sft", "chat", dim=64, n_heads=4,
+                           n_kv_heads=4, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("prefs")
+    rows = toy_pairs(72)
+    write_jsonl(folder / "train.jsonl", rows[:60])
+    write_jsonl(folder / "val.jsonl", rows[60:])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reward_model(chat_model, pairs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rm") / "rm"
+    reward.main(build_config(reward.RewardConfig, ("test", {
+        "init": str(chat_model), "data": str(pairs), "out": str(out), **QUIET, "loop.max_steps": 20,
+        "loop.batch_size": 12, "loop.eval_every": 20, "optim.lr": 3e-3})))
+    return out
+
+
+def rows_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> list[str]:
+    """Names of the tensors that did NOT change (an empty list means every one did)."""
+    return [k for k in before if not k.startswith(skip) and torch.equal(before[k], after[k])]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# preference files
+
+
+def test_preference_files_plain_and_messages(tmp_path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "Hi?", "chosen": "Hello.", "rejected": "No.", "answer": 3},
+        {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
+         "chosen": [{"role": "assistant", "content": "Hello."}], "rejected": [{"role": "assistant", "content": "x"}]},
+    ])
+    (a, b), skipped = read_prefs(path)
+    assert skipped == 0 and a.prompt == [{"role": "user", "content": "Hi?"}] and a.chosen == "Hello."
+    assert a.fields == {"answer": 3} and b.prompt[0]["role"] == "system" and b.rejected == "x"
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "Hi", "chosen": "a"}, 'missing: rejected'),
+    ({"prompt": "", "chosen": "a", "rejected": "b"}, '"prompt" is empty'),
+    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "a",
+      "rejected": "b"}, "must end on a user message"),
+    ({"prompt": "Hi", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "must be an assistant"),
+    ({"prompt": "Hi", "chosen": "a", "rejected": 5}, '"rejected" must be a string'),
+    ([1, 2], "expected a JSON object"),
+])
+def test_bad_preference_rows_name_the_line(tmp_path, row, message) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "ok", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(CakeError, match=f"p.jsonl:2: .*{message}"):
+        read_prefs(path)
+    assert len(read_prefs(path, skip_bad_lines=True)[0]) == 1
+
+
+def test_bad_json_and_empty_file(tmp_path) -> None:
+    (tmp_path / "a.jsonl").write_text('{"prompt": "x", "chosen": "a", "rejected": "b"}\n{oops\n')
+    with pytest.raises(CakeError, match="a.jsonl:2"):
+        read_prefs(tmp_path / "a.jsonl")
+    (tmp_path / "b.jsonl").write_text("")
+    with pytest.raises(CakeError, match="no preference pairs"):
+        read_prefs(tmp_path / "b.jsonl")
+    with pytest.raises(CakeError, match="no such file"):
+        read_prefs(tmp_path / "missing.jsonl")
+
+
+def test_single_file_split_keeps_a_prompt_on_one_side(tmp_path) -> None:
+    rows = [r for r in toy_pairs(30) for _ in range(2)]  # every prompt twice
+    train, val, _ = load_prefs(write_jsonl(tmp_path / "p.jsonl", rows), val_fraction=0.2)
+    assert len(train) + len(val) == 60 and len(val) == 12
+    assert not {json.dumps(p.prompt) for p in train} & {json.dumps(p.prompt) for p in val}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reward model
+
+
+def test_reward_model_reads_the_same_score_under_left_and_right_padding(chat_model, pairs) -> None:
+    body, tok, _ = load_model(chat_model)
+    torch.manual_seed(1)
+    rm = ScalarModel(body).eval()
+    rows, _ = encode_pairs(read_prefs(pairs / "train.jsonl")[0][:6], tok, "chat", 64)
+    right, left = pad_pairs(rows, tok.pad_id, "right"), pad_pairs(rows, tok.pad_id, "left")
+    assert (right["real"][:, 0] == 1).all() and (left["real"][:, 0] == 0).any()  # both paddings really occur
+    with torch.no_grad():
+        a = last_scores(rm, right["input"], right["real"])
+        b = last_scores(rm, left["input"], left["real"])
+        # and the same as each sequence scored alone, read at its <|end|>
+        alone = torch.stack([rm(torch.tensor([r.chosen]))[0, -1] for r in rows])
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a[:6], alone, atol=1e-5, rtol=0)
+    assert all(r.chosen[-1] == tok.end_id for r in rows)
+
+
+def test_reward_model_learns_the_preference_and_changes_every_parameter(chat_model, reward_model) -> None:
+    r = rows_of(reward_model)
+    assert r[-1]["val_accuracy"] >= 0.9 and r[-1]["val_margin"] > 0.5
+    assert sum(x["loss"] for x in r[-3:]) / 3 < r[0]["loss"] - 0.2
+    before, after = load_file(str(chat_model / "model.safetensors")), load_file(str(reward_model / "model.safetensors"))
+    assert changed(before, after, skip=("lm_head.",)) == []
+    assert torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # unused by the scalar head, frozen
+    assert set(load_heads(reward_model)) == {"head.weight", "head.bias"}
+    meta = load_meta(reward_model)
+    assert meta["stage"] == "reward" and meta["parent_stage"] == "sft"
+    assert meta["pairs"]["train"] + meta["pairs"]["too_long"] == 60 and meta["pairs"]["val"] >= 10
+
+
+def test_reward_score_command(reward_model, tmp_path, capsys) -> None:
+    prompt = "Tell me of the king, friend 1."
+    data = write_jsonl(tmp_path / "replies.jsonl", [{"prompt": prompt, "completion": "The king."},
+                                                   {"prompt": prompt, "completion": "and the night and the night"}])
+    assert cli(["reward", "score", str(reward_model), "--data", data, "--json", str(tmp_path / "s.jsonl")]) == 0
+    scored = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert scored[0]["reward"] > scored[1]["reward"] and scored[0]["messages"][-1]["content"] == "The king."
+    # the same scores as the model computes directly
+    rm, tok, _ = load_scalar_model(reward_model)
+    assert cli(["reward", "score", str(reward_model), "--data", data]) == 0
+    assert f"{scored[0]['reward']:+.4f}" in capsys.readouterr().out
+
+
+def test_reward_score_refuses_a_model_without_a_head(chat_model, tmp_path, capsys) -> None:
+    data = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "a", "completion": "b"}])
+    assert cli(["reward", "score", str(chat_model), "--data", data]) == 2
+    assert "no heads.safetensors" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DPO
+
+
+def test_dpo_reference_and_policy_use_identical_masks(chat_model, pairs) -> None:
+    model, tok, _ = load_model(chat_model)
+    rows, _ = encode_pairs(read_prefs(pairs / "train.jsonl")[0][:10], tok, "chat", 64)
+    reference_logprobs(model, rows, 3, tok.pad_id, False, torch.device("cpu"))  # other batches, other padding
+    with torch.no_grad():
+        b = pad_pairs(rows, tok.pad_id)
+        lp = sequence_logprobs(model, b["input"], b["reply"])
+    torch.testing.assert_close(lp, torch.tensor([r.ref[0] for r in rows] + [r.ref[1] for r in rows]),
+                               atol=1e-4, rtol=0)
+    # the reply mask covers exactly the reply and its <|end|>
+    r = rows[0]
+    assert sum(r.chosen_mask) == len(tok.encode(r.pair.chosen)) + 1 and r.chosen_mask[-1] == 1
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_learns_the_preference(chat_model, pairs, reward_model, tmp_path, loss_type) -> None:
+    out = dpo.main(build_config(dpo.DPOConfig, ("test", {
+        "init": str(chat_model), "data": str(pairs), "out": str(tmp_path / "dpo"), "reward_model": str(reward_model),
+        "loss_type": loss_type, "eval_prompts": 8, "max_new_tokens": 16, **QUIET, "loop.max_steps": 12,
+        "loop.batch_size": 12, "loop.eval_every": 12, "optim.lr": 3e-3})))
+    r = rows_of(out)
+    if loss_type == "sigmoid":  # policy = reference at the first step: ln 2 and zero implicit rewards
+        assert r[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert r[0]["reward_chosen"] == pytest.approx(0.0, abs=1e-5) and r[0]["margin"] == pytest.approx(0, abs=1e-5)
+    else:  # (0 - 1 / (2 beta))^2 with beta 0.1
+        assert r[0]["loss"] == pytest.approx(25.0, abs=1e-3)
+    assert r[-1]["val_pair_accuracy"] >= 0.9 and r[-1]["val_margin"] > r[0]["margin"]
+    assert all(k in r[-1] for k in ("val_gold", "val_proxy", "val_kl", "chosen_logp_drift"))
+    assert r[-1]["val_kl"] > 0
+    before, after = load_file(str(chat_model / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert changed(before, after) == []
+    assert load_meta(out)["stage"] == "dpo" and load_model(out)[2]["chat_format"] == "chat"
+
+
+def test_dpo_bad_options_and_base_model(chat_model, pairs, tok_dir, tmp_path, capsys) -> None:
+    assert cli(["dpo", "--init", str(chat_model), "--data", str(pairs), "--beta", "0"]) == 2
+    assert "--beta must be > 0" in capsys.readouterr().err
+    base = tiny_checkpoint(tmp_path / "base", tok_dir, "pretrain", "playscript", max_seq_len=64)
+    assert cli(["dpo", "--init", str(base), "--data", str(pairs), "--out", str(tmp_path / "d")]) == 2
+    assert "is a base model" in capsys.readouterr().err
+    assert cli(["dpo", "--init", str(chat_model), "--data", str(tmp_path / "nope.jsonl"), "--out",
+                str(tmp_path / "d2")]) == 2
+    assert "nope.jsonl: no such file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PPO
+
+
+def run_ppo(chat_model: Path, reward_model: Path, pairs: Path, out: Path, **kw) -> Path:
+    return ppo.main(build_config(ppo.PPOConfig, ("test", {
+        "init": str(chat_model), "reward_model": str(reward_model), "data": str(pairs), "out": str(out),
+        "rollout_size": 16, "num_minibatches": 2, "ppo_epochs": 2, "max_new_tokens": 12, "eval_prompts": 8,
+        **QUIET, **kw})))
+
+
+def test_ppo_raises_the_reward_model_score(chat_model, reward_model, pairs, tmp_path) -> None:
+    out = run_ppo(chat_model, reward_model, pairs, tmp_path / "ppo", rollout_size=32, kl_coef=0.01, **{
+        "loop.max_steps": 32, "loop.eval_every": 32, "optim.lr": 1e-2})
+    r = rows_of(out)
+    assert all(k in r[0] for k in ("proxy", "gold", "kl", "kl_coef", "value_loss", "clip_frac", "ratio", "entropy"))
+    assert r[0]["ratio"] == pytest.approx(1.0, abs=1e-4) and r[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    proxies = [x["proxy"] for x in r[::4]]  # once per rollout phase (4 steps each)
+    assert sum(proxies[-2:]) / 2 > sum(proxies[:2]) / 2 + 0.3, proxies
+    assert r[-1]["kl"] > 0 and r[-1]["kl"] == r[-4]["kl"] and "val_gold" in r[-1] and "val_kl" in r[-1]
+    policy_before = load_file(str(chat_model / "model.safetensors"))
+    assert changed(policy_before, load_file(str(out / "model.safetensors"))) == []
+    value_before = {f"value.body.{k}": v for k, v in load_file(str(reward_model / "model.safetensors")).items()}
+    value_before.update({f"value.{k}": v for k, v in load_heads(reward_model).items()})
+    value_after = load_heads(out)
+    assert set(value_after) == set(value_before)
+    assert changed(value_before, value_after, skip=("value.body.lm_head.",)) == []
+
+
+def test_ppo_adaptive_kl_coefficient_moves(chat_model, reward_model, pairs, tmp_path) -> None:
+    out = run_ppo(chat_model, reward_model, pairs, tmp_path / "ppo", kl_target=0.01, kl_horizon=16,
+                  **{"loop.max_steps": 8, "optim.lr": 3e-3})
+    coefs = [x["kl_coef"] for x in rows_of(out)]
+    assert coefs[0] == 0.1 and coefs[-1] != coefs[0]
+
+
+def test_ppo_resume_inside_a_phase_is_exact(chat_model, reward_model, pairs, tmp_path) -> None:
+    kw = {"loop.max_steps": 6, "optim.lr": 1e-3, "kl_target": 1.0, "kl_horizon": 32}
+    straight = run_ppo(chat_model, reward_model, pairs, tmp_path / "straight", **kw)
+    run_ppo(chat_model, reward_model, pairs, tmp_path / "cut", **{**kw, "loop.max_steps": 3})
+    # --max-steps 3 stopped inside the first phase; continue to 6 from the saved rollouts
+    resumed = run_ppo(chat_model, reward_model, pairs, tmp_path / "cut", resume=True, **kw)
+    a, b = rows_of(straight), rows_of(resumed)
+    assert [x["loss"] for x in a] == [x["loss"] for x in b]
+    assert [x["kl_coef"] for x in a] == [x["kl_coef"] for x in b]
+
+
+def test_ppo_needs_a_reward_model(chat_model, pairs, tmp_path, capsys) -> None:
+    assert cli(["ppo", "--init", str(chat_model), "--reward-model", str(chat_model), "--data", str(pairs),
+                "--out", str(tmp_path / "p")]) == 2
+    assert "no heads.safetensors" in capsys.readouterr().err
+    assert cli(["ppo", "--rollout-size", "10", "--num-minibatches", "4"]) == 2
+    assert "multiple of --num-minibatches" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cakelm prefs
+
+
+def test_prefs_stage_writes_pairs_the_rater_orders(chat_model, tmp_path) -> None:
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)}
+                                                  for i in range(40)] +
+                          [{"prompt": f"Tell me of the {w}."} for w in WORDS])
+    out = prefs.main(build_config(prefs.PrefsConfig, ("test", {
+        "init": str(chat_model), "out": str(tmp_path / "prefs"), "data": [prompts], "prompts": 30,
+        "val_prompts": 8, "samples": 4, "max_new_tokens": 12, "min_gap": 0.2, "device": "cpu"})))
+    train, val, _ = load_prefs(out)
+    assert train and val
+    for p in train + val:
+        assert p.fields["gold_chosen"] >= p.fields["gold_rejected"] + 0.2 and p.chosen and p.rejected
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["complete"] and meta["train"]["pairs"] == len(train)
+    assert {json.dumps(p.prompt) for p in train}.isdisjoint({json.dumps(p.prompt) for p in val})
+    assert any("answer" in p.fields for p in train)
+
+
+def test_prefs_refuses_a_base_model(tok_dir, tmp_path, capsys) -> None:
+    base = tiny_checkpoint(tmp_path / "base", tok_dir, "pretrain", "playscript")
+    assert cli(["prefs", "--init", str(base), "--out", str(tmp_path / "p")]) == 2
+    assert "is a base model" in capsys.readouterr().err
+    assert cli(["prefs", "--samples", "1"]) == 2
+    assert "--samples must be >= 2" in capsys.readouterr().err
+
+
+def test_dpo_and_ppo_under_torchrun_two_processes(chat_model, reward_model, pairs, tmp_path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    common = {**QUIET, "loop.max_steps": 2, "loop.eval_every": 2, "eval_prompts": 4, "max_new_tokens": 8}
+    for stage, extra in (("dpo", {"loop.batch_size": 4}), ("ppo", {"rollout_size": 8})):
+        proc = subprocess.run([*launch, str(free_port()), "-m", "cakelm", stage, "--init", str(chat_model), "--data",
+                               str(pairs), "--reward-model", str(reward_model), "--out", str(tmp_path / stage),
+                               *_flags({**common, **extra}), "--device", "cpu"],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "x 2 ranks" in proc.stdout
+        meta = load_meta(tmp_path / stage)
+        assert meta["world_size"] == 2 and meta["step"] == 2 and meta["complete"]
+        assert math.isfinite(rows_of(tmp_path / stage)[-1]["val_gold"])
