@@ -19,9 +19,24 @@ import torch.distributed as dist
 from cakelm import __version__, serve
 from cakelm.common import CakeError
 from cakelm.config import ConfigError, add_arguments, config_from_args
-from cakelm.stages import chat, compare, data, export, grpo, pipeline, pretrain, sample, sft, tokenizer
+from cakelm.stages import (
+    chat,
+    compare,
+    data,
+    dpo,
+    export,
+    grpo,
+    import_model,
+    pipeline,
+    ppo,
+    prefs,
+    pretrain,
+    reward,
+    sample,
+    sft,
+    tokenizer,
+)
 from cakelm.stages import eval as eval_stage
-from cakelm.stages import dpo, import_model, ppo, prefs, reward
 
 # command -> (stage module, its Config class, its presets, one-line help)
 COMMANDS: dict[str, tuple[ModuleType, type, dict | None, str]] = {
@@ -32,8 +47,8 @@ COMMANDS: dict[str, tuple[ModuleType, type, dict | None, str]] = {
     "sft": (sft, sft.SFTConfig, sft.PRESETS, "supervised fine-tuning on conversations (assistant-only loss)"),
     "grpo": (grpo, grpo.GRPOConfig, grpo.PRESETS, "RL from verifiable rewards: GRPO on task prompts (DAPO/Dr. GRPO "
              "options)"),
-    "prefs": (prefs, prefs.PrefsConfig, prefs.PRESETS, "preference pairs: a chat model's replies judged by the rule-based "
-              "rater"),
+    "prefs": (prefs, prefs.PrefsConfig, prefs.PRESETS, "preference pairs: a chat model's replies judged by the "
+              "rule-based rater"),
     "reward": (reward, reward.RewardConfig, reward.PRESETS, "reward model from preference pairs (Bradley-Terry); "
                "`cakelm reward score CKPT --data FILE` scores replies"),
     "reward-score": (reward, reward.ScoreConfig, None, "score replies with a reward model (also `reward score`)"),
