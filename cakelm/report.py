@@ -261,7 +261,8 @@ def compare_section(run: Path) -> list[tuple]:
          fmt(tr["transformer"]["seconds"], ".1f") + " s", fmt(tr["transformer"]["final_bpb"])],
         ["LSTM", f"{m['lstm']['params']:,}", f"{m['lstm']['n_layers']} layers, hidden {m['lstm']['hidden']}",
          str(tr["lstm"]["steps"]), fmt(tr["lstm"]["tokens"], ",.0f"), fmt(tr["lstm"]["seconds"], ".1f") + " s",
-         fmt(tr["lstm"]["final_bpb"])]]))
+         fmt(tr["lstm"]["final_bpb"])],
+        ["token frequencies alone", "", "(unigram reference)", "", "", "", fmt(tr.get("unigram_bpb"))]]))
     blocks.append(("table", ["context", "batch", "Transformer ms/step", "Transformer tokens/s", "LSTM ms/step",
                                "LSTM tokens/s", "Transformer / LSTM speed"], [
         [str(row["context"]), str(row["batch_size"]), fmt(row["transformer"]["ms_per_step"], ".1f"),

@@ -104,6 +104,7 @@ def test_compare_json_is_complete(micro_result) -> None:
     s = r["summary"]
     assert f"{s['transformer']['final_bpb']:.3f}" in r["reading"] and f"{s['lstm']['final_bpb']:.3f}" in r["reading"]
     assert "CPU" in r["reading"] and r["hardware"]["device"] == "cpu"
+    assert 0 < r["training"]["unigram_bpb"] < r["training"]["transformer"]["curve"][0]["val_bpb"]  # below random
     meta = json.loads((out / "meta.json").read_text())
     assert meta["stage"] == "compare" and meta["complete"] and meta["config"] == r["config"]
 

@@ -1,6 +1,6 @@
 """`cakelm compare`: the Transformer against an LSTM of the same size, on the same tokens.
 
-    cakelm compare                                       # CPU preset (~1.5 minutes), reads runs/default/tokenizer
+    cakelm compare                                       # CPU preset (~75 s on 2 cores), reads runs/default/tokenizer
     cakelm compare --preset micro --data RUN/tokenizer --out /tmp/compare
     cakelm compare --preset gpu --data runs/gpu/tokenizer --out runs/gpu/compare
 
@@ -49,7 +49,7 @@ from cakelm.common import (
 from cakelm.config import ConfigError, nested, opt, to_dict
 from cakelm.data.shards import TokenBatches, eval_batches, open_shard
 from cakelm.loop import LoopConfig, LoopContext, train
-from cakelm.losses import lm_loss, token_nll
+from cakelm.losses import bits_per_byte, lm_loss, token_nll
 from cakelm.model import ModelConfig, Transformer
 from cakelm.optim import OptimConfig
 from cakelm.rnn import LSTMLM, lstm_for_params
@@ -69,7 +69,7 @@ class CompareConfig:
     contexts: list[int] = opt([64, 128, 256, 512, 1024], "context lengths of the speed test (a)")
     tokens_per_step: int = opt(4096, "tokens per optimizer step everywhere (batch = tokens / context)")
     timing_steps: int = opt(2, "timed steps per model and context, after one untimed warm-up step")
-    budget_s: float = opt(25.0, "training seconds per model in the quality race (b)")
+    budget_s: float = opt(20.0, "training seconds per model in the quality race (b)")
     min_steps: int = opt(10, "train at least this many steps whatever the budget")
     eval_points: int = opt(6, "validation evaluations per training run (plus one before training)")
     eval_tokens: int = opt(16384, "validation tokens per evaluation (the same windows for both models)")
@@ -91,7 +91,7 @@ class CompareConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": {},  # the defaults: the tiny Transformer (1.4M parameters with a 2k vocab), ~80 s on 2 cores
+    "cpu": {},  # the defaults: the tiny Transformer (1.4M parameters with a 2k vocab), ~75 s on 2 cores
     # Seconds, for tests and smoke runs.
     "micro": {"model.dim": 32, "model.n_layers": 2, "model.n_heads": 4, "model.max_seq_len": 64,
               "contexts": [16, 64], "tokens_per_step": 512, "timing_steps": 1, "budget_s": 1.5, "min_steps": 4,
@@ -207,6 +207,19 @@ def loss_by_position(model: nn.Module, tokens: np.ndarray, seq_len: int, batch_s
     return (total / max(rows, 1)).tolist()
 
 
+def unigram_bpb(train_tokens: np.ndarray, val_tokens: np.ndarray, tok: Tokenizer, seq_len: int, max_tokens: int
+                ) -> float:
+    """The reference a context-free model sets: bits per byte when every validation token (of the windows the
+    models are evaluated on) is predicted by its frequency in the training tokens (add-one smoothed), counted
+    as make_evaluate counts (nats over tokens that carry text, over their bytes). A model near this number has
+    learnt token frequencies and little else."""
+    counts = np.bincount(np.asarray(train_tokens), minlength=tok.vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())  # (V,)
+    targets = np.concatenate([b["target"].numpy().ravel() for b in eval_batches(val_tokens, seq_len, 64, max_tokens)])
+    nbytes = tok.bytes_per_token()[targets]
+    return bits_per_byte(float(-(logp[targets] * (nbytes > 0)).sum()), int(nbytes.sum()))
+
+
 def _span_mean(values: list[float], lo: int, hi: int) -> float:
     return float(np.mean(values[lo:hi]))
 
@@ -263,8 +276,20 @@ def reading(result: dict[str, Any]) -> str:
         who = f"The Transformer is faster at context {', '.join(map(str, faster))} and the LSTM at the others"
     at_time = _better(tf["final_bpb"], ls["final_bpb"], "bits/byte")
     at_tokens = _better(tf["bpb_at_equal_tokens"], ls["bpb_at_equal_tokens"], "bits/byte")
-    gains = ("the Transformer gains more from the far context" if tf["context_gain"] > ls["context_gain"] else
-             "the LSTM gains at least as much from the far context in this run")
+    if max(tf["context_gain"], ls["context_gain"]) < 0.05:
+        gains = "neither model makes much use of the far context yet (both gain under 0.05 nats/token)"
+    elif tf["context_gain"] > ls["context_gain"]:
+        gains = "the Transformer gains more from the far context"
+    else:
+        gains = "the LSTM gains at least as much from the far context in this run"
+    uni = tr["unigram_bpb"]
+    # within 0.15 bits/byte of the frequency-only model: say that the race only shows the start of learning
+    near = [name for name, v in (("Transformer", tf["final_bpb"]), ("LSTM", ls["final_bpb"])) if v > uni - 0.15]
+    early_note = ""
+    if near:
+        early_note = (f"; {' and '.join(near)} {'are' if len(near) > 1 else 'is'} still within 0.15 of that, having "
+                      "learnt little beyond token frequencies in this budget, so the race shows the start of "
+                      "training only (a longer --budget-s shows more)")
     paras = [
         f"Transformer ({m['transformer']['params']:,} parameters: {m['transformer']['n_layers']} layers, width "
         f"{m['transformer']['dim']}) against an LSTM ({m['lstm']['params']:,} parameters: {m['lstm']['n_layers']} "
@@ -282,7 +307,8 @@ def reading(result: dict[str, Any]) -> str:
         f"Transformer reached {tf['final_bpb']:.3f} validation bits per byte in {tf['steps']} steps "
         f"({tf['tokens']:,} tokens, {tf['seconds']:.1f} s), the LSTM {ls['final_bpb']:.3f} in {ls['steps']} steps "
         f"({ls['tokens']:,} tokens, {ls['seconds']:.1f} s): {at_time}. After the same {s['equal_tokens']:,} "
-        f"tokens: {at_tokens}.",
+        f"tokens: {at_tokens}. For reference, predicting each token from its frequency alone scores "
+        f"{uni:.3f}{early_note}.",
         f"Use of context: from positions {s['early_positions'][0]}-{s['early_positions'][1]} to positions "
         f"{s['late_positions'][0]}-{s['late_positions'][1]} the Transformer's validation loss falls by "
         f"{tf['context_gain']:.2f} nats/token ({tf['loss_early']:.2f} -> {tf['loss_late']:.2f}) and the LSTM's by "
@@ -292,13 +318,14 @@ def reading(result: dict[str, Any]) -> str:
         paras.append(f"Measured on a GPU ({hw['gpu']}, torch {hw['torch']}), where attention's all-positions-at-once "
                      "matrix products keep thousands of cores busy while the LSTM still takes one step per position.")
     else:
-        lstm_cost = ("so running positions one after another cost it little here" if ls["tok_per_s_change_pct"] > -30
-                     else "so even here running positions one after another cost it much of its speed")
+        lstm_cost = ("with this few cores there is little idle hardware for attention's all-positions-at-once "
+                     "matrix products to fill, so running positions one after another cost it little here"
+                     if ls["tok_per_s_change_pct"] > -30 else
+                     "even with this few cores, running positions one after another cost it much of its speed")
         paras.append(f"Measured on {hw['device'].upper()} ({hw['cpu']}, {hw['cpu_cores']} cores, {hw['torch_threads']} "
                      f"torch threads, torch {hw['torch']}). From context {c0} to {c1} the LSTM's sequential steps "
                      f"became {c1 // c0}x more numerous and {c1 // c0}x narrower and its throughput changed by "
-                     f"{ls['tok_per_s_change_pct']:+.0f}%: with this few cores there is little idle hardware for "
-                     f"attention's all-positions-at-once matrix products to fill, {lstm_cost}. On a GPU, with "
+                     f"{ls['tok_per_s_change_pct']:+.0f}%: {lstm_cost}. On a GPU, with "
                      "thousands of cores, the balance is expected to tip much further towards the Transformer; this "
                      "run did not measure that: run `cakelm compare --preset gpu` on a GPU.")
     return "\n\n".join(paras)
@@ -341,12 +368,14 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
         b.plot([p["tokens"] for p in curve], [p["val_bpb"] for p in curve], "o-", color=colors[n], label=labels[n])
     a.set_xlabel("training wall-clock (s)")
     b.set_xlabel("training tokens")
+    b.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())  # 100k, not 100000
     for ax in (a, b):
         ax.set_ylabel("validation bits per byte")
         ax.grid(alpha=0.3)
         # the untrained models sit far above; keep the part of the curves where they race
-        later = [p["val_bpb"] for n in NAMES for p in tr[n]["curve"][1:]]
+        later = [p["val_bpb"] for n in NAMES for p in tr[n]["curve"][1:]] + [tr["unigram_bpb"]]
         ax.set_ylim(min(later) - 0.05, max(later) + 0.1)
+        ax.axhline(tr["unigram_bpb"], color="gray", ls="--", lw=1, label="token frequencies alone")
     a.legend()
     fig.suptitle(f"(b) validation bits per byte at equal time ({result['config']['budget_s']:g} s each)")
     fig.tight_layout()
@@ -355,10 +384,13 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for n in NAMES:
-        pos = result["loss_by_position"][n]
-        ax.plot(range(1, len(pos) + 1), pos, color=colors[n], label=labels[n])
+        # mean over power-of-two buckets of positions (1, 2, 3-4, 5-8, ...): single positions are noisy
+        pos = np.asarray(result["loss_by_position"][n])
+        edges = [0] + [2 ** k for k in range(int(np.log2(len(pos))) + 1) if 2 ** k < len(pos)] + [len(pos)]
+        x = [np.sqrt((lo + 1) * hi) for lo, hi in zip(edges, edges[1:])]
+        ax.plot(x, [pos[lo:hi].mean() for lo, hi in zip(edges, edges[1:])], "o-", color=colors[n], label=labels[n])
     ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 1, 2, 4, ... rather than 2^0, 2^1, ...
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 2, 4, not 2^k
     ax.set_xlabel("token position in the window (tokens of context seen)")
     ax.set_ylabel("validation loss (nats / token)")
     ax.grid(alpha=0.3)
@@ -403,10 +435,11 @@ def main(cfg: CompareConfig) -> Path:
         print0(f"compare: training the {name} for {steps} steps (~{cfg.budget_s:g} s at {step_ms[name]:.0f} ms/step)")
         training[name] = train_for_budget(cfg, model, batches, evaluate, steps, device, out / name)
 
-    # (c) loss by position, on the validation windows the curves were measured on
-    by_pos = {n: loss_by_position(m, val_tokens, seq_len, B, cfg.eval_tokens, device) for n, m in models.items()}
+    # (c) loss by position, on 4x the validation windows of an evaluation (each position is one token per window)
+    by_pos = {n: loss_by_position(m, val_tokens, seq_len, B, 4 * cfg.eval_tokens, device) for n, m in models.items()}
 
     mcfg = tf.cfg
+    training["unigram_bpb"] = unigram_bpb(train_tokens, val_tokens, tok, seq_len, cfg.eval_tokens)
     result: dict[str, Any] = {
         "config": to_dict(cfg), "code_version": code_version(), "hardware": hardware_info(device),
         "models": {"transformer": {"params": tf.num_params(), "n_layers": mcfg.n_layers, "dim": mcfg.dim,

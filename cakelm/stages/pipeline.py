@@ -138,7 +138,7 @@ def _stage_configs(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
 
 def _same(a: dict, b: dict) -> bool:
     """Configs equal up to the flags that say how to (re)start and where to run, not what to compute."""
-    ignore = {"resume", "overwrite", "loop.device", "loop.progress"}
+    ignore = {"resume", "overwrite", "loop.device", "loop.progress", "device", "progress"}
     return {k: v for k, v in flatten(a).items() if k not in ignore} == \
         {k: v for k, v in flatten(b).items() if k not in ignore}
 
