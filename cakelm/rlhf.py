@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from cakelm.chat_format import render_prompt
 from cakelm.checkpoint import load_heads, load_model
 from cakelm.common import CakeError
 from cakelm.data.chat import read_chat_jsonl
@@ -135,13 +136,16 @@ def prompt_rows(pairs: Sequence[Pair]) -> list[PromptRow]:
     return rows
 
 
-def heldout_rows(data: str | Path, val_pairs: Sequence[Pair]) -> list[PromptRow]:
+def heldout_rows(data: str | Path, val_pairs: Sequence[Pair], tok: Tokenizer, budget: int) -> list[PromptRow]:
     """The prompts RLHF stages measure gold reward, proxy and KL on: a preference directory's val_prompts.jsonl
-    (every held-out prompt, as `cakelm prefs` writes it), else the distinct prompts of the held-out pairs."""
+    (every held-out prompt, as `cakelm prefs` writes it), else the distinct prompts of the held-out pairs; only
+    those of at most `budget` tokens in chat format (the rest of the context is left for the reply)."""
     path = Path(data) / "val_prompts.jsonl"
     if Path(data).is_dir() and path.is_file():
-        return prompts_of(read_chat_jsonl(path, reply_required=False)[0])
-    return prompt_rows(val_pairs)
+        rows = prompts_of(read_chat_jsonl(path, reply_required=False)[0])
+    else:
+        rows = prompt_rows(val_pairs)
+    return [r for r in rows if len(render_prompt(r.messages, tok, "chat")) <= budget]
 
 
 def gold_scores(rows: Sequence[PromptRow], rolls: Sequence[Rollout]) -> list[float]:

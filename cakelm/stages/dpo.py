@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from cakelm.chat_format import format_of, render_prompt
+from cakelm.chat_format import format_of
 from cakelm.checkpoint import load_model, load_train_state, resume_point, save_checkpoint
 from cakelm.common import CakeError, DistInfo, all_reduce_sum, init_distributed, print0
 from cakelm.config import ConfigError, nested, opt, to_dict
@@ -141,7 +141,7 @@ def make_evaluate(val: list[EncodedPair], judge: RLHFEval | None, cfg: DPOConfig
 def load_judge(cfg: DPOConfig, val_pairs: list[Pair], ref: Transformer, tok: Any, device: torch.device) -> RLHFEval:
     rm = load_scalar_model(cfg.reward_model, device)[0] if cfg.reward_model else None
     budget = ref.cfg.max_seq_len - cfg.max_new_tokens
-    rows = [r for r in heldout_rows(cfg.data, val_pairs) if len(render_prompt(r.messages, tok, "chat")) <= budget]
+    rows = heldout_rows(cfg.data, val_pairs, tok, budget)
     return RLHFEval(rows[:cfg.eval_prompts], tok, rm, ref, cfg.max_new_tokens, cfg.loop.seed, cfg.eval_samples)
 
 

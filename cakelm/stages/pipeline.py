@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cakelm.chat_format import render_prompt
 from cakelm.checkpoint import load_model
 from cakelm.common import (
     hardware_info,
@@ -198,8 +197,7 @@ def _eval(cfg: PipelineConfig, run: Path, outs: dict[str, Path], forced: bool) -
     device = pick_device(cfg.device)
     ref, tok, _ = load_model(outs["sft"], device)
     rm = load_scalar_model(outs["reward"], device)[0]
-    rows = [r for r in heldout_rows(outs["prefs"], []) if len(render_prompt(r.messages, tok, "chat"))
-            <= ref.cfg.max_seq_len - 64]
+    rows = heldout_rows(outs["prefs"], [], tok, ref.cfg.max_seq_len - 64)
     judge = RLHFEval(rows, tok, rm, ref, 64, cfg.seed, RLHF_SAMPLES)
     for name, ckpt in models.items():
         ec = build_config(eval_stage.EvalConfig, ("pipeline", {"ckpt": str(ckpt), "tasks": settings["tasks"],

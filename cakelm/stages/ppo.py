@@ -252,7 +252,7 @@ def main(cfg: PPOConfig) -> Path:
     train_pairs, val_pairs, skipped = load_prefs(cfg.data, cfg.val_fraction, cfg.skip_bad_lines)
     budget = policy.cfg.max_seq_len - cfg.max_new_tokens
     prompts = [p for p in prompt_rows(train_pairs) if len(render_prompt(p.messages, tok, "chat")) <= budget]
-    val_rows = [p for p in heldout_rows(cfg.data, val_pairs) if len(render_prompt(p.messages, tok, "chat")) <= budget]
+    val_rows = heldout_rows(cfg.data, val_pairs, tok, budget)
     val_rows = val_rows[:cfg.eval_prompts]
     if not prompts or not val_rows:
         raise CakeError(f"--data {cfg.data}: no {'training' if not prompts else 'held-out'} prompt leaves room for "
