@@ -16,7 +16,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from cakelm import __version__, serve
+from cakelm import __version__, label, serve
 from cakelm.common import CakeError
 from cakelm.config import ConfigError, add_arguments, config_from_args
 from cakelm.stages import (
@@ -32,6 +32,7 @@ from cakelm.stages import (
     prefs,
     pretrain,
     reward,
+    rounds,
     sample,
     sft,
     tokenizer,
@@ -54,10 +55,16 @@ COMMANDS: dict[str, tuple[ModuleType, type, dict | None, str]] = {
     "reward-score": (reward, reward.ScoreConfig, None, "score replies with a reward model (also `reward score`)"),
     "dpo": (dpo, dpo.DPOConfig, dpo.PRESETS, "Direct Preference Optimization on preference pairs (sigmoid, IPO)"),
     "ppo": (ppo, ppo.PPOConfig, ppo.PRESETS, "RLHF with PPO against a reward model (value model, GAE, KL penalty)"),
+    "rlhf-round": (rounds, rounds.RoundConfig, None, "one round of RLHF: the latest policy's pairs, judged (rule-based "
+                   "rater or people in `cakelm label`), reward model on every round, DPO or PPO"),
     "eval": (eval_stage, eval_stage.EvalConfig, None, "task accuracy, end-of-turn rate and held-out chat loss"),
     "sample": (sample, sample.SampleConfig, None, "print continuations of a prompt from a checkpoint"),
     "chat": (chat, chat.ChatConfig, None, "chat with a checkpoint in the terminal (streamed replies)"),
     "serve": (serve, serve.ServeConfig, None, "OpenAI-compatible HTTP API and a web chat page"),
+    "label": (label, label.LabelConfig, None, "a web page where people pick the better of two replies (SQLite); "
+              "`cakelm label export DB --out FILE` writes preference pairs"),
+    "label-export": (label, label.LabelExportConfig, None, "label database -> preference JSONL (also `label "
+                     "export`)"),
     "export": (export, export.ExportConfig, None, "export a checkpoint (Hugging Face Llama directory)"),
     "import": (import_model, import_model.ImportConfig, None, "import a pretrained Llama-family model (smollm2, "
                "a Hugging Face directory, a GGUF file, a hub id)"),
@@ -82,9 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["reward", "score"]:  # `cakelm reward score CKPT ...` is the reward-score command
         argv = ["reward-score", *argv[2:]]
+    if argv[:2] == ["label", "export"]:  # `cakelm label export DB ...` is the label-export command
+        argv = ["label-export", *argv[2:]]
     ns = build_parser().parse_args(argv)
     module, cls, presets, _ = COMMANDS[ns.command]
-    run: Callable[[Any], Any] = reward.score_main if ns.command == "reward-score" else module.main
+    run: Callable[[Any], Any] = {"reward-score": reward.score_main, "label-export": label.export_main}.get(
+        ns.command, module.main)
     try:
         run(config_from_args(cls, ns, presets))
     except (CakeError, ConfigError) as e:

@@ -246,6 +246,28 @@ def answers_section(run: Path) -> list[tuple]:
     return blocks
 
 
+def rounds_section(run: Path) -> list[tuple]:
+    blocks: list[tuple] = []
+    data = _read(run / "rounds.json")
+    rows = (data or {}).get("rounds", [])
+    if not rows:
+        blocks.append(("note", "Not run: no rounds.json (`cakelm rlhf-round`)."))
+        return blocks
+    blocks.append(("table", ["round", "update", "rater", "pairs judged", "agreement", "RM pairs", "RM accuracy",
+                             "gold reward", "reward-model score", "KL to SFT", "ends turn", "arithmetic right"],
+                   [[str(r["round"]) + (" (SFT)" if r["round"] == 0 else ""), r.get("method", ""), r.get("rater", ""),
+                     f"{r['judgements']:,}" if "judgements" in r else "", pct(r.get("agreement")),
+                     f"{r['train_pairs_rm']:,}" if "train_pairs_rm" in r else "", pct(r.get("rm_accuracy")),
+                     fmt(r.get("gold")), fmt(r.get("proxy")), fmt(r.get("kl")), pct(r.get("end_of_turn")),
+                     pct(r.get("task_accuracy"))] for r in rows]))
+    blocks.append(("p", f"Each round judges new pairs of the latest policy's replies, retrains the reward model on "
+                        f"every round's judgements and updates the policy. Measured on the same "
+                        f"{data.get('held_out_prompts', '')} held-out prompts every round; the reward-model score of "
+                        "a row is by that round's reward model (round 0 by round 1's), so compare the gold column "
+                        "across rounds."))
+    return blocks
+
+
 def compare_section(run: Path) -> list[tuple]:
     blocks: list[tuple] = []
     folder = run / "compare"
@@ -279,8 +301,8 @@ def compare_section(run: Path) -> list[tuple]:
 
 
 SECTIONS = (("1. Run", run_section), ("2. Pretraining", pretrain_section), ("3. Models", models_section),
-            ("4. Reward over-optimisation", overopt_section), ("5. Answers side by side", answers_section),
-            ("6. Transformer vs LSTM", compare_section))
+            ("4. Reward over-optimisation", overopt_section), ("5. RLHF rounds", rounds_section),
+            ("6. Answers side by side", answers_section), ("7. Transformer vs LSTM", compare_section))
 
 
 def build_sections(run: Path) -> list[Section]:

@@ -20,8 +20,8 @@ from tests.conftest import tiny_checkpoint
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).parent / "artifacts"
-HEADINGS = ("1. Run", "2. Pretraining", "3. Models", "4. Reward over-optimisation", "5. Answers side by side",
-            "6. Transformer vs LSTM")
+HEADINGS = ("1. Run", "2. Pretraining", "3. Models", "4. Reward over-optimisation", "5. RLHF rounds",
+            "6. Answers side by side", "7. Transformer vs LSTM")
 MODELS = ("base", "sft", "dpo", "ppo", "grpo")
 EVIL = '<script>alert("x")</script> 1 | 2'
 
@@ -80,6 +80,11 @@ def make_run(run: Path) -> Path:
         for r in ("ppo", "dpo") for k in range(5)]})
     write_json_atomic(run / "answers.json", {"prompts": ["What is 2 + 2?", "Say hi."], "models": {
         "grpo": ["4", "hi"], "base": ["four", EVIL], "sft": ["The answer is 4.", "Hi!\nHow are you?"]}})
+    write_json_atomic(run / "rounds.json", {"held_out_prompts": 8, "samples_per_prompt": 2, "rounds": [
+        {"round": 0, "gold": 2.5, "proxy": 0.1, "kl": 0.0, "end_of_turn": 0.9, "task_accuracy": 0.25},
+        *({"round": k, "method": "dpo", "rater": "rule", "pairs": 40, "judgements": 40, "agreement": None,
+           "train_pairs_rm": 30 * k, "rm_accuracy": 0.8, "gold": 2.5 + 0.1 * k, "proxy": 0.2 * k, "kl": 0.5 * k,
+           "end_of_turn": 0.95, "task_accuracy": 0.3} for k in (1, 2))]})
     _compare_output(run / "compare")
     return run
 
@@ -107,6 +112,10 @@ def test_report_has_every_section_and_model(full_report) -> None:
     assert cells == ["2.600", "40.0%", "20.0%", "90.0%", "2.000", "2.000", "3.000"]
     base = re.findall(r"<td[^>]*>(.*?)</td>", re.search(r"<tr><td>base</td>(.*?)</tr>", html).group(1))
     assert base[-3:] == [MISSING] * 3  # no RLHF numbers for the base model
+    rounds = html.split("<h2>5. RLHF rounds</h2>")[1].split("<h2>")[0]
+    two = re.findall(r"<td[^>]*>(.*?)</td>", re.search(r"<tr><td[^>]*>2</td>(.*?)</tr>", rounds).group(0))
+    assert two == ["2", "dpo", "rule", "40", MISSING, "60", "80.0%", "2.700", "0.400", "1.000", "95.0%", "30.0%"]
+    assert "<td>0 (SFT)</td>" in rounds and "same 8 held-out prompts" in rounds
     text = re.sub(r'src="data:image/png;base64,[^"]*"', "", html)
     assert not re.search(r"\b(nan|inf)\b", text, re.I)  # every number of a complete run is finite
     assert "The Transformer read the numbers." in html and "Second paragraph &amp; &lt;b&gt;escaped" in html
@@ -127,7 +136,7 @@ def test_report_html_is_self_contained(full_report) -> None:
 
 def test_report_escapes_answers(full_report) -> None:
     _, html, md = full_report
-    section = html.split("<h2>5. Answers side by side</h2>")[1].split("<h2>")[0]
+    section = html.split("<h2>6. Answers side by side</h2>")[1].split("<h2>")[0]
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; 1 | 2" in section
     assert "<th>base</th><th>sft</th><th>grpo</th>" in section  # pipeline order
     assert "<script>" not in md and "&lt;script>alert" in md and "1 \\| 2" in md  # a pipe cannot split the cell
@@ -139,7 +148,7 @@ def test_partial_run_still_gets_every_section(tmp_path) -> None:
     html = html_path.read_text()
     for h in HEADINGS:
         assert f"<h2>{h}</h2>" in html and f"## {h}" in md_path.read_text()
-    assert html.count("Not run") == 5 and "Stages: not run" in html
+    assert html.count("Not run") == 6 and "Stages: not run" in html
     assert "code version" in html  # the header is there without pipeline.json
 
 
@@ -195,7 +204,7 @@ def open_in_chromium(html: Path, screenshot: str, n_models: int) -> tuple[list[i
             requests: list[str] = []
             page.on("request", lambda r: requests.append(r.url))
             page.goto(html.resolve().as_uri())
-            table = page.locator("table", has=page.locator("th", has_text="KL to SFT"))
+            table = page.locator("table", has=page.locator("th", has_text="chat loss"))
             expect(table).to_have_count(1)
             expect(table.locator("tbody tr")).to_have_count(n_models)
             expect(page.locator("h2")).to_have_count(len(HEADINGS))

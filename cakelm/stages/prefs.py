@@ -85,6 +85,30 @@ def single_turn(rows: list[PromptRow]) -> list[PromptRow]:
     return out
 
 
+def choose_prompts(data: list[str], n_train: int, n_val: int, tok: Any, max_prompt_tokens: int, seed: int
+                   ) -> tuple[list[PromptRow], list[PromptRow]]:
+    """Single-turn prompts of at most `max_prompt_tokens` (chat format): up to `n_train` distinct ones drawn from
+    the sources' training side by the mixture's weights, and up to `n_val` from their held-out side (split over
+    the sources by weight). The same (data, seed) gives the same prompts."""
+    sources, _ = load_sources(data, n_train, 0, val_size=n_val, seed=seed, reply_required=False)
+    total = sum(w for _, w, *_ in sources)
+    train_rows, val_rows = [], []
+    for src, weight, train_ex, val_ex, _ in sources:
+        fits = [r for r in single_turn(prompts_of(train_ex)) if len(render_prompt(r.messages, tok, "chat"))
+                <= max_prompt_tokens]
+        if not fits:
+            raise CakeError(f"--data {src}: no prompt of at most {max_prompt_tokens} tokens")
+        train_rows.append(fits)
+        val_fits = [r for r in single_turn(prompts_of(val_ex)) if len(render_prompt(r.messages, tok, "chat"))
+                    <= max_prompt_tokens]
+        val_rows += val_fits[:round(n_val * weight / total)]
+    mixture = Mixture([len(r) for r in train_rows], [w for _, w, *_ in sources], seed)
+    chosen = [train_rows[s][i] for s, i in mixture.slots(0, n_train)]
+    # each prompt once: a repeated draw would give the same question two pairs
+    seen: set[str] = set()
+    return [r for r in chosen if not (r.name in seen or seen.add(r.name))], val_rows
+
+
 def make_pairs(model: Any, tok: Any, rows: list[PromptRow], cfg: PrefsConfig, seed: int
                ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Sample, rate, and keep (best, worst) per prompt. Returns the JSONL rows and counts."""
@@ -117,23 +141,7 @@ def main(cfg: PrefsConfig) -> Path:
     model, tok, meta = load_model(cfg.init, device)
     if format_of(meta) != "chat":
         raise CakeError(f"prefs: {cfg.init} is a base model; compare the replies of a chat model (run `cakelm sft`)")
-    sources, _ = load_sources(cfg.data, cfg.prompts, 0, val_size=cfg.val_prompts, seed=cfg.seed, reply_required=False)
-    total = sum(w for _, w, *_ in sources)
-    train_rows, val_rows = [], []
-    for src, weight, train_ex, val_ex, _ in sources:
-        fits = [r for r in single_turn(prompts_of(train_ex)) if len(render_prompt(r.messages, tok, "chat"))
-                <= cfg.max_prompt_tokens]
-        if not fits:
-            raise CakeError(f"--data {src}: no prompt of at most {cfg.max_prompt_tokens} tokens")
-        train_rows.append(fits)
-        val_fits = [r for r in single_turn(prompts_of(val_ex)) if len(render_prompt(r.messages, tok, "chat"))
-                    <= cfg.max_prompt_tokens]
-        val_rows += val_fits[:round(cfg.val_prompts * weight / total)]
-    mixture = Mixture([len(r) for r in train_rows], [w for _, w, *_ in sources], cfg.seed)
-    chosen = [train_rows[s][i] for s, i in mixture.slots(0, cfg.prompts)]
-    # each prompt once: a repeated draw would give the same question two pairs
-    seen: set[str] = set()
-    unique = [r for r in chosen if not (r.name in seen or seen.add(r.name))]
+    unique, val_rows = choose_prompts(cfg.data, cfg.prompts, cfg.val_prompts, tok, cfg.max_prompt_tokens, cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # incomplete until the files below are written

@@ -1,0 +1,349 @@
+"""`cakelm label CKPT --prompts FILE`: a web page where people pick the better of two replies, saved in SQLite;
+`cakelm label export DB --out FILE` turns the judgements into the preference JSONL that `cakelm reward` and
+`cakelm dpo` read. With `--rater rule`, the rule-based rater of `cakelm prefs` judges instead of a person,
+through the same storage and code path.
+
+    cakelm label runs/default/sft --prompts chitchat                  # http://127.0.0.1:8000/ ; Ctrl-C stops
+    cakelm label runs/default/sft --prompts my_prompts.jsonl --pairs 200 --token s3cret --host 0.0.0.0
+    cakelm label runs/default/sft --prompts chitchat --rater rule     # the rater labels every pair, then exits
+    cakelm label export runs/default/label.db --out runs/default/labelled.jsonl [--rounds 1 2]
+
+What happens:
+1. The database (--db, default `label.db` next to the checkpoint: runs/default/sft -> runs/default/label.db)
+   holds the pairs of every round. When round --round has no pairs yet, --pairs single-turn prompts are drawn
+   from --prompts (the training side of each source, as `cakelm prefs` draws them), the checkpoint samples two
+   replies to each (temperature --temperature), and the pairs are stored. A restart reuses them (and needs
+   neither --prompts nor the model).
+2. `--rater human` serves the page: prompt, reply A, reply B (two samples of one model: their order is random
+   and the page never sees which model wrote them); buttons A / B / Tie / Both bad (keys 1-4 or a, b, t, x), an
+   optional reason; progress (labelled / --target) and agreement between labellers. Several people may label at
+   once; each judgement is committed before the page is told it is saved. With --token (or
+   $CAKELM_LABEL_TOKEN) every /api/ request needs `Authorization: Bearer TOKEN`; the printed URL carries it.
+3. Export: per pair, the majority choice; "a"/"b" becomes a preference row, ties, both-bad and split votes
+   none (see `cakelm.data.labels`).
+
+HTTP: GET / (the page), GET /health, GET /api/next?labeller=NAME -> {"pair": {"id", "prompt", "a", "b"} | null,
+"stats"}, POST /api/judgements {"pair_id", "labeller", "choice", "reason"?, "shown_at"?} -> 201 {"id", "stats"},
+GET /api/stats?labeller=NAME. Errors are {"error": {"message", "code"}} with 400/401/404/409/413.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cakelm.chat_format import format_of
+from cakelm.checkpoint import load_model
+from cakelm.common import CakeError, pick_device, print0, seed_everything
+from cakelm.config import ConfigError, opt
+from cakelm.data.chat import BUILTIN_CHAT
+from cakelm.data.labels import CHOICES, LabelError, LabelStore, check_labeller
+from cakelm.data.prefs import write_prefs
+from cakelm.engine import SamplingParams
+from cakelm.rewards import rater
+from cakelm.rollout import PromptRow, sample
+from cakelm.serve import _BodyLimit
+from cakelm.stages.prefs import choose_prompts
+
+__all__ = ["CHOICES", "LabelError", "LabelStore", "LabelConfig", "LabelExportConfig", "create_label_app", "export",
+           "export_main", "main", "rule_label", "sample_pairs"]
+
+RULE_LABELLER = "rule"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pairs from a model, and the rule-based rater as a labeller
+
+
+def sample_pairs(model: Any, tok: Any, rows: list[PromptRow], ckpt: str, params: SamplingParams) -> list[dict]:
+    """Two replies of the model to each prompt, as rows for `LabelStore.add_pairs`. Two independent samples, so
+    which one is A is random by construction. Prompts where a reply is empty (a message has content) or both
+    replies are the same text are skipped (there is nothing to choose)."""
+    rolls = sample(model, tok, [r.messages for r in rows], params, n=2)
+    out = []
+    for i, row in enumerate(rows):
+        ra, rb = rolls[2 * i], rolls[2 * i + 1]
+        if not ra.text or not rb.text or ra.text == rb.text:
+            continue
+        out.append({"prompt": row.messages, "a": ra.text, "b": rb.text, "ended_a": ra.ended, "ended_b": rb.ended,
+                    "model_a": ckpt, "model_b": ckpt,
+                    "fields": {**row.fields, "source": source_of(row.name), "name": row.name}})
+    return out
+
+
+def source_of(name: str) -> str:
+    """The source a prompt came from, by its name: chitchat/123 -> chitchat, arithmetic/train/3 -> arithmetic,
+    /data/my.jsonl:12 -> my.jsonl, hf:org/set:train[3] -> hf:org/set:train."""
+    if name.startswith("hf:"):
+        return name.rsplit("[", 1)[0]
+    path, sep, line = name.rpartition(":")
+    if sep and line.isdigit():
+        return Path(path).name
+    return name.split("/")[0]
+
+
+def rule_label(store: LabelStore, round: int | None = None, min_gap: float = 0.5, labeller: str = RULE_LABELLER
+               ) -> dict:
+    """The rule-based rater (`cakelm.rewards.rater`, as in `cakelm prefs`) judges every pair of `round` it has
+    not judged, through `store.record` like a person on the page: both replies under 1 point -> "both_bad";
+    scores within `min_gap` -> "tie"; else the better one. Returns {choice: count, "judged", "skipped"}."""
+    counts = {**dict.fromkeys(CHOICES, 0), "judged": 0, "skipped": 0}
+    done = {j["pair_id"] for j in store.judgements(round) if j["labeller"] == labeller}
+    for p in store.pairs(round):
+        if p["id"] in done:
+            counts["skipped"] += 1
+            continue
+        question, answer = p["prompt"][-1]["content"], p["fields"].get("answer")
+        sa, sb = (rater(question, text, answer=answer, finish_reason="stop" if ended else "length")
+                  for text, ended in ((p["a"], p["ended_a"]), (p["b"], p["ended_b"])))
+        if sa < 1.0 and sb < 1.0:
+            choice = "both_bad"
+        elif abs(sa - sb) < max(min_gap, 1e-9):  # equal scores are a tie even with --min-gap 0
+            choice = "tie"
+        else:
+            choice = "a" if sa > sb else "b"
+        store.record(p["id"], labeller, choice, reason=f"rater: A {sa:.2f}, B {sb:.2f}")
+        counts[choice] += 1
+        counts["judged"] += 1
+    return counts
+
+
+def export(db: str | Path, out: str | Path, rounds: list[int] | None = None) -> dict:
+    """Write the preference rows of `db` (rounds `rounds`, default all) to `out` (JSONL); returns the counts."""
+    with LabelStore(db, create=False) as store:
+        have = store.rounds()
+        missing = sorted(set(rounds or []) - set(have))
+        if missing:
+            raise CakeError(f"{db}: no pairs of round {', '.join(map(str, missing))} (rounds: "
+                            f"{', '.join(map(str, have)) or 'none'})")
+        rows, counts = store.export_rows(rounds or None)
+    if not rows:
+        raise CakeError(f"{db}: no pair has a preference to export ({counts['pairs']} pairs: {counts['unlabelled']} "
+                        f"unlabelled, {counts['ties']} ties, {counts['both_bad']} both bad, {counts['split']} split)")
+    write_prefs(out, rows)
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The web app
+
+
+class Judgement(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pair_id: str = Field(max_length=64)
+    labeller: str = Field(max_length=256)  # the store checks the name itself
+    choice: str = Field(max_length=16)
+    reason: str = ""
+    shown_at: float | None = Field(None, allow_inf_nan=False)
+
+
+def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "code": code}}, status_code=status)
+
+
+def create_label_app(store: LabelStore, token: str | None = None, target: int | None = None,
+                     round: int | None = None, body_limit: int = 64_000) -> FastAPI:
+    """The labelling app over `store`, serving the pairs of `round` (all: None); progress is shown against
+    `target` (default: every pair). With `token`, /api/ requests need `Authorization: Bearer TOKEN`."""
+    app = FastAPI(title="cakelm label", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.store = store
+    app.add_middleware(_BodyLimit, limit=body_limit)
+    codes = {400: "invalid_request", 404: "not_found", 409: "already_judged"}
+
+    @app.exception_handler(LabelError)
+    async def label_error(_: Request, e: LabelError) -> JSONResponse:
+        return _error(e.status, str(e), codes.get(e.status))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query"))
+        return _error(400, f"{where}: {err.get('msg')}" if where else str(err.get("msg")), "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return _error(e.status_code, str(e.detail))
+
+    @app.middleware("http")
+    async def check_token(request: Request, call_next: Callable[[Request], Awaitable]) -> Any:
+        if token and request.url.path.startswith("/api/"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return _error(401, "missing or wrong access token (open the URL `cakelm label` printed, with its "
+                                   "?token=..., or send 'Authorization: Bearer TOKEN')", "invalid_token")
+        return await call_next(request)
+
+    # sync handlers: FastAPI runs them on its thread pool, so a commit's fsync never stalls the event loop
+    def stats(labeller: str | None) -> dict:
+        return store.stats(labeller, round, target)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "pairs": store.stats(None, round)["pairs"]}
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return resources.files("cakelm.web").joinpath("label.html").read_text(encoding="utf-8")
+
+    @app.get("/api/next")
+    def next_pair(labeller: str = Query(max_length=256)) -> dict:
+        name = check_labeller(labeller)
+        p = store.next_pair(name, round)
+        # only what a labeller should see: no model names, no scores
+        shown = None if p is None else {"id": p["id"], "prompt": p["prompt"], "a": p["a"], "b": p["b"]}
+        return {"pair": shown, "stats": stats(name)}
+
+    @app.get("/api/stats")
+    def get_stats(labeller: str | None = Query(None, max_length=256)) -> dict:
+        return stats(None if labeller is None else check_labeller(labeller))
+
+    @app.post("/api/judgements", status_code=201)
+    def judge(j: Judgement) -> dict:
+        jid = store.record(j.pair_id, j.labeller, j.choice, j.reason, j.shown_at)  # committed when it returns
+        return {"id": jid, "stats": stats(j.labeller)}
+
+    return app
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `cakelm label` and `cakelm label export`
+
+
+@dataclass
+class LabelConfig:
+    ckpt: str = opt("", "chat checkpoint whose replies are compared", positional=True)
+    prompts: list[str] = opt([], "prompt sources, needed when the round has no pairs yet: SRC or SRC=WEIGHT, each "
+                                 + ", ".join(BUILTIN_CHAT) + " or a .jsonl file of prompts or conversations")
+    db: str | None = opt(None, "label database (default: label.db next to the checkpoint's directory)")
+    round: int = opt(1, "labelling round: its pairs are generated once, then reused")
+    pairs: int = opt(100, "prompts to draw when the round has no pairs (prompts whose two replies are equal or "
+                          "empty are dropped)")
+    rater: str = opt("human", "who judges: people on the web page, or the rule-based rater", choices=("human",
+                                                                                                      "rule"))
+    host: str = opt("127.0.0.1", "address to bind (0.0.0.0 exposes the page to the network: use --token)")
+    port: int = opt(8000, "port")
+    token: str | None = opt(None, "require this access token on /api/ (default: $CAKELM_LABEL_TOKEN)")
+    target: int | None = opt(None, "pairs to label, for the progress display (default: every pair of the round)")
+    min_gap: float = opt(0.5, "--rater rule: scores closer than this are a tie")
+    max_new_tokens: int = opt(64, "longest reply in tokens")
+    max_prompt_tokens: int = opt(64, "skip prompts longer than this many tokens")
+    temperature: float = opt(1.0, "sampling temperature of the replies")
+    seed: int = opt(1337, "random seed (which prompts, which replies; the round is added)")
+    device: str = opt("auto", "device", choices=("auto", "cpu", "cuda", "mps"))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompts, str):
+            self.prompts = [self.prompts]
+        for name in ("round", "pairs", "max_new_tokens", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.target is not None and self.target < 1:
+            raise ConfigError(f"--target must be >= 1, got {self.target}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be in 1..65535, got {self.port}")
+        if not self.temperature > 0 or not self.min_gap >= 0:
+            raise ConfigError("--temperature must be > 0 and --min-gap >= 0")
+
+
+def default_db(ckpt: str | Path) -> Path:
+    """runs/default/sft -> runs/default/label.db: one database per run directory, shared by its rounds."""
+    return Path(ckpt).parent / "label.db"
+
+
+def _draw_prompts(cfg: LabelConfig, tok: Any, context: int) -> list[PromptRow]:
+    """--pairs distinct single-turn prompts that fit, drawn from the training side of the --prompts sources by
+    weight, as `cakelm prefs` draws them; each round draws afresh (the seed has the round added)."""
+    limit = min(cfg.max_prompt_tokens, context - 1)  # at least one token of reply must fit
+    rows, _ = choose_prompts(cfg.prompts, cfg.pairs, 0, tok, limit, cfg.seed + cfg.round)
+    return rows
+
+
+def main(cfg: LabelConfig) -> Path:
+    db = Path(cfg.db) if cfg.db else default_db(cfg.ckpt)
+    if not cfg.prompts and not db.exists():  # say so before creating an empty database
+        raise CakeError(f"--prompts is required: {db} does not exist yet, so round {cfg.round} needs new pairs")
+    store = LabelStore(db)
+    try:
+        have = len(store.pairs(cfg.round))
+        if have:
+            print0(f"label: round {cfg.round} has {have} pairs in {db}; labelling them (no new replies)")
+        else:
+            _make_pairs(cfg, store, db)
+        if cfg.rater == "rule":
+            counts = rule_label(store, cfg.round, cfg.min_gap)
+            s = store.stats(round=cfg.round)
+            print0(f"label: the rule-based rater judged {counts['judged']} pairs of round {cfg.round} (A "
+                   f"{counts['a']}, B {counts['b']}, tie {counts['tie']}, both bad {counts['both_bad']}; "
+                   f"{counts['skipped']} judged before); {s['labelled']}/{s['pairs']} pairs labelled -> {db}")
+        else:
+            _serve(cfg, store, db)
+    finally:
+        store.close()
+    return db
+
+
+def _make_pairs(cfg: LabelConfig, store: LabelStore, db: Path) -> None:
+    if not cfg.prompts:
+        raise CakeError(f"--prompts is required: round {cfg.round} of {db} has no pairs yet")
+    t0 = time.time()
+    seed_everything(cfg.seed + cfg.round)
+    model, tok, meta = load_model(cfg.ckpt, pick_device(cfg.device))
+    if format_of(meta) != "chat":
+        raise CakeError(f"label: {cfg.ckpt} is a base model; compare the replies of a chat model (run `cakelm sft`)")
+    rows = _draw_prompts(cfg, tok, model.cfg.max_seq_len)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed + cfg.round)
+    pairs = sample_pairs(model, tok, rows, str(cfg.ckpt), params)
+    if not pairs:
+        raise CakeError(f"label: the model's two replies were empty or equal for all {len(rows)} prompts; try "
+                        "another checkpoint or a higher --temperature")
+    store.add_pairs(pairs, cfg.round)
+    print0(f"label: {len(pairs)} pairs for round {cfg.round} from {cfg.ckpt} ({len(rows) - len(pairs)} prompts with "
+           f"empty or equal replies dropped) -> {db} ({time.time() - t0:.0f}s)")
+
+
+def _serve(cfg: LabelConfig, store: LabelStore, db: Path) -> None:
+    import uvicorn
+
+    token = cfg.token or os.environ.get("CAKELM_LABEL_TOKEN") or None
+    app = create_label_app(store, token, cfg.target, cfg.round)
+    url = f"http://{cfg.host}:{cfg.port}/" + (f"?token={urllib.parse.quote(token, safe='')}" if token else "")
+    print0(f"label: open {url} to label round {cfg.round} of {db} (Ctrl-C stops; then `cakelm label export {db} "
+           "--out FILE`)")
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    except OSError as e:  # e.g. the port is taken
+        raise CakeError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+
+
+@dataclass
+class LabelExportConfig:
+    db: str = opt("", "label database (`cakelm label` writes it)", positional=True)
+    out: str = opt("", "preference JSONL to write (read by `cakelm reward --data` and `cakelm dpo --data`)")
+    rounds: list[int] = opt([], "rounds to export (default: every round)")
+
+    def __post_init__(self) -> None:
+        if any(r < 1 for r in self.rounds):
+            raise ConfigError(f"--rounds must be >= 1, got {' '.join(map(str, self.rounds))}")
+
+
+def export_main(cfg: LabelExportConfig) -> Path:
+    if not cfg.out:
+        raise ConfigError("--out is required: the preference JSONL to write")
+    c = export(cfg.db, cfg.out, cfg.rounds or None)
+    print0(f"label export: {c['exported']} preference pairs from {c['pairs']} pairs ({c['judgements']} judgements; "
+           f"dropped: {c['ties']} ties, {c['both_bad']} both bad, {c['split']} split votes, {c['unlabelled']} "
+           f"unlabelled) -> {cfg.out}")
+    return Path(cfg.out)
