@@ -155,6 +155,14 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return loss, beta * chosen.detach(), beta * rejected.detach()
 
 
+def rpo_nll(policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """(P,) per-token negative log-likelihood of each chosen reply, -log pi(y_c) / |y_c|, from its summed log-prob
+    and its token count: the term RPO adds to the DPO loss with weight alpha (Pang et al. 2024, "Iterative
+    Reasoning Preference Optimization", arXiv 2404.19733; TRL's `rpo_alpha`). Plain DPO only widens the margin
+    and often makes both replies less likely; this keeps the chosen one likely."""
+    return -policy_chosen / chosen_tokens.clamp(min=1)
+
+
 def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k1 estimate of KL(policy || reference), logp - ref_logp: unbiased, can be negative per sample;
     the per-token penalty PPO puts into the reward (Schulman 2020, "Approximating KL Divergence")."""

@@ -174,6 +174,14 @@ def test_dpo_loss_hand_computed_and_ln2_at_the_start() -> None:
         dpo_loss(*args, loss_type="hinge")
 
 
+def test_rpo_nll_hand_computed() -> None:
+    from cakelm.losses import rpo_nll
+
+    # -(-6) / 3 tokens = 2 nats per token; an empty reply counts as one token (no division by zero)
+    torch.testing.assert_close(rpo_nll(torch.tensor([-6.0, -1.5, 0.0]), torch.tensor([3, 1, 0])),
+                               torch.tensor([2.0, 1.5, 0.0]))
+
+
 def test_gae_hand_computed_and_masked_values_change_nothing() -> None:
     from cakelm.losses import gae, kl_k1
 

@@ -200,13 +200,14 @@ def test_dpo_reference_and_policy_use_identical_masks(chat_model, pairs) -> None
 def test_dpo_learns_the_preference(chat_model, pairs, reward_model, tmp_path, loss_type) -> None:
     out = dpo.main(build_config(dpo.DPOConfig, ("test", {
         "init": str(chat_model), "data": str(pairs), "out": str(tmp_path / "dpo"), "reward_model": str(reward_model),
-        "loss_type": loss_type, "eval_prompts": 8, "max_new_tokens": 16, **QUIET, "loop.max_steps": 12,
+        "loss_type": loss_type, "rpo_alpha": 1.0 if loss_type == "sigmoid" else 0.0, "eval_prompts": 8,
+        "max_new_tokens": 16, **QUIET, "loop.max_steps": 12,
         "loop.batch_size": 12, "loop.eval_every": 12, "optim.lr": 3e-3})))
     r = rows_of(out)
-    if loss_type == "sigmoid":  # policy = reference at the first step: ln 2 and zero implicit rewards
-        assert r[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    if loss_type == "sigmoid":  # policy = reference at the first step: ln 2 and zero implicit rewards (+ RPO's NLL)
+        assert r[0]["loss"] == pytest.approx(math.log(2) + r[0]["chosen_nll"], abs=1e-5) and r[0]["chosen_nll"] > 0
         assert r[0]["reward_chosen"] == pytest.approx(0.0, abs=1e-5) and r[0]["margin"] == pytest.approx(0, abs=1e-5)
-    else:  # (0 - 1 / (2 beta))^2 with beta 0.1
+    else:  # (0 - 1 / (2 beta))^2 with beta 0.1; plain IPO here (--rpo-alpha 0)
         assert r[0]["loss"] == pytest.approx(25.0, abs=1e-3)
     assert r[-1]["val_pair_accuracy"] >= 0.9 and r[-1]["val_margin"] > r[0]["margin"]
     assert all(k in r[-1] for k in ("val_gold", "val_proxy", "val_kl", "chosen_logp_drift"))
