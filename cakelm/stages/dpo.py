@@ -21,10 +21,10 @@ step's DPO loss is exactly ln 2 (the loss logged is that plus alpha x chosen_nll
 
 Logged: loss, chosen_nll, the implicit rewards beta * (log pi - log pi_ref) of chosen and rejected, pairwise
 accuracy and margin of those rewards, and the drift of the chosen reply's log-prob from the reference (without RPO
-it often falls even as the margin grows: both replies get less likely, the rejected one faster). Every --loop.eval-
-every steps, on held-out pairs the same numbers, and on their prompts (replies sampled at temperature 1): the
-rater's gold reward, the reward model's proxy score (--reward-model) and the KL to the reference, for the over-
-optimisation plot. --beta is the knob: smaller beta lets the policy move further from the reference.
+it often falls even as the margin grows: both replies get less likely, the rejected one faster). Every
+--loop.eval-every steps, on held-out pairs the same numbers, and on their prompts (replies sampled at temperature
+1): the rater's gold reward, the reward model's proxy score (--reward-model) and the KL to the reference, for the
+over-optimisation plot. --beta is the knob: smaller beta lets the policy move further from the reference.
 """
 
 from __future__ import annotations
