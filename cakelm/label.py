@@ -80,19 +80,8 @@ def sample_pairs(model: Any, tok: Any, rows: list[PromptRow], ckpt: str, params:
             continue
         out.append({"prompt": row.messages, "a": ra.text, "b": rb.text, "ended_a": ra.ended, "ended_b": rb.ended,
                     "model_a": ckpt, "model_b": ckpt,
-                    "fields": {**row.fields, "source": source_of(row.name), "name": row.name}})
+                    "fields": {**row.fields, "source": row.source, "name": row.name}})
     return out
-
-
-def source_of(name: str) -> str:
-    """The source a prompt came from, by its name: chitchat/123 -> chitchat, arithmetic/train/3 -> arithmetic,
-    /data/my.jsonl:12 -> my.jsonl, hf:org/set:train[3] -> hf:org/set:train."""
-    if name.startswith("hf:"):
-        return name.rsplit("[", 1)[0]
-    path, sep, line = name.rpartition(":")
-    if sep and line.isdigit():
-        return Path(path).name
-    return name.split("/")[0]
 
 
 def rule_label(store: LabelStore, round: int | None = None, min_gap: float = 0.5, labeller: str = RULE_LABELLER
@@ -115,7 +104,13 @@ def rule_label(store: LabelStore, round: int | None = None, min_gap: float = 0.5
             choice = "tie"
         else:
             choice = "a" if sa > sb else "b"
-        store.record(p["id"], labeller, choice, reason=f"rater: A {sa:.2f}, B {sb:.2f}")
+        try:
+            store.record(p["id"], labeller, choice, reason=f"rater: A {sa:.2f}, B {sb:.2f}")
+        except LabelError as e:
+            if e.status != 409:
+                raise
+            counts["skipped"] += 1  # another rule labeller on the same database judged it meanwhile
+            continue
         counts[choice] += 1
         counts["judged"] += 1
     return counts

@@ -158,8 +158,9 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 def rpo_nll(policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
     """(P,) per-token negative log-likelihood of each chosen reply, -log pi(y_c) / |y_c|, from its summed log-prob
     and its token count: the term RPO adds to the DPO loss with weight alpha (Pang et al. 2024, "Iterative
-    Reasoning Preference Optimization", arXiv 2404.19733; TRL's `rpo_alpha`). Plain DPO only widens the margin
-    and often makes both replies less likely; this keeps the chosen one likely."""
+    Reasoning Preference Optimization", arXiv 2404.19733, which normalises by length per sequence; TRL's
+    `rpo_alpha` averages over all the batch's chosen tokens instead). Plain DPO only widens the margin and often
+    makes both replies less likely; this keeps the chosen one likely."""
     return -policy_chosen / chosen_tokens.clamp(min=1)
 
 

@@ -39,7 +39,7 @@ from cakelm.config import flatten
 
 MODEL_ORDER = ("base", "sft", "dpo", "ppo", "grpo")
 MISSING = "—"
-# Questions for the side-by-side answers (section 5): small talk, arithmetic, a word problem, Shakespeare.
+# Questions for the side-by-side answers (section 6): small talk, arithmetic, a word problem, Shakespeare.
 ANSWER_PROMPTS = ["Hello! How are you today?", "What is 17 + 25?",
                   "Tom has 3 apples and buys 4 more. How many apples does he have now?",
                   "Who was Romeo in love with?"]
@@ -256,7 +256,8 @@ def rounds_section(run: Path) -> list[tuple]:
     blocks.append(("table", ["round", "update", "rater", "pairs judged", "agreement", "RM pairs", "RM accuracy",
                              "gold reward", "reward-model score", "KL to SFT", "ends turn", "arithmetic right"],
                    [[str(r["round"]) + (" (SFT)" if r["round"] == 0 else ""), r.get("method", ""), r.get("rater", ""),
-                     f"{r['judgements']:,}" if "judgements" in r else "", pct(r.get("agreement")),
+                     f"{r.get('labelled', r.get('judgements')):,}" if "judgements" in r else "",
+                     pct(r.get("agreement")),
                      f"{r['train_pairs_rm']:,}" if "train_pairs_rm" in r else "", pct(r.get("rm_accuracy")),
                      fmt(r.get("gold")), fmt(r.get("proxy")), fmt(r.get("kl")), pct(r.get("end_of_turn")),
                      pct(r.get("task_accuracy"))] for r in rows]))

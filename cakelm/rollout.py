@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +45,17 @@ class PromptRow:
     @property
     def question(self) -> str:
         return self.messages[-1]["content"]
+
+    @property
+    def source(self) -> str:
+        """The source this prompt came from, by its name: chitchat/123 -> chitchat, arithmetic/train/3 ->
+        arithmetic, /data/my.jsonl:12 -> my.jsonl, hf:org/set:train[3] -> hf:org/set:train."""
+        if self.name.startswith("hf:"):
+            return self.name.rsplit("[", 1)[0]
+        path, sep, line = self.name.rpartition(":")
+        if sep and line.isdigit():
+            return Path(path).name
+        return self.name.split("/")[0]
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""Test helpers: a small checkpoint in chat format, and a real uvicorn server on a free localhost port."""
+"""Test helpers: a small checkpoint in chat format, a real uvicorn server on a free localhost port, and where
+Debian's chromium is (for the Playwright tests)."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -16,6 +18,8 @@ from cakelm.checkpoint import save_checkpoint
 from cakelm.model import Transformer
 from cakelm.tokenizer import Tokenizer
 from tests.conftest import tiny_model_config
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def make_chat_checkpoint(out: Path, tok_dir: Path, max_seq_len: int = 128) -> Path:

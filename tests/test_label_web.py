@@ -6,16 +6,14 @@ shown as text (never as HTML), and the export holds exactly what was clicked. Sa
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from cakelm.data.prefs import read_prefs
 from cakelm.label import LabelStore, create_label_app, export
-from tests.serving import running
+from tests.serving import CHROMIUM, running
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
 # CI sets CAKELM_REQUIRE_BROWSER=1 so a missing browser fails instead of skipping.

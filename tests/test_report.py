@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,8 @@ from cakelm.common import write_json_atomic
 from cakelm.report import MISSING, collect_answers, write_report
 from cakelm.stages import compare
 from tests.conftest import tiny_checkpoint
+from tests.serving import CHROMIUM
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).parent / "artifacts"
 HEADINGS = ("1. Run", "2. Pretraining", "3. Models", "4. Reward over-optimisation", "5. RLHF rounds",
             "6. Answers side by side", "7. Transformer vs LSTM")

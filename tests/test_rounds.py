@@ -8,6 +8,8 @@ import math
 import re
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from cakelm.checkpoint import load_meta
 from cakelm.common import CakeError
@@ -40,9 +42,11 @@ def test_two_rule_rounds(run_dir) -> None:
     assert table[0]["kl"] == 0.0 and table[0]["policy"] == str(run_dir / "sft")
     for r in table:
         assert all(math.isfinite(r[k]) for k in ("gold", "proxy", "kl", "reply_len", "end_of_turn")), r
-    assert table[2]["kl"] > 0  # round 2's policy moved from SFT (two DPO updates)
+    # round 2's policy moved from SFT (two DPO updates); its sampled k1 KL estimate may be slightly negative
+    before, after = (load_file(str(d / "model.safetensors")) for d in (run_dir / "sft", second / "policy"))
+    assert all(not torch.equal(before[k], after[k]) for k in before if "lm_head" not in k)
 
-    store = LabelStore(run_dir / "label.db")
+    store = LabelStore(run_dir / "rounds" / "label.db")
     assert store.rounds() == [1, 2]
     for n in (1, 2):
         pairs, judged = store.pairs(n), store.judgements(n)
@@ -63,11 +67,17 @@ def test_two_rule_rounds(run_dir) -> None:
         assert meta["rlhf_round"] == n and meta["stage"] == "dpo"
     assert load_meta(run_dir / "rounds" / "2" / "policy")["parent"] == str(run_dir / "rounds" / "1" / "policy")
 
-    # redoing round 2 reuses its pairs and judgements (no new rows) and keeps the table at three rows
+    # a finished round is not redone; an interrupted one (here: stopped before its measurement) continues with
+    # its pairs, judgements and checkpoints, and adds no rows
+    with pytest.raises(CakeError, match="round 2 is finished"):
+        rounds.main(round_cfg(run_dir, round=2))
     n_pairs = len(store.pairs())
-    rounds.main(round_cfg(run_dir, round=2))
+    (second / "round.json").unlink()
+    assert rounds.main(round_cfg(run_dir)) == second
     assert len(store.pairs()) == n_pairs and len(store.judgements()) == n_pairs
     assert [r["round"] for r in json.loads((run_dir / "rounds.json").read_text())["rounds"]] == [0, 1, 2]
+    with pytest.raises(CakeError, match="--val-prompts 9 differs from the earlier rounds' 8"):
+        rounds.main(round_cfg(run_dir, val_prompts=9))
 
     html = write_report(run_dir)[0].read_text()
     section = html.split(">5. RLHF rounds</h2>")[1].split("<h2")[0]
@@ -80,7 +90,7 @@ def test_human_round_waits_for_labels(tok_dir, tmp_path, capsys) -> None:
     out = rounds.main(round_cfg(run, rater="human", pairs=8))
     assert "cakelm label" in capsys.readouterr().out
     assert not (out / "rm").exists() and not (out / "round.json").exists()
-    store = LabelStore(run / "label.db")
+    store = LabelStore(run / "rounds" / "label.db")
     pairs = store.pairs(1)
     assert pairs and not store.judgements(1)
     # a person labels them (the store is what the web page writes through); the same command then trains
@@ -95,7 +105,7 @@ def test_human_round_waits_for_labels(tok_dir, tmp_path, capsys) -> None:
 def test_round_errors(tmp_path, run_dir) -> None:
     with pytest.raises(CakeError, match="no SFT checkpoint"):
         rounds.main(round_cfg(tmp_path / "empty"))
-    with pytest.raises(CakeError, match="round 5 starts from round 4"):
+    with pytest.raises(CakeError, match="round 5 starts from round 4's policy, and round 4 is not finished"):
         rounds.main(round_cfg(run_dir, round=5))
     with pytest.raises(ConfigError, match="--min-judged"):
         round_cfg(run_dir, min_judged=0.0)

@@ -4,15 +4,13 @@ reply stream in with a tokens/s line. Saves a screenshot (tests/artifacts/chat_p
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from cakelm.serve import ServeConfig, build_app
-from tests.serving import make_chat_checkpoint, running
+from tests.serving import CHROMIUM, make_chat_checkpoint, running
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
 # CI sets CAKELM_REQUIRE_BROWSER=1 so a missing browser fails instead of skipping.

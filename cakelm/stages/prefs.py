@@ -89,7 +89,8 @@ def choose_prompts(data: list[str], n_train: int, n_val: int, tok: Any, max_prom
                    ) -> tuple[list[PromptRow], list[PromptRow]]:
     """Single-turn prompts of at most `max_prompt_tokens` (chat format): up to `n_train` distinct ones drawn from
     the sources' training side by the mixture's weights, and up to `n_val` from their held-out side (split over
-    the sources by weight). The same (data, seed) gives the same prompts."""
+    the sources by weight). The same arguments give the same prompts (a task's generated problems depend on
+    n_train too)."""
     sources, _ = load_sources(data, n_train, 0, val_size=n_val, seed=seed, reply_required=False)
     total = sum(w for _, w, *_ in sources)
     train_rows, val_rows = [], []
@@ -128,7 +129,7 @@ def make_pairs(model: Any, tok: Any, rows: list[PromptRow], cfg: PrefsConfig, se
                       "rejected": [{"role": "assistant", "content": rolls[worst].text}],
                       **({"answer": row.fields["answer"]} if "answer" in row.fields else {}),
                       "gold_chosen": round(gold[best], 4), "gold_rejected": round(gold[worst], 4),
-                      "source": row.name.split("/")[0].split(":")[0]})
+                      "source": row.source})
     counts = {"prompts": len(rows), "pairs": len(pairs), "near_ties": ties,
               "gold_mean": sum(gold) / max(len(gold), 1)}
     return pairs, counts

@@ -3,15 +3,16 @@
     cakelm rlhf-round                                # round 1 on runs/default: SFT's pairs, rule-labelled -> DPO
     cakelm rlhf-round                                # round 2: the round-1 policy's pairs -> DPO again
     cakelm rlhf-round --rater human                  # stops after writing the pairs; label them in the browser:
-    cakelm label runs/default/rounds/1/policy-in --db runs/default/label.db --round 1   # (the command it prints)
+    cakelm label runs/default/sft --db runs/default/rounds/label.db --round 1   # (the command it prints)
     cakelm rlhf-round --rater human                  # ... then the same command again trains on the labels
     cakelm rlhf-round --method ppo                   # PPO against the round's reward model instead of DPO
 
 "Typically this is repeated for a few rounds" (InstructGPT, Ouyang et al. 2022): the policy's newest replies are
 judged, the reward model learns from every judgement so far, and the policy improves on them. Round N:
 1. Policy: round N-1's policy (RUN/rounds/N-1/policy), or RUN/sft in round 1.
-2. Pairs: the policy samples two replies (temperature 1) to each of --pairs training prompts it has not been
-   asked in an earlier round; they go into the label database RUN/label.db (`cakelm.label`), tagged round N.
+2. Pairs: --pairs training prompts are drawn (seed + N) and those asked in an earlier round dropped; the policy
+   samples two replies (temperature 1) to each; they go into the rounds' label database RUN/rounds/label.db
+   (`cakelm.label`; `cakelm label`'s own default database is a different file), tagged round N.
 3. Labels: with --rater rule the rule-based rater (`cakelm.rewards.rater`) judges them now, through the same
    storage and code path as a person (`label.rule_label` -> `LabelStore.record`); with --rater human the round
    stops until `cakelm label` has collected judgements on at least --min-judged of the round's pairs.
@@ -24,8 +25,10 @@ judged, the reward model learns from every judgement so far, and the policy impr
    proxy score and the KL to SFT, reply length and turn endings -> RUN/rounds/N/round.json, and the table of all
    rounds (round 0 is the SFT model) -> RUN/rounds.json, which the report card shows.
 
-A round that stopped (Ctrl-C, a crash) continues where it stopped when run again: its pairs and judgements are in
-the database, and the training stages resume from their checkpoints.
+Rounds are appended, never redone in place: a round that stopped (Ctrl-C, a crash, waiting for people) continues
+where it stopped when the same command runs again (its pairs, judgements and export are kept; the training stages
+resume from their checkpoints). The options that define the measurement (--data, --val-prompts, --seed, the
+token limits) are saved in RUN/rounds.json and must stay the same in later rounds.
 """
 
 from __future__ import annotations
@@ -50,21 +53,23 @@ from cakelm.stages import ppo as ppo_stage
 from cakelm.stages import reward as reward_stage
 from cakelm.stages.prefs import DEFAULT_DATA, choose_prompts
 
-EVAL_SAMPLES = 2  # replies per held-out prompt for gold, proxy and KL
+EVAL_SAMPLES = 4  # replies per held-out prompt for gold, proxy and KL
+PINNED = ("data", "val_prompts", "seed", "max_prompt_tokens", "max_new_tokens")  # the same in every round
 
 
 @dataclass
 class RoundConfig:
     run: str = opt("runs/default", "run directory: RUN/sft starts round 1; rounds go to RUN/rounds/N, labels to "
-                   "RUN/label.db")
-    round: int = opt(0, "round to run (0: the one after the last finished round)")
+                   "RUN/rounds/label.db")
+    round: int = opt(0, "round to run (0: the one after the last finished round; a finished round is not redone)")
     rater: str = opt("rule", "who judges the pairs: rule (the rule-based rater, now) or human (`cakelm label`)",
                      choices=("rule", "human"))
     method: str = opt("dpo", "policy update: dpo (on this round's pairs) or ppo (against the round's reward model)",
                       choices=("dpo", "ppo"))
     preset: str = opt("cpu", "size of the reward, dpo and ppo stages (their presets)", choices=("cpu", "micro"))
     data: list[str] = opt(DEFAULT_DATA, "prompt sources, each SRC or SRC=WEIGHT (as `cakelm prefs`)")
-    pairs: int = opt(400, "training prompts per round (two replies each make one pair to judge)")
+    pairs: int = opt(1000, "training prompts per round: two replies to each make one pair to judge (the rule-based "
+                     "rater calls most pairs of one model's replies a tie; about a third remain)")
     val_prompts: int = opt(128, "held-out prompts for gold, proxy and KL (the same ones every round)")
     min_judged: float = opt(1.0, "--rater human: share of the round's pairs that must be judged before training")
     min_gap: float = opt(0.5, "--rater rule: replies rated closer than this are a tie")
@@ -123,9 +128,21 @@ def main(cfg: RoundConfig) -> Path:
                         f"`cakelm sft --out {sft_dir}` first)")
     done = finished_rounds(run)
     n = cfg.round or (done[-1] + 1 if done else 1)
-    if n > 1 and not is_checkpoint(run / "rounds" / str(n - 1) / "policy"):
-        raise CakeError(f"rlhf-round: round {n} starts from round {n - 1}'s policy, which is not finished "
-                        f"({run / 'rounds' / str(n - 1) / 'policy'})")
+    if n in done:
+        raise CakeError(f"rlhf-round: round {n} is finished ({run / 'rounds' / str(n) / 'round.json'}); rounds are "
+                        f"appended: run round {done[-1] + 1}, or delete {run / 'rounds'} to start over")
+    if n > 1 and n - 1 not in done:
+        raise CakeError(f"rlhf-round: round {n} starts from round {n - 1}'s policy, and round {n - 1} is not "
+                        f"finished (no {run / 'rounds' / str(n - 1) / 'round.json'})")
+    table_path = run / "rounds.json"
+    table = read_json(table_path)["rounds"] if table_path.is_file() else []
+    settings = {k: getattr(cfg, k) for k in PINNED}
+    if table:
+        pinned = read_json(table_path).get("settings", {})
+        changed = [k for k in PINNED if k in pinned and pinned[k] != settings[k]]
+        if changed:
+            raise CakeError(f"rlhf-round: --{changed[0].replace('_', '-')} {settings[changed[0]]} differs from the "
+                            f"earlier rounds' {pinned[changed[0]]} ({table_path}); rounds are measured alike")
     policy_in = sft_dir if n == 1 else run / "rounds" / str(n - 1) / "policy"
     rdir = run / "rounds" / str(n)
     rdir.mkdir(parents=True, exist_ok=True)
@@ -134,66 +151,73 @@ def main(cfg: RoundConfig) -> Path:
     model, tok, meta = load_model(policy_in, device)
     if format_of(meta) != "chat":
         raise CakeError(f"rlhf-round: {policy_in} is a base model; rounds start from a chat model")
-    store = LabelStore(run / "label.db")
+    # a prompt must leave room for the reply (as rlhf.heldout_rows)
+    budget = min(cfg.max_prompt_tokens, model.cfg.max_seq_len - cfg.max_new_tokens)
     # the held-out prompts are the same every round (seed, not seed + round): gold is comparable across rounds
-    val_rows = choose_prompts(cfg.data, 1, cfg.val_prompts, tok, cfg.max_prompt_tokens, cfg.seed)[1]
-    print0(f"rlhf-round {n}: policy {policy_in}, labels in {run / 'label.db'} (rater: {cfg.rater})")
-
-    # 2. pairs (once per round: a re-run finds them in the database)
-    if not store.pairs(n):
-        asked = {json.dumps(p["prompt"], sort_keys=True) for p in store.pairs()}
-        train_rows = choose_prompts(cfg.data, cfg.pairs, 1, tok, cfg.max_prompt_tokens, cfg.seed + n)[0]
-        fresh = [r for r in train_rows if json.dumps(r.messages, sort_keys=True) not in asked]
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=1.0, seed=cfg.seed + n)
-        store.add_pairs(sample_pairs(model, tok, fresh, str(policy_in), params), round=n)
-        print0(f"rlhf-round {n}: {len(store.pairs(n))} pairs from {len(fresh)} prompts "
-               f"({len(train_rows) - len(fresh)} asked in earlier rounds)")
-    del model
-
-    # 3. labels
-    if cfg.rater == "rule":
-        counts = rule_label(store, n, cfg.min_gap)
-        print0(f"rlhf-round {n}: the rule-based rater judged {counts}")
-    stats = store.stats(round=n)
+    val_rows = choose_prompts(cfg.data, 1, cfg.val_prompts, tok, budget, cfg.seed)[1]
+    db = run / "rounds" / "label.db"
+    print0(f"rlhf-round {n}: policy {policy_in}, labels in {db} (rater: {cfg.rater})")
+    with LabelStore(db) as store:
+        # 2. pairs (once per round: a re-run finds them in the database)
+        if not store.pairs(n):
+            asked = {json.dumps(p["prompt"], sort_keys=True) for p in store.pairs()}
+            train_rows = choose_prompts(cfg.data, cfg.pairs, 1, tok, budget, cfg.seed + n)[0]
+            fresh = [r for r in train_rows if json.dumps(r.messages, sort_keys=True) not in asked]
+            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=1.0, seed=cfg.seed + n)
+            store.add_pairs(sample_pairs(model, tok, fresh, str(policy_in), params), round=n)
+            print0(f"rlhf-round {n}: {len(store.pairs(n))} pairs from {len(fresh)} prompts "
+                   f"({len(train_rows) - len(fresh)} asked in earlier rounds)")
+        del model
+        # 3. labels
+        if cfg.rater == "rule":
+            counts = rule_label(store, n, cfg.min_gap)
+            print0(f"rlhf-round {n}: the rule-based rater judged {counts}")
+        stats = store.stats(round=n)
     if stats["labelled"] < cfg.min_judged * stats["pairs"]:
         print0(f"rlhf-round {n}: {stats['labelled']} of {stats['pairs']} pairs judged; label them with\n"
-               f"    cakelm label {policy_in} --db {run / 'label.db'} --round {n}\n"
-               f"then run `cakelm rlhf-round --run {run} --rater human` again")
+               f"    cakelm label {policy_in} --db {db} --round {n}\n"
+               f"then run the same `cakelm rlhf-round` command again")
         return rdir
 
-    # 4. reward model on every round's judgements; 5. the policy update on this round's
-    export(run / "label.db", rdir / "judged.jsonl", rounds=list(range(1, n + 1)))
+    # 4. reward model on every round's judgements; 5. the policy update on this round's. The export is written
+    # once: a re-run after an interruption trains on the same pairs even if people went on labelling.
+    if not (rdir / "judged.jsonl").is_file():
+        export(db, rdir / "judged.jsonl", rounds=list(range(1, n + 1)))
     n_all = split_export(rdir / "judged.jsonl", rdir / "prefs_all", val_rows)
     n_round = split_export(rdir / "judged.jsonl", rdir / "prefs", val_rows, round=n)
     common = {"loop.device": cfg.device, "loop.seed": cfg.seed + n, "resume": True}
     rm_cfg = build_config(reward_stage.RewardConfig, (f"reward preset {cfg.preset}", reward_stage.PRESETS[cfg.preset]),
                           ("rlhf-round", {"init": str(sft_dir), "data": str(rdir / "prefs_all"),
                                           "out": str(rdir / "rm"), **common}))
-    rm_dir = reward_stage.main(rm_cfg)
     stage, sub = (dpo_stage, dpo_stage.DPOConfig) if cfg.method == "dpo" else (ppo_stage, ppo_stage.PPOConfig)
     pol_cfg = build_config(sub, (f"{cfg.method} preset {cfg.preset}", stage.PRESETS[cfg.preset]),
                            ("rlhf-round", {"init": str(policy_in), "data": str(rdir / "prefs"),
-                                           "out": str(rdir / "policy"), "reward_model": str(rm_dir), **common}))
-    policy_dir = stage.main(pol_cfg)
+                                           "out": str(rdir / "policy"), "reward_model": str(rdir / "rm"), **common}))
+    try:
+        rm_dir = reward_stage.main(rm_cfg)
+        policy_dir = stage.main(pol_cfg)
+    except SystemExit as e:  # Ctrl-C inside a stage saved its checkpoint: this command continues it
+        raise CakeError(f"round {n} stopped ({e}); run the same `cakelm rlhf-round` command again to "
+                        "continue") from None
     pmeta = load_meta(policy_dir)
     if pmeta.get("rlhf_round") != n:  # which round produced this checkpoint
         write_json_atomic(policy_dir / "meta.json", {**pmeta, "rlhf_round": n})
 
     # 6. measure (round 0, the SFT model, once, with round 1's reward model)
     ref = load_model(sft_dir, device)[0].eval()
-    table = read_json(run / "rounds.json")["rounds"] if (run / "rounds.json").is_file() else []
-    table = [r for r in table if r["round"] < n]  # a redone round replaces its row and drops later ones
+    table = [r for r in table if r["round"] < n]
     if not table:
         table = [{"round": 0, "policy": str(sft_dir), **measure(sft_dir, rm_dir, ref, val_rows, cfg, device)}]
     rm_acc = load_meta(rm_dir).get("metrics", {}).get("val_accuracy")
     row = {"round": n, "policy": str(policy_dir), "method": cfg.method, "rater": cfg.rater,
-           "pairs": stats["pairs"], "judgements": stats["judgements"], "agreement": stats["agreement"],
-           "train_pairs_round": n_round, "train_pairs_rm": n_all, "rm_accuracy": rm_acc,
-           **measure(policy_dir, rm_dir, ref, val_rows, cfg, device), "seconds": time.time() - t0}
+           "pairs": stats["pairs"], "labelled": stats["labelled"], "judgements": stats["judgements"],
+           "agreement": stats["agreement"], "train_pairs_round": n_round, "train_pairs_rm": n_all,
+           "rm_accuracy": rm_acc, **measure(policy_dir, rm_dir, ref, val_rows, cfg, device),
+           "seconds": time.time() - t0}
     write_json_atomic(rdir / "round.json", row)
     table.append(row)
-    write_json_atomic(run / "rounds.json", {"rounds": table, "held_out_prompts": len(val_rows),
-                                            "samples_per_prompt": EVAL_SAMPLES})
+    write_json_atomic(table_path, {"rounds": table, "settings": settings, "held_out_prompts": len(val_rows),
+                                   "samples_per_prompt": EVAL_SAMPLES})
     print0(f"rlhf-round {n}: gold {row['gold']:.3f} (round 0: {table[0]['gold']:.3f}), proxy {row['proxy']:.3f}, "
            f"KL to SFT {row['kl']:.2f}; reward model {rm_acc or float('nan'):.3f} held-out accuracy on "
            f"{n_all} pairs of rounds 1-{n} -> {rdir} ({time.time() - t0:.0f}s)")
