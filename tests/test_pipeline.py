@@ -1,4 +1,5 @@
-"""`cakelm pipeline` end to end at the micro preset: stages, skipping, --from/--only, samples, export."""
+"""`cakelm pipeline` end to end at the micro preset: stages, skipping, --from/--only, samples, export; the same under
+`torchrun` with 2 processes; every preset's stage configs."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 
 from cakelm.checkpoint import load_meta
 from cakelm.config import build_config
 from cakelm.report import SECTIONS
 from cakelm.stages import pipeline
-from tests.test_report import CHROMIUM, open_in_chromium
+from tests.serving import CHROMIUM, free_port
+from tests.test_report import open_in_chromium
 
 
 def run(corpus, out, **kw):
@@ -77,3 +81,38 @@ def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
     run(corpus, tmp_path / "run", only="tokenizer")  # --only: just that stage, redone
     only = json.loads((out / "pipeline.json").read_text())["stages"]
     assert [(s["stage"], s["status"]) for s in only] == [("tokenizer", "ran")]
+
+
+def test_pipeline_under_torchrun_two_processes(corpus, tmp_path) -> None:
+    """`torchrun --nproc_per_node 2 -m cakelm pipeline`: training stages run as DDP on both ranks, the rest on rank 0;
+    a re-run skips the same stages on every rank."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "cakelm", "pipeline", "--preset", "micro", "--data", str(corpus), "--out", str(out),
+           "--sft-data", "arithmetic", "--prefs-data", "arithmetic", "--eval-tasks", "arithmetic", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("base", "sft", "rm", "dpo", "ppo", "grpo"):
+        meta = load_meta(out / stage)
+        assert meta["world_size"] == 2 and meta["complete"], stage
+    assert proc.stdout.count("x 2 ranks") == 6 and proc.stdout.count("report: ") == 1  # rank 0 alone reports
+    stages = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert [s["status"] for s in stages] == ["ran"] * 13 and (out / "report.html").is_file()
+
+    again = subprocess.run([*cmd[:6], str(free_port()), *cmd[7:]], capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    stages = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert [s["status"] for s in stages] == ["skipped"] * 3 + ["ran"] + ["skipped"] * 8 + ["ran"]
+
+
+def test_every_preset_builds_and_gpu8_takes_half_a_million_tokens_per_step(tmp_path) -> None:
+    for preset in pipeline.PRESETS:
+        configs = pipeline._stage_configs(build_config(pipeline.PipelineConfig, ("test", {"preset": preset})),
+                                          tmp_path)
+        assert set(configs) == set(pipeline.STAGES) - {"sample", "eval", "report"}
+    pre = pipeline._stage_configs(build_config(pipeline.PipelineConfig, ("test", {"preset": "gpu8"})), tmp_path)
+    loop = pre["pretrain"].loop
+    assert loop.batch_size * loop.grad_accum * 8 * pre["pretrain"].model.max_seq_len == 524_288
+    assert pre["compare"].model.dim == 512  # compare's own gpu preset

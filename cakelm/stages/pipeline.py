@@ -4,6 +4,10 @@
     cakelm pipeline --preset micro --out runs/smoke
     cakelm pipeline --from pretrain          # redo pretraining (and what follows), keep data and tokenizer
     cakelm pipeline --only sft
+    torchrun --nproc_per_node 8 -m cakelm pipeline --preset gpu8 --data my_corpus/   # DDP on 8 GPUs
+
+Under torchrun the training stages (pretrain, sft, reward, dpo, ppo, grpo) run on every rank with DDP; the others
+(data, tokenizer, sampling, prefs, eval, compare, report) on rank 0 while the other ranks wait.
 
 Stages: data -> tokenizer -> pretrain -> sample -> sft -> prefs -> reward -> dpo -> ppo -> grpo -> eval
 (RUN/data, RUN/tokenizer, RUN/base, RUN/samples.txt, RUN/sft, RUN/prefs (preference pairs judged by the rule-based
@@ -28,9 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from cakelm.checkpoint import load_model
 from cakelm.common import (
+    barrier,
     hardware_info,
+    init_distributed,
     peak_memory_mb,
     pick_device,
     print0,
@@ -56,13 +64,17 @@ from cakelm.stages import tokenizer as tokenizer_stage
 
 STAGES = ("data", "tokenizer", "pretrain", "sample", "sft", "prefs", "reward", "dpo", "ppo", "grpo", "eval",
           "compare", "report")
-TRAINED = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")  # stages that can --resume
+TRAINED = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")  # stages that can --resume (and run under DDP)
+MAINS: dict[str, Callable[[Any], Any]] = {
+    "data": data_stage.main, "tokenizer": tokenizer_stage.main, "pretrain": pretrain_stage.main,
+    "sft": sft_stage.main, "prefs": prefs_stage.main, "reward": reward_stage.main, "dpo": dpo_stage.main,
+    "ppo": ppo_stage.main, "grpo": grpo_stage.main, "compare": compare_stage.main}
 MODELS = ("base", "sft", "dpo", "ppo", "grpo")  # the rows of eval.json, in pipeline order
 RLHF_SAMPLES = 2  # replies sampled per held-out prompt for gold, proxy and KL
 
 # Per preset: overrides for each stage (dotted keys, as on the command line), the pretrain, sft and grpo
-# stages' presets, the preset of the RLHF stages (prefs, reward, dpo, ppo), and the number of held-out problems
-# per evaluation task.
+# stages' presets, the preset of the RLHF stages (prefs, reward, dpo, ppo), that of compare (default: the RLHF
+# one), and the number of held-out problems per evaluation task.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"tokenizer": {"vocab_size": 2048}, "pretrain": "cpu", "sft": "cpu", "grpo": "cpu", "rlhf": "cpu",
             "eval_limit": 200},
@@ -71,13 +83,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "10m": {"tokenizer": {"vocab_size": 4096}, "pretrain": "10m", "sft": "cpu", "grpo": "cpu", "rlhf": "cpu",
             "eval_limit": 500},
     "gpu": {"tokenizer": {"vocab_size": 32768}, "pretrain": "gpu", "sft": "cpu", "grpo": "cpu", "rlhf": "cpu",
-            "eval_limit": 1000},
+            "compare": "gpu", "eval_limit": 1000},
+    # `torchrun --nproc_per_node 8 -m cakelm pipeline --preset gpu8 --data YOUR_CORPUS`: every training stage runs
+    # under DDP, the others on rank 0.
+    "gpu8": {"tokenizer": {"vocab_size": 32768}, "pretrain": "gpu8", "sft": "cpu", "grpo": "cpu", "rlhf": "cpu",
+             "compare": "gpu", "eval_limit": 1000},
 }
 
 
 @dataclass
 class PipelineConfig:
-    preset: str = opt("cpu", "size of every stage: cpu (2 cores, minutes), micro (seconds), 10m, gpu",
+    preset: str = opt("cpu", "size of every stage: cpu (2 cores, minutes), micro (seconds), 10m, gpu (one GPU), "
+                      "gpu8 (8 GPUs under torchrun)",
                       choices=tuple(PRESETS))
     out: str = opt("runs/default", "run directory (one subdirectory per stage)")
     data: list[str] = opt(["shakespeare", "arithmetic"], "text sources for pretraining (see `cakelm data --help`)")
@@ -128,7 +145,8 @@ def _stage_configs(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
     ppo = build_config(ppo_stage.PPOConfig, (f"ppo preset {h}", ppo_stage.PRESETS[h]),
                        ("pipeline", {"init": str(run / "sft"), "data": str(run / "prefs"), "out": str(run / "ppo"),
                                      "reward_model": str(run / "rm"), **common}))
-    cmp = build_config(compare_stage.CompareConfig, (f"compare preset {h}", compare_stage.PRESETS[h]),
+    c = p.get("compare", h)
+    cmp = build_config(compare_stage.CompareConfig, (f"compare preset {c}", compare_stage.PRESETS[c]),
                        ("pipeline", {"data": str(run / "tokenizer"), "out": str(run / "compare"), "device": cfg.device,
                                      "seed": cfg.seed}))
     return {"data": data, "tokenizer": tok, "pretrain": pre, "sft": sft, "prefs": prefs, "reward": rm, "dpo": dpo,
@@ -241,17 +259,13 @@ def _eval_summary(results: dict[str, Any]) -> str:
 
 
 def main(cfg: PipelineConfig) -> Path:
+    info, _ = init_distributed(cfg.device)
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     configs = _stage_configs(cfg, run)
     outs = {"data": run / "data", "tokenizer": run / "tokenizer", "pretrain": run / "base", "sft": run / "sft",
             "prefs": run / "prefs", "reward": run / "rm", "dpo": run / "dpo", "ppo": run / "ppo", "grpo": run / "grpo",
             "compare": run / "compare"}
-    mains: dict[str, Callable[[Any], Any]] = {"data": data_stage.main, "tokenizer": tokenizer_stage.main,
-                                             "pretrain": pretrain_stage.main, "sft": sft_stage.main,
-                                             "prefs": prefs_stage.main, "reward": reward_stage.main,
-                                             "dpo": dpo_stage.main, "ppo": ppo_stage.main, "grpo": grpo_stage.main,
-                                             "compare": compare_stage.main}
     rows: list[dict[str, Any]] = []
     upstream_ran = False  # an earlier stage produced new output: everything after it must be redone
     t_run = time.time()
@@ -259,49 +273,20 @@ def main(cfg: PipelineConfig) -> Path:
         if cfg.only and name != cfg.only:
             continue
         forced = upstream_ran or name in (cfg.from_stage, cfg.only)
-        t0 = time.time()
-        if name == "sample":
-            texts = []
-            for i, prompt in enumerate(cfg.prompts):
-                sc = sample_stage.SampleConfig(ckpt=str(outs["pretrain"]), prompt=prompt, max_new_tokens=120,
-                                               temperature=0.8, top_k=50, seed=cfg.seed + i, device=cfg.device)
-                texts.append(prompt + sample_stage.main(sc, echo=False)[0])
-            write_text_atomic(run / "samples.txt", ("\n" + "-" * 60 + "\n").join(texts) + "\n")
-            print0(f"sample: {len(texts)} samples -> {run / 'samples.txt'}\n" + "-" * 60 + "\n" + texts[0].strip())
-            rows.append({"stage": name, "status": "ran", "seconds": time.time() - t0,
-                         "result": f"{len(texts)} samples in samples.txt", "peak_mb": peak_memory_mb()})
-            continue
-        if name == "report":  # always: it reads whatever the run holds, this run's times included
-            models = {"base": outs["pretrain"], "sft": outs["sft"], "dpo": outs["dpo"], "ppo": outs["ppo"],
-                      "grpo": outs["grpo"]}
-            answers = collect_answers(models, ANSWER_PROMPTS, 64, pick_device(cfg.device))
-            write_json_atomic(run / "answers.json", answers)
-            rows.append({"stage": name, "status": "ran", "seconds": time.time() - t0,
-                         "result": "report.html, report.md", "peak_mb": peak_memory_mb()})
-            _write_summary(cfg, run, rows, t_run)
-            html, _ = write_report(run)
-            print0(f"report: {html}")
-            continue
-        if name == "eval":
-            status, result = _eval(cfg, run, outs, forced)
-            rows.append({"stage": name, "status": status, "seconds": time.time() - t0, "result": result,
-                         "peak_mb": peak_memory_mb()})
-            continue
-        stage_cfg, out = configs[name], outs[name]
-        status = _status(out, stage_cfg)
-        if status == "done" and not forced:
-            print0(f"{name}: up to date in {out}, skipped")
-            rows.append({"stage": name, "status": "skipped", "seconds": 0.0, "result": _summary(name, out),
-                         "peak_mb": peak_memory_mb()})
-            continue
-        if name in TRAINED:
-            # an interrupted run of the same config continues, unless its input just changed
-            stage_cfg.resume = status == "partial" and not upstream_ran
-            stage_cfg.overwrite = True
-        mains[name](stage_cfg)
-        upstream_ran = True
-        rows.append({"stage": name, "status": "ran", "seconds": time.time() - t0, "result": _summary(name, out),
-                     "peak_mb": peak_memory_mb()})
+        ran = False
+        # training stages run on every rank (DDP under torchrun); the others on rank 0 while the rest wait
+        if name in TRAINED or info.is_main:
+            row = _run_stage(name, cfg, run, configs, outs, forced, upstream_ran, rows, t_run)
+            rows.append(row)
+            ran = row["status"] == "ran" and name not in ("sample", "eval", "report")
+        if info.enabled and name not in TRAINED:
+            barrier(info)
+            flag = [ran]
+            dist.broadcast_object_list(flag, src=0)
+            ran = flag[0]
+        upstream_ran = upstream_ran or ran
+    if not info.is_main:
+        return run
     lines = [f"{'stage':<10} {'status':<8} {'time':>8} {'peak MB':>8}  result"]
     lines += [f"{r['stage']:<10} {r['status']:<8} {r['seconds']:>7.1f}s {r['peak_mb']:>8.0f}  {r['result']}"
               for r in rows]
@@ -309,6 +294,50 @@ def main(cfg: PipelineConfig) -> Path:
     print0("\n" + "\n".join(lines))
     _write_summary(cfg, run, rows, t_run)
     return run
+
+
+def _run_stage(name: str, cfg: PipelineConfig, run: Path, configs: dict[str, Any], outs: dict[str, Path],
+               forced: bool, upstream_ran: bool, rows: list[dict[str, Any]], t_run: float) -> dict[str, Any]:
+    """Run (or skip) one stage; returns its row of the summary table."""
+    t0 = time.time()
+    if name == "sample":
+        texts = []
+        for i, prompt in enumerate(cfg.prompts):
+            sc = sample_stage.SampleConfig(ckpt=str(outs["pretrain"]), prompt=prompt, max_new_tokens=120,
+                                           temperature=0.8, top_k=50, seed=cfg.seed + i, device=cfg.device)
+            texts.append(prompt + sample_stage.main(sc, echo=False)[0])
+        write_text_atomic(run / "samples.txt", ("\n" + "-" * 60 + "\n").join(texts) + "\n")
+        print0(f"sample: {len(texts)} samples -> {run / 'samples.txt'}\n" + "-" * 60 + "\n" + texts[0].strip())
+        return {"stage": name, "status": "ran", "seconds": time.time() - t0,
+                "result": f"{len(texts)} samples in samples.txt", "peak_mb": peak_memory_mb()}
+    if name == "report":  # always: it reads whatever the run holds, this run's times included
+        models = {"base": outs["pretrain"], "sft": outs["sft"], "dpo": outs["dpo"], "ppo": outs["ppo"],
+                  "grpo": outs["grpo"]}
+        answers = collect_answers(models, ANSWER_PROMPTS, 64, pick_device(cfg.device))
+        write_json_atomic(run / "answers.json", answers)
+        row = {"stage": name, "status": "ran", "seconds": time.time() - t0, "result": "report.html, report.md",
+               "peak_mb": peak_memory_mb()}
+        _write_summary(cfg, run, [*rows, row], t_run)
+        html, _ = write_report(run)
+        print0(f"report: {html}")
+        return row
+    if name == "eval":
+        status, result = _eval(cfg, run, outs, forced)
+        return {"stage": name, "status": status, "seconds": time.time() - t0, "result": result,
+                "peak_mb": peak_memory_mb()}
+    stage_cfg, out = configs[name], outs[name]
+    status = _status(out, stage_cfg)
+    if status == "done" and not forced:
+        print0(f"{name}: up to date in {out}, skipped")
+        return {"stage": name, "status": "skipped", "seconds": 0.0, "result": _summary(name, out),
+                "peak_mb": peak_memory_mb()}
+    if name in TRAINED:
+        # an interrupted run of the same config continues, unless its input just changed
+        stage_cfg.resume = status == "partial" and not upstream_ran
+        stage_cfg.overwrite = True
+    MAINS[name](stage_cfg)
+    return {"stage": name, "status": "ran", "seconds": time.time() - t0, "result": _summary(name, out),
+            "peak_mb": peak_memory_mb()}
 
 
 def _write_summary(cfg: PipelineConfig, run: Path, rows: list[dict[str, Any]], t_run: float) -> None:

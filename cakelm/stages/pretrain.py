@@ -64,6 +64,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu": {**_model("gpt2-small"), "loop.max_steps": 5000, "loop.batch_size": 32, "loop.grad_accum": 16,
             "loop.eval_every": 250, "loop.eval_tokens": 1_000_000, "loop.compile": True, "optim.name": "adamw",
             "optim.lr": 6e-4, "optim.warmup_steps": 200, "optim.schedule": "wsd"},
+    # Eight GPUs under torchrun, ~300M parameters: 16 x 4 x 8 ranks x 1024 = 0.5M tokens per step, 15,000 steps
+    # (~7.9B tokens, about 25 tokens per parameter). Needs a corpus of that size (--data).
+    "gpu8": {**_model("gpt2-medium"), "loop.max_steps": 15000, "loop.batch_size": 16, "loop.grad_accum": 4,
+             "loop.eval_every": 500, "loop.eval_tokens": 1_000_000, "loop.compile": True, "optim.name": "adamw",
+             "optim.lr": 3e-4, "optim.warmup_steps": 500, "optim.schedule": "wsd"},
 }
 
 
