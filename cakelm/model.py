@@ -77,7 +77,7 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, max_seq_len=256),
     # ~10M non-embedding parameters, nanoGPT's shakespeare_char GPU shape with Llama blocks.
     "10m": dict(dim=384, n_layers=6, n_heads=6, n_kv_heads=6, max_seq_len=256),
-    # GPT-2 small sized (~124M with a 32k vocab), for one GPU.
+    # GPT-2 small sized (~100M with a 32k vocab and GQA), for one GPU.
     "gpt2-small": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, max_seq_len=1024, tie_embeddings=True),
     # GPT-2 medium sized (~300M with a 32k vocab and GQA), for several GPUs under torchrun.
     "gpt2-medium": dict(dim=1024, n_layers=24, n_heads=16, n_kv_heads=4, max_seq_len=1024, tie_embeddings=True),

@@ -60,7 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
               "loop.log_every": 5, "optim.warmup_steps": 5, "optim.name": "adamw", "optim.lr": 3e-3},
     "10m": {**_model("10m"), "loop.max_steps": 3000, "loop.batch_size": 16, "loop.eval_every": 250,
             "optim.name": "adamw", "optim.lr": 1e-3, "optim.warmup_steps": 100},
-    # One GPU, ~124M parameters, bf16, compiled; about 0.5M tokens per step.
+    # One GPU, ~100M parameters (GPT-2 small shape), bf16, compiled; about 0.5M tokens per step.
     "gpu": {**_model("gpt2-small"), "loop.max_steps": 5000, "loop.batch_size": 32, "loop.grad_accum": 16,
             "loop.eval_every": 250, "loop.eval_tokens": 1_000_000, "loop.compile": True, "optim.name": "adamw",
             "optim.lr": 6e-4, "optim.warmup_steps": 200, "optim.schedule": "wsd"},
