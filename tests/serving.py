@@ -22,6 +22,13 @@ from tests.conftest import tiny_model_config
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def launch_chromium(playwright):
+    """Debian's headless Chromium through Playwright, with nothing that reaches the network on its own."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"])
+
+
 def make_chat_checkpoint(out: Path, tok_dir: Path, max_seq_len: int = 128) -> Path:
     torch.manual_seed(0)
     model = Transformer(tiny_model_config(max_seq_len=max_seq_len))

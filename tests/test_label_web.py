@@ -12,7 +12,7 @@ import pytest
 
 from cakelm.data.prefs import read_prefs
 from cakelm.label import LabelStore, create_label_app, export
-from tests.serving import CHROMIUM, running
+from tests.serving import CHROMIUM, launch_chromium, running
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
@@ -62,9 +62,7 @@ def test_label_page_records_exactly_what_was_clicked(tmp_path) -> None:
     app = create_label_app(store, token="tok3n")  # progress against every pair
     done: dict[str, str] = {}  # pair id -> the choice made on the page
     with running(app) as url, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 700})
             errors: list[str] = []

@@ -16,7 +16,7 @@ from cakelm.common import write_json_atomic
 from cakelm.report import MISSING, collect_answers, write_report
 from cakelm.stages import compare
 from tests.conftest import tiny_checkpoint
-from tests.serving import CHROMIUM
+from tests.serving import CHROMIUM, launch_chromium
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 HEADINGS = ("1. Run", "2. Pretraining", "3. Models", "4. Reward over-optimisation", "5. RLHF rounds",
@@ -195,9 +195,7 @@ def open_in_chromium(html: Path, screenshot: str, n_models: int) -> tuple[list[i
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900}, java_script_enabled=False)
             requests: list[str] = []

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cakelm.serve import ServeConfig, build_app
-from tests.serving import CHROMIUM, make_chat_checkpoint, running
+from tests.serving import CHROMIUM, launch_chromium, make_chat_checkpoint, running
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
@@ -24,9 +24,7 @@ def test_chat_page_streams_a_reply(tok_dir, tmp_path) -> None:
     ckpt = make_chat_checkpoint(tmp_path / "ckpt", tok_dir)
     app = build_app(ServeConfig(ckpt=str(ckpt), model_name="tiny", device="cpu"))
     with running(app) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 640})
             page.goto(url + "/")
