@@ -184,7 +184,8 @@ class Engine:
         pad = [longest - len(p) for p in prompts]
         cache = KVCache(self.model.cfg, len(prompts), longest + steps, self.device, self.dtype, pad)
         idx = torch.tensor([[self.tok.pad_id] * k + list(p) for k, p in zip(pad, prompts)], device=self.device)
-        logits = self.model(idx, kv_cache=cache)[:, -1]  # prefill: (B, V)
+        # prefill; the output head only at the last position, the one a token is sampled from (B, V)
+        logits = self.model.lm_head(self.model(idx, kv_cache=cache, hidden=True)[:, -1])
         if n > 1:
             cache.repeat_rows(n)
             logits = logits.repeat_interleave(n, dim=0)  # (B*n, V)

@@ -134,9 +134,9 @@ def test_decode_uses_the_cache_not_the_prefix(engine: Engine, monkeypatch) -> No
     seen = []
     original = engine.model.forward
 
-    def spy(idx, kv_cache=None):
+    def spy(idx, kv_cache=None, **kw):
         seen.append(idx.shape[1])
-        return original(idx, kv_cache)
+        return original(idx, kv_cache, **kw)
 
     monkeypatch.setattr(engine.model, "forward", spy)
     engine.generate([[0, 1, 2, 3, 4]], SamplingParams(max_new_tokens=10, temperature=0))
