@@ -30,7 +30,6 @@ GET /api/stats?labeller=NAME. Errors are {"error": {"message", "code"}} with 400
 from __future__ import annotations
 
 import os
-import secrets
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -55,7 +54,7 @@ from cakelm.data.prefs import write_prefs
 from cakelm.engine import SamplingParams
 from cakelm.rewards import rater
 from cakelm.rollout import PromptRow, sample
-from cakelm.serve import _BodyLimit
+from cakelm.serve import BodyLimit, bearer_ok
 from cakelm.stages.prefs import choose_prompts
 
 __all__ = ["CHOICES", "LabelError", "LabelStore", "LabelConfig", "LabelExportConfig", "create_label_app", "export",
@@ -155,7 +154,7 @@ def create_label_app(store: LabelStore, token: str | None = None, target: int | 
     `target` (default: every pair). With `token`, /api/ requests need `Authorization: Bearer TOKEN`."""
     app = FastAPI(title="cakelm label", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store = store
-    app.add_middleware(_BodyLimit, limit=body_limit)
+    app.add_middleware(BodyLimit, limit=body_limit)
     codes = {400: "invalid_request", 404: "not_found", 409: "already_judged"}
 
     @app.exception_handler(LabelError)
@@ -175,8 +174,7 @@ def create_label_app(store: LabelStore, token: str | None = None, target: int | 
     @app.middleware("http")
     async def check_token(request: Request, call_next: Callable[[Request], Awaitable]) -> Any:
         if token and request.url.path.startswith("/api/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            if not bearer_ok(request, token):
                 return _error(401, "missing or wrong access token (open the URL `cakelm label` printed, with its "
                                    "?token=..., or send 'Authorization: Bearer TOKEN')", "invalid_token")
         return await call_next(request)

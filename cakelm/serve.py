@@ -161,7 +161,7 @@ async def _events(job: Job, request: Request | None = None) -> AsyncIterator[Str
 # The app
 
 
-class _BodyLimit:
+class BodyLimit:
     """ASGI middleware: 413 for request bodies over the limit, whether declared (Content-Length) or sent chunked.
     The body is read here (bounded by the limit) and replayed to the app."""
 
@@ -207,6 +207,12 @@ async def _send_json(send: Callable, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
+def bearer_ok(request: Request, token: str) -> bool:
+    """Whether the request carries `Authorization: Bearer TOKEN` (compared in constant time)."""
+    given = request.headers.get("authorization", "")
+    return secrets.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
 @dataclass
 class ServerState:
     engine: Engine
@@ -225,7 +231,7 @@ def create_app(engine: Engine, fmt: str, model_name: str = "cakelm", api_key: st
     st = ServerState(engine, Worker(engine), fmt, model_name, api_key, max_tokens_limit, ckpt)
     app = FastAPI(title="cakelm", docs_url=None, redoc_url=None)
     app.state.server = st
-    app.add_middleware(_BodyLimit, limit=body_limit)
+    app.add_middleware(BodyLimit, limit=body_limit)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -247,8 +253,7 @@ def create_app(engine: Engine, fmt: str, model_name: str = "cakelm", api_key: st
     @app.middleware("http")
     async def check_key(request: Request, call_next: Callable[[Request], Awaitable]) -> Any:
         if st.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {st.api_key}".encode()):
+            if not bearer_ok(request, st.api_key):
                 return JSONResponse({"error": {"message": "Incorrect or missing API key (send 'Authorization: "
                                                "Bearer KEY')", "type": "invalid_request_error", "param": None,
                                                "code": "invalid_api_key"}}, status_code=401)

@@ -94,15 +94,17 @@ def choose_prompts(data: list[str], n_train: int, n_val: int, tok: Any, max_prom
     sources, _ = load_sources(data, n_train, 0, val_size=n_val, seed=seed, reply_required=False)
     total = sum(w for _, w, *_ in sources)
     train_rows, val_rows = [], []
+
+    def fitting(examples: list) -> list[PromptRow]:
+        return [r for r in single_turn(prompts_of(examples))
+                if len(render_prompt(r.messages, tok, "chat")) <= max_prompt_tokens]
+
     for src, weight, train_ex, val_ex, _ in sources:
-        fits = [r for r in single_turn(prompts_of(train_ex)) if len(render_prompt(r.messages, tok, "chat"))
-                <= max_prompt_tokens]
+        fits = fitting(train_ex)
         if not fits:
             raise CakeError(f"--data {src}: no prompt of at most {max_prompt_tokens} tokens")
         train_rows.append(fits)
-        val_fits = [r for r in single_turn(prompts_of(val_ex)) if len(render_prompt(r.messages, tok, "chat"))
-                    <= max_prompt_tokens]
-        val_rows += val_fits[:round(n_val * weight / total)]
+        val_rows += fitting(val_ex)[:round(n_val * weight / total)]
     mixture = Mixture([len(r) for r in train_rows], [w for _, w, *_ in sources], seed)
     chosen = [train_rows[s][i] for s, i in mixture.slots(0, n_train)]
     # each prompt once: a repeated draw would give the same question two pairs

@@ -135,10 +135,11 @@ def main(cfg: RoundConfig) -> Path:
         raise CakeError(f"rlhf-round: round {n} starts from round {n - 1}'s policy, and round {n - 1} is not "
                         f"finished (no {run / 'rounds' / str(n - 1) / 'round.json'})")
     table_path = run / "rounds.json"
-    table = read_json(table_path)["rounds"] if table_path.is_file() else []
+    saved = read_json(table_path) if table_path.is_file() else {}
+    table = saved.get("rounds", [])
     settings = {k: getattr(cfg, k) for k in PINNED}
     if table:
-        pinned = read_json(table_path).get("settings", {})
+        pinned = saved.get("settings", {})
         changed = [k for k in PINNED if k in pinned and pinned[k] != settings[k]]
         if changed:
             raise CakeError(f"rlhf-round: --{changed[0].replace('_', '-')} {settings[changed[0]]} differs from the "
