@@ -1,10 +1,16 @@
-"""Training recipes at equal budget: wall time, held-out arithmetic accuracy and end-of-turn rate of `cakelm sft`
-or `cakelm grpo` variants trained from the same checkpoint (how the `cpu` defaults in the README were chosen).
+"""Training recipes at equal budget: wall time, held-out arithmetic accuracy and end-of-turn rate of `cakelm sft`,
+`cakelm grpo` or `cakelm dpo` variants trained from the same checkpoint (how the `cpu` defaults in the README were
+chosen).
 
     python benchmarks/recipes.py sft --init runs/default/base                  # every SFT variant, ~3 min each
     python benchmarks/recipes.py sft --init runs/default/base --variants default cosine
     python benchmarks/recipes.py grpo --init runs/default/sft --limit 800      # GRPO variants, ~3 min each
     python benchmarks/recipes.py grpo --init runs/default/sft --max-steps 5    # a quick smoke run
+    python benchmarks/recipes.py dpo --init runs/default/sft                   # DPO variants, ~1.5 min each
+
+For dpo, every row (and a first row for --init itself) also has the rater's gold reward, the reward model's score
+and the KL to --init on the held-out prompts of runs/default/prefs (4 replies each, sampled with seed 0), scored
+by runs/default/rm: the stage's own --data and --reward-model defaults.
 
 Each variant is a set of the stage's options on top of its defaults. Time is the whole stage, data preparation
 included; accuracy comes from `cakelm eval` (greedy) on --limit held-out arithmetic problems (200 problems leave
@@ -19,10 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from cakelm.checkpoint import load_model
 from cakelm.common import peak_memory_mb
 from cakelm.config import build_config
+from cakelm.data.prefs import load_prefs
+from cakelm.rlhf import RLHFEval, heldout_rows, load_scalar_model
+from cakelm.stages import dpo, grpo, sft
 from cakelm.stages import eval as eval_stage
-from cakelm.stages import grpo, sft
 
 VARIANTS: dict[str, dict[str, dict]] = {
     "sft": {
@@ -41,15 +50,30 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "equations": {"rewards": ["exact_match", "equations=0.5"]},
         "32x8": {"prompts_per_step": 32, "loop.max_steps": 40},
     },
+    "dpo": {  # evaluations during training off: they sample, and take longer than the training
+        "default": {"loop.eval_every": 0},  # sigmoid, beta 0.1, RPO alpha 1, AdamW 1e-4, 40 steps x 32 pairs
+        "plain": {"rpo_alpha": 0.0, "loop.eval_every": 0},
+        "beta0.3": {"rpo_alpha": 0.0, "beta": 0.3, "loop.eval_every": 0},
+        "lr5e-5": {"rpo_alpha": 0.0, "optim.lr": 5e-5, "loop.eval_every": 0},
+        "steps20": {"rpo_alpha": 0.0, "loop.max_steps": 20, "loop.eval_every": 0},
+        "rpo-lr5e-5": {"optim.lr": 5e-5, "loop.eval_every": 0},
+    },
 }
-STAGES = {"sft": (sft.SFTConfig, sft.main), "grpo": (grpo.GRPOConfig, grpo.main)}
+STAGES = {"sft": (sft.SFTConfig, sft.main), "grpo": (grpo.GRPOConfig, grpo.main), "dpo": (dpo.DPOConfig, dpo.main)}
+
+
+def preference_judge(cfg: dpo.DPOConfig) -> RLHFEval:
+    """Gold, proxy and KL to --init on the held-out prompts of the DPO config's preference data."""
+    ref, tok, _ = load_model(cfg.init)
+    rows = heldout_rows(cfg.data, load_prefs(cfg.data)[1], tok, ref.cfg.max_seq_len - cfg.max_new_tokens)
+    return RLHFEval(rows, tok, load_scalar_model(cfg.reward_model)[0], ref.eval(), cfg.max_new_tokens, seed=0, n=4)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("stage", choices=list(STAGES))
     ap.add_argument("--init", required=True, help="checkpoint to train from (runs/default/base for sft, "
-                                                  "runs/default/sft for grpo)")
+                                                  "runs/default/sft for grpo and dpo)")
     ap.add_argument("--variants", nargs="+", default=None, help="names from the stage's table (default: all)")
     ap.add_argument("--max-steps", type=int, default=0, help="override every variant's steps (0 = keep)")
     ap.add_argument("--limit", type=int, default=200, help="held-out problems to evaluate")
@@ -60,7 +84,16 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown {args.stage} variants {unknown}; choose from {list(table)}")
     cls, run = STAGES[args.stage]
-    rows = []
+    judge = preference_judge(build_config(cls, ("benchmark", {"init": args.init}))) if args.stage == "dpo" else None
+
+    def measure(ckpt: str) -> tuple[float, float, dict[str, float]]:
+        ev = build_config(eval_stage.EvalConfig, ("benchmark", {"ckpt": ckpt, "tasks": ["arithmetic"],
+                                                                 "limit": args.limit, "progress": False}))
+        task = eval_stage.evaluate_checkpoint(ev)["tasks"]["arithmetic"]
+        prefs = judge(load_model(ckpt)[0].eval()) if judge else {}
+        return task["accuracy"], task["end_of_turn"], prefs
+
+    rows = [("(init)", 0, 0.0, *measure(args.init))] if judge else []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             opts = {**table[name], **({"loop.max_steps": args.max_steps} if args.max_steps else {})}
@@ -68,16 +101,14 @@ def main() -> None:
                 "init": args.init, "out": str(Path(tmp) / name), "loop.progress": False}))
             t0 = time.time()
             run(cfg)
-            seconds = time.time() - t0
-            ev = build_config(eval_stage.EvalConfig, ("benchmark", {"ckpt": str(Path(tmp) / name), "tasks":
-                                                                     ["arithmetic"], "limit": args.limit,
-                                                                     "progress": False}))
-            task = eval_stage.evaluate_checkpoint(ev)["tasks"]["arithmetic"]
-            rows.append((name, cfg.loop.max_steps, seconds, task["accuracy"], task["end_of_turn"]))
-    print(f"\n{args.stage} from {args.init}, {args.limit} held-out problems")
-    print(f"{'variant':<10} {'steps':>6} {'time':>8} {'accuracy':>9} {'ends turn':>10}")
-    for name, steps, seconds, acc, eot in rows:
-        print(f"{name:<10} {steps:>6} {seconds:>7.1f}s {100 * acc:>8.1f}% {100 * eot:>9.1f}%")
+            rows.append((name, cfg.loop.max_steps, time.time() - t0, *measure(str(Path(tmp) / name))))
+    print(f"\n{args.stage} from {args.init}, {args.limit} held-out problems"
+          + (f"; gold, proxy and KL on {len(judge.rows)} held-out prompts x 4 replies" if judge else ""))
+    print(f"{'variant':<10} {'steps':>6} {'time':>8} {'accuracy':>9} {'ends turn':>10}"
+          + (f" {'gold':>7} {'proxy':>7} {'KL':>6}" if judge else ""))
+    for name, steps, seconds, acc, eot, prefs in rows:
+        print(f"{name:<10} {steps:>6} {seconds:>7.1f}s {100 * acc:>8.1f}% {100 * eot:>9.1f}%"
+              + (f" {prefs['gold']:>7.3f} {prefs['proxy']:>7.3f} {prefs['kl']:>6.2f}" if prefs else ""))
     print(f"peak memory {peak_memory_mb():.0f} MB")
 
 

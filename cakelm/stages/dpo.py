@@ -14,10 +14,11 @@ For each pair, with log-probabilities summed over the reply's tokens (the SFT lo
 
 (`losses.dpo_loss`), plus --rpo-alpha x the chosen reply's per-token NLL, -log pi(chosen) / |chosen| (RPO, Pang et
 al. 2024, arXiv 2404.19733; TRL's rpo_alpha; `losses.rpo_nll`). On the pipeline's pairs plain DPO (--rpo-alpha 0)
-raised the rater's gold reward by 0.01 and cut greedy arithmetic accuracy from 48% to 14%; with the NLL term
-(alpha 1, the default) gold rose by 0.05 and accuracy fell to 36%. The reference's log-probs are computed once,
-before training, with the same masks and padding as the policy's (`rlhf.sequence_logprobs` for both), so the first
-step's DPO loss is exactly ln 2 (the loss logged is that plus alpha x chosen_nll).
+lowered the rater's gold reward by 0.08 and cut greedy arithmetic accuracy from 48% to 14%; with the NLL term (alpha
+1, the default) gold rose by 0.07 and accuracy fell to 34.5% (`benchmarks/recipes.py dpo`). The reference's
+log-probs are computed once, before training, with the same masks and padding as the policy's
+(`rlhf.sequence_logprobs` for both), so the first step's DPO loss is exactly ln 2 (the loss logged is that plus
+alpha x chosen_nll).
 
 Logged: loss, chosen_nll, the implicit rewards beta * (log pi - log pi_ref) of chosen and rejected, pairwise
 accuracy and margin of those rewards, and the drift of the chosen reply's log-prob from the reference (without RPO
