@@ -67,11 +67,12 @@ RULE_LABELLER = "rule"
 # Pairs from a model, and the rule-based rater as a labeller
 
 
-def sample_pairs(model: Any, tok: Any, rows: list[PromptRow], ckpt: str, params: SamplingParams) -> list[dict]:
+def sample_pairs(model: Any, tok: Any, rows: list[PromptRow], ckpt: str, params: SamplingParams,
+                 progress: str | None = None) -> list[dict]:
     """Two replies of the model to each prompt, as rows for `LabelStore.add_pairs`. Two independent samples, so
     which one is A is random by construction. Prompts where a reply is empty (a message has content) or both
     replies are the same text are skipped (there is nothing to choose)."""
-    rolls = sample(model, tok, [r.messages for r in rows], params, n=2)
+    rolls = sample(model, tok, [r.messages for r in rows], params, n=2, progress=progress)
     out = []
     for i, row in enumerate(rows):
         ra, rb = rolls[2 * i], rolls[2 * i + 1]
@@ -298,7 +299,7 @@ def _make_pairs(cfg: LabelConfig, store: LabelStore, db: Path) -> None:
         raise CakeError(f"label: {cfg.ckpt} is a base model; compare the replies of a chat model (run `cakelm sft`)")
     rows = _draw_prompts(cfg, tok, model.cfg.max_seq_len)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed + cfg.round)
-    pairs = sample_pairs(model, tok, rows, str(cfg.ckpt), params)
+    pairs = sample_pairs(model, tok, rows, str(cfg.ckpt), params, progress="label: sampling pairs")
     if not pairs:
         raise CakeError(f"label: the model's two replies were empty or equal for all {len(rows)} prompts; try "
                         "another checkpoint or a higher --temperature")

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from cakelm.chat_format import Message, render_prompt, stop_rules
 from cakelm.common import CakeError
@@ -81,9 +82,10 @@ def prompts_of(examples: Sequence[Example]) -> list[PromptRow]:
 
 
 def sample(model: Transformer, tok: Tokenizer, prompts: Sequence[Sequence[Message]], params: SamplingParams,
-           n: int = 1, chunk: int = 256) -> list[Rollout]:
+           n: int = 1, chunk: int = 256, progress: str | None = None) -> list[Rollout]:
     """n completions of every prompt (grouped: prompt i's are rollouts[i*n:(i+1)*n]), in chat format, generated
-    `chunk` completions at a time. The model is left in train mode if it was in it."""
+    `chunk` completions at a time; with `progress`, a progress bar of that title counts them. The model is left in
+    train mode if it was in it."""
     if params.stop_strings:
         raise CakeError("rollouts end on stop tokens only (a stop string would leave its tokens in the ids)")
     stop_ids, _ = stop_rules(tok, "chat")
@@ -93,6 +95,8 @@ def sample(model: Transformer, tok: Tokenizer, prompts: Sequence[Sequence[Messag
     engine = Engine(model, tok)  # switches the model to eval mode
     per_call = max(1, chunk // n)
     out: list[Rollout] = []
+    bar = tqdm(total=len(ids) * n, desc=progress, unit="reply", dynamic_ncols=True, leave=False,
+               disable=progress is None)
     try:
         for start in range(0, len(ids), per_call):
             part = ids[start:start + per_call]
@@ -101,7 +105,9 @@ def sample(model: Transformer, tok: Tokenizer, prompts: Sequence[Sequence[Messag
                 ended = c.finish_reason == "stop" and c.ids[-1] == tok.end_id
                 out.append(Rollout(start + c.prompt_index, part[c.prompt_index], c.ids, c.text.strip(), ended,
                                    c.logprobs or []))
+            bar.update(len(part) * n)
     finally:
+        bar.close()
         model.train(was_training)
     return out
 

@@ -116,7 +116,8 @@ def make_pairs(model: Any, tok: Any, rows: list[PromptRow], cfg: PrefsConfig, se
                ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Sample, rate, and keep (best, worst) per prompt. Returns the JSONL rows and counts."""
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
-    rolls = sample(model, tok, [r.messages for r in rows], params, n=cfg.samples, chunk=cfg.batch_size)
+    rolls = sample(model, tok, [r.messages for r in rows], params, n=cfg.samples, chunk=cfg.batch_size,
+                   progress="prefs: sampling")
     gold = gold_scores(rows, rolls)
     pairs, ties = [], 0
     for i, row in enumerate(rows):

@@ -165,7 +165,8 @@ def main(cfg: RoundConfig) -> Path:
             train_rows = choose_prompts(cfg.data, cfg.pairs, 1, tok, budget, cfg.seed + n)[0]
             fresh = [r for r in train_rows if json.dumps(r.messages, sort_keys=True) not in asked]
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=1.0, seed=cfg.seed + n)
-            store.add_pairs(sample_pairs(model, tok, fresh, str(policy_in), params), round=n)
+            pairs = sample_pairs(model, tok, fresh, str(policy_in), params, progress=f"rlhf-round {n}: sampling")
+            store.add_pairs(pairs, round=n)
             print0(f"rlhf-round {n}: {len(store.pairs(n))} pairs from {len(fresh)} prompts "
                    f"({len(train_rows) - len(fresh)} asked in earlier rounds)")
         del model
