@@ -10,66 +10,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
-from types import ModuleType
-from typing import Any
+from collections.abc import Sequence
 
 import torch.distributed as dist
 
-from cakelm import __version__, label, serve
+from cakelm import __version__
 from cakelm.common import CakeError
 from cakelm.config import ConfigError, add_arguments, config_from_args
-from cakelm.stages import (
-    chat,
-    compare,
-    data,
-    dpo,
-    export,
-    grpo,
-    import_model,
-    pipeline,
-    ppo,
-    prefs,
-    pretrain,
-    reward,
-    rounds,
-    sample,
-    sft,
-    tokenizer,
-)
-from cakelm.stages import eval as eval_stage
+from cakelm.stages import pipeline, rounds
+from cakelm.stages.table import STAGES, Stage
 
-# command -> (stage module, its Config class, its presets, one-line help)
-COMMANDS: dict[str, tuple[ModuleType, type, dict | None, str]] = {
-    "pipeline": (pipeline, pipeline.PipelineConfig, None, "run every stage into one run directory"),
-    "data": (data, data.DataConfig, None, "fetch/read raw text and split train/validation documents"),
-    "tokenizer": (tokenizer, tokenizer.TokenizerConfig, None, "train the BPE tokenizer and encode token shards"),
-    "pretrain": (pretrain, pretrain.PretrainConfig, pretrain.PRESETS, "next-token pretraining (DDP under torchrun)"),
-    "sft": (sft, sft.SFTConfig, sft.PRESETS, "supervised fine-tuning on conversations (assistant-only loss)"),
-    "grpo": (grpo, grpo.GRPOConfig, grpo.PRESETS, "RL from verifiable rewards: GRPO on task prompts (DAPO/Dr. GRPO "
-             "options)"),
-    "prefs": (prefs, prefs.PrefsConfig, prefs.PRESETS, "preference pairs: a chat model's replies judged by the "
-              "rule-based rater"),
-    "reward": (reward, reward.RewardConfig, reward.PRESETS, "reward model from preference pairs (Bradley-Terry); "
-               "`cakelm reward score CKPT --data FILE` scores replies"),
-    "reward-score": (reward, reward.ScoreConfig, None, "score replies with a reward model (also `reward score`)"),
-    "dpo": (dpo, dpo.DPOConfig, dpo.PRESETS, "Direct Preference Optimization on preference pairs (sigmoid, IPO)"),
-    "ppo": (ppo, ppo.PPOConfig, ppo.PRESETS, "RLHF with PPO against a reward model (value model, GAE, KL penalty)"),
-    "rlhf-round": (rounds, rounds.RoundConfig, None, "one round of RLHF: the latest policy's pairs, judged (rule-based "
-                   "rater or people in `cakelm label`), reward model on every round, DPO or PPO"),
-    "eval": (eval_stage, eval_stage.EvalConfig, None, "task accuracy, end-of-turn rate and held-out chat loss"),
-    "sample": (sample, sample.SampleConfig, None, "print continuations of a prompt from a checkpoint"),
-    "chat": (chat, chat.ChatConfig, None, "chat with a checkpoint in the terminal (streamed replies)"),
-    "serve": (serve, serve.ServeConfig, None, "OpenAI-compatible HTTP API and a web chat page"),
-    "label": (label, label.LabelConfig, None, "a web page where people pick the better of two replies (SQLite); "
-              "`cakelm label export DB --out FILE` writes preference pairs"),
-    "label-export": (label, label.LabelExportConfig, None, "label database -> preference JSONL (also `label "
-                     "export`)"),
-    "export": (export, export.ExportConfig, None, "export a checkpoint (Hugging Face Llama directory)"),
-    "import": (import_model, import_model.ImportConfig, None, "import a pretrained Llama-family model (smollm2, "
-               "a Hugging Face directory, a GGUF file, a hub id)"),
-    "compare": (compare, compare.CompareConfig, compare.PRESETS, "Transformer vs an LSTM of equal size: speed by "
-                "context, bits per byte at equal time, loss by position"),
+# Every command: the stage table's rows, and the two commands that run stages of it (they read the table, so they
+# cannot be rows of it).
+COMMANDS: dict[str, Stage] = {
+    "pipeline": Stage("pipeline", pipeline, pipeline.PipelineConfig, "run every stage into one run directory",
+                      pipeline.main),
+    **{s.name: s for s in STAGES},
+    "rlhf-round": Stage("rlhf-round", rounds, rounds.RoundConfig, "one round of RLHF: the latest policy's pairs, "
+                        "judged (rule-based rater or people in `cakelm label`), reward model on every round, DPO or "
+                        "PPO", rounds.main),
 }
 
 
@@ -78,10 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cakelm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, cls, presets, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=module.__doc__,
+    for name, s in COMMANDS.items():
+        p = sub.add_parser(name, help=s.help, description=s.module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_arguments(p, cls, presets)
+        add_arguments(p, s.config, s.presets)
     return parser
 
 
@@ -92,11 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:2] == ["label", "export"]:  # `cakelm label export DB ...` is the label-export command
         argv = ["label-export", *argv[2:]]
     ns = build_parser().parse_args(argv)
-    module, cls, presets, _ = COMMANDS[ns.command]
-    run: Callable[[Any], Any] = {"reward-score": reward.score_main, "label-export": label.export_main}.get(
-        ns.command, module.main)
+    command = COMMANDS[ns.command]
     try:
-        run(config_from_args(cls, ns, presets))
+        command.main(config_from_args(command.config, ns, command.presets))
     except (CakeError, ConfigError) as e:
         print(f"cakelm {ns.command}: error: {e}", file=sys.stderr)
         return 2

@@ -122,6 +122,15 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def gather_object(obj: Any, info: DistInfo) -> list[Any] | None:
+    """Every rank's `obj` (picklable), as a list by rank on rank 0 (None elsewhere); [obj] in one process."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] | None = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
@@ -142,6 +151,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_of(*parts: int) -> int:
+    """A 63-bit seed from integers (run seed, rollout phase, prompt index...): independent streams for every
+    combination, the same on every machine (numpy's SeedSequence hashing)."""
+    state = np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
 
 
 def code_version() -> str:

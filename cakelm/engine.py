@@ -6,7 +6,9 @@
   positions and a mask that hides the padding, so a row's tokens are exactly those it would get alone.
 - n samples of one prompt share its prefill (the cache rows are copied after it).
 - sampling: greedy (temperature 0) or temperature / top-k / top-p with a seeded generator; stop token ids,
-  stop strings (never emitted), and max_new_tokens.
+  stop strings (never emitted), and max_new_tokens. With `seeds` (one per prompt) every row draws from its own
+  generator, so a completion depends on its seed alone, not on the other prompts in the batch: RL rollouts
+  split over 2 ranks or 4 chunks sample what one batch would.
 - streaming: `Engine.stream` yields text pieces as they become final: a multi-byte UTF-8 character split over
   tokens is held back until complete, and so is text that could still turn into a stop string.
 - log-probabilities of the sampled tokens on request (under the sampling temperature, before top-k/top-p),
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cakelm.common import CakeError
+from cakelm.common import CakeError, seed_of
 from cakelm.model import KVCache, Transformer
 from cakelm.tokenizer import Tokenizer
 
@@ -77,10 +79,10 @@ class StreamEvent:
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
     """Pick the next token from logits (B, V): greedy at temperature 0, else sample from softmax(logits / T)
     restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p
-    (nucleus sampling, Holtzman et al. 2019). Returns ids (B,)."""
+    (nucleus sampling, Holtzman et al. 2019). `generator` is one for the batch or one per row. Returns ids (B,)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -96,7 +98,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     # argmax of p_i / E_i with E_i ~ Exp(1) picks token i with probability p_i exactly (the exponential race,
     # i.e. the Gumbel-max trick); one vectorised pass, 3x faster than torch.multinomial on a CPU
-    noise = torch.empty_like(logits).exponential_(generator=generator)
+    if isinstance(generator, Sequence):  # each row its own stream of noise
+        noise = torch.stack([torch.empty_like(logits[0]).exponential_(generator=g) for g in generator])
+    else:
+        noise = torch.empty_like(logits).exponential_(generator=generator)
     return (logits.softmax(dim=-1) / noise).argmax(dim=-1)
 
 
@@ -174,11 +179,13 @@ class Engine:
         return [min(params.max_new_tokens, self.context - len(p)) for p in prompts]
 
     @torch.no_grad()  # on a generator, torch enters no_grad at every resume (callers may hold grad mode on)
-    def _tokens(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _tokens(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int,
+                seeds: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Yield (next token ids (B*n,), their logprobs or None) for every decode step, until the
         row with the most room has had its share (rows past their own limit are computed but ignored)."""
         self.check_prompts(prompts)
+        if seeds is not None and len(seeds) != len(prompts):
+            raise CakeError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         longest = max(len(p) for p in prompts)
         steps = max(self.limits(prompts, params))
         pad = [longest - len(p) for p in prompts]
@@ -189,8 +196,12 @@ class Engine:
         if n > 1:
             cache.repeat_rows(n)
             logits = logits.repeat_interleave(n, dim=0)  # (B*n, V)
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
+        gen: torch.Generator | list[torch.Generator]
+        if seeds is not None:  # row (prompt p, sample k) draws from seed_of(seeds[p], k) alone
+            gen = [torch.Generator(device=self.device).manual_seed(seed_of(s, k)) for s in seeds for k in range(n)]
+        else:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
         for step in range(steps):
             nxt = sample_next(logits, params.temperature, params.top_k, params.top_p, gen)  # (B*n,)
             lp = None
@@ -201,18 +212,20 @@ class Engine:
             if step < steps - 1:
                 logits = self.model(nxt[:, None], kv_cache=cache)[:, -1]  # decode one token per row
 
-    def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int = 1
-               ) -> Iterator[StreamEvent]:
+    def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int = 1,
+               seeds: Sequence[int] | None = None) -> Iterator[StreamEvent]:
         """Generate n continuations of every prompt in one batch, yielding text as it becomes final.
 
         Rows are ordered prompt by prompt (row = prompt_index * n + sample). A row's last event carries its
-        finish_reason; the generator ends when every row has finished."""
-        yield from self._events(self._rows(prompts, params, n), prompts, params, n)
+        finish_reason; the generator ends when every row has finished. `seeds` (one per prompt) seed each
+        prompt's rows on their own (params.seed is then not used)."""
+        yield from self._events(self._rows(prompts, params, n), prompts, params, n, seeds)
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int = 1) -> list[Completion]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int = 1,
+                 seeds: Sequence[int] | None = None) -> list[Completion]:
         """All completions (n per prompt, grouped by prompt) at once."""
         rows = self._rows(prompts, params, n)
-        for _ in self._events(rows, prompts, params, n):
+        for _ in self._events(rows, prompts, params, n, seeds):
             pass
         return [Completion(row.prompt_index, row.ids, row.text, row.finish or "length",
                            len(prompts[row.prompt_index]), row.logprobs if params.logprobs else None)
@@ -222,11 +235,11 @@ class Engine:
     def _rows(prompts: Sequence[Sequence[int]], params: SamplingParams, n: int) -> list[_Row]:
         return [_Row(i // n, tuple(params.stop_strings)) for i in range(len(prompts) * n)]
 
-    def _events(self, rows: list[_Row], prompts: Sequence[Sequence[int]], params: SamplingParams, n: int
-                ) -> Iterator[StreamEvent]:
+    def _events(self, rows: list[_Row], prompts: Sequence[Sequence[int]], params: SamplingParams, n: int,
+                seeds: Sequence[int] | None) -> Iterator[StreamEvent]:
         stop_ids = tuple(params.stop_ids)
         limit = [lim for lim in self.limits(prompts, params) for _ in range(n)]  # per row
-        for nxt, lp in self._tokens(prompts, params, n):
+        for nxt, lp in self._tokens(prompts, params, n, seeds):
             ids, lps = nxt.tolist(), (lp.tolist() if lp is not None else [0.0] * len(rows))
             for r, row in enumerate(rows):
                 if row.finish is not None:

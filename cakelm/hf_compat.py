@@ -280,12 +280,13 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
         if ours is None:
             raise CakeError(f"{path}: unsupported Llama variant: unexpected tensor {t.name}")
         qtype = gguf.GGMLQuantizationType(t.tensor_type)
+        unsupported = CakeError(f"{path}: tensor {t.name} has unsupported type {qtype.name}")
+        if qtype.name in ("I8", "I16", "I32", "I64", "F64"):  # not weight formats llama.cpp quantizes to
+            raise unsupported
         try:
-            if qtype.name in ("I8", "I16", "I32", "I64", "F64"):  # not weight formats llama.cpp quantizes to
-                raise NotImplementedError
             w = np.asarray(gguf.quants.dequantize(t.data, qtype), dtype=np.float32)
-        except NotImplementedError:
-            raise CakeError(f"{path}: tensor {t.name} has unsupported type {qtype.name}") from None
+        except NotImplementedError:  # a quantization type this gguf version cannot dequantize
+            raise unsupported from None
         if tuple(w.shape) != shapes[ours]:
             raise CakeError(f"{path}: tensor {t.name} has shape {tuple(w.shape)}, the metadata implies "
                             f"{shapes[ours]}")

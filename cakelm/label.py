@@ -24,7 +24,8 @@ What happens:
 
 HTTP: GET / (the page), GET /health, GET /api/next?labeller=NAME -> {"pair": {"id", "prompt", "a", "b"} | null,
 "stats"}, POST /api/judgements {"pair_id", "labeller", "choice", "reason"?, "shown_at"?} -> 201 {"id", "stats"},
-GET /api/stats?labeller=NAME. Errors are {"error": {"message", "code"}} with 400/401/404/409/413.
+GET /api/stats?labeller=NAME. Errors are {"error": {"message", "type", "param", "code"}} (`cakelm.webapp`, as
+`cakelm serve`) with 400/401/404/409/413.
 """
 
 from __future__ import annotations
@@ -32,105 +33,26 @@ from __future__ import annotations
 import os
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cakelm import webapp
 from cakelm.chat_format import format_of
 from cakelm.checkpoint import load_model
 from cakelm.common import CakeError, pick_device, print0, seed_everything
 from cakelm.config import ConfigError, opt
 from cakelm.data.chat import BUILTIN_CHAT
-from cakelm.data.labels import CHOICES, LabelError, LabelStore, check_labeller
-from cakelm.data.prefs import write_prefs
+from cakelm.data.labels import LabelError, LabelStore, check_labeller, export
+from cakelm.data.prompts import PromptRow, choose_prompts
 from cakelm.engine import SamplingParams
-from cakelm.rewards import rater
-from cakelm.rollout import PromptRow, sample
-from cakelm.serve import BodyLimit, bearer_ok
-from cakelm.stages.prefs import choose_prompts
-
-__all__ = ["CHOICES", "LabelError", "LabelStore", "LabelConfig", "LabelExportConfig", "create_label_app", "export",
-           "export_main", "main", "rule_label", "sample_pairs"]
-
-RULE_LABELLER = "rule"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Pairs from a model, and the rule-based rater as a labeller
-
-
-def sample_pairs(model: Any, tok: Any, rows: list[PromptRow], ckpt: str, params: SamplingParams,
-                 progress: str | None = None) -> list[dict]:
-    """Two replies of the model to each prompt, as rows for `LabelStore.add_pairs`. Two independent samples, so
-    which one is A is random by construction. Prompts where a reply is empty (a message has content) or both
-    replies are the same text are skipped (there is nothing to choose)."""
-    rolls = sample(model, tok, [r.messages for r in rows], params, n=2, progress=progress)
-    out = []
-    for i, row in enumerate(rows):
-        ra, rb = rolls[2 * i], rolls[2 * i + 1]
-        if not ra.text or not rb.text or ra.text == rb.text:
-            continue
-        out.append({"prompt": row.messages, "a": ra.text, "b": rb.text, "ended_a": ra.ended, "ended_b": rb.ended,
-                    "model_a": ckpt, "model_b": ckpt,
-                    "fields": {**row.fields, "source": row.source, "name": row.name}})
-    return out
-
-
-def rule_label(store: LabelStore, round: int | None = None, min_gap: float = 0.5, labeller: str = RULE_LABELLER
-               ) -> dict:
-    """The rule-based rater (`cakelm.rewards.rater`, as in `cakelm prefs`) judges every pair of `round` it has
-    not judged, through `store.record` like a person on the page: both replies under 1 point -> "both_bad";
-    scores within `min_gap` -> "tie"; else the better one. Returns {choice: count, "judged", "skipped"}."""
-    counts = {**dict.fromkeys(CHOICES, 0), "judged": 0, "skipped": 0}
-    done = {j["pair_id"] for j in store.judgements(round) if j["labeller"] == labeller}
-    for p in store.pairs(round):
-        if p["id"] in done:
-            counts["skipped"] += 1
-            continue
-        question, answer = p["prompt"][-1]["content"], p["fields"].get("answer")
-        sa, sb = (rater(question, text, answer=answer, finish_reason="stop" if ended else "length")
-                  for text, ended in ((p["a"], p["ended_a"]), (p["b"], p["ended_b"])))
-        if sa < 1.0 and sb < 1.0:
-            choice = "both_bad"
-        elif abs(sa - sb) < max(min_gap, 1e-9):  # equal scores are a tie even with --min-gap 0
-            choice = "tie"
-        else:
-            choice = "a" if sa > sb else "b"
-        try:
-            store.record(p["id"], labeller, choice, reason=f"rater: A {sa:.2f}, B {sb:.2f}")
-        except LabelError as e:
-            if e.status != 409:
-                raise
-            counts["skipped"] += 1  # another rule labeller on the same database judged it meanwhile
-            continue
-        counts[choice] += 1
-        counts["judged"] += 1
-    return counts
-
-
-def export(db: str | Path, out: str | Path, rounds: list[int] | None = None) -> dict:
-    """Write the preference rows of `db` (rounds `rounds`, default all) to `out` (JSONL); returns the counts."""
-    with LabelStore(db, create=False) as store:
-        have = store.rounds()
-        missing = sorted(set(rounds or []) - set(have))
-        if missing:
-            raise CakeError(f"{db}: no pairs of round {', '.join(map(str, missing))} (rounds: "
-                            f"{', '.join(map(str, have)) or 'none'})")
-        rows, counts = store.export_rows(rounds or None)
-    if not rows:
-        raise CakeError(f"{db}: no pair has a preference to export ({counts['pairs']} pairs: {counts['unlabelled']} "
-                        f"unlabelled, {counts['ties']} ties, {counts['both_bad']} both bad, {counts['split']} split)")
-    write_prefs(out, rows)
-    return counts
-
+from cakelm.rlhf import rule_label, sample_pairs
+from cakelm.rollout import EngineGenerator
 
 # ----------------------------------------------------------------------------------------------------------------
 # The web app
@@ -145,40 +67,19 @@ class Judgement(BaseModel):
     shown_at: float | None = Field(None, allow_inf_nan=False)
 
 
-def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "code": code}}, status_code=status)
-
-
 def create_label_app(store: LabelStore, token: str | None = None, target: int | None = None,
                      round: int | None = None, body_limit: int = 64_000) -> FastAPI:
     """The labelling app over `store`, serving the pairs of `round` (all: None); progress is shown against
     `target` (default: every pair). With `token`, /api/ requests need `Authorization: Bearer TOKEN`."""
-    app = FastAPI(title="cakelm label", docs_url=None, redoc_url=None, openapi_url=None)
+    app = webapp.create_app("cakelm label", token, "/api/", "missing or wrong access token (open the URL `cakelm "
+                            "label` printed, with its ?token=..., or send 'Authorization: Bearer TOKEN')",
+                            body_limit=body_limit)
     app.state.store = store
-    app.add_middleware(BodyLimit, limit=body_limit)
     codes = {400: "invalid_request", 404: "not_found", 409: "already_judged"}
 
     @app.exception_handler(LabelError)
     async def label_error(_: Request, e: LabelError) -> JSONResponse:
-        return _error(e.status, str(e), codes.get(e.status))
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query"))
-        return _error(400, f"{where}: {err.get('msg')}" if where else str(err.get("msg")), "invalid_request")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _error(e.status_code, str(e.detail))
-
-    @app.middleware("http")
-    async def check_token(request: Request, call_next: Callable[[Request], Awaitable]) -> Any:
-        if token and request.url.path.startswith("/api/"):
-            if not bearer_ok(request, token):
-                return _error(401, "missing or wrong access token (open the URL `cakelm label` printed, with its "
-                                   "?token=..., or send 'Authorization: Bearer TOKEN')", "invalid_token")
-        return await call_next(request)
+        return webapp.error_response(e.status, str(e), code=codes.get(e.status))
 
     # sync handlers: FastAPI runs them on its thread pool, so a commit's fsync never stalls the event loop
     def stats(labeller: str | None) -> dict:
@@ -299,7 +200,7 @@ def _make_pairs(cfg: LabelConfig, store: LabelStore, db: Path) -> None:
         raise CakeError(f"label: {cfg.ckpt} is a base model; compare the replies of a chat model (run `cakelm sft`)")
     rows = _draw_prompts(cfg, tok, model.cfg.max_seq_len)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed + cfg.round)
-    pairs = sample_pairs(model, tok, rows, str(cfg.ckpt), params, progress="label: sampling pairs")
+    pairs = sample_pairs(EngineGenerator(model, tok), rows, str(cfg.ckpt), params, progress="label: sampling pairs")
     if not pairs:
         raise CakeError(f"label: the model's two replies were empty or equal for all {len(rows)} prompts; try "
                         "another checkpoint or a higher --temperature")
@@ -309,17 +210,12 @@ def _make_pairs(cfg: LabelConfig, store: LabelStore, db: Path) -> None:
 
 
 def _serve(cfg: LabelConfig, store: LabelStore, db: Path) -> None:
-    import uvicorn
-
     token = cfg.token or os.environ.get("CAKELM_LABEL_TOKEN") or None
     app = create_label_app(store, token, cfg.target, cfg.round)
     url = f"http://{cfg.host}:{cfg.port}/" + (f"?token={urllib.parse.quote(token, safe='')}" if token else "")
     print0(f"label: open {url} to label round {cfg.round} of {db} (Ctrl-C stops; then `cakelm label export {db} "
            "--out FILE`)")
-    try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
-    except OSError as e:  # e.g. the port is taken
-        raise CakeError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+    webapp.run(app, cfg.host, cfg.port)
 
 
 @dataclass

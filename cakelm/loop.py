@@ -5,9 +5,12 @@ optimizers and the LR schedule, gradient accumulation, DDP (gradient sync only o
 autocast, gradient clipping, periodic evaluation, JSONL metrics, a progress bar, checkpoints and exact resume.
 
 Contracts:
-- `batches(step, micro) -> dict` returns this rank's micro-batch `micro` of optimizer step `step` (tensors on
-  CPU) and `"n"`, the number of loss units it holds (target tokens for language modelling). It must be a pure
-  function of (step, micro): that is what makes `--resume` exact.
+- `batches.get(step, micro) -> dict` returns this rank's micro-batch `micro` of optimizer step `step` (tensors
+  on CPU) and `"n"`, the number of loss units it holds (target tokens for language modelling). It must be a
+  pure function of (step, micro) and the provider's state: that is what makes `--resume` exact. A provider that
+  keeps state between steps (an RL stage's rollouts, which several steps train on; PPO's KL coefficient) has
+  `state_dict() -> dict` and `load_state_dict(dict)`: the loop saves that state with every checkpoint and
+  restores it on resume, so no stage saves or restores batch state itself.
 - `loss_fn(model, batch) -> (loss_sum, metrics)` returns the loss *summed* over the batch's units. The loop
   divides by the units of the whole step (all micro-batches, all ranks), so 8 micro-batches of 1 row give the
   same gradient as 1 micro-batch of 8 rows. A metric is a scalar sum (logged per unit, like the loss) or a
@@ -15,7 +18,8 @@ Contracts:
 - A batch may carry `"metrics"`: floats describing the whole step (the same on every rank, e.g. the reward of
   RL rollouts), read from micro-batch 0 and averaged over the steps of a logging window.
 - `evaluate(model) -> dict` runs on every rank (it may all-reduce) under no_grad/eval mode.
-- `save(step, metrics, train_state, final)` is called on rank 0 only.
+- `save(step, metrics, train_state, final)` is called on rank 0 only; train_state["batches"] holds every rank's
+  batch state (a list by rank).
 
 Ctrl-C (SIGINT) is graceful: the loop finishes the step it is in, saves, and exits; `--resume` continues as if
 nothing happened. A second Ctrl-C stops at once.
@@ -32,7 +36,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -44,6 +48,7 @@ from cakelm.common import (
     DistInfo,
     all_reduce_sum,
     barrier,
+    gather_object,
     keep_freed_memory,
     pick_dtype,
     write_text_atomic,
@@ -53,6 +58,12 @@ from cakelm.model import Transformer
 from cakelm.optim import OptimConfig, build_optimizers, lr_multiplier, set_lr
 
 Batch = dict[str, Any]
+
+
+class BatchSource(Protocol):
+    """What the loop reads batches from (see the module docstring; state_dict/load_state_dict are optional)."""
+
+    def get(self, step: int, micro: int) -> Batch: ...
 
 # Dense bf16 peak FLOP/s of common GPUs, for MFU on CUDA (CPU MFU is measured by benchmarks/).
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
@@ -161,8 +172,7 @@ class GracefulStop:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopContext,
-          batches: Callable[[int, int], Batch],
+def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopContext, batches: BatchSource,
           loss_fn: Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]],
           evaluate: Callable[[nn.Module], dict[str, float]] | None,
           save: Callable[[int, dict[str, Any], dict[str, Any], bool], None],
@@ -188,6 +198,8 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
         for o, s in zip(optimizers, resume_state["optimizers"], strict=True):
             o.load_state_dict(s)
         torch.set_rng_state(resume_state["rng"]["torch"])
+        if "batches" in resume_state:  # each rank's own (its rollouts differ from the others')
+            batches.load_state_dict(resume_state["batches"][info.rank])  # type: ignore[attr-defined]
     for m in model.modules():  # the model, or the Transformer inside a wrapper (a scalar-head model)
         if isinstance(m, Transformer):
             m.grad_checkpoint = cfg.grad_checkpoint
@@ -208,24 +220,30 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
     t_log = time.perf_counter()
     model.train()
 
-    def train_state(step_done: int) -> dict[str, Any]:
-        return {"step": step_done, "tokens_seen": tokens_seen, "world_size": info.world_size,
-                "optimizers": [o.state_dict() for o in optimizers], "rng": {"torch": torch.get_rng_state()},
-                "log": {"steps": steps_since_log, "tokens": tokens_since_log, "loss_sum": loss_acc.item(),
-                        "batch_metrics": dict(batch_metrics)}}
+    def save_all(step_done: int, final: bool) -> None:
+        """Every rank hands rank 0 its batch state; rank 0 saves the checkpoint."""
+        batch_states = gather_object(batches.state_dict(), info) if hasattr(batches, "state_dict") else None
+        if not info.is_main:
+            return
+        state = {"step": step_done, "tokens_seen": tokens_seen, "world_size": info.world_size,
+                 "optimizers": [o.state_dict() for o in optimizers], "rng": {"torch": torch.get_rng_state()},
+                 "log": {"steps": steps_since_log, "tokens": tokens_since_log, "loss_sum": loss_acc.item(),
+                         "batch_metrics": dict(batch_metrics)}}
+        if batch_states is not None:
+            state["batches"] = batch_states  # by rank
+        save(step_done, last, state, final)
 
     completed = start  # optimizer steps fully applied
     with GracefulStop(announce=info.is_main and cfg.progress) as stop:
         for step in range(start, cfg.max_steps):
             lr = set_lr(optimizers, lr_multiplier(step, cfg.max_steps, optim_cfg))
-            micro = [batches(step, m) for m in range(cfg.grad_accum)]
+            micro = [batches.get(step, m) for m in range(cfg.grad_accum)]
             # one all-reduce per step: the units of the whole global batch, and whether any rank got a Ctrl-C
             flags = torch.tensor([float(sum(b["n"] for b in micro)), float(stop.requested)], device=device)
             n_units, stop_requested = all_reduce_sum(flags, info).tolist()
             if stop_requested and completed > start:
                 barrier(info)
-                if info.is_main:
-                    save(completed, last, train_state(completed), False)
+                save_all(completed, False)
                 bar.close()
                 raise SystemExit(f"stopped: saved a checkpoint at step {completed} in {ctx.out}; "
                                  "continue with --resume")
@@ -292,8 +310,7 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
                 log.write(row)
             if final or (cfg.save_every and completed % cfg.save_every == 0):
                 barrier(info)
-                if info.is_main:
-                    save(completed, last, train_state(completed), final)
+                save_all(completed, final)
                 barrier(info)
             t_log += time.perf_counter() - t_pause  # evaluation and saving do not count against throughput
     bar.close()

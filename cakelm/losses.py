@@ -75,6 +75,33 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     return centred.reshape(-1), zero_signal
 
 
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
+    """RLOO's advantages of N = P * G rewards (each prompt's G completions consecutive), and the number of groups
+    whose rewards are all equal (no signal). Each completion's baseline is the mean reward of the other G - 1:
+
+        A_i = r_i - (sum_j r_j - r_i) / (G - 1)  =  G / (G - 1) * (r_i - mean_group)
+
+    (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
+    Feedback in LLMs", arXiv 2402.14740; Kool et al. 2019; TRL's RLOOTrainer). Unbiased: the baseline of a
+    completion does not depend on it."""
+    if group_size < 2 or rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"need a 1-d tensor of groups of {group_size} >= 2 rewards, got shape {tuple(rewards.shape)}")
+    groups = rewards.view(-1, group_size)  # (P, G)
+    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    flat = groups.amax(dim=1) == groups.amin(dim=1)
+    return (groups - baseline).reshape(-1), int(flat.sum())
+
+
+def kl_penalized_rewards(rewards: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                         kl_coef: float) -> torch.Tensor:
+    """(N,) sequence rewards minus kl_coef x each completion's KL to the reference, estimated as the sum over its
+    tokens of log pi_old - log pi_ref (k1 at the sequence level: RLOO's reward shaping, Ahmadian et al. 2024;
+    TRL's RLOOTrainer subtracts beta x this from the reward, with no gradient through it). logp, ref_logp and mask
+    are (N, T)."""
+    kl = ((logp - ref_logp) * mask).sum(dim=1)
+    return rewards - kl_coef * kl.to(rewards.dtype)
+
+
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                         eps_low: float = 0.2, eps_high: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token clipped surrogate loss and where the clip was active, both (N, T).
@@ -194,14 +221,23 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[n, sum, sum of squares] of x where mask is 1, float64: what `masked_whiten` needs, summable over ranks."""
+    m = mask.double()
+    xd = x.double() * m
+    return torch.stack([m.sum(), xd.sum(), (xd * xd).sum()])
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  moments: torch.Tensor | None = None) -> torch.Tensor:
     """(x - mean) / std over the positions where mask is 1 (std with Bessel's correction, as TRL's
-    masked_whiten); shift_mean=False keeps the mean (rescales only). 0 off the mask."""
+    masked_whiten); shift_mean=False keeps the mean (rescales only). 0 off the mask. `moments` (`masked_moments`
+    summed over every rank's x) whitens by the statistics of the whole distributed batch instead of x's own."""
+    n, s1, s2 = (moments if moments is not None else masked_moments(x, mask)).tolist()
     mask = mask.to(x.dtype)
-    n = mask.sum()
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1.0)
-    out = (x - mean) * torch.rsqrt(var + eps)
+    mean = s1 / n
+    var = max(s2 - n * mean * mean, 0.0) / max(n - 1.0, 1.0)
+    out = (x - mean) * (var + eps) ** -0.5
     if not shift_mean:
         out = out + mean
     return out * mask

@@ -36,8 +36,9 @@ import torch
 
 from cakelm.common import CakeError, code_version, hardware_info, pick_device, read_json, write_text_atomic
 from cakelm.config import flatten
+from cakelm.stages.table import MODELS
 
-MODEL_ORDER = ("base", "sft", "dpo", "ppo", "grpo")
+MODEL_ORDER = MODELS  # the stage table's model rows, in pipeline order
 MISSING = "—"
 # Questions for the side-by-side answers (section 6): small talk, arithmetic, a word problem, Shakespeare.
 ANSWER_PROMPTS = ["Hello! How are you today?", "What is 17 + 25?",
@@ -260,7 +261,7 @@ def rounds_section(run: Path) -> list[tuple]:
                      pct(r.get("agreement")),
                      f"{r['train_pairs_rm']:,}" if "train_pairs_rm" in r else "", pct(r.get("rm_accuracy")),
                      fmt(r.get("gold")), fmt(r.get("proxy")), fmt(r.get("kl")), pct(r.get("end_of_turn")),
-                     pct(r.get("task_accuracy"))] for r in rows]))
+                     pct(r.get("accuracy"))] for r in rows]))
     blocks.append(("p", f"Each round judges new pairs of the latest policy's replies, retrains the reward model on "
                         f"every round's judgements and updates the policy. Measured on the same "
                         f"{data.get('held_out_prompts', '')} held-out prompts every round; the reward-model score of "

@@ -1,5 +1,6 @@
 """What the RLHF stages share: a Transformer with a scalar head (the reward model and PPO's value model), sequence
-scores and log-probs, and the held-out measurement of gold reward, proxy reward and KL (reward over-optimisation).
+scores and log-probs, the held-out measurement of gold reward, proxy reward and KL (reward over-optimisation), and
+pairs of a policy's replies for people (or the rule-based rater) to judge.
 
 - `ScalarModel`: the Transformer body (its LM head unused and frozen) and a linear head C -> 1 at every position.
   The reward model reads it at the last real token of prompt + reply (the <|end|> that closes the reply), the
@@ -12,11 +13,13 @@ scores and log-probs, and the held-out measurement of gold reward, proxy reward 
   (`cakelm.rewards.rater`, the "gold" reward) and the reward model (the "proxy"), and estimate KL(policy ||
   reference) as the mean over replies of sum_t log pi(y_t) - log pi_ref(y_t) (k1 on the policy's own samples).
   Plotting gold and proxy against KL shows over-optimisation (Gao et al. 2022, arXiv 2210.10760).
+- `sample_pairs` / `rule_label`: two replies of a policy to each prompt for `cakelm label` and `cakelm
+  rlhf-round`, and the rule-based rater judging them through the label store, as a person would.
 
     rm, tok, meta = load_scalar_model("runs/default/rm")
     scores = last_scores(rm, batch["ids"], batch["real"])            # (N,)
     judge = RLHFEval(rows, tok, rm, ref, max_new_tokens=64)
-    judge(policy)   # {"gold", "proxy", "kl", "reply_len", "end_of_turn", "task_accuracy" (rows with answers)}
+    judge(policy)   # {"gold", "proxy", "kl", "reply_len", "end_of_turn", "accuracy" (rows with answers)}
 """
 
 from __future__ import annotations
@@ -28,18 +31,21 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from cakelm.chat_format import render_prompt
 from cakelm.checkpoint import load_heads, load_model
 from cakelm.common import CakeError
 from cakelm.data.chat import read_chat_jsonl
+from cakelm.data.labels import CHOICES, LabelError, LabelStore
 from cakelm.data.prefs import Pair
+from cakelm.data.prompts import PromptRow, fitting, prompts_of
 from cakelm.engine import SamplingParams
 from cakelm.losses import IGNORE_INDEX
 from cakelm.model import Transformer
 from cakelm.rewards import rater
-from cakelm.rollout import PromptRow, Rollout, completion_logprobs, prompts_of, sample, to_batch
+from cakelm.rollout import EngineGenerator, Generator, Rollout, completion_logprobs, to_batch
 from cakelm.tasks import is_correct
 from cakelm.tokenizer import Tokenizer
+
+RULE_LABELLER = "rule"
 
 
 class ScalarModel(nn.Module):
@@ -63,18 +69,22 @@ class ScalarModel(nn.Module):
     def head_tensors(self) -> dict[str, torch.Tensor]:
         return {"head.weight": self.head.weight, "head.bias": self.head.bias}
 
+    def load_head(self, heads: dict[str, torch.Tensor], where: str | Path, prefix: str = "head.") -> None:
+        """Copy the scalar head saved under `prefix` in a checkpoint's heads.safetensors (`where` names it)."""
+        try:
+            with torch.no_grad():
+                self.head.weight.copy_(heads[prefix + "weight"])
+                self.head.bias.copy_(heads[prefix + "bias"])
+        except (KeyError, RuntimeError):
+            raise CakeError(f"{where}: heads.safetensors has no scalar head of width {self.body.cfg.dim}") from None
 
-def load_scalar_model(path: str | Path, device: torch.device | str = "cpu", prefix: str = "head."
-                      ) -> tuple[ScalarModel, Tokenizer, dict[str, Any]]:
+
+def load_scalar_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[ScalarModel, Tokenizer,
+                                                                                     dict[str, Any]]:
     """A reward model checkpoint (`cakelm reward` output: the body's weights + heads.safetensors)."""
     body, tok, meta = load_model(path, device)
-    heads = load_heads(path)
     model = ScalarModel(body)
-    try:
-        model.head.weight.data.copy_(heads[prefix + "weight"])
-        model.head.bias.data.copy_(heads[prefix + "bias"])
-    except (KeyError, RuntimeError):
-        raise CakeError(f"{path}: heads.safetensors has no scalar head of width {body.cfg.dim}") from None
+    model.load_head(load_heads(path), path)
     return model.to(device).eval(), tok, meta
 
 
@@ -145,13 +155,21 @@ def heldout_rows(data: str | Path, val_pairs: Sequence[Pair], tok: Tokenizer, bu
         rows = prompts_of(read_chat_jsonl(path, reply_required=False)[0])
     else:
         rows = prompt_rows(val_pairs)
-    return [r for r in rows if len(render_prompt(r.messages, tok, "chat")) <= budget]
+    return fitting(rows, tok, budget)
 
 
 def gold_scores(rows: Sequence[PromptRow], rolls: Sequence[Rollout]) -> list[float]:
     """The rater's score of every rollout (its prompt's answer, if any, and whether it ended its turn)."""
     return [rater(rows[r.prompt].question, r.text, answer=rows[r.prompt].fields.get("answer"),
                   finish_reason="stop" if r.ended else "length") for r in rolls]
+
+
+def heldout_summary(meta: dict[str, Any]) -> str:
+    """The pipeline's one-line result of a DPO or PPO checkpoint: its last held-out gold, proxy and KL."""
+    m = meta["metrics"]
+    nan = float("nan")
+    return (f"held-out gold {m.get('val_gold', nan):.3f}, proxy {m.get('val_proxy', nan):.3f}, "
+            f"KL {m.get('val_kl', nan):.2f}")
 
 
 class RLHFEval:
@@ -167,16 +185,18 @@ class RLHFEval:
         self.n = n
 
     @torch.no_grad()
-    def __call__(self, policy: Transformer) -> dict[str, float]:
+    def __call__(self, policy: Transformer, generator: Generator | None = None) -> dict[str, float]:
+        """Measure `policy`, whose replies `generator` samples (default: the in-process engine over it)."""
         device = next(policy.parameters()).device
-        rolls = sample(policy, self.tok, [r.messages for r in self.rows], self.params, n=self.n)
+        generator = generator or EngineGenerator(policy, self.tok)
+        rolls = generator.generate([r.messages for r in self.rows], self.params, n=self.n)
         gold = gold_scores(self.rows, rolls)
         out = {"gold": sum(gold) / len(gold), "reply_len": sum(len(r.ids) for r in rolls) / len(rolls),
                "end_of_turn": sum(r.ended for r in rolls) / len(rolls)}
-        answered = [(g, r) for g, r in zip(gold, rolls) if "answer" in self.rows[r.prompt].fields]
+        answered = [r for r in rolls if "answer" in self.rows[r.prompt].fields]
         if answered:
-            out["task_accuracy"] = sum(is_correct(r.text, str(self.rows[r.prompt].fields["answer"]))
-                                  for _, r in answered) / len(answered)
+            out["accuracy"] = sum(is_correct(r.text, str(self.rows[r.prompt].fields["answer"]))
+                                  for r in answered) / len(answered)
         if self.rm is not None:
             out["proxy"] = score_rollouts_rm(self.rm, rolls, self.tok.pad_id).mean().item()
         if self.ref is not None:
@@ -189,3 +209,56 @@ class RLHFEval:
                 kl.append((logp - ref_logp).sum(1).cpu())
             out["kl"] = torch.cat(kl).mean().item()
         return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pairs to judge (`cakelm label`, `cakelm rlhf-round`)
+
+
+def sample_pairs(generator: Generator, rows: list[PromptRow], ckpt: str, params: SamplingParams,
+                 progress: str | None = None) -> list[dict]:
+    """Two replies of the generator's policy to each prompt, as rows for `LabelStore.add_pairs`. Two independent
+    samples, so which one is A is random by construction. Prompts where a reply is empty (a message has content)
+    or both replies are the same text are skipped (there is nothing to choose)."""
+    rolls = generator.generate([r.messages for r in rows], params, n=2, progress=progress)
+    out = []
+    for i, row in enumerate(rows):
+        ra, rb = rolls[2 * i], rolls[2 * i + 1]
+        if not ra.text or not rb.text or ra.text == rb.text:
+            continue
+        out.append({"prompt": row.messages, "a": ra.text, "b": rb.text, "ended_a": ra.ended, "ended_b": rb.ended,
+                    "model_a": ckpt, "model_b": ckpt,
+                    "fields": {**row.fields, "source": row.source, "name": row.name}})
+    return out
+
+
+def rule_label(store: LabelStore, round: int | None = None, min_gap: float = 0.5, labeller: str = RULE_LABELLER
+               ) -> dict:
+    """The rule-based rater (`cakelm.rewards.rater`, as in `cakelm prefs`) judges every pair of `round` it has
+    not judged, through `store.record` like a person on the page: both replies under 1 point -> "both_bad";
+    scores within `min_gap` -> "tie"; else the better one. Returns {choice: count, "judged", "skipped"}."""
+    counts = {**dict.fromkeys(CHOICES, 0), "judged": 0, "skipped": 0}
+    done = {j["pair_id"] for j in store.judgements(round) if j["labeller"] == labeller}
+    for p in store.pairs(round):
+        if p["id"] in done:
+            counts["skipped"] += 1
+            continue
+        question, answer = p["prompt"][-1]["content"], p["fields"].get("answer")
+        sa, sb = (rater(question, text, answer=answer, finish_reason="stop" if ended else "length")
+                  for text, ended in ((p["a"], p["ended_a"]), (p["b"], p["ended_b"])))
+        if sa < 1.0 and sb < 1.0:
+            choice = "both_bad"
+        elif abs(sa - sb) < max(min_gap, 1e-9):  # equal scores are a tie even with --min-gap 0
+            choice = "tie"
+        else:
+            choice = "a" if sa > sb else "b"
+        try:
+            store.record(p["id"], labeller, choice, reason=f"rater: A {sa:.2f}, B {sb:.2f}")
+        except LabelError as e:
+            if e.status != 409:
+                raise
+            counts["skipped"] += 1  # another rule labeller on the same database judged it meanwhile
+            continue
+        counts[choice] += 1
+        counts["judged"] += 1
+    return counts

@@ -1,115 +1,130 @@
-"""RL rollouts: prompts -> completions sampled through the engine -> the tensors a policy-gradient loss needs.
+"""RL rollouts: prompts -> completions through one generator interface -> the tensors a policy-gradient loss needs.
 
-One path for every RL stage (GRPO now, PPO next): the prompts are rendered in the model's chat format, the
-engine samples G completions of each (sharing the prompt's prefill) and keeps the log-probability of every
-sampled token under the sampling temperature, and `to_batch` lays prompt + completion out as training rows
-whose loss mask covers exactly the completion tokens (its <|end|> included, so ending the turn is learned).
+Every stage that samples replies from a policy (grpo, rloo, ppo, prefs, label, rlhf-round, and the RLHF
+evaluation) asks a `Generator`; none builds an engine itself. `EngineGenerator`, the in-process KV-cache engine
+over the policy's own weights, is the implementation and the reference for log-prob correctness:
 
-    rows = prompts_of(examples)                                          # questions + reward fields
-    rollouts = sample(model, tok, [r.messages for r in rows], params, n=8)
-    batch = to_batch(rollouts, tok.pad_id)                               # (N, T) tensors
+    gen = EngineGenerator(model, tok)
+    rollouts = gen.generate([r.messages for r in rows], params, n=8, seeds=[...])   # prompt i's: [i*8:(i+1)*8]
+    batch = to_batch(rollouts, tok.pad_id)                                         # (N, T) tensors
     logp, entropy = completion_logprobs(model, batch["input"], batch["target"], temperature=1.0)
 
-`completion_logprobs` is the training-side twin of the engine's sampling log-probs: same tokens, same
-temperature, so the importance ratio exp(logp - old_logp) is 1 on the first pass (up to rounding).
+`completion_logprobs` is the training-side twin of the sampler's log-probs: same tokens, same temperature, so the
+importance ratio exp(logp - old_logp) is 1 on the first pass (up to rounding; tested).
+
+What another backend (vLLM or SGLang on GPUs, a batched server) must provide to be a `Generator`:
+1. `generate(prompts, params, n, seeds)`: for each conversation (rendered in the model's chat format, which the
+   backend must apply exactly as `chat_format.render_prompt` does, or be given `prompt_ids`), n completions
+   ending on a stop token of `chat_format.stop_rules` or at `params.max_new_tokens`, returned as `Rollout`s with
+   the prompt's token ids, the completion's token ids (its stop token included), the decoded text, whether it
+   ended its turn, and the log-probability of every sampled token under softmax(logits / temperature) (before
+   top-k / top-p, which rollouts do not use). `seeds` (one per prompt) make the draw reproducible and
+   independent of how prompts are batched or split over ranks.
+2. `refresh()`: after the policy's weights change (every optimizer step of an RL stage calls it before the next
+   rollout), load them (a backend in another process receives a state dict or a shared-memory handle; the
+   in-process engine reads the live module, so its refresh does nothing).
+3. `exact_logprobs`: whether its log-probs equal the trainer's forward up to rounding. A backend with other
+   kernels, another precision or stale weights breaks this: the trainer's log-probs of the same tokens differ
+   from the sampler's, and the ratio pi_train / pi_sample is no longer 1 on the first pass. The RL stages then
+   must (a) recompute old_logp with the trainer at rollout time (the clipped ratio is taken against it), and
+   (b) weight each token's loss by the truncated importance ratio min(pi_train_old / pi_sampler, C) (TIS,
+   Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"; verl's and
+   OpenRLHF's vLLM IS correction), C ~ 2. The engine's log-probs are exact, so neither is implemented yet:
+   a backend that sets exact_logprobs = False is refused by `check_exact`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from cakelm.chat_format import Message, render_prompt, stop_rules
-from cakelm.common import CakeError
-from cakelm.data.chat import Example
+from cakelm.common import CakeError, seed_of
 from cakelm.engine import Engine, SamplingParams
 from cakelm.losses import IGNORE_INDEX
 from cakelm.model import Transformer
 from cakelm.tokenizer import Tokenizer
 
 
-@dataclass(frozen=True)
-class PromptRow:
-    """A question to roll out: the conversation so far (ending on a user turn) and the fields rewards get
-    (the task's `answer`, reasoning-gym's `task` and `entry`, a JSONL row's other keys)."""
-
-    name: str
-    messages: list[Message]
-    fields: dict[str, Any]
-
-    @property
-    def question(self) -> str:
-        return self.messages[-1]["content"]
-
-    @property
-    def source(self) -> str:
-        """The source this prompt came from, by its name: chitchat/123 -> chitchat, arithmetic/train/3 ->
-        arithmetic, /data/my.jsonl:12 -> my.jsonl, hf:org/set:train[3] -> hf:org/set:train."""
-        if self.name.startswith("hf:"):
-            return self.name.rsplit("[", 1)[0]
-        path, sep, line = self.name.rpartition(":")
-        if sep and line.isdigit():
-            return Path(path).name
-        return self.name.split("/")[0]
-
-
 @dataclass
 class Rollout:
-    """One sampled completion of prompt `prompt` (an index into the prompts given to `sample`)."""
+    """One sampled completion of prompt `prompt` (an index into the prompts given to `generate`)."""
 
     prompt: int
     prompt_ids: list[int]
     ids: list[int]  # the completion's tokens, its stop token included
     text: str
-    ended: bool  # the reply ended its turn with <|end|> (not the token limit, not a stray <|bos|>)
+    ended: bool  # the reply ended its turn with its end-of-turn token (not the token limit, not a stray <|bos|>)
     logprobs: list[float]  # of each token in `ids`, under the sampling temperature
 
 
-def prompts_of(examples: Sequence[Example]) -> list[PromptRow]:
-    """Examples as questions: the messages up to the last user turn (a reply after it is dropped)."""
-    rows = []
-    for ex in examples:
-        last_user = max(i for i, m in enumerate(ex.messages) if m["role"] == "user")
-        fields = {**ex.fields, **({"answer": ex.answer} if ex.answer is not None else {})}
-        rows.append(PromptRow(ex.name, ex.messages[:last_user + 1], fields))
-    return rows
+class Generator(Protocol):
+    """prompts -> sampled completions with token ids and log-probs (see the module docstring)."""
+
+    tok: Tokenizer
+    exact_logprobs: bool
+
+    def generate(self, prompts: Sequence[Sequence[Message]], params: SamplingParams, n: int = 1,
+                 seeds: Sequence[int] | None = None, progress: str | None = None) -> list[Rollout]: ...
+
+    def refresh(self) -> None: ...
 
 
-def sample(model: Transformer, tok: Tokenizer, prompts: Sequence[Sequence[Message]], params: SamplingParams,
-           n: int = 1, chunk: int = 256, progress: str | None = None) -> list[Rollout]:
-    """n completions of every prompt (grouped: prompt i's are rollouts[i*n:(i+1)*n]), in chat format, generated
-    `chunk` completions at a time; with `progress`, a progress bar of that title counts them. The model is left in
-    train mode if it was in it."""
-    if params.stop_strings:
-        raise CakeError("rollouts end on stop tokens only (a stop string would leave its tokens in the ids)")
-    stop_ids, _ = stop_rules(tok, "chat")
-    params = replace(params, stop_ids=stop_ids, logprobs=True)
-    ids = [render_prompt(m, tok, "chat") for m in prompts]
-    was_training = model.training
-    engine = Engine(model, tok)  # switches the model to eval mode
-    per_call = max(1, chunk // n)
-    out: list[Rollout] = []
-    bar = tqdm(total=len(ids) * n, desc=progress, unit="reply", dynamic_ncols=True, leave=False,
-               disable=progress is None)
-    try:
-        for start in range(0, len(ids), per_call):
-            part = ids[start:start + per_call]
-            seed = None if params.seed is None else params.seed + start  # each chunk its own stream
-            for c in engine.generate(part, replace(params, seed=seed), n=n):
-                ended = c.finish_reason == "stop" and c.ids[-1] == tok.end_id
-                out.append(Rollout(start + c.prompt_index, part[c.prompt_index], c.ids, c.text.strip(), ended,
-                                   c.logprobs or []))
-            bar.update(len(part) * n)
-    finally:
-        bar.close()
-        model.train(was_training)
-    return out
+class EngineGenerator:
+    """The in-process engine (`cakelm.engine`) over `model`'s live weights, `chunk` completions at a time."""
+
+    exact_logprobs = True
+
+    def __init__(self, model: Transformer, tok: Tokenizer, chunk: int = 256) -> None:
+        self.model, self.tok, self.chunk = model, tok, chunk
+
+    def refresh(self) -> None:
+        """Nothing to do: the engine reads the policy module itself, so it always has the latest weights."""
+
+    def generate(self, prompts: Sequence[Sequence[Message]], params: SamplingParams, n: int = 1,
+                 seeds: Sequence[int] | None = None, progress: str | None = None) -> list[Rollout]:
+        """n completions of every prompt in chat format (grouped: prompt i's are rollouts[i*n:(i+1)*n]). Prompt i
+        samples with seeds[i], or with seed_of(params.seed, i) when only params.seed is given: either way its
+        completions do not depend on the chunking. With `progress`, a progress bar of that title counts them.
+        The model is left in train mode if it was in it."""
+        if params.stop_strings:
+            raise CakeError("rollouts end on stop tokens only (a stop string would leave its tokens in the ids)")
+        if seeds is None and params.seed is not None:
+            seeds = [seed_of(params.seed, i) for i in range(len(prompts))]
+        stop_ids, _ = stop_rules(self.tok, "chat")
+        params = replace(params, stop_ids=stop_ids, logprobs=True)
+        ids = [render_prompt(m, self.tok, "chat") for m in prompts]
+        was_training = self.model.training
+        engine = Engine(self.model, self.tok)  # switches the model to eval mode
+        per_call = max(1, self.chunk // n)
+        out: list[Rollout] = []
+        bar = tqdm(total=len(ids) * n, desc=progress, unit="reply", dynamic_ncols=True, leave=False,
+                   disable=progress is None)
+        try:
+            for start in range(0, len(ids), per_call):
+                part = ids[start:start + per_call]
+                part_seeds = None if seeds is None else seeds[start:start + per_call]
+                for c in engine.generate(part, params, n=n, seeds=part_seeds):
+                    ended = c.finish_reason == "stop" and c.ids[-1] == self.tok.end_id
+                    out.append(Rollout(start + c.prompt_index, part[c.prompt_index], c.ids, c.text.strip(), ended,
+                                       c.logprobs or []))
+                bar.update(len(part) * n)
+        finally:
+            bar.close()
+            self.model.train(was_training)
+        return out
+
+
+def check_exact(generator: Generator) -> None:
+    """Refuse a generator whose log-probs differ from the trainer's (see the module docstring, item 3)."""
+    if not generator.exact_logprobs:
+        raise CakeError(f"{type(generator).__name__}: its log-probs differ from the trainer's; the RL stages do not "
+                        "apply the importance-sampling correction such a backend needs yet")
 
 
 def to_batch(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
@@ -141,3 +156,15 @@ def completion_logprobs(model: torch.nn.Module, inp: torch.Tensor, target: torch
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1) * scored
     return logp, entropy
+
+
+@torch.no_grad()
+def frozen_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float, rows: int,
+                    device: torch.device) -> torch.Tensor:
+    """(N, T) log-probs of a batch's targets under a frozen model (the reference), `rows` rows at a time, on CPU."""
+    out = []
+    for i in range(0, batch["input"].size(0), rows):
+        logp, _ = completion_logprobs(model, batch["input"][i:i + rows].to(device),
+                                      batch["target"][i:i + rows].to(device), temperature)
+        out.append(logp.cpu())
+    return torch.cat(out)

@@ -26,25 +26,23 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cakelm import webapp
 from cakelm.chat_format import Reply, format_of, render_prompt, stop_rules, validate
 from cakelm.checkpoint import load_model
 from cakelm.common import CakeError, pick_device
 from cakelm.config import ConfigError, opt
 from cakelm.engine import Engine, SamplingParams, StreamEvent
 
-MAX_BODY_BYTES = 1_000_000  # a request body larger than this gets 413
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop strings per request, as OpenAI
 
@@ -53,7 +51,7 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.body = status, {"message": message, "type": type, "param": param, "code": code}
+        self.status, self.body = status, webapp.error_body(message, type, param, code)["error"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,58 +159,6 @@ async def _events(job: Job, request: Request | None = None) -> AsyncIterator[Str
 # The app
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for request bodies over the limit, whether declared (Content-Length) or sent chunked.
-    The body is read here (bounded by the limit) and replayed to the app."""
-
-    def __init__(self, app: Callable, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _send_json(send, 413, _too_large(self.limit))
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.limit:
-                return await _send_json(send, 413, _too_large(self.limit))
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()  # after the body: wait for the disconnect, as the server would
-
-        await self.app(scope, replay, send)
-
-
-def _too_large(limit: int) -> dict:
-    return {"error": {"message": f"request body is larger than {limit} bytes", "type": "invalid_request_error",
-                      "param": None, "code": "request_too_large"}}
-
-
-async def _send_json(send: Callable, status: int, body: dict) -> None:
-    data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-    await send({"type": "http.response.body", "body": data})
-
-
-def bearer_ok(request: Request, token: str) -> bool:
-    """Whether the request carries `Authorization: Bearer TOKEN` (compared in constant time)."""
-    given = request.headers.get("authorization", "")
-    return secrets.compare_digest(given.encode(), f"Bearer {token}".encode())
-
-
 @dataclass
 class ServerState:
     engine: Engine
@@ -226,38 +172,17 @@ class ServerState:
 
 
 def create_app(engine: Engine, fmt: str, model_name: str = "cakelm", api_key: str | None = None,
-               max_tokens_limit: int = 1024, body_limit: int = MAX_BODY_BYTES, ckpt: str | None = None) -> FastAPI:
+               max_tokens_limit: int = 1024, body_limit: int = webapp.MAX_BODY_BYTES, ckpt: str | None = None
+               ) -> FastAPI:
     """The FastAPI app serving `engine` (conversations rendered in chat format `fmt`)."""
     st = ServerState(engine, Worker(engine), fmt, model_name, api_key, max_tokens_limit, ckpt)
-    app = FastAPI(title="cakelm", docs_url=None, redoc_url=None)
+    app = webapp.create_app("cakelm", api_key, "/v1/", "Incorrect or missing API key (send 'Authorization: Bearer "
+                            "KEY')", token_code="invalid_api_key", body_limit=body_limit)
     app.state.server = st
-    app.add_middleware(BodyLimit, limit=body_limit)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
         return JSONResponse({"error": e.body}, status_code=e.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        return JSONResponse({"error": {"message": f"{where}: {err.get('msg')}" if where else err.get("msg"),
-                                       "type": "invalid_request_error", "param": where or None, "code": None}},
-                            status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": {"message": str(e.detail), "type": "invalid_request_error", "param": None,
-                                       "code": None}}, status_code=e.status_code)
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next: Callable[[Request], Awaitable]) -> Any:
-        if st.api_key and request.url.path.startswith("/v1/"):
-            if not bearer_ok(request, st.api_key):
-                return JSONResponse({"error": {"message": "Incorrect or missing API key (send 'Authorization: "
-                                               "Bearer KEY')", "type": "invalid_request_error", "param": None,
-                                               "code": "invalid_api_key"}}, status_code=401)
-        return await call_next(request)
 
     @app.get("/health")
     def health() -> dict:
@@ -420,12 +345,7 @@ def build_app(cfg: ServeConfig) -> FastAPI:
 
 
 def main(cfg: ServeConfig) -> None:
-    import uvicorn
-
     app = build_app(cfg)
     url = f"http://{cfg.host}:{cfg.port}"
     print(f"cakelm serve: {cfg.ckpt} at {url}  (chat page: {url}/ ; OpenAI API: {url}/v1)", flush=True)
-    try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
-    except OSError as e:  # e.g. the port is taken
-        raise CakeError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+    webapp.run(app, cfg.host, cfg.port)

@@ -25,7 +25,9 @@ from cakelm.engine import SamplingParams
 from cakelm.losses import aggregate, clipped_policy_loss
 from cakelm.model import Transformer
 from cakelm.rewards import load_reward
-from cakelm.rollout import Rollout, completion_logprobs, prompts_of, sample, to_batch
+from cakelm.data.prompts import prompts_of
+from cakelm.rl import RolloutBatches, score_rollouts
+from cakelm.rollout import EngineGenerator, Rollout, completion_logprobs, to_batch
 from cakelm.stages import grpo
 from cakelm.tokenizer import Tokenizer
 from tests.conftest import tiny_checkpoint, tiny_model_config
@@ -89,7 +91,7 @@ def test_training_logprobs_equal_the_sampling_ones(chat_model) -> None:
                                                                                          "answer": "3"}
     for temperature in (1.0, 0.7):
         params = SamplingParams(max_new_tokens=10, temperature=temperature, seed=3)
-        rolls = sample(model, tok, [r.messages for r in rows_], params, n=3)
+        rolls = EngineGenerator(model, tok).generate([r.messages for r in rows_], params, n=3)
         assert [r.prompt for r in rolls] == [0, 0, 0, 1, 1, 1]
         batch = to_batch(rolls, tok.pad_id)
         assert batch["mask"].sum(1).tolist() == [len(r.ids) for r in rolls]  # exactly the completion tokens
@@ -156,7 +158,7 @@ def test_grpo_raises_the_reward(chat_model, prompts, tmp_path, user_rewards) -> 
                                           "optim.lr": 1e-2, "log_kl": True})
     r = rows(out)
     assert len(r) == 16 and all(k in r[0] for k in ("reward", "reward_std", "zero_signal", "entropy", "clip_frac",
-                                                    "kl", "completion_len", "rollout_s", "rollout_tok_s"))
+                                                    "kl", "reply_len", "rollout_s", "rollout_tok_s"))
     assert r[0]["ratio"] == pytest.approx(1.0, abs=1e-4) and r[0]["kl"] == pytest.approx(0.0, abs=1e-5)
     first, last = sum(x["reward"] for x in r[:3]) / 3, sum(x["reward"] for x in r[-3:]) / 3
     assert last > first + 0.1, [round(x["reward"], 3) for x in r]
@@ -167,19 +169,19 @@ def test_grpo_raises_the_reward(chat_model, prompts, tmp_path, user_rewards) -> 
 
 
 def test_resume_inside_a_rollout_window_is_exact(chat_model, prompts, tmp_path, monkeypatch) -> None:
-    kw = {"num_iterations": 2, "loop.max_steps": 6, "rewards": ["exact_match", "format=0.5"]}
+    kw = {"epochs": 2, "loop.max_steps": 6, "rewards": ["exact_match", "format=0.5"]}
     straight = run_grpo(chat_model, [prompts], tmp_path / "straight", **kw)
-    original = grpo.Rollouts.get
+    original = RolloutBatches.get
 
     def interrupted(self, step, micro):  # Ctrl-C during step 3: steps 0-2 saved, step 3 reuses step 2's rollouts
         if (step, micro) == (3, 0):
             os.kill(os.getpid(), signal.SIGINT)
         return original(self, step, micro)
 
-    monkeypatch.setattr(grpo.Rollouts, "get", interrupted)
+    monkeypatch.setattr(RolloutBatches, "get", interrupted)
     with pytest.raises(SystemExit, match="continue with --resume"):
         run_grpo(chat_model, [prompts], tmp_path / "cut", **kw)
-    monkeypatch.setattr(grpo.Rollouts, "get", original)
+    monkeypatch.setattr(RolloutBatches, "get", original)
     assert load_meta(tmp_path / "cut")["step"] == 3
     resumed = run_grpo(chat_model, [prompts], tmp_path / "cut", resume=True, **kw)
     a, b = rows(straight), rows(resumed)
@@ -197,12 +199,12 @@ def test_rewards_none_and_mask_truncated(chat_model, tok_dir) -> None:
         return Rollout(prompt, [tok.bos_id, tok.user_id], [5, tok.end_id if ended else 6], text, ended, [-1.0, -2.0])
 
     rolls = [roll(0, "It is 4.", True), roll(0, "It is 5.", False), roll(1, "?", True), roll(1, "!", True)]
-    values, (correct, answered, tokens, ended, unscored) = grpo.score_rollouts(
+    values, counts = score_rollouts(
         [load_reward("exact_match"), load_reward("format=0.5")], rows_, rolls)
     assert values == [1.5, 0.0, 0.5, 0.5]  # format counts where exact_match does not apply
-    assert (correct, answered, tokens, ended, unscored) == (1, 2, 8, 3, 0)
-    values, counts = grpo.score_rollouts([load_reward("exact_match")], rows_, rolls)
-    assert values == [1.0, 0.0, 0.0, 0.0] and counts[-1] == 2  # unscored: 0 (the group has no scored reply)
+    assert counts == {"correct": 1, "answered": 2, "tokens": 8, "ended": 3, "unscored": 0}
+    values, counts = score_rollouts([load_reward("exact_match")], rows_, rolls)
+    assert values == [1.0, 0.0, 0.0, 0.0] and counts["unscored"] == 2  # 0: the group has no scored reply
     batch = to_batch(rolls, tok.pad_id)
     assert batch["input"].shape == (4, 3) and batch["target"][0].tolist() == [-100, 5, tok.end_id]
     assert batch["old_logp"][0].tolist() == [0.0, -1.0, -2.0]
@@ -232,7 +234,7 @@ def test_base_model_is_refused(tok_dir, prompts, tmp_path, capsys) -> None:
     assert "run `cakelm sft` first" in capsys.readouterr().err
     chat = tiny_checkpoint(tmp_path / "chat", tok_dir, "sft", "chat")
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "king " * 80}, {"prompt": "queen " * 80}])
-    with pytest.raises(CakeError, match="no prompt fits the model's context of 32 tokens"):
+    with pytest.raises(CakeError, match="no prompt of at most 30 tokens fits the model's context"):
         run_grpo(chat, [long], tmp_path / "o2")
 
 
@@ -260,7 +262,7 @@ def test_mask_truncated_leaves_cut_replies_out(chat_model, prompts, tmp_path) ->
     out = run_grpo(chat_model, [prompts], tmp_path / "masked", mask_truncated=True, max_new_tokens=3,
                    **{"loop.max_steps": 2, "optim.lr": 1e-2})
     r = rows(out)
-    assert all(x["truncated"] == 1.0 and x["loss"] == 0.0 and x["grad_norm"] == 0.0 for x in r)
+    assert all(x["end_of_turn"] == 0.0 and x["loss"] == 0.0 and x["grad_norm"] == 0.0 for x in r)
     from cakelm.checkpoint import load_model
     before, after = load_model(chat_model)[0].state_dict(), load_model(out)[0].state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from cakelm.data.prefs import read_prefs
-from cakelm.label import LabelStore, create_label_app, export
+from cakelm.data.labels import LabelStore, export
+from cakelm.label import create_label_app
 from tests.serving import CHROMIUM, launch_chromium, running
 
 ARTIFACTS = Path(__file__).parent / "artifacts"

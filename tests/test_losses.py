@@ -235,3 +235,38 @@ def test_adaptive_kl_coef_hand_computed() -> None:
     # KL 5.4 against 6: error -0.1
     assert losses.adaptive_kl_coef(0.1, 5.4, 6.0, 1000, 10_000) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
     assert losses.adaptive_kl_coef(0.1, 6.0, 6.0, 1000, 10_000) == pytest.approx(0.1)
+
+
+def test_masked_whiten_with_the_moments_of_a_larger_batch() -> None:
+    # two "ranks" whitened by the moments of both equal the whole batch whitened at once
+    x, mask = torch.tensor([[1.0, 2.0, 7.0], [3.0, 4.0, 9.0]]), torch.tensor([[1, 1, 0], [1, 1, 0]])
+    moments = losses.masked_moments(x[:1], mask[:1]) + losses.masked_moments(x[1:], mask[1:])
+    assert moments.tolist() == [4.0, 10.0, 30.0]  # n, sum, sum of squares of 1, 2, 3, 4
+    whole = losses.masked_whiten(x, mask)
+    parts = torch.cat([losses.masked_whiten(x[i:i + 1], mask[i:i + 1], moments=moments) for i in (0, 1)])
+    torch.testing.assert_close(parts, whole)
+    torch.testing.assert_close(whole[0], torch.tensor([-1.5, -0.5, 0.0]) / math.sqrt(5 / 3))
+
+
+def test_leave_one_out_advantages_hand_computed() -> None:
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    adv, zero = losses.leave_one_out_advantages(rewards, 4)
+    # group 1: each baseline is the mean of the other three: 1 - 1/3, 0 - 2/3, 0 - 2/3, 1 - 1/3
+    torch.testing.assert_close(adv[:4], torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3]))
+    assert zero == 1 and torch.equal(adv[4:], torch.zeros(4))  # equal rewards: no signal
+    # the identity RLOO = G / (G - 1) x the group-centred reward (Dr. GRPO's advantage)
+    centred, _ = losses.group_advantages(rewards, 4, "none")
+    torch.testing.assert_close(adv, centred * 4 / 3)
+    adv2, _ = losses.leave_one_out_advantages(torch.tensor([3.0, 1.0]), 2)  # G = 2: r_i - r_other
+    assert adv2.tolist() == [2.0, -2.0]
+    with pytest.raises(ValueError):
+        losses.leave_one_out_advantages(rewards, 3)
+
+
+def test_kl_penalized_rewards_hand_computed() -> None:
+    mask = torch.tensor([[0.0, 1, 1], [1, 1, 0]])
+    logp = torch.tensor([[5.0, -1.0, -2.0], [-1.0, -0.5, 9.0]])
+    ref = torch.tensor([[0.0, -1.5, -1.0], [-2.0, -0.5, 0.0]])
+    # KL per reply: (0.5 - 1.0) = -0.5 and (1.0 + 0.0) = 1.0 (positions off the mask do not count)
+    out = losses.kl_penalized_rewards(torch.tensor([1.0, 2.0], dtype=torch.float64), logp, ref, mask, 0.1)
+    torch.testing.assert_close(out, torch.tensor([1.05, 1.9], dtype=torch.float64))

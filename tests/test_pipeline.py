@@ -111,7 +111,7 @@ def test_every_preset_builds_and_gpu8_takes_half_a_million_tokens_per_step(tmp_p
     for preset in pipeline.PRESETS:
         configs = pipeline._stage_configs(build_config(pipeline.PipelineConfig, ("test", {"preset": preset})),
                                           tmp_path)
-        assert set(configs) == set(pipeline.STAGES) - {"sample", "eval", "report"}
+        assert set(configs) == set(pipeline.NAMES) - {"sample", "eval", "report"}
     pre = pipeline._stage_configs(build_config(pipeline.PipelineConfig, ("test", {"preset": "gpu8"})), tmp_path)
     loop = pre["pretrain"].loop
     assert loop.batch_size * loop.grad_accum * 8 * pre["pretrain"].model.max_seq_len == 524_288

@@ -80,10 +80,10 @@ def make_run(run: Path) -> Path:
     write_json_atomic(run / "answers.json", {"prompts": ["What is 2 + 2?", "Say hi."], "models": {
         "grpo": ["4", "hi"], "base": ["four", EVIL], "sft": ["The answer is 4.", "Hi!\nHow are you?"]}})
     write_json_atomic(run / "rounds.json", {"held_out_prompts": 8, "samples_per_prompt": 2, "rounds": [
-        {"round": 0, "gold": 2.5, "proxy": 0.1, "kl": 0.0, "end_of_turn": 0.9, "task_accuracy": 0.25},
+        {"round": 0, "gold": 2.5, "proxy": 0.1, "kl": 0.0, "end_of_turn": 0.9, "accuracy": 0.25},
         *({"round": k, "method": "dpo", "rater": "rule", "pairs": 40, "judgements": 40, "agreement": None,
            "train_pairs_rm": 30 * k, "rm_accuracy": 0.8, "gold": 2.5 + 0.1 * k, "proxy": 0.2 * k, "kl": 0.5 * k,
-           "end_of_turn": 0.95, "task_accuracy": 0.3} for k in (1, 2))]})
+           "end_of_turn": 0.95, "accuracy": 0.3} for k in (1, 2))]})
     _compare_output(run / "compare")
     return run
 

@@ -200,7 +200,7 @@ def test_dpo_reference_and_policy_use_identical_masks(chat_model, pairs) -> None
 def test_dpo_learns_the_preference(chat_model, pairs, reward_model, tmp_path, loss_type) -> None:
     out = dpo.main(build_config(dpo.DPOConfig, ("test", {
         "init": str(chat_model), "data": str(pairs), "out": str(tmp_path / "dpo"), "reward_model": str(reward_model),
-        "loss_type": loss_type, "rpo_alpha": 1.0 if loss_type == "sigmoid" else 0.0, "eval_prompts": 8,
+        "loss_type": loss_type, "rpo_alpha": 1.0 if loss_type == "sigmoid" else 0.0, "val_size": 8,
         "max_new_tokens": 16, **QUIET, "loop.max_steps": 12,
         "loop.batch_size": 12, "loop.eval_every": 12, "optim.lr": 3e-3})))
     r = rows_of(out)
@@ -236,12 +236,12 @@ def test_dpo_bad_options_and_base_model(chat_model, pairs, tok_dir, tmp_path, ca
 def run_ppo(chat_model: Path, reward_model: Path, pairs: Path, out: Path, **kw) -> Path:
     return ppo.main(build_config(ppo.PPOConfig, ("test", {
         "init": str(chat_model), "reward_model": str(reward_model), "data": str(pairs), "out": str(out),
-        "rollout_size": 16, "num_minibatches": 2, "ppo_epochs": 2, "max_new_tokens": 12, "eval_prompts": 8,
+        "prompts_per_step": 16, "num_minibatches": 2, "epochs": 2, "max_new_tokens": 12, "val_size": 8,
         **QUIET, **kw})))
 
 
 def test_ppo_raises_the_reward_model_score(chat_model, reward_model, pairs, tmp_path) -> None:
-    out = run_ppo(chat_model, reward_model, pairs, tmp_path / "ppo", rollout_size=32, kl_coef=0.01, **{
+    out = run_ppo(chat_model, reward_model, pairs, tmp_path / "ppo", prompts_per_step=32, kl_coef=0.01, **{
         "loop.max_steps": 32, "loop.eval_every": 32, "optim.lr": 1e-2})
     r = rows_of(out)
     assert all(k in r[0] for k in ("proxy", "gold", "kl", "kl_coef", "value_loss", "clip_frac", "ratio", "entropy"))
@@ -281,7 +281,7 @@ def test_ppo_needs_a_reward_model(chat_model, pairs, tmp_path, capsys) -> None:
     assert cli(["ppo", "--init", str(chat_model), "--reward-model", str(chat_model), "--data", str(pairs),
                 "--out", str(tmp_path / "p")]) == 2
     assert "no heads.safetensors" in capsys.readouterr().err
-    assert cli(["ppo", "--rollout-size", "10", "--num-minibatches", "4"]) == 2
+    assert cli(["ppo", "--prompts-per-step", "10", "--num-minibatches", "4"]) == 2
     assert "multiple of --num-minibatches" in capsys.readouterr().err
 
 
@@ -290,8 +290,9 @@ def test_ppo_needs_a_reward_model(chat_model, pairs, tmp_path, capsys) -> None:
 
 
 def test_prefs_stage_writes_pairs_the_rater_orders(chat_model, tmp_path) -> None:
+    # 400 questions: the file's held-out side (2%) has 8, so some held-out prompt's replies differ by the min gap
     prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)}
-                                                  for i in range(40)] +
+                                                  for i in range(400)] +
                           [{"prompt": f"Tell me of the {w}."} for w in WORDS])
     out = prefs.main(build_config(prefs.PrefsConfig, ("test", {
         "init": str(chat_model), "out": str(tmp_path / "prefs"), "data": [prompts], "prompts": 30,
@@ -317,8 +318,8 @@ def test_prefs_refuses_a_base_model(tok_dir, tmp_path, capsys) -> None:
 def test_dpo_and_ppo_under_torchrun_two_processes(chat_model, reward_model, pairs, tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-    common = {**QUIET, "loop.max_steps": 2, "loop.eval_every": 2, "eval_prompts": 4, "max_new_tokens": 8}
-    for stage, extra in (("dpo", {"loop.batch_size": 4}), ("ppo", {"rollout_size": 8})):
+    common = {**QUIET, "loop.max_steps": 2, "loop.eval_every": 2, "val_size": 4, "max_new_tokens": 8}
+    for stage, extra in (("dpo", {"loop.batch_size": 4}), ("ppo", {"prompts_per_step": 8})):
         proc = subprocess.run([*launch, str(free_port()), "-m", "cakelm", stage, "--init", str(chat_model), "--data",
                                str(pairs), "--reward-model", str(reward_model), "--out", str(tmp_path / stage),
                                *_flags({**common, **extra}), "--device", "cpu"],

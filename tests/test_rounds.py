@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from cakelm.checkpoint import load_meta
 from cakelm.common import CakeError
 from cakelm.config import ConfigError, build_config
-from cakelm.label import LabelStore
+from cakelm.data.labels import LabelStore
 from cakelm.report import write_report
 from cakelm.stages import rounds
 from tests.conftest import tiny_checkpoint

@@ -36,6 +36,7 @@ from typing import Any
 
 from cakelm.chat_format import validate
 from cakelm.common import CakeError
+from cakelm.data.prefs import write_prefs
 
 CHOICES = ("a", "b", "tie", "both_bad")
 MAX_REASON = 2000  # characters of a judgement's free-text reason
@@ -322,3 +323,19 @@ class LabelStore:
             rows.append(row)
             counts["exported"] += 1
         return rows, counts
+
+
+def export(db: str | Path, out: str | Path, rounds: list[int] | None = None) -> dict:
+    """Write the preference rows of `db` (rounds `rounds`, default all) to `out` (JSONL); returns the counts."""
+    with LabelStore(db, create=False) as store:
+        have = store.rounds()
+        missing = sorted(set(rounds or []) - set(have))
+        if missing:
+            raise CakeError(f"{db}: no pairs of round {', '.join(map(str, missing))} (rounds: "
+                            f"{', '.join(map(str, have)) or 'none'})")
+        rows, counts = store.export_rows(rounds or None)
+    if not rows:
+        raise CakeError(f"{db}: no pair has a preference to export ({counts['pairs']} pairs: {counts['unlabelled']} "
+                        f"unlabelled, {counts['ties']} ties, {counts['both_bad']} both bad, {counts['split']} split)")
+    write_prefs(out, rows)
+    return counts

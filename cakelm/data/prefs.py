@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,14 +174,15 @@ def pad_pairs(rows: list[EncodedPair], pad_id: int, side: str = "right") -> dict
 
 
 class PairBatches:
-    """batches(step, micro) for the shared loop over encoded pairs: `batch_size` pairs per micro-batch, a seeded
+    """get(step, micro) for the shared loop over encoded pairs: `batch_size` pairs per micro-batch, a seeded
     permutation per epoch (a pure function of step and micro, so --resume is exact); ranks take disjoint slots.
-    n = pairs (the loss units)."""
+    n = pairs (the loss units). `extra(pairs)` adds a stage's own per-pair tensors to each batch (DPO's reference
+    log-probs, the reward model's margins)."""
 
     def __init__(self, rows: list[EncodedPair], batch_size: int, grad_accum: int, rank: int, world_size: int,
-                 seed: int, pad_id: int) -> None:
+                 seed: int, pad_id: int, extra: Callable[[list[EncodedPair]], dict[str, Any]] | None = None) -> None:
         self.rows, self.batch_size, self.grad_accum = rows, batch_size, grad_accum
-        self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
+        self.rank, self.world_size, self.pad_id, self.extra = rank, world_size, pad_id, extra
         self.mixture = Mixture([len(rows)], [1.0], seed)
         self.global_batch = batch_size * grad_accum * world_size
 
@@ -190,4 +192,4 @@ class PairBatches:
 
     def get(self, step: int, micro: int) -> dict[str, Any]:
         part = self.part(step, micro)
-        return {**pad_pairs(part, self.pad_id), "n": len(part)}
+        return {**pad_pairs(part, self.pad_id), **(self.extra(part) if self.extra else {}), "n": len(part)}

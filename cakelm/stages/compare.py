@@ -48,12 +48,12 @@ from cakelm.common import (
 )
 from cakelm.config import ConfigError, nested, opt, to_dict
 from cakelm.data.shards import TokenBatches, eval_batches, open_shard
+from cakelm.heldout import shard_evaluator
 from cakelm.loop import LoopConfig, LoopContext, train
 from cakelm.losses import bits_per_byte, lm_loss, token_nll
 from cakelm.model import ModelConfig, Transformer
 from cakelm.optim import OptimConfig
 from cakelm.rnn import LSTMLM, lstm_for_params
-from cakelm.stages.pretrain import make_evaluate
 from cakelm.tokenizer import Tokenizer
 
 NAMES = ("transformer", "lstm")
@@ -142,7 +142,7 @@ def speed_test(cfg: CompareConfig, tokens: np.ndarray, vocab_size: int, contexts
         for name, model in build_models(cfg, vocab_size, max(contexts), device).items():
             with tempfile.TemporaryDirectory() as tmp:
                 train(model, _loop(cfg, B, cfg.timing_steps + 1, 0, 1, False), cfg.optim,
-                      LoopContext(device, DistInfo(), Path(tmp)), batches.get, _loss_fn, None, _no_save)
+                      LoopContext(device, DistInfo(), Path(tmp)), batches, _loss_fn, None, _no_save)
                 lines = (Path(tmp) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
             ms = min(json.loads(line)["ms_per_step"] for line in lines[1:])
             row[name] = {"ms_per_step": ms, "tok_per_s": B * T / (ms / 1000)}
@@ -153,19 +153,27 @@ def speed_test(cfg: CompareConfig, tokens: np.ndarray, vocab_size: int, contexts
     return rows
 
 
+class _Recorded:
+    """The batches of a TokenBatches, each one's digest noted as it is handed to the loop."""
+
+    def __init__(self, batches: TokenBatches) -> None:
+        self.batches, self.seen = batches, []
+
+    def get(self, step: int, micro: int) -> dict:
+        b = self.batches.get(step, micro)
+        self.seen.append(hashlib.sha1(b["input"].numpy().tobytes()).hexdigest()[:12])
+        return b
+
+
 def train_for_budget(cfg: CompareConfig, model: nn.Module, batches: TokenBatches, evaluate: Any, max_steps: int,
                      device: torch.device, out: Path) -> dict[str, Any]:
     """(b): train `model` for max_steps on the shared loop, evaluating eval_points times along the way. Returns
     the bits-per-byte curve against training wall-clock (evaluation time excluded) and tokens, and a short
     digest of every batch the model was given (so a test can check both models saw the same data)."""
-    seen: list[str] = []
+    recorded = _Recorded(batches)
+    seen = recorded.seen
     curve: list[dict[str, float]] = []
     clock = {"train_s": 0.0, "since": 0.0}
-
-    def recorded(step: int, micro: int) -> dict:
-        b = batches.get(step, micro)
-        seen.append(hashlib.sha1(b["input"].numpy().tobytes()).hexdigest()[:12])
-        return b
 
     def timed_evaluate(m: nn.Module) -> dict[str, float]:
         if device.type == "cuda":
@@ -211,8 +219,8 @@ def unigram_bpb(train_tokens: np.ndarray, val_tokens: np.ndarray, tok: Tokenizer
                 ) -> float:
     """The reference a context-free model sets: bits per byte when every validation token (of the windows the
     models are evaluated on) is predicted by its frequency in the training tokens (add-one smoothed), counted
-    as make_evaluate counts (nats over tokens that carry text, over their bytes). A model near this number has
-    learnt token frequencies and little else."""
+    as `heldout.shard_evaluator` counts (nats over tokens that carry text, over their bytes). A model near this
+    number has learnt token frequencies and little else."""
     counts = np.bincount(np.asarray(train_tokens), minlength=tok.vocab_size).astype(np.float64) + 1.0
     logp = np.log(counts / counts.sum())  # (V,)
     targets = np.concatenate([b["target"].numpy().ravel() for b in eval_batches(val_tokens, seq_len, 64, max_tokens)])
@@ -427,7 +435,8 @@ def main(cfg: CompareConfig) -> Path:
     B = cfg.tokens_per_step // seq_len
     batches = TokenBatches(train_tokens, seq_len, B, seed=cfg.seed)
     race_loop = _loop(cfg, B, 1, 0, 1, False)
-    evaluate = make_evaluate(val_tokens, tok, seq_len, race_loop, device, DistInfo())
+    evaluate = shard_evaluator(val_tokens, tok, seq_len, race_loop.batch_size, race_loop.eval_tokens, device,
+                               DistInfo())
     step_ms = {n: next(r[n]["ms_per_step"] for r in speed if r["context"] == seq_len) for n in NAMES}
     training: dict[str, Any] = {"seq_len": seq_len, "batch_size": B}
     for name, model in models.items():
@@ -463,3 +472,10 @@ def main(cfg: CompareConfig) -> Path:
     print0("\n" + result["reading"] + "\n")
     print0(f"compare: -> {out / 'compare.json'} and {', '.join(result['plots'])} ({result['seconds']:.0f}s)")
     return out
+
+
+def summary(meta: dict[str, Any]) -> str:
+    """The pipeline's one-line result of `cakelm compare`."""
+    m = meta["metrics"]
+    return (f"val bpb at equal time: Transformer {m.get('transformer_bpb', float('nan')):.3f}, LSTM "
+            f"{m.get('lstm_bpb', float('nan')):.3f}")

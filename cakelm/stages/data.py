@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cakelm.common import print0, write_json_atomic
 from cakelm.config import ConfigError, opt, to_dict
@@ -50,3 +51,8 @@ def main(cfg: DataConfig) -> Path:
            f"{counts['train']['bytes'] / 1e6:.2f} / {counts['val']['bytes'] / 1e6:.2f} MB -> {out} "
            f"({time.time() - t0:.1f}s)")
     return out
+
+
+def summary(meta: dict[str, Any]) -> str:
+    """The pipeline's one-line result of a data directory."""
+    return f"{meta['train']['documents']} train docs, {meta['train']['bytes'] / 1e6:.2f} MB"

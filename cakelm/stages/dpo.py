@@ -39,16 +39,15 @@ from typing import Any
 
 import torch
 
-from cakelm.chat_format import format_of
-from cakelm.checkpoint import load_model, load_train_state, resume_point, save_checkpoint
-from cakelm.common import CakeError, DistInfo, all_reduce_sum, init_distributed, print0
-from cakelm.config import ConfigError, nested, opt, to_dict
-from cakelm.data.prefs import EncodedPair, Pair, PairBatches, encode_pairs, load_prefs, pad_pairs
-from cakelm.loop import LoopConfig, LoopContext, train
+from cakelm.common import CakeError, DistInfo, all_reduce_sum, print0
+from cakelm.config import ConfigError, nested, opt
+from cakelm.data.prefs import EncodedPair, PairBatches, encode_pairs, load_prefs, pad_pairs
+from cakelm.loop import LoopConfig
 from cakelm.losses import DPO_LOSSES, dpo_loss, rpo_nll
 from cakelm.model import Transformer
 from cakelm.optim import OptimConfig
-from cakelm.rlhf import RLHFEval, heldout_rows, load_scalar_model, sequence_logprobs
+from cakelm.rlhf import RLHFEval, heldout_rows, sequence_logprobs
+from cakelm.scaffold import start
 
 
 @dataclass
@@ -63,8 +62,8 @@ class DPOConfig:
     loss_type: str = opt("sigmoid", "sigmoid (DPO) or ipo", choices=DPO_LOSSES)
     rpo_alpha: float = opt(1.0, "weight of the chosen reply's per-token NLL added to the loss (RPO; 0: plain DPO)")
     reward_model: str = opt("runs/default/rm", "reward model for the proxy score in evaluations (\"\" for none)")
-    eval_prompts: int = opt(200, "held-out prompts (of the held-out pairs) for gold reward, proxy and KL")
-    eval_samples: int = opt(2, "replies sampled per held-out prompt in evaluations")
+    val_size: int = opt(200, "held-out prompts (of the held-out pairs) for gold reward, proxy and KL")
+    val_samples: int = opt(2, "replies sampled per held-out prompt in evaluations")
     max_new_tokens: int = opt(64, "longest reply sampled in evaluations")
     val_fraction: float = opt(0.1, "share of prompts held out when --data is a single file")
     skip_bad_lines: bool = opt(False, "skip and count malformed JSONL lines instead of stopping at the first")
@@ -77,14 +76,15 @@ class DPOConfig:
             raise ConfigError(f"--beta must be > 0, got {self.beta}")
         if self.rpo_alpha < 0:
             raise ConfigError(f"--rpo-alpha must be >= 0, got {self.rpo_alpha}")
-        if self.eval_prompts < 1 or self.max_new_tokens < 1 or not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError("need --eval-prompts >= 1, --max-new-tokens >= 1 and --val-fraction in (0, 1)")
+        if self.val_size < 1 or self.val_samples < 1 or self.max_new_tokens < 1 or not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError("need --val-size >= 1, --val-samples >= 1, --max-new-tokens >= 1 and --val-fraction in "
+                              "(0, 1)")
 
 
 PRESETS = {
     "cpu": {},
     "micro": {"loop.max_steps": 4, "loop.batch_size": 8, "loop.eval_every": 0, "optim.warmup_steps": 1,
-              "eval_prompts": 16, "max_new_tokens": 32},
+              "val_size": 16, "max_new_tokens": 32},
 }
 
 
@@ -107,8 +107,9 @@ def reference_logprobs(ref: Transformer, rows: list[EncodedPair], batch_size: in
             r.ref = (lp[j].item(), lp[len(part) + j].item())
 
 
-def with_ref(batch: dict[str, Any], rows: list[EncodedPair]) -> dict[str, Any]:
-    return {**batch, "ref_logp": torch.tensor([r.ref[0] for r in rows] + [r.ref[1] for r in rows])}
+def ref_of(rows: list[EncodedPair]) -> dict[str, torch.Tensor]:
+    """The batch's reference log-probs (2P,): chosen rows, then rejected (as `pad_pairs` lays them out)."""
+    return {"ref_logp": torch.tensor([r.ref[0] for r in rows] + [r.ref[1] for r in rows])}
 
 
 def dpo_batch_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: DPOConfig
@@ -137,7 +138,7 @@ def make_evaluate(val: list[EncodedPair], judge: RLHFEval | None, cfg: DPOConfig
         acc = torch.zeros(4, dtype=torch.float64, device=device)  # pairs, loss, correct, margin
         for i in range(0, len(mine), cfg.loop.batch_size):
             part = mine[i:i + cfg.loop.batch_size]
-            b = {k: v.to(device) for k, v in with_ref(pad_pairs(part, pad_id), part).items()}
+            b = {k: v.to(device) for k, v in {**pad_pairs(part, pad_id), **ref_of(part)}.items()}
             loss, m = dpo_batch_loss(model, b, cfg)
             acc += torch.stack([m["accuracy"][1], loss, m["accuracy"][0], m["margin"][0]]).double()
         acc = all_reduce_sum(acc, info)
@@ -150,28 +151,13 @@ def make_evaluate(val: list[EncodedPair], judge: RLHFEval | None, cfg: DPOConfig
     return evaluate
 
 
-def load_judge(cfg: DPOConfig, val_pairs: list[Pair], ref: Transformer, tok: Any, device: torch.device) -> RLHFEval:
-    rm = load_scalar_model(cfg.reward_model, device)[0] if cfg.reward_model else None
-    budget = ref.cfg.max_seq_len - cfg.max_new_tokens
-    rows = heldout_rows(cfg.data, val_pairs, tok, budget)
-    return RLHFEval(rows[:cfg.eval_prompts], tok, rm, ref, cfg.max_new_tokens, cfg.loop.seed, cfg.eval_samples)
-
-
 def main(cfg: DPOConfig) -> Path:
-    info, device = init_distributed(cfg.loop.device)
-    t0 = time.time()
-    out = Path(cfg.out)
-    point = resume_point(out, cfg.resume, cfg.overwrite, cfg.loop.max_steps, to_dict(cfg))
-    if point == "done":
-        print0(f"dpo: {out} is already complete (raise --max-steps to go on)", info=info)
-        return out
-    model, tok, start_meta = load_model(out if point == "resume" else cfg.init, device)
-    if point == "fresh" and format_of(start_meta) != "chat":
-        raise CakeError(f"dpo: {cfg.init} is a base model; DPO improves a chat model (run `cakelm sft` first)")
-    resume_state = load_train_state(out) if point == "resume" else None
-    parent_stage = start_meta.get("parent_stage") if point == "resume" else start_meta.get("stage")
-    ref, _, _ = load_model(cfg.init, device)
-    ref.requires_grad_(False)
+    run = start("dpo", cfg)
+    if run is None:
+        return Path(cfg.out)
+    model, tok, info = run.model, run.tok, run.info
+    assert model is not None
+    ref = run.reference()
     train_pairs, val_pairs, skipped = load_prefs(cfg.data, cfg.val_fraction, cfg.skip_bad_lines)
     rows, dropped = encode_pairs(train_pairs, tok, "chat", model.cfg.max_seq_len)
     val_rows, _ = encode_pairs(val_pairs, tok, "chat", model.cfg.max_seq_len)
@@ -179,32 +165,20 @@ def main(cfg: DPOConfig) -> Path:
         raise CakeError(f"--data {cfg.data}: no {'training' if not rows else 'held-out'} pair fits the context of "
                         f"{model.cfg.max_seq_len} tokens")
     t_ref = time.time()
-    reference_logprobs(ref, rows + val_rows, 64, tok.pad_id, cfg.loss_type == "ipo", device)
+    reference_logprobs(ref, rows + val_rows, 64, tok.pad_id, cfg.loss_type == "ipo", run.device)
     print0(f"dpo: reference log-probs of {len(rows) + len(val_rows)} pairs in {time.time() - t_ref:.1f}s", info=info)
-    judge = load_judge(cfg, val_pairs, ref, tok, device)
+    rm = run.reward_model(cfg.reward_model) if cfg.reward_model else None
+    held = heldout_rows(cfg.data, val_pairs, tok, model.cfg.max_seq_len - cfg.max_new_tokens)[:cfg.val_size]
+    judge = RLHFEval(held, tok, rm, ref, cfg.max_new_tokens, cfg.loop.seed, cfg.val_samples)
     batches = PairBatches(rows, cfg.loop.batch_size, cfg.loop.grad_accum, info.rank, info.world_size,
-                          cfg.loop.seed, tok.pad_id)
-    evaluate = make_evaluate(val_rows, judge, cfg, tok.pad_id, device, info)
-    model.train()
-    print0(f"dpo: {model.num_params() / 1e6:.2f}M parameters from {cfg.init}; beta {cfg.beta}, {cfg.loss_type} loss; "
-           f"{len(rows)} training pairs ({dropped} too long), {len(val_rows)} held out; {batches.global_batch} pairs "
-           f"per step, {cfg.loop.max_steps} steps on {device}" + (f" x {info.world_size} ranks" if info.enabled
-                                                                  else "")
-           + (f"; skipped {skipped} bad lines" if skipped else ""), info=info)
+                          cfg.loop.seed, tok.pad_id, extra=ref_of)
+    evaluate = make_evaluate(val_rows, judge, cfg, tok.pad_id, run.device, info)
+    run.announce(f"beta {cfg.beta}, {cfg.loss_type} loss; {len(rows)} training pairs ({dropped} too long), "
+                 f"{len(val_rows)} held out; {batches.global_batch} pairs per step"
+                 + (f"; skipped {skipped} bad lines" if skipped else ""))
+    metrics = run.train(model, batches, lambda m, b: dpo_batch_loss(m, b, cfg), evaluate,
+                        meta={"pairs": {"train": len(rows), "val": len(val_rows), "too_long": dropped,
+                                        "skipped_lines": skipped}}, show=("accuracy", "margin"))
+    return run.done(f"held-out pair accuracy {metrics.get('val_pair_accuracy', math.nan):.3f}, gold "
+                    f"{metrics.get('val_gold', math.nan):.3f}, KL {metrics.get('val_kl', math.nan):.2f}", metrics)
 
-    def save(step: int, metrics: dict, train_state: dict, final: bool) -> None:
-        save_checkpoint(out, model, tok, {
-            "stage": "dpo", "step": step, "complete": final, "config": to_dict(cfg), "metrics": metrics,
-            "parent": cfg.init, "parent_stage": parent_stage, "chat_format": "chat", "world_size": info.world_size,
-            "pairs": {"train": len(rows), "val": len(val_rows), "too_long": dropped, "skipped_lines": skipped},
-            "num_params": model.num_params(),
-        }, train_state)
-
-    metrics = train(model, cfg.loop, cfg.optim, LoopContext(device, info, out),
-                    lambda s, m: with_ref(batches.get(s, m), batches.part(s, m)),
-                    lambda m, b: dpo_batch_loss(m, b, cfg), evaluate, save, resume_state,
-                    show=("accuracy", "margin"))
-    print0(f"dpo: step {metrics.get('step')}, held-out pair accuracy {metrics.get('val_pair_accuracy', math.nan):.3f}, "
-           f"gold {metrics.get('val_gold', math.nan):.3f}, KL {metrics.get('val_kl', math.nan):.2f} -> {out} "
-           f"({time.time() - t0:.0f}s)", info=info)
-    return out

@@ -36,8 +36,8 @@ from cakelm.config import ConfigError, opt
 from cakelm.data.chat import read_chat_jsonl, train_and_heldout
 from cakelm.data.chat_batches import encode_examples, fixed_batches
 from cakelm.engine import Engine, SamplingParams
+from cakelm.heldout import heldout_loss
 from cakelm.model import Transformer
-from cakelm.stages.sft import heldout_loss
 from cakelm.tasks import TASKS, is_correct, make_problems
 from cakelm.tokenizer import Tokenizer
 

@@ -28,16 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cakelm.chat_format import format_of, render_prompt
+from cakelm.chat_format import format_of
 from cakelm.checkpoint import load_model
 from cakelm.common import CakeError, pick_device, print0, seed_everything, write_json_atomic
 from cakelm.config import ConfigError, opt, to_dict
-from cakelm.data.chat import BUILTIN_CHAT, load_sources
-from cakelm.data.chat_batches import Mixture
+from cakelm.data.chat import BUILTIN_CHAT
 from cakelm.data.prefs import write_prefs
+from cakelm.data.prompts import PromptRow, choose_prompts
 from cakelm.engine import SamplingParams
 from cakelm.rlhf import gold_scores
-from cakelm.rollout import PromptRow, prompts_of, sample
+from cakelm.rollout import EngineGenerator
 
 RATER = "cakelm.rewards.rater"
 DEFAULT_DATA = ["chitchat=3", "arithmetic=1"]
@@ -76,48 +76,12 @@ PRESETS = {
 }
 
 
-def single_turn(rows: list[PromptRow]) -> list[PromptRow]:
-    """Each row's first user message (with a leading system message, if any) as the whole prompt."""
-    out = []
-    for r in rows:
-        first = next(i for i, m in enumerate(r.messages) if m["role"] == "user")
-        out.append(PromptRow(r.name, r.messages[:first + 1], r.fields))
-    return out
-
-
-def choose_prompts(data: list[str], n_train: int, n_val: int, tok: Any, max_prompt_tokens: int, seed: int
-                   ) -> tuple[list[PromptRow], list[PromptRow]]:
-    """Single-turn prompts of at most `max_prompt_tokens` (chat format): up to `n_train` distinct ones drawn from
-    the sources' training side by the mixture's weights, and up to `n_val` from their held-out side (split over
-    the sources by weight). The same arguments give the same prompts (a task's generated problems depend on
-    n_train too)."""
-    sources, _ = load_sources(data, n_train, 0, val_size=n_val, seed=seed, reply_required=False)
-    total = sum(w for _, w, *_ in sources)
-    train_rows, val_rows = [], []
-
-    def fitting(examples: list) -> list[PromptRow]:
-        return [r for r in single_turn(prompts_of(examples))
-                if len(render_prompt(r.messages, tok, "chat")) <= max_prompt_tokens]
-
-    for src, weight, train_ex, val_ex, _ in sources:
-        fits = fitting(train_ex)
-        if not fits:
-            raise CakeError(f"--data {src}: no prompt of at most {max_prompt_tokens} tokens")
-        train_rows.append(fits)
-        val_rows += fitting(val_ex)[:round(n_val * weight / total)]
-    mixture = Mixture([len(r) for r in train_rows], [w for _, w, *_ in sources], seed)
-    chosen = [train_rows[s][i] for s, i in mixture.slots(0, n_train)]
-    # each prompt once: a repeated draw would give the same question two pairs
-    seen: set[str] = set()
-    return [r for r in chosen if not (r.name in seen or seen.add(r.name))], val_rows
-
-
 def make_pairs(model: Any, tok: Any, rows: list[PromptRow], cfg: PrefsConfig, seed: int
                ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Sample, rate, and keep (best, worst) per prompt. Returns the JSONL rows and counts."""
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
-    rolls = sample(model, tok, [r.messages for r in rows], params, n=cfg.samples, chunk=cfg.batch_size,
-                   progress="prefs: sampling")
+    rolls = EngineGenerator(model, tok, cfg.batch_size).generate([r.messages for r in rows], params, n=cfg.samples,
+                                                                progress="prefs: sampling")
     gold = gold_scores(rows, rolls)
     pairs, ties = [], 0
     for i, row in enumerate(rows):
@@ -168,3 +132,8 @@ def main(cfg: PrefsConfig) -> Path:
     print0(f"prefs: {len(train_pairs)} training pairs, {len(val_pairs)} held-out pairs (mean rater gap {gap:.2f}, "
            f"{train_counts['near_ties']} near-ties dropped) -> {out} ({time.time() - t0:.0f}s)")
     return out
+
+
+def summary(meta: dict[str, Any]) -> str:
+    """The pipeline's one-line result of a preference directory."""
+    return f"{meta['train']['pairs']} pairs ({meta['val']['pairs']} held out), mean rater gap {meta['gold_gap']:.2f}"

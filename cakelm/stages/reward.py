@@ -24,7 +24,6 @@ end on an assistant reply; prints each score (or writes the rows with a "reward"
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +31,16 @@ from typing import Any
 
 import torch
 
-from cakelm.chat_format import format_of, render
-from cakelm.checkpoint import load_model, load_train_state, resume_point, save_checkpoint
-from cakelm.common import CakeError, DistInfo, all_reduce_sum, init_distributed, pick_device, print0, write_text_atomic
-from cakelm.config import ConfigError, nested, opt, to_dict
+from cakelm.chat_format import render
+from cakelm.common import CakeError, DistInfo, all_reduce_sum, pick_device, write_text_atomic
+from cakelm.config import ConfigError, nested, opt
 from cakelm.data.chat import read_chat_jsonl
 from cakelm.data.prefs import EncodedPair, PairBatches, encode_pairs, load_prefs, pad_pairs
-from cakelm.loop import LoopConfig, LoopContext, train
+from cakelm.loop import LoopConfig
 from cakelm.losses import bradley_terry
 from cakelm.optim import OptimConfig
 from cakelm.rlhf import ScalarModel, last_scores, load_scalar_model, pad_sequences
+from cakelm.scaffold import start
 
 
 @dataclass
@@ -118,57 +117,38 @@ def make_evaluate(val: list[EncodedPair], batch_size: int, pad_id: int, device: 
 
 
 def main(cfg: RewardConfig) -> Path:
-    info, device = init_distributed(cfg.loop.device)
-    t0 = time.time()
-    out = Path(cfg.out)
-    point = resume_point(out, cfg.resume, cfg.overwrite, cfg.loop.max_steps, to_dict(cfg))
-    if point == "done":
-        print0(f"reward: {out} is already complete (raise --max-steps to go on)", info=info)
-        return out
-    if point == "resume":
-        model, tok, start_meta = load_scalar_model(out, device)
-        parent_stage = start_meta.get("parent_stage")
-    else:
-        body, tok, start_meta = load_model(cfg.init, device)
-        if format_of(start_meta) != "chat":
-            raise CakeError(f"reward: {cfg.init} is a base model; start the reward model from a chat model "
-                            "(`cakelm sft` output), which reads replies in the chat format")
-        model, parent_stage = ScalarModel(body).to(device), start_meta.get("stage")
-    resume_state = load_train_state(out) if point == "resume" else None
+    run = start("reward", cfg)
+    if run is None:
+        return Path(cfg.out)
+    assert run.model is not None
+    tok, info = run.tok, run.info
+    model = ScalarModel(run.model).to(run.device)  # a fresh head on the chat model, or the one being resumed
+    if run.resumed:
+        model.load_head(run.heads(), run.out)
     train_pairs, val_pairs, skipped = load_prefs(cfg.data, cfg.val_fraction, cfg.skip_bad_lines)
-    rows, dropped = encode_pairs(train_pairs, tok, "chat", model.body.cfg.max_seq_len)
-    val_rows, _ = encode_pairs(val_pairs, tok, "chat", model.body.cfg.max_seq_len)
+    rows, dropped = encode_pairs(train_pairs, tok, "chat", run.model.cfg.max_seq_len)
+    val_rows, _ = encode_pairs(val_pairs, tok, "chat", run.model.cfg.max_seq_len)
     if not rows or not val_rows:
         raise CakeError(f"--data {cfg.data}: no {'training' if not rows else 'held-out'} pair fits the context of "
-                        f"{model.body.cfg.max_seq_len} tokens")
+                        f"{run.model.cfg.max_seq_len} tokens")
     batches = PairBatches(rows, cfg.loop.batch_size, cfg.loop.grad_accum, info.rank, info.world_size,
-                          cfg.loop.seed, tok.pad_id)
+                          cfg.loop.seed, tok.pad_id, extra=lambda part: {"margin": margins(part, cfg.margin)})
+    evaluate = make_evaluate(val_rows, cfg.loop.batch_size, tok.pad_id, run.device, info)
+    run.announce(f"{len(rows)} training pairs ({dropped} too long), {len(val_rows)} held out; "
+                 f"{batches.global_batch} pairs per step" + (f"; skipped {skipped} bad lines" if skipped else ""),
+                 params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    metrics = run.train(model, batches, lambda m, b: reward_loss(m, b, cfg.center), evaluate,
+                        meta={"head": "scalar", "pairs": {"train": len(rows), "val": len(val_rows),
+                                                          "too_long": dropped, "skipped_lines": skipped}},
+                        heads=model.head_tensors, show=("accuracy",))
+    return run.done(f"held-out accuracy {metrics.get('val_accuracy', float('nan')):.3f}, margin "
+                    f"{metrics.get('val_margin', float('nan')):.3f}", metrics)
 
-    def get(step: int, micro: int) -> dict[str, Any]:
-        return {**batches.get(step, micro), "margin": margins(batches.part(step, micro), cfg.margin)}
 
-    evaluate = make_evaluate(val_rows, cfg.loop.batch_size, tok.pad_id, device, info)
-    model.train()
-    print0(f"reward: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable "
-           f"parameters from {cfg.init}; {len(rows)} training pairs ({dropped} too long), {len(val_rows)} held out; "
-           f"{batches.global_batch} pairs per step, {cfg.loop.max_steps} steps on {device}"
-           + (f" x {info.world_size} ranks" if info.enabled else "")
-           + (f"; skipped {skipped} bad lines" if skipped else ""), info=info)
-
-    def save(step: int, metrics: dict, train_state: dict, final: bool) -> None:
-        save_checkpoint(out, model.body, tok, {
-            "stage": "reward", "step": step, "complete": final, "config": to_dict(cfg), "metrics": metrics,
-            "parent": cfg.init, "parent_stage": parent_stage, "chat_format": "chat", "head": "scalar",
-            "pairs": {"train": len(rows), "val": len(val_rows), "too_long": dropped, "skipped_lines": skipped},
-            "world_size": info.world_size,
-        }, train_state, heads=model.head_tensors())
-
-    metrics = train(model, cfg.loop, cfg.optim, LoopContext(device, info, out), get,
-                    lambda m, b: reward_loss(m, b, cfg.center), evaluate, save, resume_state,
-                    show=("accuracy",))
-    print0(f"reward: step {metrics.get('step')}, held-out accuracy {metrics.get('val_accuracy', float('nan')):.3f}, "
-           f"margin {metrics.get('val_margin', float('nan')):.3f} -> {out} ({time.time() - t0:.0f}s)", info=info)
-    return out
+def summary(meta: dict[str, Any]) -> str:
+    """The pipeline's one-line result of a reward model."""
+    m = meta["metrics"]
+    return f"held-out pair accuracy {m.get('val_accuracy', float('nan')):.3f}, margin {m.get('val_margin', 0):.2f}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -43,15 +43,14 @@ from cakelm.chat_format import format_of
 from cakelm.checkpoint import is_checkpoint, load_meta, load_model
 from cakelm.common import CakeError, pick_device, print0, read_json, seed_everything, write_json_atomic
 from cakelm.config import ConfigError, build_config, opt
+from cakelm.data.labels import LabelStore, export
 from cakelm.data.prefs import load_prefs, write_prefs
+from cakelm.data.prompts import PromptRow, choose_prompts
 from cakelm.engine import SamplingParams
-from cakelm.label import LabelStore, export, rule_label, sample_pairs
-from cakelm.rlhf import RLHFEval, load_scalar_model
-from cakelm.rollout import PromptRow
-from cakelm.stages import dpo as dpo_stage
-from cakelm.stages import ppo as ppo_stage
-from cakelm.stages import reward as reward_stage
-from cakelm.stages.prefs import DEFAULT_DATA, choose_prompts
+from cakelm.rlhf import RLHFEval, load_scalar_model, rule_label, sample_pairs
+from cakelm.rollout import EngineGenerator
+from cakelm.stages.prefs import DEFAULT_DATA
+from cakelm.stages.table import STAGE
 
 EVAL_SAMPLES = 4  # replies per held-out prompt for gold, proxy and KL
 PINNED = ("data", "val_prompts", "seed", "max_prompt_tokens", "max_new_tokens")  # the same in every round
@@ -165,7 +164,8 @@ def main(cfg: RoundConfig) -> Path:
             train_rows = choose_prompts(cfg.data, cfg.pairs, 1, tok, budget, cfg.seed + n)[0]
             fresh = [r for r in train_rows if json.dumps(r.messages, sort_keys=True) not in asked]
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=1.0, seed=cfg.seed + n)
-            pairs = sample_pairs(model, tok, fresh, str(policy_in), params, progress=f"rlhf-round {n}: sampling")
+            pairs = sample_pairs(EngineGenerator(model, tok), fresh, str(policy_in), params,
+                                 progress=f"rlhf-round {n}: sampling")
             store.add_pairs(pairs, round=n)
             print0(f"rlhf-round {n}: {len(store.pairs(n))} pairs from {len(fresh)} prompts "
                    f"({len(train_rows) - len(fresh)} asked in earlier rounds)")
@@ -188,16 +188,16 @@ def main(cfg: RoundConfig) -> Path:
     n_all = split_export(rdir / "judged.jsonl", rdir / "prefs_all", val_rows)
     n_round = split_export(rdir / "judged.jsonl", rdir / "prefs", val_rows, round=n)
     common = {"loop.device": cfg.device, "loop.seed": cfg.seed + n, "resume": True}
-    rm_cfg = build_config(reward_stage.RewardConfig, (f"reward preset {cfg.preset}", reward_stage.PRESETS[cfg.preset]),
+    reward, update = STAGE["reward"], STAGE[cfg.method]
+    rm_cfg = build_config(reward.config, (f"reward preset {cfg.preset}", (reward.presets or {})[cfg.preset]),
                           ("rlhf-round", {"init": str(sft_dir), "data": str(rdir / "prefs_all"),
                                           "out": str(rdir / "rm"), **common}))
-    stage, sub = (dpo_stage, dpo_stage.DPOConfig) if cfg.method == "dpo" else (ppo_stage, ppo_stage.PPOConfig)
-    pol_cfg = build_config(sub, (f"{cfg.method} preset {cfg.preset}", stage.PRESETS[cfg.preset]),
+    pol_cfg = build_config(update.config, (f"{cfg.method} preset {cfg.preset}", (update.presets or {})[cfg.preset]),
                            ("rlhf-round", {"init": str(policy_in), "data": str(rdir / "prefs"),
                                            "out": str(rdir / "policy"), "reward_model": str(rdir / "rm"), **common}))
     try:
-        rm_dir = reward_stage.main(rm_cfg)
-        policy_dir = stage.main(pol_cfg)
+        rm_dir = reward.main(rm_cfg)
+        policy_dir = update.main(pol_cfg)
     except SystemExit as e:  # Ctrl-C inside a stage saved its checkpoint: this command continues it
         raise CakeError(f"round {n} stopped ({e}); run the same `cakelm rlhf-round` command again to "
                         "continue") from None

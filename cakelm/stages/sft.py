@@ -23,23 +23,21 @@ chat tokens. `cakelm eval` measures what SFT did (task accuracy, replies that en
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from cakelm.checkpoint import load_model, load_train_state, resume_point, save_checkpoint
-from cakelm.common import CakeError, DistInfo, all_reduce_sum, init_distributed, print0
-from cakelm.config import ConfigError, nested, opt, to_dict
+from cakelm.common import CakeError, print0
+from cakelm.config import ConfigError, nested, opt
 from cakelm.data.chat import BUILTIN_CHAT, VAL_FRACTION, load_sources
-from cakelm.data.chat_batches import ChatBatches, Seq, encode_examples, fixed_batches
-from cakelm.loop import LoopConfig, LoopContext, train
-from cakelm.losses import lm_loss
+from cakelm.data.chat_batches import ChatBatches, encode_examples
+from cakelm.heldout import chat_evaluator, chat_loss
+from cakelm.loop import LoopConfig
 from cakelm.model import flops_per_token
 from cakelm.optim import OptimConfig
-from cakelm.tokenizer import Tokenizer
+from cakelm.scaffold import start
 
 DEFAULT_DATA = ["chitchat=0.1", "arithmetic=0.85", "gsm=0.05"]
 
@@ -80,58 +78,15 @@ PRESETS = {
 }
 
 
-def make_evaluate(val: dict[str, list[Seq]], tok: Tokenizer, cfg: SFTConfig, row_len: int, device: torch.device,
-                  info: DistInfo) -> Callable[[torch.nn.Module], dict[str, float]]:
-    """Validation loss per assistant token, overall and per source."""
-    batches = {name: fixed_batches(seqs, cfg.loop.batch_size, tok.pad_id, cfg.packing, row_len, info.rank,
-                                   info.world_size) for name, seqs in val.items()}
-
-    def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        # [sum nll, tokens] per source, summed over ranks
-        acc = torch.stack([heldout_loss(model, bs, device) for bs in batches.values()])
-        acc = all_reduce_sum(acc, info)
-        out = {"val_loss": (acc[:, 0].sum() / acc[:, 1].sum()).item()}
-        if len(batches) > 1:
-            out.update({f"val_loss/{name}": (acc[i, 0] / acc[i, 1]).item() for i, name in enumerate(batches)})
-        return out
-
-    return evaluate
-
-
-def heldout_loss(model: torch.nn.Module, batches: list[dict], device: torch.device) -> torch.Tensor:
-    """[summed nll, number of target tokens] over chat batches, float64 (the loss is their ratio)."""
-    acc = torch.zeros(2, dtype=torch.float64, device=device)
-    for b in batches:
-        loss_sum, n = chat_loss(model, b, device)
-        acc += torch.stack([loss_sum.double(), n.double()])
-    return acc
-
-
-def chat_loss(model: torch.nn.Module, batch: dict, device: torch.device | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed nll of the target tokens, their number) of a chat batch (packed or not)."""
-    if device is not None:
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return lm_loss(model(batch["input"], segments=batch.get("segments")), batch["target"])
-
-
 def main(cfg: SFTConfig) -> Path:
-    info, device = init_distributed(cfg.loop.device)
-    t0 = time.time()
-    out = Path(cfg.out)
-    point = resume_point(out, cfg.resume, cfg.overwrite, cfg.loop.max_steps, to_dict(cfg))
-    if point == "done":
-        print0(f"sft: {out} is already complete (raise --max-steps to go on)", info=info)
-        return out
-    if cfg.resume and point == "fresh":
-        print0(f"--resume: no checkpoint in {out} yet, starting from {cfg.init}", info=info)
-    model, tok, start_meta = load_model(out if point == "resume" else cfg.init, device)
-    resume_state = load_train_state(out) if point == "resume" else None
-    parent_stage = start_meta.get("parent_stage") if point == "resume" else start_meta.get("stage")
-    model.train()
+    run = start("sft", cfg, needs_chat=False)
+    if run is None:
+        return Path(cfg.out)
+    model, tok, info = run.model, run.tok, run.info
+    assert model is not None
     seq_len = model.cfg.max_seq_len
-    saved_sizes = {src: c["task_size"] for src, c in start_meta.get("data", {}).items() if c.get("task_size")} \
-        if point == "resume" else None
+    saved_sizes = {src: c["task_size"] for src, c in run.meta.get("data", {}).items() if c.get("task_size")} \
+        if run.resumed else None
     draws = cfg.loop.max_steps * cfg.loop.batch_size * cfg.loop.grad_accum * info.world_size
     sources, skipped = load_sources(cfg.data, draws, cfg.task_size, cfg.val_fraction, cfg.val_size, cfg.loop.seed,
                                     cfg.skip_bad_lines, task_sizes=saved_sizes)
@@ -153,25 +108,18 @@ def main(cfg: SFTConfig) -> Path:
     batches = ChatBatches(train_seqs, [c["weight"] for c in counts.values()], cfg.loop.batch_size,
                           cfg.loop.grad_accum, info.rank, info.world_size, cfg.loop.seed, cfg.packing, seq_len,
                           tok.pad_id)
-    evaluate = make_evaluate(val_seqs, tok, cfg, seq_len, device, info)
-    print0(f"sft: {model.num_params() / 1e6:.2f}M parameters from {cfg.init}, {batches.global_batch} conversations "
-           f"per step, {cfg.loop.max_steps} steps on {device}" + (f" x {info.world_size} ranks" if info.enabled
-                                                                  else "")
-           + (f"; resuming from step {resume_state['step']}" if resume_state else ""), info=info)
+    evaluate = chat_evaluator(val_seqs, tok.pad_id, cfg.loop.batch_size, cfg.packing, seq_len, run.device, info)
+    run.announce(f"{batches.global_batch} conversations per step")
 
     def loss_fn(m: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         return chat_loss(m, batch)[0], {}
 
-    def save(step: int, metrics: dict, train_state: dict, final: bool) -> None:
-        save_checkpoint(out, model, tok, {
-            "stage": "sft", "step": step, "complete": final, "config": to_dict(cfg), "metrics": metrics,
-            "parent": cfg.init, "parent_stage": parent_stage, "chat_format": "chat", "data": counts,
-            "skipped_lines": skipped, "tokens": train_state["tokens_seen"], "world_size": info.world_size,
-            "num_params": model.num_params(),
-        }, train_state)
+    metrics = run.train(model, batches, loss_fn, evaluate, meta={"data": counts, "skipped_lines": skipped},
+                        flops_per_token=flops_per_token(model.cfg, seq_len))
+    return run.done(f"train loss {metrics.get('loss', float('nan')):.3f}, val loss "
+                    f"{metrics.get('val_loss', float('nan')):.3f}", metrics)
 
-    metrics = train(model, cfg.loop, cfg.optim, LoopContext(device, info, out), batches.get, loss_fn, evaluate,
-                    save, resume_state, flops_per_token(model.cfg, seq_len))
-    print0(f"sft: step {metrics.get('step')}, train loss {metrics.get('loss', float('nan')):.3f}, val loss "
-           f"{metrics.get('val_loss', float('nan')):.3f} -> {out} ({time.time() - t0:.0f}s)", info=info)
-    return out
+
+def summary(meta: dict[str, Any]) -> str:
+    """The pipeline's one-line result of an SFT checkpoint."""
+    return f"val loss {meta['metrics'].get('val_loss', float('nan')):.3f} (assistant tokens)"

@@ -14,6 +14,7 @@ import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cakelm.common import print0, write_json_atomic
 from cakelm.config import ConfigError, opt, to_dict
@@ -38,6 +39,10 @@ class TokenizerConfig:
             raise ConfigError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.vocab_size > 2**31 - 1 or self.train_bytes < 0:
             raise ConfigError("vocab-size or train-bytes out of range")
+
+
+# Vocabulary sizes by the pipeline's presets (a larger model, on more text, affords more tokens).
+PRESETS = {"cpu": {}, "micro": {"vocab_size": 512}, "10m": {"vocab_size": 4096}, "gpu": {"vocab_size": 32768}}
 
 
 def _texts_up_to(docs: list[Doc], limit: int):
@@ -82,3 +87,8 @@ def main(cfg: TokenizerConfig) -> Path:
     if sample:
         print0(f"  e.g. {sample!r} -> {len(tok.encode(sample))} tokens")
     return out
+
+
+def summary(meta: dict[str, Any]) -> str:
+    """The pipeline's one-line result of a tokenizer directory."""
+    return f"vocab {meta['vocab_size']}, {meta['val']['bytes_per_token']:.2f} bytes/token"
