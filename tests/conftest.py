@@ -61,14 +61,31 @@ def tiny_model_config(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-def tiny_checkpoint(out: Path, tok_dir: Path, stage: str, chat_format: str, **model_kw) -> Path:
+def tiny_checkpoint(out: Path, tok_dir: Path, stage: str, chat_format: str, end_scale: float = 1.0,
+                    **model_kw) -> Path:
     """A random-init tiny model saved as a complete checkpoint of `stage` speaking `chat_format` (a stand-in for
-    a pretrained or fine-tuned model in stage tests)."""
+    a pretrained or fine-tuned model in stage tests). end_scale > 1 scales the output row of <|end|>, so the
+    model ends its turn often (a random model almost never does)."""
     from cakelm.checkpoint import save_checkpoint
     from cakelm.model import Transformer
     from cakelm.tokenizer import Tokenizer
 
     torch.manual_seed(0)
     model = Transformer(tiny_model_config(**model_kw))
-    return save_checkpoint(out, model, Tokenizer.load(tok_dir), {"stage": stage, "step": 0, "complete": True,
-                                                                  "chat_format": chat_format})
+    tok = Tokenizer.load(tok_dir)
+    with torch.no_grad():
+        model.lm_head.weight[tok.end_id] *= end_scale
+    return save_checkpoint(out, model, tok, {"stage": stage, "step": 0, "complete": True, "chat_format": chat_format})
+
+
+def tiny_reward_model(out: Path, chat: Path, seed: int = 1) -> Path:
+    """A reward model checkpoint made from a chat checkpoint and a random scalar head (untrained: a stand-in
+    whose scores vary with the reply, for stages that read a reward model)."""
+    from cakelm.checkpoint import load_model, save_checkpoint
+    from cakelm.rlhf import ScalarModel
+
+    body, tok, _ = load_model(chat)
+    torch.manual_seed(seed)
+    rm = ScalarModel(body, head_std=1.0)
+    return save_checkpoint(out, body, tok, {"stage": "reward", "step": 0, "complete": True, "chat_format": "chat"},
+                           heads=rm.head_tensors())

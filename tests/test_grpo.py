@@ -21,11 +21,11 @@ from cakelm.checkpoint import load_meta
 from cakelm.common import CakeError
 from cakelm.config import build_config
 from cakelm.data.chat import Example
+from cakelm.data.prompts import prompts_of
 from cakelm.engine import SamplingParams
 from cakelm.losses import aggregate, clipped_policy_loss
 from cakelm.model import Transformer
 from cakelm.rewards import load_reward
-from cakelm.data.prompts import prompts_of
 from cakelm.rl import RolloutBatches, score_rollouts
 from cakelm.rollout import EngineGenerator, Rollout, completion_logprobs, to_batch
 from cakelm.stages import grpo
@@ -186,6 +186,9 @@ def test_resume_inside_a_rollout_window_is_exact(chat_model, prompts, tmp_path, 
     resumed = run_grpo(chat_model, [prompts], tmp_path / "cut", resume=True, **kw)
     a, b = rows(straight), rows(resumed)
     assert [x["loss"] for x in a] == [x["loss"] for x in b] and [x["reward"] for x in a] == [x["reward"] for x in b]
+    from cakelm.checkpoint import load_model
+    wa, wb = load_model(straight)[0].state_dict(), load_model(resumed)[0].state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bit for bit
     assert a[3]["rollout_s"] == 0.0 and a[2]["rollout_s"] > 0  # step 3 trained on step 2's rollouts
     assert a[3]["clip_frac"] >= 0 and a[2]["ratio"] == pytest.approx(1.0, abs=1e-4)
 
@@ -238,23 +241,15 @@ def test_base_model_is_refused(tok_dir, prompts, tmp_path, capsys) -> None:
         run_grpo(chat, [long], tmp_path / "o2")
 
 
-def test_ddp_two_processes(chat_model, prompts, tmp_path) -> None:
+def test_ranks_must_split_the_prompts(chat_model, prompts, tmp_path) -> None:
+    # (the 2-process run equal to 1 process: tests/test_rl.py)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = {**TINY, "loop.max_steps": 2, "loop.eval_every": 2, "scale_rewards": "batch"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "cakelm", "grpo", "--init", str(chat_model), "--data", prompts, "--out", str(tmp_path / "ddp"),
-           *_flags(common), "--rewards", "format", "--device", "cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "x 2 ranks" in proc.stdout
-    meta = load_meta(tmp_path / "ddp")
-    assert meta["world_size"] == 2 and meta["step"] == 2
-    r = rows(tmp_path / "ddp")
-    assert 0 <= r[-1]["reward"] <= 1 and 0 <= r[-1]["val_end_of_turn"] <= 1
-    odd = subprocess.run([*cmd[:cmd.index("--init")], "--init", str(chat_model), "--data", prompts, "--out",
-                          str(tmp_path / "odd"), *_flags({**common, "prompts_per_step": 3}), "--device", "cpu"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    odd = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), "-m", "cakelm", "grpo", "--init", str(chat_model), "--data", prompts,
+                          "--out", str(tmp_path / "odd"), *_flags({**TINY, "prompts_per_step": 3}), "--device",
+                          "cpu"], capture_output=True, text=True, env=env, timeout=300)
     assert odd.returncode != 0 and "must be a multiple of the 2 ranks" in odd.stderr
+    assert not (tmp_path / "odd" / "model.safetensors").exists()
 
 
 def test_mask_truncated_leaves_cut_replies_out(chat_model, prompts, tmp_path) -> None:

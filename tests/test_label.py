@@ -20,11 +20,11 @@ from fastapi.testclient import TestClient
 
 from cakelm.__main__ import main as cli
 from cakelm.common import CakeError
-from cakelm.data.prefs import read_prefs
 from cakelm.data.labels import CHOICES, LabelError, LabelStore, export
+from cakelm.data.prefs import read_prefs
 from cakelm.label import create_label_app
-from cakelm.rlhf import rule_label
 from cakelm.rewards import rater
+from cakelm.rlhf import rule_label
 from tests.conftest import tiny_checkpoint
 from tests.serving import free_port, running
 from tests.test_sft import write_jsonl

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cakelm.data.prefs import read_prefs
 from cakelm.data.labels import LabelStore, export
+from cakelm.data.prefs import read_prefs
 from cakelm.label import create_label_app
 from tests.serving import CHROMIUM, launch_chromium, running
 

@@ -275,6 +275,10 @@ def test_ppo_resume_inside_a_phase_is_exact(chat_model, reward_model, pairs, tmp
     a, b = rows_of(straight), rows_of(resumed)
     assert [x["loss"] for x in a] == [x["loss"] for x in b]
     assert [x["kl_coef"] for x in a] == [x["kl_coef"] for x in b]
+    # the weights of the policy and the value model, bit for bit
+    for f in ("model.safetensors", "heads.safetensors"):
+        wa, wb = load_file(str(straight / f)), load_file(str(resumed / f))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f
 
 
 def test_ppo_needs_a_reward_model(chat_model, pairs, tmp_path, capsys) -> None:
@@ -315,17 +319,36 @@ def test_prefs_refuses_a_base_model(tok_dir, tmp_path, capsys) -> None:
     assert "--samples must be >= 2" in capsys.readouterr().err
 
 
-def test_dpo_and_ppo_under_torchrun_two_processes(chat_model, reward_model, pairs, tmp_path) -> None:
+@pytest.mark.parametrize("stage", ["dpo", "ppo"])
+def test_two_processes_equal_one(stage, chat_model, reward_model, pairs, tmp_path) -> None:
+    """`torchrun --nproc_per_node 2 -m cakelm dpo|ppo` equals one process on the same global batch: the same
+    loss, gradient norm and held-out numbers at every step, the same weights (AdamW with a large epsilon keeps
+    updates proportional to gradients, as in test_ddp.py)."""
+    common = {**QUIET, "init": str(chat_model), "data": str(pairs), "reward_model": str(reward_model),
+              "loop.max_steps": 2, "loop.eval_every": 2, "val_size": 4, "max_new_tokens": 8, "optim.eps": 1e-3,
+              "optim.lr": 1e-3}
+    if stage == "dpo":  # 8 pairs per step: 4 x 2 accumulation steps, or 4 on each of 2 ranks
+        single_kw, ddp_kw = {"loop.batch_size": 4, "loop.grad_accum": 2}, {"loop.batch_size": 4}
+    else:  # 8 replies per phase, two epochs of one minibatch: 8 rows, or 4 on each rank
+        single_kw = ddp_kw = {"prompts_per_step": 8, "num_minibatches": 1, "epochs": 2}
+    module = {"dpo": dpo, "ppo": ppo}[stage]
+    cls = {"dpo": dpo.DPOConfig, "ppo": ppo.PPOConfig}[stage]
+    single = module.main(build_config(cls, ("test", {**common, **single_kw, "out": str(tmp_path / "single")})))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-    common = {**QUIET, "loop.max_steps": 2, "loop.eval_every": 2, "val_size": 4, "max_new_tokens": 8}
-    for stage, extra in (("dpo", {"loop.batch_size": 4}), ("ppo", {"prompts_per_step": 8})):
-        proc = subprocess.run([*launch, str(free_port()), "-m", "cakelm", stage, "--init", str(chat_model), "--data",
-                               str(pairs), "--reward-model", str(reward_model), "--out", str(tmp_path / stage),
-                               *_flags({**common, **extra}), "--device", "cpu"],
-                              capture_output=True, text=True, env=env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "x 2 ranks" in proc.stdout
-        meta = load_meta(tmp_path / stage)
-        assert meta["world_size"] == 2 and meta["step"] == 2 and meta["complete"]
-        assert math.isfinite(rows_of(tmp_path / stage)[-1]["val_gold"])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "-m", "cakelm", stage, *_flags({**common, **ddp_kw}), "--out",
+                           str(tmp_path / "ddp"), "--device", "cpu"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 2 ranks" in proc.stdout
+    meta = load_meta(tmp_path / "ddp")
+    assert meta["world_size"] == 2 and meta["step"] == 2 and meta["complete"]
+    a, b = rows_of(single), rows_of(tmp_path / "ddp")
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        for k in ("loss", "grad_norm", "val_gold", "val_kl", "val_loss", "proxy"):
+            if k in x:
+                assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (k, a, b)
+    wa, wb = load_file(str(single / "model.safetensors")), load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cakelm.__main__ import main as cli
 from cakelm.checkpoint import load_meta, load_model
@@ -98,6 +99,8 @@ def test_resume_continues_exactly(base, toy, tmp_path, monkeypatch) -> None:
     assert load_meta(tmp_path / "cut")["step"] == 3
     resumed = run_sft(base, data, tmp_path / "cut", resume=True, **kw)
     assert losses(straight) == losses(resumed)  # bit for bit
+    wa, wb = load_model(straight)[0].state_dict(), load_model(resumed)[0].state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # and so are the weights
     # with generated tasks sized from the run (--task-size 0), going on past the end keeps the same problems
     auto = {**kw, "task_size": 0, "loop.max_steps": 2}
     run_sft(base, ["arithmetic"], tmp_path / "auto", **auto)
