@@ -10,8 +10,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from cakelm.checkpoint import load_meta
-from cakelm.config import build_config
+from cakelm.config import ConfigError, build_config
 from cakelm.report import SECTIONS
 from cakelm.stages import pipeline
 from tests.serving import CHROMIUM, free_port
@@ -71,11 +73,25 @@ def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
     assert "(base -> sft -> dpo -> ppo -> grpo)" in again["stages"][-3]["result"]
     table = capsys.readouterr().out
     assert "pretrain   skipped" in table and "total" in table
+    assert not (out / "rloo").exists()  # optional: not in a plain run
+
+    # an optional stage on the finished run; the next plain run adds it to the evaluation and the report
+    run(corpus, tmp_path / "run", only="rloo")
+    assert load_meta(out / "rloo")["complete"] and load_meta(out / "rloo")["parent"] == str(out / "sft")
+    run(corpus, tmp_path / "run")
+    fourth = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert [(s["stage"], s["status"]) for s in fourth if s["status"] == "ran"] == [
+        ("sample", "ran"), ("eval", "ran"), ("report", "ran")]
+    assert "(base -> sft -> dpo -> ppo -> grpo -> rloo)" in fourth[-3]["result"]
+    rloo_eval = json.loads((out / "eval.json").read_text())["models"]["rloo"]
+    assert math.isfinite(rloo_eval["rlhf"]["gold"]) and 0 <= rloo_eval["tasks"]["arithmetic"]["accuracy"] <= 1
+    assert re.search(r"<tr><td>rloo</td>", (out / "report.html").read_text())
 
     step_before = load_meta(out / "base")["step"]
     run(corpus, tmp_path / "run", from_stage="pretrain")  # redo pretraining only
     third = json.loads((out / "pipeline.json").read_text())
     assert [s["status"] for s in third["stages"]] == ["skipped", "skipped"] + ["ran"] * 11
+    assert "rloo" not in [s["stage"] for s in third["stages"]]  # optional stages run only when asked for
     assert load_meta(out / "base")["step"] == step_before
 
     run(corpus, tmp_path / "run", only="tokenizer")  # --only: just that stage, redone
@@ -105,6 +121,15 @@ def test_pipeline_under_torchrun_two_processes(corpus, tmp_path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     stages = json.loads((out / "pipeline.json").read_text())["stages"]
     assert [s["status"] for s in stages] == ["skipped"] * 3 + ["ran"] + ["skipped"] * 8 + ["ran"]
+
+
+def test_with_adds_optional_stages_in_their_place() -> None:
+    cfg = build_config(pipeline.PipelineConfig, ("test", {"with_stages": ["rloo"]}))
+    plan = pipeline._plan(cfg)
+    assert plan.index("grpo") < plan.index("rloo") < plan.index("eval") and plan[-1] == "report"
+    assert "rloo" not in pipeline._plan(build_config(pipeline.PipelineConfig, ("test", {})))
+    with pytest.raises(ConfigError, match="--with: sft is not an optional stage"):
+        build_config(pipeline.PipelineConfig, ("test", {"with_stages": ["sft"]}))
 
 
 def test_every_preset_builds_and_gpu8_takes_half_a_million_tokens_per_step(tmp_path) -> None:

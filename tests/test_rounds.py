@@ -21,8 +21,10 @@ from tests.conftest import tiny_checkpoint
 
 
 def round_cfg(run, **kw) -> rounds.RoundConfig:
+    # 100 pairs: about a third become preferences (the rest ties or both bad), enough for a held-out side in
+    # every round (with 40, round 2 had ~9, one held out, and passed or failed by the draw)
     return build_config(rounds.RoundConfig, ("test", {
-        "run": str(run), "preset": "micro", "data": ["arithmetic"], "pairs": 40, "val_prompts": 8,
+        "run": str(run), "preset": "micro", "data": ["arithmetic"], "pairs": 100, "val_prompts": 8,
         "max_new_tokens": 24, "min_gap": 0.05, "device": "cpu", **kw}))
 
 

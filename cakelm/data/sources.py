@@ -109,10 +109,10 @@ def _decode(raw: bytes, where: str) -> str:
     return text.replace("\r\n", "\n")
 
 
-def _txt_docs(path: Path) -> Iterator[Doc]:
+def _txt_docs(path: Path, name: str) -> Iterator[Doc]:
     text = _decode(path.read_bytes(), str(path))
     if text.strip():
-        yield Doc(path.as_posix(), text)
+        yield Doc(name, text)
 
 
 def jsonl_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
@@ -141,7 +141,7 @@ def _jsonl_docs(path: Path) -> Iterator[Doc]:
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise CakeError(f'{where}: expected an object with a string "text" field')
         if obj["text"].strip():
-            yield Doc(f"{path.as_posix()}:{where.rpartition(':')[2]}", obj["text"])
+            yield Doc(f"{path.name}:{where.rpartition(':')[2]}", obj["text"])
 
 
 ARITHMETIC_LINES, ARITHMETIC_DOCS = 60_000, 60
@@ -155,7 +155,9 @@ def arithmetic_docs() -> list[Doc]:
 
 
 def read_source(source: str) -> list[Doc]:
-    """All documents of one source, in a deterministic order. Raises CakeError naming the source on bad input."""
+    """All documents of one source, in a deterministic order. Raises CakeError naming the source on bad input.
+    A local document is named relative to the source (a folder's name and the path inside it, a file's name, with
+    ":LINE" for JSONL): the validation split, which hashes the names, does not depend on where the data lives."""
     if source in BUILTIN:
         docs = list(_package_docs(source))
     elif source == "arithmetic":
@@ -169,11 +171,11 @@ def read_source(source: str) -> list[Doc]:
             files = sorted(f for f in p.rglob("*.txt") if f.is_file())
             if not files:
                 raise CakeError(f"--data {source}: folder has no .txt files")
-            docs = [d for f in files for d in _txt_docs(f)]
+            docs = [d for f in files for d in _txt_docs(f, (p.name / f.relative_to(p)).as_posix())]
         elif p.suffix == ".jsonl":
             docs = list(_jsonl_docs(p))
         elif p.suffix == ".txt":
-            docs = list(_txt_docs(p))
+            docs = list(_txt_docs(p, p.name))
         else:
             raise CakeError(f"--data {source}: unsupported file type '{p.suffix}' (use .txt, .jsonl or a folder)")
     if not docs:

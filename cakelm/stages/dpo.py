@@ -128,10 +128,11 @@ def dpo_batch_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: DPOConfig
     return total.sum(), {k: torch.stack([v, n]) for k, v in metrics.items()}
 
 
-def make_evaluate(val: list[EncodedPair], judge: RLHFEval | None, cfg: DPOConfig, pad_id: int,
-                  device: torch.device, info: DistInfo) -> Callable[[torch.nn.Module], dict[str, float]]:
-    """Held-out pair metrics (all ranks share the pairs), then gold/proxy/KL on held-out prompts (rank 0's
-    numbers are everyone's: sampling is seeded)."""
+def make_evaluate(val: list[EncodedPair], judge: Callable[[torch.nn.Module], dict[str, float]] | None,
+                  cfg: DPOConfig, pad_id: int, device: torch.device, info: DistInfo
+                  ) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """Held-out pair metrics (all ranks share the pairs), then `judge`'s gold/proxy/KL on held-out prompts (rank
+    0's numbers are everyone's: sampling is seeded)."""
     mine = val[info.rank::info.world_size]
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
@@ -172,7 +173,7 @@ def main(cfg: DPOConfig) -> Path:
     judge = RLHFEval(held, tok, rm, ref, cfg.max_new_tokens, cfg.loop.seed, cfg.val_samples)
     batches = PairBatches(rows, cfg.loop.batch_size, cfg.loop.grad_accum, info.rank, info.world_size,
                           cfg.loop.seed, tok.pad_id, extra=ref_of)
-    evaluate = make_evaluate(val_rows, judge, cfg, tok.pad_id, run.device, info)
+    evaluate = make_evaluate(val_rows, lambda m: judge(m, run.generator(m)), cfg, tok.pad_id, run.device, info)
     run.announce(f"beta {cfg.beta}, {cfg.loss_type} loss; {len(rows)} training pairs ({dropped} too long), "
                  f"{len(val_rows)} held out; {batches.global_batch} pairs per step"
                  + (f"; skipped {skipped} bad lines" if skipped else ""))

@@ -213,7 +213,7 @@ def main(cfg: PPOConfig) -> Path:
     judge = RLHFEval(val_rows, tok, rm, ref, cfg.max_new_tokens, cfg.loop.seed, cfg.val_samples)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        return {f"val_{k}": v for k, v in judge(m.policy).items()}
+        return {f"val_{k}": v for k, v in judge(m.policy, run.generator(m.policy, cfg.rollout_batch)).items()}
 
     run.announce(f"+ {value.body.num_params() / 1e6:.2f}M value parameters from {cfg.reward_model}; {len(prompts)} "
                  f"prompts, {cfg.prompts_per_step} replies per phase, {cfg.epochs} epochs x {cfg.num_minibatches} "

@@ -161,7 +161,8 @@ def main(cfg: RLOOConfig) -> Path:
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         out = reward_eval(m)
         if judge is not None:  # every rank measures the same seeded samples
-            out.update({f"val_{k}": v for k, v in judge(m).items() if k in ("gold", "proxy", "kl")})
+            out.update({f"val_{k}": v for k, v in judge(m, run.generator(m, cfg.rollout_batch)).items()
+                        if k in ("gold", "proxy", "kl")})
         return out
 
     run.announce(f"{cfg.prompts_per_step} prompts x {G} completions per phase, {cfg.epochs} epoch(s) x "
