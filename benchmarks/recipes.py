@@ -1,16 +1,17 @@
 """Training recipes at equal budget: wall time, held-out arithmetic accuracy and end-of-turn rate of `cakelm sft`,
-`cakelm grpo` or `cakelm dpo` variants trained from the same checkpoint (how the `cpu` defaults in the README were
-chosen).
+`cakelm grpo`, `cakelm dpo` or `cakelm rloo` variants trained from the same checkpoint (how the `cpu` defaults in
+the README were chosen).
 
     python benchmarks/recipes.py sft --init runs/default/base                  # every SFT variant, ~3 min each
     python benchmarks/recipes.py sft --init runs/default/base --variants default cosine
     python benchmarks/recipes.py grpo --init runs/default/sft --limit 800      # GRPO variants, ~3 min each
     python benchmarks/recipes.py grpo --init runs/default/sft --max-steps 5    # a quick smoke run
     python benchmarks/recipes.py dpo --init runs/default/sft                   # DPO variants, ~1.5 min each
+    python benchmarks/recipes.py rloo --init runs/default/sft                  # RLOO variants, ~1.5 min each
 
-For dpo, every row (and a first row for --init itself) also has the rater's gold reward, the reward model's score
-and the KL to --init on the held-out prompts of runs/default/prefs (4 replies each, sampled with seed 0), scored
-by runs/default/rm: the stage's own --data and --reward-model defaults.
+For dpo and rloo, every row (and a first row for --init itself) also has the rater's gold reward, the reward
+model's score and the KL to --init on the held-out prompts of runs/default/prefs (4 replies each, sampled with
+seed 0), scored by runs/default/rm (the pipeline's preference data and reward model).
 
 Each variant is a set of the stage's options on top of its defaults. Time is the whole stage, data preparation
 included; accuracy comes from `cakelm eval` (greedy) on --limit held-out arithmetic problems (200 problems leave
@@ -30,7 +31,7 @@ from cakelm.common import peak_memory_mb
 from cakelm.config import build_config
 from cakelm.data.prefs import load_prefs
 from cakelm.rlhf import RLHFEval, heldout_rows, load_scalar_model
-from cakelm.stages import dpo, grpo, sft
+from cakelm.stages import dpo, grpo, rloo, sft
 from cakelm.stages import eval as eval_stage
 
 VARIANTS: dict[str, dict[str, dict]] = {
@@ -46,7 +47,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "lr3e-4": {"optim.lr": 3e-4, "loop.max_steps": 60},
         "t0.7": {"temperature": 0.7},
         "dr-grpo": {"scale_rewards": "none", "aggregation": "constant"},
-        "beta0.04": {"beta": 0.04, "optim.lr": 3e-4, "loop.max_steps": 60},
+        "kl0.04": {"kl_coef": 0.04, "optim.lr": 3e-4, "loop.max_steps": 60},
         "equations": {"rewards": ["exact_match", "equations=0.5"]},
         "32x8": {"prompts_per_step": 32, "loop.max_steps": 40},
     },
@@ -58,15 +59,27 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "steps20": {"rpo_alpha": 0.0, "loop.max_steps": 20, "loop.eval_every": 0},
         "rpo-lr5e-5": {"optim.lr": 5e-5, "loop.eval_every": 0},
     },
+    "rloo": {  # evaluations during training off, as for dpo
+        "default": {"loop.eval_every": 0},  # arithmetic + chitchat, exact match + reward model, G 4, KL 0.05
+        "arith-em": {"data": ["arithmetic"], "rewards": ["exact_match"], "reward_model": "", "loop.eval_every": 0},
+        "arith": {"data": ["arithmetic"], "loop.eval_every": 0},
+        "rm-only": {"rewards": ["reward_model"], "loop.eval_every": 0},
+        "g8": {"group_size": 8, "prompts_per_step": 8, "loop.eval_every": 0},
+        "kl0": {"kl_coef": 0.0, "loop.eval_every": 0},
+        "lr3e-5": {"optim.lr": 3e-5, "loop.eval_every": 0},
+        "steps120": {"loop.max_steps": 120, "loop.eval_every": 0},
+    },
 }
-STAGES = {"sft": (sft.SFTConfig, sft.main), "grpo": (grpo.GRPOConfig, grpo.main), "dpo": (dpo.DPOConfig, dpo.main)}
+STAGES = {"sft": (sft.SFTConfig, sft.main), "grpo": (grpo.GRPOConfig, grpo.main), "dpo": (dpo.DPOConfig, dpo.main),
+          "rloo": (rloo.RLOOConfig, rloo.main)}
 
 
-def preference_judge(cfg: dpo.DPOConfig) -> RLHFEval:
-    """Gold, proxy and KL to --init on the held-out prompts of the DPO config's preference data."""
-    ref, tok, _ = load_model(cfg.init)
-    rows = heldout_rows(cfg.data, load_prefs(cfg.data)[1], tok, ref.cfg.max_seq_len - cfg.max_new_tokens)
-    return RLHFEval(rows, tok, load_scalar_model(cfg.reward_model)[0], ref.eval(), cfg.max_new_tokens, seed=0, n=4)
+def preference_judge(init: str, prefs: str = "runs/default/prefs", rm: str = "runs/default/rm",
+                     max_new_tokens: int = 64) -> RLHFEval:
+    """Gold, proxy and KL to --init on the held-out prompts of the pipeline's preference data."""
+    ref, tok, _ = load_model(init)
+    rows = heldout_rows(prefs, load_prefs(prefs)[1], tok, ref.cfg.max_seq_len - max_new_tokens)
+    return RLHFEval(rows, tok, load_scalar_model(rm)[0], ref.eval(), max_new_tokens, seed=0, n=4)
 
 
 def main() -> None:
@@ -84,7 +97,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown {args.stage} variants {unknown}; choose from {list(table)}")
     cls, run = STAGES[args.stage]
-    judge = preference_judge(build_config(cls, ("benchmark", {"init": args.init}))) if args.stage == "dpo" else None
+    judge = preference_judge(args.init) if args.stage in ("dpo", "rloo") else None
 
     def measure(ckpt: str) -> tuple[float, float, dict[str, float]]:
         ev = build_config(eval_stage.EvalConfig, ("benchmark", {"ckpt": ckpt, "tasks": ["arithmetic"],

@@ -32,12 +32,13 @@ import torch
 
 from cakelm.common import CakeError, DistInfo, all_reduce_sum, seed_of
 from cakelm.data.chat_batches import Mixture
-from cakelm.data.prompts import PromptRow
+from cakelm.data.prompts import PromptRow, PromptSources, rl_prompts
 from cakelm.engine import SamplingParams
 from cakelm.model import Transformer
 from cakelm.rewards import WeightedReward, exact_match, load_reward, score
 from cakelm.rlhf import ScalarModel, gold_scores, score_rollouts_rm
 from cakelm.rollout import Generator, Rollout, frozen_logprobs, to_batch
+from cakelm.tokenizer import Tokenizer
 
 REWARD_MODEL = "reward_model"  # the name of the reward model's score in --rewards
 
@@ -86,6 +87,22 @@ def check_options(cfg: Any) -> None:
         raise ConfigError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
     if hasattr(cfg, "rewards") and not cfg.rewards:
         raise ConfigError("--rewards needs at least one entry")
+    if isinstance(getattr(cfg, "data", None), list) and not cfg.data:
+        raise ConfigError("--data needs at least one source")
+
+
+# The optimizer of the RL stages by default (AdamW 1e-4, constant after a short warm-up, no weight decay): larger
+# steps made the pipeline's small models worse (the README's GRPO and PPO sections).
+OPTIM = {"name": "adamw", "lr": 1e-4, "warmup_steps": 5, "schedule": "constant", "weight_decay": 0.0}
+
+
+def summary(meta: dict[str, Any]) -> str:
+    """The pipeline's one-line result of a GRPO or RLOO checkpoint (and the last line of their runs)."""
+    m, nan = meta["metrics"], math.nan
+    return (f"reward {m.get('reward', nan):.3f}, held-out accuracy {m.get('val_accuracy', nan):.3f} (greedy), "
+            f"ends turn {m.get('val_end_of_turn', nan):.3f}" + (f", gold {m['val_gold']:.3f}, KL {m['val_kl']:.2f}"
+                                                                 if "val_gold" in m and "val_kl" in m else "")
+            + f", {m.get('rollout_tok_s', 0):,.0f} sampled tok/s")
 
 
 def gather_rows(local: torch.Tensor, info: DistInfo, device: torch.device) -> torch.Tensor:
@@ -182,6 +199,22 @@ def score_rollouts(rewards: list[WeightedReward], rows: Sequence[PromptRow], rol
 
 # ----------------------------------------------------------------------------------------------------------------
 # One rollout phase
+
+
+def group_prompts(cfg: Any, info: DistInfo, tok: Tokenizer, budget: int, meta: dict[str, Any] | None
+                  ) -> PromptSources:
+    """The prompts of a group RL stage (grpo, rloo): --data's prompts of at most `budget` tokens, with enough
+    generated task problems for the run (those of `meta`, the resumed checkpoint's meta.json, when given), and its
+    held-out prompts. Each rank rolls out whole groups, so --prompts-per-step must split evenly over the ranks."""
+    from cakelm.config import ConfigError
+
+    if cfg.prompts_per_step % info.world_size:
+        raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the {info.world_size} "
+                          "ranks (each rank rolls out whole groups)")
+    saved = {s: c["task_size"] for s, c in meta.get("data", {}).items() if c.get("task_size")} if meta else None
+    phases = math.ceil(cfg.loop.max_steps / (cfg.epochs * cfg.num_minibatches))
+    return rl_prompts(cfg.data, phases * cfg.prompts_per_step, cfg.task_size, cfg.val_fraction, cfg.val_size,
+                      cfg.loop.seed, cfg.skip_bad_lines, tok, budget, saved)
 
 
 def phase_rows(prompts: Sequence[Sequence[PromptRow]], mixture: Mixture, phase: int, per_phase: int,

@@ -18,7 +18,10 @@ data and loss, written once so it behaves the same everywhere.
 3. the weights: the checkpoint in --out when resuming, else --init (none: pretraining from scratch), with its
    tokenizer and meta.json; a stage that improves a chat model refuses a base model (`needs_chat`); a stage
    that reads data encoded with a tokenizer (`tok=`) refuses a model with another one;
-4. the saved train state (optimizer, RNG, the batch provider's state) when resuming.
+4. the saved train state (optimizer, RNG, the batch provider's state) when resuming;
+5. the random state seeded with --seed, so what a stage initialises at random (a fresh model, a reward model's
+   head) does not depend on what ran before it in the process (`cakelm pipeline --from reward` makes the reward
+   model a full run makes).
 
 `Run` then gives the stage the frozen reference (`reference`), a frozen reward model (`reward_model`, tokenizer
 checked), the rollout generator over the policy (`generator`), the start-up line (`announce`), the training run
@@ -39,7 +42,7 @@ import torch.nn as nn
 
 from cakelm.chat_format import format_of
 from cakelm.checkpoint import load_heads, load_model, load_train_state, resume_point, save_checkpoint
-from cakelm.common import CakeError, DistInfo, init_distributed, print0
+from cakelm.common import CakeError, DistInfo, init_distributed, print0, seed_everything
 from cakelm.config import to_dict
 from cakelm.loop import BatchSource, LoopConfig, LoopContext, train
 from cakelm.model import Transformer
@@ -127,7 +130,8 @@ class Run:
         assert self.model is not None
         cfg, info = self.cfg, self.info
         source = f"from {self.init}" if self.init else "from a random init"
-        print0(f"{self.stage}: {(params or self.model.num_params()) / 1e6:.2f}M parameters {source}; {what}; "
+        print0(f"{self.stage}: {(params or self.model.num_params()) / 1e6:.2f}M {'trainable ' if params else ''}"
+               f"parameters {source}; {what}; "
                f"{cfg.loop.max_steps} steps on {self.device}" + (f" x {info.world_size} ranks" if info.enabled else "")
                + (f"; resuming from step {self.resume_state['step']}" if self.resume_state else ""), info=info)
 
@@ -168,6 +172,7 @@ def start(stage: str, cfg: Any, needs_chat: bool = True, fmt: str = "chat", tok:
     a chat model, so --init must be one. `fmt`: the chat format the trained model speaks. `tok`: the tokenizer
     the stage's data was encoded with, which the model must share (and the one a model from scratch gets)."""
     info, device = init_distributed(cfg.loop.device)
+    seed_everything(cfg.loop.seed)
     out = Path(cfg.out)
     init = getattr(cfg, "init", None)
     point = resume_point(out, cfg.resume, cfg.overwrite, cfg.loop.max_steps, to_dict(cfg))

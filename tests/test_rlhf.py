@@ -20,7 +20,7 @@ from cakelm.checkpoint import load_heads, load_meta, load_model
 from cakelm.common import CakeError
 from cakelm.config import build_config
 from cakelm.data.prefs import encode_pairs, load_prefs, pad_pairs, read_prefs
-from cakelm.rlhf import ScalarModel, last_scores, load_scalar_model, sequence_logprobs
+from cakelm.rlhf import RLHFEval, ScalarModel, heldout_rows, last_scores, load_scalar_model, sequence_logprobs
 from cakelm.stages import dpo, ppo, prefs, reward
 from cakelm.stages.dpo import reference_logprobs
 from tests.conftest import tiny_checkpoint
@@ -246,9 +246,14 @@ def test_ppo_raises_the_reward_model_score(chat_model, reward_model, pairs, tmp_
     r = rows_of(out)
     assert all(k in r[0] for k in ("proxy", "gold", "kl", "kl_coef", "value_loss", "clip_frac", "ratio", "entropy"))
     assert r[0]["ratio"] == pytest.approx(1.0, abs=1e-4) and r[0]["kl"] == pytest.approx(0.0, abs=1e-4)
-    proxies = [x["proxy"] for x in r[::4]]  # once per rollout phase (4 steps each)
-    # 8 phases of 32 fresh replies each (phase means vary by ~0.05): the last three beat the first three
-    assert sum(proxies[-3:]) / 3 > sum(proxies[:3]) / 3 + 0.1, proxies
+    # the reward model's score of replies to the held-out prompts (the same prompts and sampling seeds for both
+    # models; 8 prompts x 4 replies): PPO raises it (+0.59 to +0.61 with --seed 1337, 1 and 2; the training
+    # rollouts' own proxy is noisier, each phase samples 32 fresh replies)
+    model, tok, _ = load_model(chat_model)
+    held = heldout_rows(pairs, load_prefs(pairs)[1], tok, 64 - 12)[:8]
+    judge = RLHFEval(held, tok, load_scalar_model(reward_model)[0], model, 12, seed=1337, n=4)
+    before, after = judge(model)["proxy"], judge(load_model(out)[0])["proxy"]
+    assert after > before + 0.15, (before, after)
     assert r[-1]["kl"] > 0 and r[-1]["kl"] == r[-4]["kl"] and "val_gold" in r[-1] and "val_kl" in r[-1]
     policy_before = load_file(str(chat_model / "model.safetensors"))
     assert changed(policy_before, load_file(str(out / "model.safetensors"))) == []

@@ -44,7 +44,6 @@ sum(A_i) ~ 0, but its gradient sum_i A_i grad log pi(o_i) is not (tested in test
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,12 +52,22 @@ import torch
 
 from cakelm.config import ConfigError, nested, opt
 from cakelm.data.chat import BUILTIN_CHAT, VAL_FRACTION
-from cakelm.data.prompts import rl_prompts
 from cakelm.engine import SamplingParams
 from cakelm.loop import LoopConfig
 from cakelm.losses import ADVANTAGE_SCALES, AGGREGATIONS, aggregate, clipped_policy_loss, group_advantages, kl_k3
 from cakelm.optim import OptimConfig
-from cakelm.rl import HELP, RewardEval, RolloutBatches, check_options, make_rewards, phase_rows, sample_and_score
+from cakelm.rl import (
+    HELP,
+    OPTIM,
+    RewardEval,
+    RolloutBatches,
+    check_options,
+    group_prompts,
+    make_rewards,
+    phase_rows,
+    sample_and_score,
+    summary,
+)
 from cakelm.rollout import completion_logprobs
 from cakelm.scaffold import rl_loop, start
 
@@ -97,15 +106,12 @@ class GRPOConfig:
     val_fraction: float = opt(VAL_FRACTION, HELP["val_fraction"])
     skip_bad_lines: bool = opt(False, HELP["skip_bad_lines"])
     # The defaults are the "cpu" preset: about 2.5 minutes on 2 CPU cores from the pipeline's SFT model; how the
-    # learning rate and batch were chosen is in the README (larger steps than 1e-4 made this model worse).
-    optim: OptimConfig = nested(OptimConfig, name="adamw", lr=1e-4, warmup_steps=5, schedule="constant",
-                                weight_decay=0.0)
+    # learning rate and batch were chosen is in the README.
+    optim: OptimConfig = nested(OptimConfig, **OPTIM)
     loop: LoopConfig = nested(LoopConfig, max_steps=60, batch_size=64, eval_every=30, log_every=1)
 
     def __post_init__(self) -> None:
         check_options(self)
-        if not self.data:
-            raise ConfigError("--data needs at least one source")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"need --top-p in (0, 1], got {self.top_p}")
 
@@ -143,16 +149,9 @@ def main(cfg: GRPOConfig) -> Path:
         return Path(cfg.out)
     policy, info, G = run.model, run.info, cfg.group_size
     assert policy is not None
-    if cfg.prompts_per_step % info.world_size:
-        raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the {info.world_size} "
-                          "ranks (each rank rolls out whole groups)")
     rewards = make_rewards(cfg.rewards, cfg.reward_model, cfg.missing_eos_penalty, run.reward_model)
+    prompts = group_prompts(cfg, info, run.tok, policy.cfg.max_seq_len - 2, run.meta if run.resumed else None)
     ref = run.reference() if cfg.kl_coef > 0 or cfg.log_kl else None
-    saved_sizes = {s: c["task_size"] for s, c in run.meta.get("data", {}).items() if c.get("task_size")} \
-        if run.resumed else None
-    phases = math.ceil(cfg.loop.max_steps / (cfg.epochs * cfg.num_minibatches))
-    prompts = rl_prompts(cfg.data, phases * cfg.prompts_per_step, cfg.task_size, cfg.val_fraction, cfg.val_size,
-                         cfg.loop.seed, cfg.skip_bad_lines, run.tok, policy.cfg.max_seq_len - 2, saved_sizes)
     mixture = prompts.mixture(cfg.loop.seed)
     generator = run.generator(policy, cfg.rollout_batch)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
@@ -180,13 +179,4 @@ def main(cfg: GRPOConfig) -> Path:
     metrics = run.train(policy, batches, lambda m, b: grpo_loss(m, b, cfg), evaluate,
                         meta={"data": prompts.counts, "rewards": cfg.rewards, "skipped_lines": prompts.skipped},
                         loop=rl_loop(cfg.loop, batches.micro_batches), show=("reward", "accuracy"))
-    return run.done(f"reward {metrics.get('reward', math.nan):.3f}, held-out accuracy "
-                    f"{metrics.get('val_accuracy', math.nan):.3f}, ends turn "
-                    f"{metrics.get('val_end_of_turn', math.nan):.3f}", metrics)
-
-
-def summary(meta: dict[str, Any]) -> str:
-    """The pipeline's one-line result of a GRPO (or RLOO) checkpoint."""
-    m = meta["metrics"]
-    return (f"reward {m.get('reward', math.nan):.3f}, held-out accuracy {m.get('val_accuracy', math.nan):.3f} "
-            f"(greedy), {m.get('rollout_tok_s', 0):,.0f} sampled tok/s")
+    return run.done(summary({"metrics": metrics}), metrics)

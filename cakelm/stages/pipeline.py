@@ -204,13 +204,14 @@ def _eval(cfg: PipelineConfig, run: Path, forced: bool) -> tuple[str, str]:
 
 
 def _overopt_points(run: Path, results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Gold and proxy against KL: the SFT model (KL 0), then every held-out evaluation along the runs that measure
-    them (DPO, PPO, RLOO with a reward model: val_kl and val_proxy in their metrics.jsonl)."""
+    """Gold and proxy against KL: the SFT model (KL 0, as the eval step measured it), then every held-out
+    evaluation along the runs measured on the same prompts, the preference data's held-out ones (DPO, PPO: val_kl
+    and val_proxy in their metrics.jsonl). RLOO measures its own --data's held-out prompts: not on this curve."""
     points = []
     sft = results.get("sft", {}).get("rlhf", {})
     for s in ROWS:
         metrics = run / str(s.out) / "metrics.jsonl"
-        if not (s.model and s.model != "sft" and s.model in results and metrics.is_file()):
+        if not (s.model and s.inputs.get("data") == "prefs" and s.model in results and metrics.is_file()):
             continue
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
         found = [{"run": s.model, "label": f"step {r['step']}", "kl": r["val_kl"], "gold": r["val_gold"],

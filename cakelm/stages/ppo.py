@@ -58,7 +58,7 @@ from cakelm.losses import (
 )
 from cakelm.model import Transformer
 from cakelm.optim import OptimConfig
-from cakelm.rl import HELP, Rewards, RolloutBatches, check_options, phase_rows, sample_and_score
+from cakelm.rl import HELP, OPTIM, Rewards, RolloutBatches, check_options, phase_rows, sample_and_score
 from cakelm.rlhf import RLHFEval, ScalarModel, heldout_rows, load_scalar_model, prompt_rows
 from cakelm.rollout import completion_logprobs
 from cakelm.scaffold import rl_loop, start
@@ -94,8 +94,7 @@ class PPOConfig:
     val_fraction: float = opt(0.1, "share of prompts held out when --data is a single file")
     skip_bad_lines: bool = opt(False, HELP["skip_bad_lines"])
     # the "cpu" preset: about 2 minutes on 2 cores from the pipeline's SFT model (how it was chosen: README)
-    optim: OptimConfig = nested(OptimConfig, name="adamw", lr=1e-4, warmup_steps=4, schedule="constant",
-                                weight_decay=0.0)
+    optim: OptimConfig = nested(OptimConfig, **{**OPTIM, "warmup_steps": 4})
     loop: LoopConfig = nested(LoopConfig, max_steps=48, batch_size=64, eval_every=16, log_every=4)
 
     def __post_init__(self) -> None:

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from cakelm.common import seed_everything
 from cakelm.config import nested, opt
 from cakelm.data.shards import TokenBatches, open_shard
 from cakelm.heldout import shard_evaluator
@@ -78,8 +77,7 @@ def main(cfg: PretrainConfig) -> Path:
     run = start("pretrain", cfg, needs_chat=False, fmt="playscript", tok=tok)
     if run is None:
         return Path(cfg.out)
-    if run.model is None:  # from scratch
-        seed_everything(cfg.loop.seed)
+    if run.model is None:  # from scratch (the scaffold seeded the init with --seed)
         run.model = Transformer(replace(cfg.model, vocab_size=tok.vocab_size)).to(run.device)
     mcfg, info = run.model.cfg, run.info
     seq_len = mcfg.max_seq_len

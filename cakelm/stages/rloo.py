@@ -26,7 +26,6 @@ and KL of sampled replies (`rlhf.RLHFEval`, the over-optimisation measurement of
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,23 +33,25 @@ from typing import Any
 import torch
 
 from cakelm.common import all_reduce_sum
-from cakelm.config import ConfigError, nested, opt
+from cakelm.config import nested, opt
 from cakelm.data.chat import BUILTIN_CHAT, VAL_FRACTION
-from cakelm.data.prompts import rl_prompts
 from cakelm.engine import SamplingParams
 from cakelm.loop import LoopConfig
 from cakelm.losses import clipped_policy_loss, kl_penalized_rewards, leave_one_out_advantages
 from cakelm.optim import OptimConfig
 from cakelm.rl import (
     HELP,
+    OPTIM,
     REWARD_MODEL,
     RewardEval,
     RolloutBatches,
     check_options,
     gather_rows,
+    group_prompts,
     make_rewards,
     phase_rows,
     sample_and_score,
+    summary,
 )
 from cakelm.rlhf import RLHFEval
 from cakelm.rollout import completion_logprobs
@@ -84,14 +85,11 @@ class RLOOConfig:
     val_samples: int = opt(2, HELP["val_samples"] + " for gold, proxy and KL (with a reward model)")
     val_fraction: float = opt(VAL_FRACTION, HELP["val_fraction"])
     skip_bad_lines: bool = opt(False, HELP["skip_bad_lines"])
-    optim: OptimConfig = nested(OptimConfig, name="adamw", lr=1e-4, warmup_steps=5, schedule="constant",
-                                weight_decay=0.0)
+    optim: OptimConfig = nested(OptimConfig, **OPTIM)
     loop: LoopConfig = nested(LoopConfig, max_steps=60, batch_size=64, eval_every=30, log_every=1)
 
     def __post_init__(self) -> None:
         check_options(self)
-        if not self.data:
-            raise ConfigError("--data needs at least one source")
 
 
 PRESETS = {
@@ -122,17 +120,10 @@ def main(cfg: RLOOConfig) -> Path:
         return Path(cfg.out)
     policy, info, G = run.model, run.info, cfg.group_size
     assert policy is not None
-    if cfg.prompts_per_step % info.world_size:
-        raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the {info.world_size} "
-                          "ranks (each rank rolls out whole groups)")
     rewards = make_rewards(cfg.rewards, cfg.reward_model, cfg.missing_eos_penalty, run.reward_model)
+    prompts = group_prompts(cfg, info, run.tok, policy.cfg.max_seq_len - cfg.max_new_tokens,
+                            run.meta if run.resumed else None)
     ref = run.reference()
-    saved_sizes = {s: c["task_size"] for s, c in run.meta.get("data", {}).items() if c.get("task_size")} \
-        if run.resumed else None
-    phases = math.ceil(cfg.loop.max_steps / (cfg.epochs * cfg.num_minibatches))
-    prompts = rl_prompts(cfg.data, phases * cfg.prompts_per_step, cfg.task_size, cfg.val_fraction, cfg.val_size,
-                         cfg.loop.seed, cfg.skip_bad_lines, run.tok, policy.cfg.max_seq_len - cfg.max_new_tokens,
-                         saved_sizes)
     mixture = prompts.mixture(cfg.loop.seed)
     generator = run.generator(policy, cfg.rollout_batch)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
@@ -172,13 +163,4 @@ def main(cfg: RLOOConfig) -> Path:
                         meta={"data": prompts.counts, "rewards": cfg.rewards, "reward_model": cfg.reward_model,
                               "skipped_lines": prompts.skipped},
                         loop=rl_loop(cfg.loop, batches.micro_batches), show=("reward", "accuracy"))
-    return run.done(f"reward {metrics.get('reward', math.nan):.3f}, held-out accuracy "
-                    f"{metrics.get('val_accuracy', math.nan):.3f}, ends turn "
-                    f"{metrics.get('val_end_of_turn', math.nan):.3f}", metrics)
-
-
-def summary(meta: dict[str, Any]) -> str:
-    """The pipeline's one-line result of an RLOO checkpoint."""
-    m = meta["metrics"]
-    return (f"reward {m.get('reward', math.nan):.3f}, held-out accuracy {m.get('val_accuracy', math.nan):.3f} "
-            f"(greedy), gold {m.get('val_gold', math.nan):.3f}, KL {m.get('val_kl', math.nan):.2f}")
+    return run.done(summary({"metrics": metrics}), metrics)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from cakelm import label, serve
+from cakelm import label, rl, serve
 from cakelm.rlhf import heldout_summary
 from cakelm.stages import (
     chat,
@@ -92,10 +92,10 @@ STAGES: tuple[Stage, ...] = (
           summary=heldout_summary),
     Stage("grpo", grpo, grpo.GRPOConfig, "RL from verifiable rewards: GRPO on task prompts (DAPO/Dr. GRPO options)",
           grpo.main, grpo.PRESETS, pipeline=True, out="grpo", preset_key="rl", inputs={"init": "sft"},
-          options={"data": "grpo_data", "rewards": "rewards"}, trains=True, model="grpo", summary=grpo.summary),
+          options={"data": "grpo_data", "rewards": "rewards"}, trains=True, model="grpo", summary=rl.summary),
     Stage("rloo", rloo, rloo.RLOOConfig, "RL with REINFORCE Leave-One-Out against a reward model and verifiable "
           "rewards", rloo.main, rloo.PRESETS, pipeline=True, default=False, out="rloo", preset_key="rl",
-          inputs={"init": "sft", "reward_model": "reward"}, trains=True, model="rloo", summary=rloo.summary),
+          inputs={"init": "sft", "reward_model": "reward"}, trains=True, model="rloo", summary=rl.summary),
     Stage("eval", eval_stage, eval_stage.EvalConfig, "task accuracy, end-of-turn rate and held-out chat loss",
           eval_stage.main, pipeline=True, out="eval.json"),
     Stage("compare", compare, compare.CompareConfig, "Transformer vs an LSTM of equal size: speed by context, bits "
