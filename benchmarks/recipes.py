@@ -59,15 +59,15 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "steps20": {"rpo_alpha": 0.0, "loop.max_steps": 20, "loop.eval_every": 0},
         "rpo-lr5e-5": {"optim.lr": 5e-5, "loop.eval_every": 0},
     },
-    "rloo": {  # evaluations during training off, as for dpo
-        "default": {"loop.eval_every": 0},  # arithmetic + chitchat, exact match + reward model, G 4, KL 0.05
-        "arith-em": {"data": ["arithmetic"], "rewards": ["exact_match"], "reward_model": "", "loop.eval_every": 0},
-        "arith": {"data": ["arithmetic"], "loop.eval_every": 0},
-        "rm-only": {"rewards": ["reward_model"], "loop.eval_every": 0},
-        "g8": {"group_size": 8, "prompts_per_step": 8, "loop.eval_every": 0},
-        "kl0": {"kl_coef": 0.0, "loop.eval_every": 0},
-        "lr3e-5": {"optim.lr": 3e-5, "loop.eval_every": 0},
-        "steps120": {"loop.max_steps": 120, "loop.eval_every": 0},
+    "rloo": {  # evaluations during training off, as for dpo; every row names its prompts x replies per step
+        "8x8": {"loop.eval_every": 0},  # the default: arithmetic + chitchat, exact match + reward model, KL 0.05
+        "16x4": {"group_size": 4, "prompts_per_step": 16, "loop.eval_every": 0},
+        "arith-em": {"data": ["arithmetic"], "rewards": ["exact_match"], "reward_model": "", "group_size": 4,
+                     "prompts_per_step": 16, "loop.eval_every": 0},
+        "arith": {"data": ["arithmetic"], "group_size": 4, "prompts_per_step": 16, "loop.eval_every": 0},
+        "rm-only": {"rewards": ["reward_model"], "group_size": 4, "prompts_per_step": 16, "loop.eval_every": 0},
+        "lr3e-5": {"optim.lr": 3e-5, "group_size": 4, "prompts_per_step": 16, "loop.eval_every": 0},
+        "kl0": {"kl_coef": 0.0, "group_size": 4, "prompts_per_step": 16, "loop.eval_every": 0},
     },
 }
 STAGES = {"sft": (sft.SFTConfig, sft.main), "grpo": (grpo.GRPOConfig, grpo.main), "dpo": (dpo.DPOConfig, dpo.main),

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from cakelm.common import CakeError, DistInfo, all_reduce_sum, seed_of
+from cakelm.config import ConfigError
 from cakelm.data.chat_batches import Mixture
 from cakelm.data.prompts import PromptRow, PromptSources, rl_prompts
 from cakelm.engine import SamplingParams
@@ -69,8 +70,6 @@ HELP = {
 
 def check_options(cfg: Any) -> None:
     """Range checks of the shared RL options a config has (one-line ConfigErrors)."""
-    from cakelm.config import ConfigError
-
     at_least = {"group_size": 2, "prompts_per_step": 1, "epochs": 1, "num_minibatches": 1, "max_new_tokens": 1,
                 "rollout_batch": 1, "val_size": 1, "val_samples": 1, "task_size": 0}
     for name, low in at_least.items():
@@ -206,8 +205,6 @@ def group_prompts(cfg: Any, info: DistInfo, tok: Tokenizer, budget: int, meta: d
     """The prompts of a group RL stage (grpo, rloo): --data's prompts of at most `budget` tokens, with enough
     generated task problems for the run (those of `meta`, the resumed checkpoint's meta.json, when given), and its
     held-out prompts. Each rank rolls out whole groups, so --prompts-per-step must split evenly over the ranks."""
-    from cakelm.config import ConfigError
-
     if cfg.prompts_per_step % info.world_size:
         raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the {info.world_size} "
                           "ranks (each rank rolls out whole groups)")

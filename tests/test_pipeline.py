@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from cakelm.__main__ import main as cli
 from cakelm.checkpoint import load_meta
 from cakelm.config import ConfigError, build_config
 from cakelm.report import SECTIONS
@@ -86,6 +87,14 @@ def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
     rloo_eval = json.loads((out / "eval.json").read_text())["models"]["rloo"]
     assert math.isfinite(rloo_eval["rlhf"]["gold"]) and 0 <= rloo_eval["tasks"]["arithmetic"]["accuracy"] <= 1
     assert re.search(r"<tr><td>rloo</td>", (out / "report.html").read_text())
+    # RLOO trained again by hand with other options: the next plain run evaluates the new weights
+    before = json.loads((out / "eval.json").read_text())["models"]["rloo"]["step"]
+    assert cli(["rloo", "--preset", "micro", "--init", str(out / "sft"), "--reward-model", str(out / "rm"), "--out",
+                str(out / "rloo"), "--max-steps", "2", "--overwrite", "--no-loop.progress"]) == 0
+    run(corpus, tmp_path / "run")
+    ran = [s["stage"] for s in json.loads((out / "pipeline.json").read_text())["stages"] if s["status"] == "ran"]
+    assert ran == ["sample", "eval", "report"]
+    assert (before, json.loads((out / "eval.json").read_text())["models"]["rloo"]["step"]) == (4, 2)
 
     step_before = load_meta(out / "base")["step"]
     run(corpus, tmp_path / "run", from_stage="pretrain")  # redo pretraining only

@@ -28,6 +28,7 @@ Each stage prints one summary line; the run ends with a table and RUN/pipeline.j
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -173,12 +174,22 @@ def _models(run: Path) -> dict[str, Path]:
     return {m: p for m, p in rows.items() if is_checkpoint(p)}
 
 
+def _weights_digest(ckpt: Path) -> str:
+    """A fingerprint of a checkpoint's weights: the evaluation of a model re-trained since is out of date."""
+    digest = hashlib.sha256()
+    with open(ckpt / "model.safetensors", "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def _eval(cfg: PipelineConfig, run: Path, forced: bool) -> tuple[str, str]:
-    """Evaluate every model of the run into RUN/eval.json, and collect RUN/overopt.json (skipped when up to date)."""
+    """Evaluate every model of the run into RUN/eval.json, and collect RUN/overopt.json (skipped when up to date:
+    the same settings and the same weights of every model)."""
     path = run / "eval.json"
     models = _models(run)
     settings = {"tasks": cfg.eval_tasks, "limit": PRESETS[cfg.preset]["eval_limit"], "models": list(models),
-                "rlhf_samples": RLHF_SAMPLES}
+                "rlhf_samples": RLHF_SAMPLES, "weights": {m: _weights_digest(p) for m, p in models.items()}}
     old = read_json(path) if path.is_file() else None
     if not forced and old and old.get("settings") == settings:
         print0(f"eval: up to date in {path}, skipped")

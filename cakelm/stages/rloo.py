@@ -69,8 +69,10 @@ class RLOOConfig:
     rewards: list[str] = opt(["exact_match", REWARD_MODEL], HELP["rewards"])
     reward_model: str = opt("runs/default/rm", HELP["reward_model"])
     missing_eos_penalty: float = opt(0.0, HELP["missing_eos_penalty"])
-    group_size: int = opt(4, HELP["group_size"])
-    prompts_per_step: int = opt(16, HELP["prompts_per_step"])
+    # 8 prompts x 8 replies: on the pipeline's SFT model it kept arithmetic better than 16 x 4 at the same gold
+    # reward (the README's RLOO section)
+    group_size: int = opt(8, HELP["group_size"])
+    prompts_per_step: int = opt(8, HELP["prompts_per_step"])
     epochs: int = opt(1, HELP["epochs"])
     num_minibatches: int = opt(1, HELP["num_minibatches"])
     temperature: float = opt(1.0, HELP["temperature"])
