@@ -7,7 +7,7 @@ the README were chosen).
     python benchmarks/recipes.py grpo --init runs/default/sft --limit 800      # GRPO variants, ~3 min each
     python benchmarks/recipes.py grpo --init runs/default/sft --max-steps 5    # a quick smoke run
     python benchmarks/recipes.py dpo --init runs/default/sft                   # DPO variants, ~1.5 min each
-    python benchmarks/recipes.py rloo --init runs/default/sft                  # RLOO variants, ~1.5 min each
+    python benchmarks/recipes.py rloo --init runs/default/sft                  # RLOO variants, 1-3.5 min each
 
 For dpo and rloo, every row (and a first row for --init itself) also has the rater's gold reward, the reward
 model's score and the KL to --init on the held-out prompts of runs/default/prefs (4 replies each, sampled with
@@ -31,8 +31,8 @@ from cakelm.common import peak_memory_mb
 from cakelm.config import build_config
 from cakelm.data.prefs import load_prefs
 from cakelm.rlhf import RLHFEval, heldout_rows, load_scalar_model
-from cakelm.stages import dpo, grpo, rloo, sft
 from cakelm.stages import eval as eval_stage
+from cakelm.stages.table import STAGE
 
 VARIANTS: dict[str, dict[str, dict]] = {
     "sft": {
@@ -70,8 +70,6 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "kl0": {"kl_coef": 0.0, "group_size": 4, "prompts_per_step": 16, "loop.eval_every": 0},
     },
 }
-STAGES = {"sft": (sft.SFTConfig, sft.main), "grpo": (grpo.GRPOConfig, grpo.main), "dpo": (dpo.DPOConfig, dpo.main),
-          "rloo": (rloo.RLOOConfig, rloo.main)}
 
 
 def preference_judge(init: str, prefs: str = "runs/default/prefs", rm: str = "runs/default/rm",
@@ -84,7 +82,7 @@ def preference_judge(init: str, prefs: str = "runs/default/prefs", rm: str = "ru
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stage", choices=list(STAGES))
+    ap.add_argument("stage", choices=list(VARIANTS))
     ap.add_argument("--init", required=True, help="checkpoint to train from (runs/default/base for sft, "
                                                   "runs/default/sft for grpo and dpo)")
     ap.add_argument("--variants", nargs="+", default=None, help="names from the stage's table (default: all)")
@@ -96,7 +94,7 @@ def main() -> None:
     unknown = [n for n in names if n not in table]
     if unknown:
         ap.error(f"unknown {args.stage} variants {unknown}; choose from {list(table)}")
-    cls, run = STAGES[args.stage]
+    cls, run = STAGE[args.stage].config, STAGE[args.stage].main
     judge = preference_judge(args.init) if args.stage in ("dpo", "rloo") else None
 
     def measure(ckpt: str) -> tuple[float, float, dict[str, float]]:

@@ -4,7 +4,7 @@
   your module:function) plus, when `--rewards` names `reward_model`, the weighted score of a reward model
   (`cakelm reward`) read at the reply's last token. A completion no reward applies to takes its group's mean.
 - `sample_and_score`: one rollout phase on this rank: the generator samples n completions of each prompt (seeded
-  per prompt, so 2 ranks sample what 1 process would), the reference scores them (for the KL), the rewards
+  per prompt, so 2 ranks sample what 1 process would, up to rounding), the reference scores them, the rewards
   score them, and the metrics every RL stage logs are summed over ranks: reward, reward_std, gold (the rule-based
   rater, `rewards.rater`, never trained on), proxy (the reward model's score), accuracy (rows with an answer),
   reply_len, end_of_turn, kl (k1 per reply: sum_t log pi_old - log pi_ref, nats), rollout_s, rollout_tok_s.
@@ -12,7 +12,8 @@
   rollouts, each cut into --num-minibatches optimizer steps) starts with `roll_out(phase)`; each step trains on
   one minibatch (a seeded shuffle per epoch when there are several), in micro-batches of --loop.batch-size rows.
   Its `state_dict` (the phase's rollouts, and the stage's own stateful parts such as PPO's KL controller) is
-  saved by the loop with every checkpoint, so a run resumed inside a phase trains on the same rollouts.
+  saved by the loop with every checkpoint, so a run resumed inside a phase trains on the same rollouts (and the
+  last phase's rollouts stay in train_state.pt, to inspect: tests/test_rl.py recomputes steps from them).
 - `RewardEval`: greedy replies to held-out prompts: val_reward, val_accuracy, val_end_of_turn.
 
 Option names are the same in every RL stage (see the README's RL section): --kl-coef, --epsilon-low/-high,
@@ -200,18 +201,24 @@ def score_rollouts(rewards: list[WeightedReward], rows: Sequence[PromptRow], rol
 # One rollout phase
 
 
-def group_prompts(cfg: Any, info: DistInfo, tok: Tokenizer, budget: int, meta: dict[str, Any] | None
+def group_prompts(cfg: Any, info: DistInfo, tok: Tokenizer, context: int, meta: dict[str, Any] | None
                   ) -> PromptSources:
-    """The prompts of a group RL stage (grpo, rloo): --data's prompts of at most `budget` tokens, with enough
-    generated task problems for the run (those of `meta`, the resumed checkpoint's meta.json, when given), and its
-    held-out prompts. Each rank rolls out whole groups, so --prompts-per-step must split evenly over the ranks."""
+    """The prompts of a group RL stage (grpo, rloo): --data's prompts that leave --max-new-tokens of the model's
+    `context` for the reply, with enough generated task problems for the run (those of `meta`, the resumed
+    checkpoint's meta.json, when given), and its held-out prompts. Each rank rolls out whole groups, so
+    --prompts-per-step must split evenly over the ranks."""
     if cfg.prompts_per_step % info.world_size:
         raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the {info.world_size} "
                           "ranks (each rank rolls out whole groups)")
     saved = {s: c["task_size"] for s, c in meta.get("data", {}).items() if c.get("task_size")} if meta else None
     phases = math.ceil(cfg.loop.max_steps / (cfg.epochs * cfg.num_minibatches))
-    return rl_prompts(cfg.data, phases * cfg.prompts_per_step, cfg.task_size, cfg.val_fraction, cfg.val_size,
-                      cfg.loop.seed, cfg.skip_bad_lines, tok, budget, saved)
+    prompts = rl_prompts(cfg.data, phases * cfg.prompts_per_step, cfg.task_size, cfg.val_fraction, cfg.val_size,
+                         cfg.loop.seed, cfg.skip_bad_lines, tok, context - cfg.max_new_tokens, saved)
+    if not prompts.val:
+        raise CakeError(f"--data {' '.join(cfg.data)}: no held-out prompt leaves room for --max-new-tokens "
+                        f"{cfg.max_new_tokens} in the context of {context} (raise --val-fraction, or use a larger "
+                        "file)")
+    return prompts
 
 
 def phase_rows(prompts: Sequence[Sequence[PromptRow]], mixture: Mixture, phase: int, per_phase: int,

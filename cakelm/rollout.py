@@ -19,10 +19,12 @@ What another backend (vLLM or SGLang on GPUs, a batched server) must provide to 
    the prompt's token ids, the completion's token ids (its stop token included), the decoded text, whether it
    ended its turn, and the log-probability of every sampled token under softmax(logits / temperature) (before
    top-k / top-p, which rollouts do not use). `seeds` (one per prompt) make the draw reproducible and
-   independent of how prompts are batched or split over ranks.
-2. `refresh()`: after the policy's weights change (every optimizer step of an RL stage calls it before the next
-   rollout), load them (a backend in another process receives a state dict or a shared-memory handle; the
-   in-process engine reads the live module, so its refresh does nothing).
+   independent of how prompts are batched or split over ranks (up to the rounding differences between batch
+   shapes, which can flip a near-tie).
+2. `refresh()`: load the policy's current weights (every rollout phase of an RL stage calls it before sampling; a
+   backend in another process receives a state dict or a shared-memory handle; the in-process engine reads the
+   live module, so its refresh does nothing). Evaluations ask `scaffold.Run.generator` for one over the model
+   they measure.
 3. `exact_logprobs`: whether its log-probs equal the trainer's forward up to rounding. A backend with other
    kernels, another precision or stale weights breaks this: the trainer's log-probs of the same tokens differ
    from the sampler's, and the ratio pi_train / pi_sample is no longer 1 on the first pass. The RL stages then

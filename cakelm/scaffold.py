@@ -8,7 +8,7 @@ data and loss, written once so it behaves the same everywhere.
     ...                                    # the stage's data, batches, loss and evaluation
     run.announce(f"beta {cfg.beta}, {len(rows)} pairs")
     metrics = run.train(model, batches, loss_fn, evaluate, meta={"pairs": ...})
-    run.done(f"held-out pair accuracy {metrics['val_pair_accuracy']:.3f}")
+    run.done(f"held-out pair accuracy {metrics['val_pair_accuracy']:.3f}", metrics)
 
 `start`:
 1. torch.distributed set-up (under torchrun) and the device;

@@ -177,7 +177,8 @@ def create_app(engine: Engine, fmt: str, model_name: str = "cakelm", api_key: st
     """The FastAPI app serving `engine` (conversations rendered in chat format `fmt`)."""
     st = ServerState(engine, Worker(engine), fmt, model_name, api_key, max_tokens_limit, ckpt)
     app = webapp.create_app("cakelm", api_key, "/v1/", "Incorrect or missing API key (send 'Authorization: Bearer "
-                            "KEY')", token_code="invalid_api_key", body_limit=body_limit)
+                            "KEY')", token_code="invalid_api_key", body_limit=body_limit,
+                            openapi_url="/openapi.json")
     app.state.server = st
 
     @app.exception_handler(APIError)

@@ -99,12 +99,14 @@ class BearerAuth:
 
 
 def create_app(title: str, token: str | None = None, protected: str = "/", token_hint: str = "",
-               token_code: str = "invalid_token", body_limit: int = MAX_BODY_BYTES) -> FastAPI:
-    """A FastAPI app with no docs pages, the body limit, the error shape, and (with `token`) the token check on
-    paths under `protected`. An empty token is refused: "no auth" must be asked for by passing None."""
+               token_code: str = "invalid_token", body_limit: int = MAX_BODY_BYTES,
+               openapi_url: str | None = None) -> FastAPI:
+    """A FastAPI app with no docs pages (the OpenAPI schema only at `openapi_url`, if given), the body limit, the
+    error shape, and (with `token`) the token check on paths under `protected`. An empty token is refused: "no
+    auth" must be asked for by passing None."""
     if token is not None and not token:
         raise ValueError("an empty access token is not a token; pass None for no authentication")
-    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=openapi_url)
     app.add_middleware(BodyLimit, limit=body_limit)
     if token:
         app.add_middleware(BearerAuth, token=token, protected=protected, code=token_code,

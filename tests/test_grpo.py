@@ -237,7 +237,7 @@ def test_base_model_is_refused(tok_dir, prompts, tmp_path, capsys) -> None:
     assert "run `cakelm sft` first" in capsys.readouterr().err
     chat = tiny_checkpoint(tmp_path / "chat", tok_dir, "sft", "chat")
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "king " * 80}, {"prompt": "queen " * 80}])
-    with pytest.raises(CakeError, match="no prompt of at most 30 tokens fits the model's context"):
+    with pytest.raises(CakeError, match="no prompt of at most 24 tokens fits the model's context"):
         run_grpo(chat, [long], tmp_path / "o2")
 
 

@@ -101,6 +101,9 @@ def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
     third = json.loads((out / "pipeline.json").read_text())
     assert [s["status"] for s in third["stages"]] == ["skipped", "skipped"] + ["ran"] * 11
     assert "rloo" not in [s["stage"] for s in third["stages"]]  # optional stages run only when asked for
+    # and RLOO, trained from the SFT model this run replaced, is left out of the evaluation rather than reported
+    assert "rloo" not in json.loads((out / "eval.json").read_text())["models"]
+    assert "eval: leaving out rloo" in capsys.readouterr().out
     assert load_meta(out / "base")["step"] == step_before
 
     run(corpus, tmp_path / "run", only="tokenizer")  # --only: just that stage, redone

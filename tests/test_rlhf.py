@@ -148,7 +148,7 @@ def test_reward_model_reads_the_same_score_under_left_and_right_padding(chat_mod
 
 def test_reward_model_learns_the_preference_and_changes_every_parameter(chat_model, reward_model) -> None:
     r = rows_of(reward_model)
-    assert r[-1]["val_accuracy"] >= 0.9 and r[-1]["val_margin"] > 0.5
+    assert r[-1]["val_pair_accuracy"] >= 0.9 and r[-1]["val_margin"] > 0.5
     assert sum(x["loss"] for x in r[-3:]) / 3 < r[0]["loss"] - 0.2
     before, after = load_file(str(chat_model / "model.safetensors")), load_file(str(reward_model / "model.safetensors"))
     assert changed(before, after, skip=("lm_head.",)) == []

@@ -121,7 +121,7 @@ def dpo_batch_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: DPOConfig
     loss, rc, rr = dpo_loss(logp[:P], logp[P:], ref[:P], ref[P:], cfg.beta, cfg.loss_type)
     nll = rpo_nll(sums[:P], batch["reply"][:P, 1:].sum(1))
     n = torch.tensor(float(P), device=logp.device)
-    metrics = {"reward_chosen": rc.sum(), "reward_rejected": rr.sum(), "accuracy": (rc > rr).float().sum(),
+    metrics = {"reward_chosen": rc.sum(), "reward_rejected": rr.sum(), "pair_accuracy": (rc > rr).float().sum(),
                "margin": (rc - rr).sum(), "chosen_logp_drift": (logp[:P] - ref[:P]).detach().sum(),
                "chosen_nll": nll.detach().sum()}
     total = loss + cfg.rpo_alpha * nll if cfg.rpo_alpha else loss
@@ -141,7 +141,7 @@ def make_evaluate(val: list[EncodedPair], judge: Callable[[torch.nn.Module], dic
             part = mine[i:i + cfg.loop.batch_size]
             b = {k: v.to(device) for k, v in {**pad_pairs(part, pad_id), **ref_of(part)}.items()}
             loss, m = dpo_batch_loss(model, b, cfg)
-            acc += torch.stack([m["accuracy"][1], loss, m["accuracy"][0], m["margin"][0]]).double()
+            acc += torch.stack([m["pair_accuracy"][1], loss, m["pair_accuracy"][0], m["margin"][0]]).double()
         acc = all_reduce_sum(acc, info)
         out = {"val_loss": (acc[1] / acc[0]).item(), "val_pair_accuracy": (acc[2] / acc[0]).item(),
                "val_margin": (acc[3] / acc[0]).item()}
@@ -179,7 +179,7 @@ def main(cfg: DPOConfig) -> Path:
                  + (f"; skipped {skipped} bad lines" if skipped else ""))
     metrics = run.train(model, batches, lambda m, b: dpo_batch_loss(m, b, cfg), evaluate,
                         meta={"pairs": {"train": len(rows), "val": len(val_rows), "too_long": dropped,
-                                        "skipped_lines": skipped}}, show=("accuracy", "margin"))
+                                        "skipped_lines": skipped}}, show=("pair_accuracy", "margin"))
     return run.done(f"held-out pair accuracy {metrics.get('val_pair_accuracy', math.nan):.3f}, gold "
                     f"{metrics.get('val_gold', math.nan):.3f}, KL {metrics.get('val_kl', math.nan):.2f}", metrics)
 

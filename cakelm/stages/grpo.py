@@ -150,7 +150,7 @@ def main(cfg: GRPOConfig) -> Path:
     policy, info, G = run.model, run.info, cfg.group_size
     assert policy is not None
     rewards = make_rewards(cfg.rewards, cfg.reward_model, cfg.missing_eos_penalty, run.reward_model)
-    prompts = group_prompts(cfg, info, run.tok, policy.cfg.max_seq_len - 2, run.meta if run.resumed else None)
+    prompts = group_prompts(cfg, info, run.tok, policy.cfg.max_seq_len, run.meta if run.resumed else None)
     ref = run.reference() if cfg.kl_coef > 0 or cfg.log_kl else None
     mixture = prompts.mixture(cfg.loop.seed)
     generator = run.generator(policy, cfg.rollout_batch)

@@ -15,13 +15,15 @@ dpo -> ppo -> grpo (-> rloo, optional) -> eval -> compare, then the report card.
 RUN/samples.txt, RUN/sft, RUN/prefs (preference pairs judged by the rule-based rater), RUN/rm (reward model),
 RUN/dpo, RUN/ppo, RUN/grpo, RUN/rloo, RUN/eval.json: task accuracy and chat loss of every model in the run, and for
 the chat models the rater's gold reward, the reward model's proxy score and the KL to SFT on held-out prompts;
-RUN/overopt.json: gold and proxy against KL along the DPO, PPO (and RLOO) runs; RUN/compare: an LSTM against the
-Transformer at equal size on the same tokens; the report card (RUN/report.html, RUN/report.md: every stage's time
-and memory, the curves, the models table, the over-optimisation plot, every model's answers to the same prompts
-side by side, and the comparison).
+RUN/overopt.json: gold and proxy against KL along the DPO and PPO runs (measured on the same held-out prompts);
+RUN/compare: an LSTM against the Transformer at equal size on the same tokens; the report card (RUN/report.html,
+RUN/report.md: every stage's time and memory, the curves, the models table, the over-optimisation plot, every
+model's answers to the same prompts side by side, and the comparison).
 Under torchrun the training stages run on every rank with DDP; the others on rank 0 while the other ranks wait.
 A stage whose output is complete and was made with the same resolved config is skipped; once a stage runs,
-every later stage runs too (its input changed). An interrupted training stage continues from its last checkpoint
+every later stage runs too (its input changed). The evaluation is redone when a model's weights, the reward
+model's or the held-out prompts changed, and leaves out a model whose parent was made again after it (an optional
+stage not redone). An interrupted training stage continues from its last checkpoint
 (also under --only/--from, which otherwise redo their stages).
 Each stage prints one summary line; the run ends with a table and RUN/pipeline.json.
 """
@@ -37,7 +39,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from cakelm.checkpoint import is_checkpoint, load_model
+from cakelm.checkpoint import is_checkpoint, load_meta, load_model
 from cakelm.common import (
     barrier,
     hardware_info,
@@ -169,15 +171,31 @@ def _summary(s: Stage, out: Path) -> str:
 
 
 def _models(run: Path) -> dict[str, Path]:
-    """The run's models (the table's model rows) that have a checkpoint, in pipeline order."""
-    rows = {s.model: run / str(s.out) for s in ROWS if s.model}
-    return {m: p for m, p in rows.items() if is_checkpoint(p)}
+    """The run's models (the table's model rows) that have a checkpoint, in pipeline order; a model whose parent
+    checkpoint was made again after it (an optional stage left out of a run that redid SFT) is left out, said."""
+    out = {}
+    for s in ROWS:
+        ckpt = run / str(s.out)
+        if not (s.model and is_checkpoint(ckpt)):
+            continue
+        parent = load_meta(ckpt).get("parent")
+        if parent and is_checkpoint(parent) and _mtime(Path(parent)) > _mtime(ckpt):
+            print0(f"eval: leaving out {s.model}: {parent} was made again after it (run `cakelm pipeline --only "
+                   f"{s.name}` to redo it)")
+            continue
+        out[s.model] = ckpt
+    return out
 
 
-def _weights_digest(ckpt: Path) -> str:
-    """A fingerprint of a checkpoint's weights: the evaluation of a model re-trained since is out of date."""
+def _mtime(ckpt: Path) -> int:
+    return (ckpt / "model.safetensors").stat().st_mtime_ns
+
+
+def _digest(path: Path) -> str:
+    """A fingerprint of a file (a checkpoint's weights, held-out prompts): an evaluation made from other contents
+    is out of date."""
     digest = hashlib.sha256()
-    with open(ckpt / "model.safetensors", "rb") as fh:
+    with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:16]
@@ -188,8 +206,13 @@ def _eval(cfg: PipelineConfig, run: Path, forced: bool) -> tuple[str, str]:
     the same settings and the same weights of every model)."""
     path = run / "eval.json"
     models = _models(run)
+    rm, prefs = run / str(STAGE["reward"].out), run / str(STAGE["prefs"].out)
+    # what the numbers are computed from: every model's weights, the reward model's, the held-out prompts
+    inputs = {**models, "reward model": rm}
     settings = {"tasks": cfg.eval_tasks, "limit": PRESETS[cfg.preset]["eval_limit"], "models": list(models),
-                "rlhf_samples": RLHF_SAMPLES, "weights": {m: _weights_digest(p) for m, p in models.items()}}
+                "rlhf_samples": RLHF_SAMPLES, "weights": {m: _digest(p / "model.safetensors") for m, p in
+                                                          inputs.items()},
+                "prompts": _digest(prefs / "val_prompts.jsonl")}
     old = read_json(path) if path.is_file() else None
     if not forced and old and old.get("settings") == settings:
         print0(f"eval: up to date in {path}, skipped")
@@ -197,9 +220,8 @@ def _eval(cfg: PipelineConfig, run: Path, forced: bool) -> tuple[str, str]:
     results = {}
     device = pick_device(cfg.device)
     ref, tok, _ = load_model(run / str(STAGE["sft"].out), device)
-    rm = load_scalar_model(run / str(STAGE["reward"].out), device)[0]
-    rows = heldout_rows(run / str(STAGE["prefs"].out), [], tok, ref.cfg.max_seq_len - 64)
-    judge = RLHFEval(rows, tok, rm, ref, 64, cfg.seed, RLHF_SAMPLES)
+    rows = heldout_rows(prefs, [], tok, ref.cfg.max_seq_len - 64)
+    judge = RLHFEval(rows, tok, load_scalar_model(rm, device)[0], ref, 64, cfg.seed, RLHF_SAMPLES)
     for name, ckpt in models.items():
         ec = build_config(eval_stage.EvalConfig, ("pipeline", {"ckpt": str(ckpt), "tasks": settings["tasks"],
                                                                "limit": settings["limit"], "device": cfg.device,

@@ -84,7 +84,7 @@ def reward_loss(model: torch.nn.Module, batch: dict[str, Any], center: float
     P = r.numel() // 2
     rc, rr = r[:P], r[P:]
     loss = bradley_terry(rc, rr, batch["margin"], center).sum()
-    return loss, {"accuracy": (rc > rr).float().sum().detach(), "margin": (rc - rr).sum().detach()}
+    return loss, {"pair_accuracy": (rc > rr).float().sum().detach(), "margin": (rc - rr).sum().detach()}
 
 
 def make_evaluate(val: list[EncodedPair], batch_size: int, pad_id: int, device: torch.device, info: DistInfo
@@ -107,10 +107,10 @@ def make_evaluate(val: list[EncodedPair], batch_size: int, pad_id: int, device: 
                                        (rc[j] - rr[j]).double(), loss[j].double()])
         acc = all_reduce_sum(acc, info)
         tot = acc.sum(0)
-        out = {"val_accuracy": (tot[1] / tot[0]).item(), "val_margin": (tot[2] / tot[0]).item(),
+        out = {"val_pair_accuracy": (tot[1] / tot[0]).item(), "val_margin": (tot[2] / tot[0]).item(),
                "val_loss": (tot[3] / tot[0]).item()}
         if len(sources) > 1:
-            out.update({f"val_accuracy/{s}": (acc[i, 1] / acc[i, 0]).item() for i, s in enumerate(sources)})
+            out.update({f"val_pair_accuracy/{s}": (acc[i, 1] / acc[i, 0]).item() for i, s in enumerate(sources)})
         return out
 
     return evaluate
@@ -140,15 +140,16 @@ def main(cfg: RewardConfig) -> Path:
     metrics = run.train(model, batches, lambda m, b: reward_loss(m, b, cfg.center), evaluate,
                         meta={"head": "scalar", "pairs": {"train": len(rows), "val": len(val_rows),
                                                           "too_long": dropped, "skipped_lines": skipped}},
-                        heads=model.head_tensors, show=("accuracy",))
-    return run.done(f"held-out accuracy {metrics.get('val_accuracy', float('nan')):.3f}, margin "
+                        heads=model.head_tensors, show=("pair_accuracy",))
+    return run.done(f"held-out pair accuracy {metrics.get('val_pair_accuracy', float('nan')):.3f}, margin "
                     f"{metrics.get('val_margin', float('nan')):.3f}", metrics)
 
 
 def summary(meta: dict[str, Any]) -> str:
     """The pipeline's one-line result of a reward model."""
     m = meta["metrics"]
-    return f"held-out pair accuracy {m.get('val_accuracy', float('nan')):.3f}, margin {m.get('val_margin', 0):.2f}"
+    return (f"held-out pair accuracy {m.get('val_pair_accuracy', float('nan')):.3f}, margin "
+            f"{m.get('val_margin', 0):.2f}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -123,8 +123,7 @@ def main(cfg: RLOOConfig) -> Path:
     policy, info, G = run.model, run.info, cfg.group_size
     assert policy is not None
     rewards = make_rewards(cfg.rewards, cfg.reward_model, cfg.missing_eos_penalty, run.reward_model)
-    prompts = group_prompts(cfg, info, run.tok, policy.cfg.max_seq_len - cfg.max_new_tokens,
-                            run.meta if run.resumed else None)
+    prompts = group_prompts(cfg, info, run.tok, policy.cfg.max_seq_len, run.meta if run.resumed else None)
     ref = run.reference()
     mixture = prompts.mixture(cfg.loop.seed)
     generator = run.generator(policy, cfg.rollout_batch)
@@ -135,7 +134,9 @@ def main(cfg: RLOOConfig) -> Path:
         s = sample_and_score(generator, rows, slots, params, G, cfg.loop.seed, rewards, ref, info, run.device)
         b = s.batch
         shaped = kl_penalized_rewards(s.rewards, b["old_logp"], b["ref_logp"], b["mask"], cfg.kl_coef)
-        adv, zero = leave_one_out_advantages(shaped, G)  # whole groups per rank: local is exact
+        adv, _ = leave_one_out_advantages(shaped, G)  # whole groups per rank: local is exact
+        # groups whose rewards (before the KL shaping, which is never exactly equal) are all the same
+        zero = leave_one_out_advantages(s.rewards, G)[1]
         if cfg.normalize_advantages:  # over the whole batch, every rank's
             everyone = gather_rows(adv, info, run.device)
             adv = (adv - everyone.mean()) / (everyone.std() + 1e-4)

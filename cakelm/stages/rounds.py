@@ -14,9 +14,9 @@ judged, the reward model learns from every judgement so far, and the policy impr
    samples two replies (temperature 1) to each; they go into the rounds' label database RUN/rounds/label.db
    (`cakelm.label`; `cakelm label`'s own default database is a different file), tagged round N.
 3. Labels: with --rater rule the rule-based rater (`cakelm.rewards.rater`) judges them now, through the same
-   storage and code path as a person (`label.rule_label` -> `LabelStore.record`); with --rater human the round
+   storage and code path as a person (`rlhf.rule_label` -> `LabelStore.record`); with --rater human the round
    stops until `cakelm label` has collected judgements on at least --min-judged of the round's pairs.
-4. Reward model: `cakelm reward` from RUN/sft on the pairs of every round so far (`label.export`: a pair is the
+4. Reward model: `cakelm reward` from RUN/sft on the pairs of every round so far (`data.labels.export`: a pair is the
    majority choice of its judgements; ties and "both bad" are no pairs) -> RUN/rounds/N/rm.
 5. Policy update from the round's policy on this round's pairs (on-policy, as iterative DPO: the reference is the
    round's starting policy): `cakelm dpo`, or with --method ppo, `cakelm ppo` against the round's reward model
@@ -210,7 +210,7 @@ def main(cfg: RoundConfig) -> Path:
     table = [r for r in table if r["round"] < n]
     if not table:
         table = [{"round": 0, "policy": str(sft_dir), **measure(sft_dir, rm_dir, ref, val_rows, cfg, device)}]
-    rm_acc = load_meta(rm_dir).get("metrics", {}).get("val_accuracy")
+    rm_acc = load_meta(rm_dir).get("metrics", {}).get("val_pair_accuracy")
     row = {"round": n, "policy": str(policy_dir), "method": cfg.method, "rater": cfg.rater,
            "pairs": stats["pairs"], "labelled": stats["labelled"], "judgements": stats["judgements"],
            "agreement": stats["agreement"], "train_pairs_round": n_round, "train_pairs_rm": n_all,

@@ -1,7 +1,7 @@
 """The one table of cakelm's stages and tools: what `cakelm --help` lists, what `cakelm pipeline` runs and in which
 order, where each writes in a run directory, what it reads from earlier stages, and which row of the report's
-models table it fills. `__main__`, `stages/pipeline.py`, `stages/rounds.py` and `report.py` read it; nothing else
-lists stages.
+models table it fills. `__main__`, `stages/pipeline.py`, `stages/rounds.py`, `report.py` and
+`benchmarks/recipes.py` read it; nothing else lists stages.
 
 Adding a stage: write `cakelm/stages/NAME.py` (a Config dataclass, PRESETS, `main(cfg) -> Path`, `summary(meta)`)
 and add its row below, in pipeline order. A training stage starts with `scaffold.start` and trains through
