@@ -65,6 +65,7 @@ class BatchSource(Protocol):
 
     def get(self, step: int, micro: int) -> Batch: ...
 
+
 # Dense bf16 peak FLOP/s of common GPUs, for MFU on CUDA (CPU MFU is measured by benchmarks/).
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 

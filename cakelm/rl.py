@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ from cakelm.config import ConfigError
 from cakelm.data.chat_batches import Mixture
 from cakelm.data.prompts import PromptRow, PromptSources, rl_prompts
 from cakelm.engine import SamplingParams
+from cakelm.loop import LoopConfig
 from cakelm.model import Transformer
 from cakelm.rewards import WeightedReward, exact_match, load_reward, score
 from cakelm.rlhf import ScalarModel, gold_scores, score_rollouts_rm
@@ -131,6 +132,14 @@ class Rewards:
     def names(self) -> list[str]:
         return [f"{r.name}={r.weight:g}" for r in self.functions] + (
             [f"{REWARD_MODEL}={self.model_weight:g}"] if self.model is not None else [])
+
+    def score(self, rows: Sequence[PromptRow], rolls: Sequence[Rollout], pad_id: int, batch: int = 64
+              ) -> tuple[list[float], dict[str, int], torch.Tensor | None]:
+        """Each completion's reward and the counts of `score_rollouts`, and the reward model's scores (N,) when
+        there is one."""
+        rm = score_rollouts_rm(self.model, rolls, pad_id, batch) if self.model is not None else None
+        values, counts = score_rollouts(self.functions, rows, rolls, rm, self.model_weight, self.missing_eos_penalty)
+        return values, counts, rm
 
 
 def parse_rewards(specs: Sequence[str]) -> tuple[list[WeightedReward], float | None]:
@@ -256,11 +265,7 @@ def sample_and_score(generator: Generator, rows: list[PromptRow], slots: list[in
     batch = to_batch(rolls, generator.tok.pad_id)
     if ref is not None:
         batch["ref_logp"] = frozen_logprobs(ref, batch, params.temperature, chunk_rows, device)
-    rm_scores = None
-    if rewards.model is not None:
-        rm_scores = score_rollouts_rm(rewards.model, rolls, generator.tok.pad_id, chunk_rows)
-    values, c = score_rollouts(rewards.functions, rows, rolls, rm_scores, rewards.model_weight,
-                               rewards.missing_eos_penalty)
+    values, c, rm_scores = rewards.score(rows, rolls, generator.tok.pad_id, chunk_rows)
     local = torch.tensor(values, dtype=torch.float64)
     everyone = gather_rows(local, info, device)
     kl = ((batch["old_logp"] - batch["ref_logp"]) * batch["mask"]).sum().item() if ref is not None else 0.0
@@ -307,6 +312,11 @@ class RolloutBatches:
         self.micro_batches = math.ceil(self.minibatch / batch_size)  # the loop's grad_accum
         self.cache: dict[str, Any] | None = None
 
+    def loop(self, cfg: LoopConfig) -> LoopConfig:
+        """The stage's loop config with the micro-batches per step these rollouts make (--loop.grad-accum is not
+        read; the saved config keeps what was asked, so re-runs compare it)."""
+        return replace(cfg, grad_accum=self.micro_batches)
+
     def get(self, step: int, micro: int) -> dict[str, Any]:
         phase, k = divmod(step, self.steps_per_phase)
         if self.cache is None or self.cache["phase"] != phase:
@@ -343,20 +353,18 @@ class RewardEval:
     """Greedy replies to held-out prompts (this rank's share): mean reward (val_reward), accuracy where the rows
     have an answer (val_accuracy) and the share that ends its turn (val_end_of_turn), summed over ranks."""
 
-    def __init__(self, rows: list[PromptRow], rewards: Rewards, max_new_tokens: int, chunk: int, info: DistInfo,
+    def __init__(self, rows: list[PromptRow], rewards: Rewards, max_new_tokens: int, info: DistInfo,
                  device: torch.device, make_generator: Callable[[torch.nn.Module], Generator]) -> None:
         self.rows, self.rewards, self.info, self.device = rows[info.rank::info.world_size], rewards, info, device
         self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-        self.make_generator, self.chunk = make_generator, chunk
+        self.make_generator = make_generator
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         values, c = [], dict.fromkeys(("correct", "answered", "ended"), 0)
         if self.rows:
             gen = self.make_generator(model)
             rolls = gen.generate([r.messages for r in self.rows], self.params)
-            rm = score_rollouts_rm(self.rewards.model, rolls, gen.tok.pad_id) if self.rewards.model else None
-            values, c = score_rollouts(self.rewards.functions, self.rows, rolls, rm, self.rewards.model_weight,
-                                       self.rewards.missing_eos_penalty)
+            values, c, _ = self.rewards.score(self.rows, rolls, gen.tok.pad_id)
         acc = all_reduce_sum(torch.tensor([sum(values), len(values), c["correct"], c["answered"], c["ended"]],
                                           dtype=torch.float64, device=self.device), self.info).tolist()
         out = {"val_reward": acc[0] / acc[1], "val_end_of_turn": acc[4] / acc[1]}

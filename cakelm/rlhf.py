@@ -41,7 +41,7 @@ from cakelm.engine import SamplingParams
 from cakelm.losses import IGNORE_INDEX
 from cakelm.model import Transformer
 from cakelm.rewards import rater
-from cakelm.rollout import EngineGenerator, Generator, Rollout, completion_logprobs, to_batch
+from cakelm.rollout import EngineGenerator, Generator, Rollout, completion_logprobs, frozen_logprobs, to_batch
 from cakelm.tasks import is_correct
 from cakelm.tokenizer import Tokenizer
 
@@ -200,14 +200,9 @@ class RLHFEval:
         if self.rm is not None:
             out["proxy"] = score_rollouts_rm(self.rm, rolls, self.tok.pad_id).mean().item()
         if self.ref is not None:
-            kl = []
-            for i in range(0, len(rolls), 64):
-                b = to_batch(rolls[i:i + 64], self.tok.pad_id)
-                inp, tgt = b["input"].to(device), b["target"].to(device)
-                logp, _ = completion_logprobs(policy, inp, tgt)
-                ref_logp, _ = completion_logprobs(self.ref, inp, tgt)
-                kl.append((logp - ref_logp).sum(1).cpu())
-            out["kl"] = torch.cat(kl).mean().item()
+            b = to_batch(rolls, self.tok.pad_id)
+            kl = frozen_logprobs(policy, b, 1.0, 64, device) - frozen_logprobs(self.ref, b, 1.0, 64, device)
+            out["kl"] = kl.sum(1).mean().item()
         return out
 
 

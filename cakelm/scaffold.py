@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -198,8 +198,3 @@ def start(stage: str, cfg: Any, needs_chat: bool = True, fmt: str = "chat", tok:
     resume_state = load_train_state(out) if resumed else None
     return Run(stage, cfg, info, device, out, resumed, model, tok, meta, resume_state, fmt)
 
-
-def rl_loop(cfg: LoopConfig, micro_batches: int) -> LoopConfig:
-    """The RL stages' loop: micro-batches per step follow from the rollouts (--loop.grad-accum is not read;
-    the config itself keeps what was asked, so re-runs compare it)."""
-    return replace(cfg, grad_accum=micro_batches)

@@ -5,6 +5,7 @@ Everything is tiny (a few hundred KB of text, a 320-token vocabulary, 2-layer mo
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -89,3 +90,27 @@ def tiny_reward_model(out: Path, chat: Path, seed: int = 1) -> Path:
     rm = ScalarModel(body, head_std=1.0)
     return save_checkpoint(out, body, tok, {"stage": "reward", "step": 0, "complete": True, "chat_format": "chat"},
                            heads=rm.head_tensors())
+
+
+PAIR_WORDS = ("king", "queen", "lord", "lady", "sword", "crown", "night", "day", "heart", "blood", "time", "house")
+
+
+def toy_pairs(n: int) -> list[dict]:
+    """A toy preference: the chosen reply names the prompt's topic in two words; the rejected one rambles about
+    something else."""
+    rows = []
+    for i in range(n):
+        w, other = PAIR_WORDS[i % len(PAIR_WORDS)], PAIR_WORDS[(i * 5 + 3) % len(PAIR_WORDS)]
+        rows.append({"prompt": f"Tell me of the {w}, friend {i}.", "chosen": f"The {w}.",
+                     "rejected": " ".join([f"and the {other} and the night"] * 2)})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A preference directory (`cakelm prefs` layout) of 60 training and 12 held-out toy pairs."""
+    folder = tmp_path_factory.mktemp("prefs")
+    rows = toy_pairs(72)
+    for name, part in (("train", rows[:60]), ("val", rows[60:])):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+    return folder

@@ -48,7 +48,6 @@ from tests.conftest import tiny_checkpoint, tiny_reward_model
 from tests.serving import free_port
 from tests.test_ddp import _flags
 from tests.test_grpo import REWARD_MODULE
-from tests.test_rlhf import toy_pairs
 from tests.test_sft import write_jsonl
 
 QUIET = {"loop.progress": False, "loop.log_every": 1, "loop.eval_every": 0, "optim.warmup_steps": 0,
@@ -74,15 +73,6 @@ def prompts(tmp_path_factory) -> str:
             for i, (w, v) in enumerate((a, b) for a in ("king", "queen", "lord", "lady", "sword", "crown")
                                        for b in ("night", "day", "heart", "blood", "time", "house"))]
     return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", rows)
-
-
-@pytest.fixture(scope="module")
-def prefs_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("prefs")
-    rows = toy_pairs(40)
-    write_jsonl(folder / "train.jsonl", rows[:32])
-    write_jsonl(folder / "val.jsonl", rows[32:])
-    return folder
 
 
 @pytest.fixture
@@ -291,8 +281,8 @@ def test_rloo_gradient_raises_the_completion_with_the_higher_advantage(tok_dir, 
     {"kl_coef": 0.5, "gamma": 0.9, "lam": 0.8, "vf_coef": 0.5, "value_clip": 0.05, "epsilon_low": 0.05,
      "epsilon_high": 0.1, "missing_eos_penalty": 2.0, "temperature": 0.8},
 ])
-def test_ppo_step_is_its_loss_on_its_rollouts(chatty, rm, prefs_dir, tmp_path, opts) -> None:
-    cfg = {"init": str(chatty), "reward_model": str(rm), "data": str(prefs_dir), "prompts_per_step": 8, "epochs": 1,
+def test_ppo_step_is_its_loss_on_its_rollouts(chatty, rm, pairs, tmp_path, opts) -> None:
+    cfg = {"init": str(chatty), "reward_model": str(rm), "data": str(pairs), "prompts_per_step": 8, "epochs": 1,
            "num_minibatches": 1, "max_new_tokens": 8, "val_size": 4, **QUIET, **opts}
     after1, out = two_steps(ppo.main, ppo.PPOConfig, cfg, tmp_path)
     o = build_config(ppo.PPOConfig, ("test", cfg))

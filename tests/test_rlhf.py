@@ -23,38 +23,19 @@ from cakelm.data.prefs import encode_pairs, load_prefs, pad_pairs, read_prefs
 from cakelm.rlhf import RLHFEval, ScalarModel, heldout_rows, last_scores, load_scalar_model, sequence_logprobs
 from cakelm.stages import dpo, ppo, prefs, reward
 from cakelm.stages.dpo import reference_logprobs
-from tests.conftest import tiny_checkpoint
+from tests.conftest import PAIR_WORDS as WORDS
+from tests.conftest import tiny_checkpoint, toy_pairs
 from tests.serving import free_port
 from tests.test_ddp import _flags
 from tests.test_sft import write_jsonl
 
-WORDS = ("king", "queen", "lord", "lady", "sword", "crown", "night", "day", "heart", "blood", "time", "house")
 QUIET = {"loop.progress": False, "loop.log_every": 1, "loop.eval_every": 0, "optim.warmup_steps": 0}
-
-
-def toy_pairs(n: int) -> list[dict]:
-    """The chosen reply names the prompt's topic in two words; the rejected one rambles about something else."""
-    rows = []
-    for i in range(n):
-        w, other = WORDS[i % len(WORDS)], WORDS[(i * 5 + 3) % len(WORDS)]
-        rows.append({"prompt": f"Tell me of the {w}, friend {i}.", "chosen": f"The {w}.",
-                     "rejected": " ".join([f"and the {other} and the night"] * 2)})
-    return rows
 
 
 @pytest.fixture(scope="module")
 def chat_model(tok_dir, tmp_path_factory) -> Path:
     return tiny_checkpoint(tmp_path_factory.mktemp("chat") / "sft", tok_dir, "sft", "chat", dim=64, n_heads=4,
                            n_kv_heads=4, max_seq_len=64)
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("prefs")
-    rows = toy_pairs(72)
-    write_jsonl(folder / "train.jsonl", rows[:60])
-    write_jsonl(folder / "val.jsonl", rows[60:])
-    return folder
 
 
 @pytest.fixture(scope="module")

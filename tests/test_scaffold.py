@@ -19,8 +19,7 @@ from cakelm.rollout import EngineGenerator
 from cakelm.scaffold import Run
 from cakelm.stages import dpo, grpo, ppo, pretrain, reward, rloo, sft
 from cakelm.stages.table import STAGES
-from tests.conftest import tiny_checkpoint, tiny_reward_model
-from tests.test_rlhf import toy_pairs
+from tests.conftest import tiny_checkpoint, tiny_reward_model, toy_pairs
 from tests.test_sft import write_jsonl
 
 QUIET = {"loop.progress": False, "loop.log_every": 1, "loop.eval_every": 0, "optim.warmup_steps": 0,

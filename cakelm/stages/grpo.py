@@ -69,7 +69,7 @@ from cakelm.rl import (
     summary,
 )
 from cakelm.rollout import completion_logprobs
-from cakelm.scaffold import rl_loop, start
+from cakelm.scaffold import start
 
 
 @dataclass
@@ -171,12 +171,12 @@ def main(cfg: GRPOConfig) -> Path:
     batches = RolloutBatches(roll_out, local, cfg.epochs, cfg.num_minibatches, cfg.loop.batch_size,
                              lambda b: aggregate(torch.zeros_like(b["mask"]), b["mask"], cfg.aggregation,
                                                  cfg.max_new_tokens)[1], cfg.loop.seed, info)
-    evaluate = RewardEval(prompts.val, rewards, cfg.max_new_tokens, cfg.rollout_batch, info, run.device,
+    evaluate = RewardEval(prompts.val, rewards, cfg.max_new_tokens, info, run.device,
                           lambda m: run.generator(m, cfg.rollout_batch))
     run.announce(f"{cfg.prompts_per_step} prompts x {G} completions per phase, {cfg.epochs} epoch(s) x "
                  f"{cfg.num_minibatches} minibatch(es); rewards {', '.join(rewards.names)}"
                  + (f"; skipped {prompts.skipped} bad lines" if prompts.skipped else ""))
     metrics = run.train(policy, batches, lambda m, b: grpo_loss(m, b, cfg), evaluate,
                         meta={"data": prompts.counts, "rewards": cfg.rewards, "skipped_lines": prompts.skipped},
-                        loop=rl_loop(cfg.loop, batches.micro_batches), show=("reward", "accuracy"))
+                        loop=batches.loop(cfg.loop), show=("reward", "accuracy"))
     return run.done(summary({"metrics": metrics}), metrics)

@@ -61,7 +61,7 @@ from cakelm.optim import OptimConfig
 from cakelm.rl import HELP, OPTIM, Rewards, RolloutBatches, check_options, phase_rows, sample_and_score
 from cakelm.rlhf import RLHFEval, ScalarModel, heldout_rows, load_scalar_model, prompt_rows
 from cakelm.rollout import completion_logprobs
-from cakelm.scaffold import rl_loop, start
+from cakelm.scaffold import start
 
 
 @dataclass
@@ -220,6 +220,6 @@ def main(cfg: PPOConfig) -> Path:
     metrics = run.train(model, batches, lambda m, b: ppo_loss(m, b, cfg), evaluate,
                         meta={"reward_model": cfg.reward_model, "skipped_lines": skipped},
                         heads=lambda: {f"value.{k}": v for k, v in value.state_dict().items()},
-                        loop=rl_loop(cfg.loop, batches.micro_batches), show=("proxy", "gold", "kl"))
+                        loop=batches.loop(cfg.loop), show=("proxy", "gold", "kl"))
     return run.done(f"held-out gold {metrics.get('val_gold', math.nan):.3f}, proxy "
                     f"{metrics.get('val_proxy', math.nan):.3f}, KL {metrics.get('val_kl', math.nan):.2f}", metrics)

@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 
-from cakelm.common import all_reduce_sum
 from cakelm.config import nested, opt
 from cakelm.data.chat import BUILTIN_CHAT, VAL_FRACTION
 from cakelm.engine import SamplingParams
@@ -55,7 +54,7 @@ from cakelm.rl import (
 )
 from cakelm.rlhf import RLHFEval
 from cakelm.rollout import completion_logprobs
-from cakelm.scaffold import rl_loop, start
+from cakelm.scaffold import start
 
 
 @dataclass
@@ -135,22 +134,21 @@ def main(cfg: RLOOConfig) -> Path:
         b = s.batch
         shaped = kl_penalized_rewards(s.rewards, b["old_logp"], b["ref_logp"], b["mask"], cfg.kl_coef)
         adv, _ = leave_one_out_advantages(shaped, G)  # whole groups per rank: local is exact
-        # groups whose rewards (before the KL shaping, which is never exactly equal) are all the same
-        zero = leave_one_out_advantages(s.rewards, G)[1]
+        # groups whose rewards (before the KL shaping, which is never exactly equal) are all the same, every rank's
+        zero = leave_one_out_advantages(s.all_rewards, G)[1]
         if cfg.normalize_advantages:  # over the whole batch, every rank's
             everyone = gather_rows(adv, info, run.device)
             adv = (adv - everyone.mean()) / (everyone.std() + 1e-4)
-        zero = int(all_reduce_sum(torch.tensor(float(zero), device=run.device), info).item())
         data = {**b, "rewards": s.rewards, "adv": adv.float()}
         return data, {**s.metrics, "zero_signal": zero / (len(s.all_rewards) // G)}
 
     local = cfg.prompts_per_step // info.world_size * G
     batches = RolloutBatches(roll_out, local, cfg.epochs, cfg.num_minibatches, cfg.loop.batch_size,
                              lambda b: float(b["mask"].size(0)), cfg.loop.seed, info)
-    reward_eval = RewardEval(prompts.val, rewards, cfg.max_new_tokens, cfg.rollout_batch, info, run.device,
+    reward_eval = RewardEval(prompts.val, rewards, cfg.max_new_tokens, info, run.device,
                              lambda m: run.generator(m, cfg.rollout_batch))
     judge = RLHFEval(prompts.val, run.tok, rewards.model, ref, cfg.max_new_tokens, cfg.loop.seed, cfg.val_samples) \
-        if rewards.model is not None and prompts.val else None
+        if rewards.model is not None else None
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         out = reward_eval(m)
@@ -165,5 +163,5 @@ def main(cfg: RLOOConfig) -> Path:
     metrics = run.train(policy, batches, lambda m, b: rloo_loss(m, b, cfg), evaluate,
                         meta={"data": prompts.counts, "rewards": cfg.rewards, "reward_model": cfg.reward_model,
                               "skipped_lines": prompts.skipped},
-                        loop=rl_loop(cfg.loop, batches.micro_batches), show=("reward", "accuracy"))
+                        loop=batches.loop(cfg.loop), show=("reward", "accuracy"))
     return run.done(summary({"metrics": metrics}), metrics)
