@@ -1,6 +1,7 @@
 """Generation speed: prefill tokens/s, decode tokens/s at batch 1 and 8, time to first token, and how the cost
 of a decoded token grows with the text, for cakelm's engine and for Hugging Face `transformers.generate` on
-the same weights (an export of the same model), each with and without a KV cache.
+the same weights (an export of the same model), each with and without a KV cache; and what RL rollouts' per-prompt
+seeds cost (sampling 16 prompts x 8 replies with one random generator for the batch, or one per row).
 
     python benchmarks/generate.py                      # the 10m preset (6 layers, width 384, context 256)
     python benchmarks/generate.py --preset tiny --new-tokens 64
@@ -55,6 +56,23 @@ def per_token_ms(engine: Engine, prompt: list[int], n: int, window: int) -> list
     for _ in engine.stream([prompt], params):
         stamps.append(time.perf_counter())
     return [1000 * (stamps[i + window] - stamps[i]) / window for i in range(0, len(stamps) - window, window)]
+
+
+def seeds_cost(engine: Engine, prompts: list[list[int]], n: int, repeats: int) -> tuple[float, float]:
+    """Sampled tokens/s of 8 replies to each prompt, with one generator for the batch and with a generator per row
+    (`seeds`), medians of interleaved runs (no stop tokens: every row samples n tokens)."""
+    params = SamplingParams(max_new_tokens=n, temperature=1.0, seed=0)
+    variants = {"one": None, "per row": list(range(len(prompts)))}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for seeds in variants.values():  # warm-up
+        engine.generate(prompts, params, n=8, seeds=seeds)
+    for _ in range(repeats):
+        for name, seeds in variants.items():
+            t = time.perf_counter()
+            engine.generate(prompts, params, n=8, seeds=seeds)
+            times[name].append(time.perf_counter() - t)
+    tokens = len(prompts) * 8 * n
+    return tokens / statistics.median(times["one"]), tokens / statistics.median(times["per row"])
 
 
 def read_bandwidth(mb: int = 1024, repeats: int = 5) -> float:
@@ -129,6 +147,7 @@ def main() -> None:
                      f"{1000 * t_nc / N:.2f} ms/token"))
     window = max(1, N // 4)
     flat = per_token_ms(engine, prompt, N, window)
+    seeded = seeds_cost(engine, prompts8 * 2, N, args.repeats)
 
     hf_rows = []
     try:
@@ -167,6 +186,9 @@ def main() -> None:
     if hf_rows:
         print(f"cakelm vs transformers, batch-1 decode with caches: {h1 / t1:.2f}x; batch 8: {h8 / t8:.2f}x")
     print(f"cakelm ms/token by position (windows of {window} tokens): {', '.join(f'{x:.2f}' for x in flat)}")
+    one, per_row = seeded
+    print(f"sampling 16 prompts x 8 replies (temperature 1): {one:,.0f} tok/s with one generator, {per_row:,.0f} with "
+          f"one per row (per-prompt seeds, as RL rollouts): {per_row / one:.2f}x")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied head counts once
     bw = read_bandwidth()
     bound = bw / weight_bytes

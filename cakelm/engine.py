@@ -10,8 +10,8 @@
   generator, so a completion depends on its seed alone, not on the other prompts in the batch: RL rollouts
   split over 2 ranks or 4 chunks sample what one batch would (up to rounding differences between batch shapes,
   which can flip a near-tie). It costs one small noise draw per row and token (a Python loop over the rows):
-  within noise on a 2-core CPU (128 rows x 64 tokens: 7,060 vs 6,927 sampled tokens/s, measured); on a GPU each
-  draw is a kernel launch of its own (not measured yet).
+  nothing measurable on a 2-core CPU (`benchmarks/generate.py`: 16 prompts x 8 replies, 7,039 vs 6,896 sampled
+  tokens/s); on a GPU each draw is a kernel launch of its own (not measured yet).
 - streaming: `Engine.stream` yields text pieces as they become final: a multi-byte UTF-8 character split over
   tokens is held back until complete, and so is text that could still turn into a stop string.
 - log-probabilities of the sampled tokens on request (under the sampling temperature, before top-k/top-p),

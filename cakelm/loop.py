@@ -200,7 +200,11 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
             o.load_state_dict(s)
         torch.set_rng_state(resume_state["rng"]["torch"])
         if "batches" in resume_state:  # each rank's own (its rollouts differ from the others')
-            batches.load_state_dict(resume_state["batches"][info.rank])  # type: ignore[attr-defined]
+            try:
+                batches.load_state_dict(resume_state["batches"][info.rank])  # type: ignore[attr-defined]
+            except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+                raise CakeError(f"--resume: {ctx.out}/train_state.pt holds no batch state this stage can continue "
+                                f"from ({type(e).__name__}: {str(e)[:200]})") from None
     for m in model.modules():  # the model, or the Transformer inside a wrapper (a scalar-head model)
         if isinstance(m, Transformer):
             m.grad_checkpoint = cfg.grad_checkpoint

@@ -152,6 +152,8 @@ def parse_rewards(specs: Sequence[str]) -> tuple[list[WeightedReward], float | N
                 rm_weight = float(w) if w else 1.0
             except ValueError:
                 raise CakeError(f"--rewards {spec}: the weight after '=' must be a number") from None
+            if not math.isfinite(rm_weight):
+                raise CakeError(f"--rewards {spec}: the weight must be finite")
         else:
             functions.append(load_reward(spec))
     return functions, rm_weight
@@ -340,7 +342,12 @@ class RolloutBatches:
         return {"rollouts": self.cache, **{name: part.state_dict() for name, part in self.keep.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.cache = state["rollouts"]
+        cache = state["rollouts"]
+        # saved rollouts must have this run's shape before any step trains on them
+        if cache is not None and not (isinstance(cache["phase"], int) and isinstance(cache["metrics"], dict) and all(
+                isinstance(v, torch.Tensor) and v.size(0) == self.rows for v in cache["data"].values())):
+            raise ValueError(f"the saved rollouts are not a phase of {self.rows} rows per rank")
+        self.cache = cache
         for name, part in self.keep.items():
             part.load_state_dict(state[name])
 

@@ -193,6 +193,25 @@ def test_resume_inside_a_rollout_window_is_exact(chat_model, prompts, tmp_path, 
     assert a[3]["clip_frac"] >= 0 and a[2]["ratio"] == pytest.approx(1.0, abs=1e-4)
 
 
+def test_resume_refuses_a_crafted_batch_state(chat_model, prompts, tmp_path, capsys) -> None:
+    """A train_state.pt whose rollouts were tampered with (or come from another run shape) is refused with one line,
+    before any step trains on them; the checkpoint is left as it was."""
+    run_grpo(chat_model, [prompts], tmp_path / "g", epochs=2, **{"loop.max_steps": 1})
+    path = tmp_path / "g" / "train_state.pt"
+    good = torch.load(path, weights_only=False)
+    argv = ["grpo", "--init", str(chat_model), "--data", prompts, "--out", str(tmp_path / "g"), "--resume",
+            "--epochs", "2", "--max-steps", "2", *_flags({k: v for k, v in TINY.items() if k != "loop.max_steps"})]
+    for batches in ([{"bogus": 1}], [], [{"rollouts": {"phase": 0, "metrics": {},
+                                                       "data": {"mask": torch.ones(3, 2)}}}]):
+        torch.save({**good, "batches": batches}, path)
+        assert cli(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "holds no batch state this stage can continue from" in err and len(err.splitlines()) == 1, err
+        assert load_meta(tmp_path / "g")["step"] == 1
+    torch.save(good, path)  # the real one resumes
+    assert cli(argv) == 0 and load_meta(tmp_path / "g")["step"] == 2
+
+
 def test_rewards_none_and_mask_truncated(chat_model, tok_dir) -> None:
     tok = Tokenizer.load(tok_dir)
     rows_ = prompts_of([Example("a", [{"role": "user", "content": "x"}], "4"),

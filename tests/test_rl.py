@@ -12,6 +12,7 @@ advantage whitening removed, GRPO ignoring --scale-rewards; see the closing note
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -235,6 +236,22 @@ def test_rloo_raises_the_reward_and_refuses_bad_reward_options(chatty, prompts, 
     assert "give the reward model's checkpoint with --reward-model" in capsys.readouterr().err
     assert cli([*base, "--rewards", "exact_match", "--reward-model", str(chatty)]) == 2
     assert "--rewards does not use it" in capsys.readouterr().err
+    for weight, message in (("x", "must be a number"), ("nan", "must be finite"), ("inf", "must be finite")):
+        assert cli([*base, "--rewards", f"reward_model={weight}", "--reward-model", str(chatty)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_no_held_out_prompt_is_a_one_line_error(chatty, prompts, tmp_path, monkeypatch) -> None:
+    from cakelm import rl
+    from cakelm.common import CakeError
+
+    real = rl.rl_prompts
+    monkeypatch.setattr(rl, "rl_prompts", lambda *a, **k: dataclasses.replace(real(*a, **k), val=[]))
+    with pytest.raises(CakeError, match="no held-out prompt leaves room for --max-new-tokens 8"):
+        grpo.main(build_config(grpo.GRPOConfig, ("test", {"init": str(chatty), "data": [prompts],
+                                                          "out": str(tmp_path / "g"), **GROUPS, **QUIET})))
 
 
 def test_rloo_equal_rewards_give_no_gradient(chatty, prompts, tmp_path, user_rewards) -> None:
