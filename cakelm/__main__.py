@@ -9,14 +9,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
 from cakelm import __version__
+from cakelm.checkpoint import is_checkpoint, load_meta
 from cakelm.common import CakeError
-from cakelm.config import ConfigError, add_arguments, config_from_args
+from cakelm.config import ConfigError, add_arguments, arg_layers, build_config, flatten
 from cakelm.stages import pipeline, rounds
 from cakelm.stages.table import STAGES, Stage
 
@@ -44,16 +48,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["reward", "score"]:  # `cakelm reward score CKPT ...` is the reward-score command
+def canonical(argv: Sequence[str]) -> list[str]:
+    """The two-word commands as their subcommand names: `reward score` is reward-score, `label export` is
+    label-export."""
+    argv = list(argv)
+    if argv[:2] == ["reward", "score"]:
         argv = ["reward-score", *argv[2:]]
-    if argv[:2] == ["label", "export"]:  # `cakelm label export DB ...` is the label-export command
+    if argv[:2] == ["label", "export"]:
         argv = ["label-export", *argv[2:]]
-    ns = build_parser().parse_args(argv)
+    return argv
+
+
+def saved_options(cls: type, layers: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """With --resume, the options saved with the run in --out (its meta.json), as a layer under those given now:
+    a bare `cakelm sft --out DIR --resume` continues the run as it was started. Options given now still have to
+    agree with the saved ones, except the resumable ones such as --max-steps (`checkpoint.check_same_run`)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "resume" not in fields or "out" not in fields:
+        return []
+    given = {key: value for _, layer in layers for key, value in layer.items()}
+    out = Path(given.get("out", fields["out"].default))
+    if not given.get("resume") or not is_checkpoint(out):
+        return []  # nothing to continue: the stage starts afresh (and says so)
+    saved = load_meta(out).get("config")
+    return [(str(out / "meta.json"), flatten(saved))] if isinstance(saved, dict) else []
+
+
+def config_of(command: Stage, ns: argparse.Namespace) -> Any:
+    """The command's config: defaults < (with --resume) the run's saved options < --preset < --config < flags."""
+    layers = arg_layers(ns, command.presets)
+    return build_config(command.config, *saved_options(command.config, layers), *layers)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(canonical(sys.argv[1:] if argv is None else argv))
     command = COMMANDS[ns.command]
     try:
-        command.main(config_from_args(command.config, ns, command.presets))
+        command.main(config_of(command, ns))
     except (CakeError, ConfigError) as e:
         print(f"cakelm {ns.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,6 @@
-"""Checkpoints: self-describing directories, written atomically.
+"""Checkpoints: self-describing directories, saved all-or-nothing.
+
+What readers see (every consumer, and Hugging Face tools, open these names):
 
     CKPT/
       model.safetensors   weights (fp32 unless saved otherwise); metadata {"step": ...}
@@ -8,20 +10,29 @@
       meta.json           {"stage", "step", "complete", "config" (resolved stage config), "metrics",
                            "code_version", "parent" (checkpoint this one started from), ...}
       train_state.pt      optimizer state, step, RNG states: what `--resume` needs for an exact continuation
+                          (plain tensors, numbers and strings: it loads with torch.load(weights_only=True))
       heads.safetensors   (reward models and PPO) extra tensors beside the Transformer: the scalar head, the
                           value model; see `cakelm.rlhf`
 
-A save writes and fsyncs every file under a temporary name first, then renames them into place (meta.json last),
-so an interrupted save leaves the old checkpoint or the new one. The weights, meta.json and train_state.pt all
-carry the step, and loading cross-checks them: a crash in the instant between two renames is reported, never
-silently resumed as a mix of two steps. Later stages read an earlier stage's directory and inherit what they do
-not override.
+How it is stored: each save is a complete version in a hidden directory, `CKPT/.ckpt-000007-step-30/`; the
+relative symlink `CKPT/current` points at the live version, and each name above is a relative symlink
+`NAME -> current/NAME` (metrics.jsonl and other files of the run are plain files beside them). A save writes and
+fsyncs every file of the new version, fsyncs its directory and CKPT, then switches `current` with one atomic
+rename of a symlink, so at every instant CKPT reads as the old complete checkpoint or the new one: a name the live
+version lacks is a dangling link, which reads as missing. Older versions are removed only after the switch (the
+newest `keep` stay); leftovers of a save cut off before its switch are removed by the next save. A directory in
+the old layout (plain files) is first adopted as a version with the same content (hard links), so converting it
+is just as safe. The weights, meta.json and train_state.pt all carry the step, and loading cross-checks them.
+POSIX only (symlinks, directory fsync); Windows is not a target.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,12 +41,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from cakelm.common import CakeError, code_version, fsync_path, read_json
+from cakelm.common import CakeError, code_version, finite_json, fsync_path, honour_umask, read_json
 from cakelm.config import flatten
 from cakelm.model import ModelConfig, Transformer
 from cakelm.tokenizer import CAKELM_TEMPLATE, CONFIG_FILE, Tokenizer
 
 FILES = ("model.safetensors", "config.json", "tokenizer.json", "meta.json")
+OPTIONAL = ("train_state.pt", "heads.safetensors", CONFIG_FILE)  # the other names a save may write
+CURRENT = "current"
+_VERSION = re.compile(r"^\.ckpt-(\d+)-")
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -50,16 +64,106 @@ def _weights(model: Transformer) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _versions(out: Path) -> dict[int, Path]:
+    """The version directories in `out`, by sequence number."""
+    found = {}
+    for p in out.iterdir():
+        m = _VERSION.match(p.name)
+        if m and p.is_dir() and not p.is_symlink():
+            found[int(m.group(1))] = p
+    return found
+
+
+def _live(out: Path) -> int | None:
+    """The sequence number of the version `current` points at (None: no versioned checkpoint)."""
+    link = out / CURRENT
+    if not link.is_symlink():
+        return None
+    m = _VERSION.match(os.readlink(link))
+    return int(m.group(1)) if m else None
+
+
+def _link(path: Path, target: str) -> None:
+    """Make `path` a symlink to `target`, replacing what is there in one atomic rename."""
+    if path.is_symlink() and os.readlink(path) == target:
+        return
+    tmp = path.with_name(f".{path.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+
+
+def _remove(version: Path) -> None:
+    """Delete a version directory that no reader can reach (renamed first, so a cut-off delete leaves nothing
+    that looks like a version)."""
+    trash = version.with_name(f".trash{version.name}")
+    shutil.rmtree(trash, ignore_errors=True)  # the remains of an earlier cut-off delete of the same name
+    os.replace(version, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _tidy(out: Path, keep: int) -> None:
+    """Remove what no reader can reach: versions newer than the live one (a save cut off before its switch), the
+    live one's predecessors beyond the newest `keep` versions, temporary links and half-deleted versions."""
+    live = _live(out)
+    versions = _versions(out)
+    kept = sorted((s for s in versions if live is not None and s <= live), reverse=True)[:keep]
+    for seq, p in versions.items():
+        if seq not in kept:
+            _remove(p)
+    for p in out.iterdir():
+        if p.name.startswith(".trash.ckpt-") or (p.name.endswith(".link.tmp") and p.is_symlink()):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def _new_version(out: Path, label: str) -> Path:
+    seq = max([*_versions(out), _live(out) or 0], default=0) + 1
+    version = out / f".ckpt-{seq:06d}-{label}"
+    version.mkdir()  # mode 0o777 & ~umask
+    return version
+
+
+def _adopt_plain_files(out: Path) -> None:
+    """Convert the old layout (the checkpoint's files lie in `out` itself) into a live version with the same
+    content: hard-link (or copy) every file a reader sees into a version directory, point `current` at it,
+    then swap each plain file for a link to its identical twin. Readers see the old checkpoint throughout."""
+    names = [n for n in (*FILES, *OPTIONAL) if (out / n).is_file()]
+    plain = [n for n in names if not (out / n).is_symlink()]
+    current = out / CURRENT
+    if not plain and (current.is_symlink() or not current.exists()):
+        return
+    version = _new_version(out, "adopted")
+    for name in names:
+        src = (out / name).resolve()
+        try:
+            os.link(src, version / name)
+        except OSError:  # a file system without hard links
+            shutil.copy2(src, version / name)
+        fsync_path(version / name)
+    fsync_path(version)
+    fsync_path(out)
+    if current.exists() and not current.is_symlink():  # a copy of a checkpoint made without keeping links
+        trash = out / f".trash.ckpt-{version.name}"
+        os.replace(current, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    _link(current, version.name)
+    fsync_path(out)
+    for name in plain:
+        _link(out / name, f"{CURRENT}/{name}")
+    fsync_path(out)
+
+
 def save_checkpoint(out: str | Path, model: Transformer, tokenizer: Tokenizer, meta: dict[str, Any],
-                    train_state: dict[str, Any] | None = None, heads: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write (or overwrite) a checkpoint directory. `meta` must hold at least "stage" and "step". `heads` are
-    tensors saved beside the model in heads.safetensors (a scalar head, a value model), with the same step."""
+                    train_state: dict[str, Any] | None = None, heads: dict[str, torch.Tensor] | None = None,
+                    keep: int = 1) -> Path:
+    """Write (or replace) the checkpoint in directory `out`, all-or-nothing (see the module docstring).
+    `meta` must hold at least "stage" and "step". `heads` are tensors saved beside the model in
+    heads.safetensors (a scalar head, a value model), with the same step. `keep`: how many complete versions
+    stay on disk after the switch, the new one included (older ones are only a manual fallback)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     step = int(meta["step"])
     writers: dict[str, Callable[[Path], object]] = {}
-    if train_state is not None:
-        writers["train_state.pt"] = lambda p: torch.save({**train_state, "step": step}, p)
     writers["model.safetensors"] = lambda p: save_file(_weights(model), str(p), metadata={"step": str(step),
                                                                                          "format": "pt"})
     if heads is not None:
@@ -71,26 +175,29 @@ def save_checkpoint(out: str | Path, model: Transformer, tokenizer: Tokenizer, m
     if tokenizer.template != CAKELM_TEMPLATE:  # an imported vocabulary: its chat template travels with it
         writers[CONFIG_FILE] = lambda p: p.write_text(json.dumps(tokenizer.config(), indent=2) + "\n",
                                                       encoding="utf-8")
-    writers["meta.json"] = lambda p: p.write_text(json.dumps({"code_version": code_version(), **meta}, indent=2,
-                                                             sort_keys=True) + "\n", encoding="utf-8")
-    staged: dict[str, Path] = {}
-    try:
-        for name, write in writers.items():  # 1. everything written and fsynced under temporary names
-            staged[name] = out / f".{name}.tmp"
-            write(staged[name])
-            fsync_path(staged[name])
-        if train_state is None:
-            (out / "train_state.pt").unlink(missing_ok=True)  # a stale one must not be resumed from
-        if CONFIG_FILE not in staged:
-            (out / CONFIG_FILE).unlink(missing_ok=True)
-        if heads is None:
-            (out / "heads.safetensors").unlink(missing_ok=True)
-        for name in list(staged):  # 2. renamed into place, meta.json last
-            os.replace(staged.pop(name), out / name)
-        fsync_path(out)
-    finally:
-        for tmp in staged.values():
-            tmp.unlink(missing_ok=True)
+    if train_state is not None:
+        writers["train_state.pt"] = lambda p: torch.save({**train_state, "step": step}, p)
+    writers["meta.json"] = lambda p: p.write_text(json.dumps(finite_json({"code_version": code_version(), **meta}),
+                                                             indent=2, sort_keys=True, allow_nan=False) + "\n",
+                                                  encoding="utf-8")  # metrics of a skipped step: NaN -> null
+    _tidy(out, keep=len(_versions(out)))  # only leftovers of a save cut off before its switch
+    _adopt_plain_files(out)
+    version = _new_version(out, f"step-{step}")
+    for name, write in writers.items():  # 1. the new version, complete and on disk, where no reader looks
+        write(version / name)
+        honour_umask(version / name)
+        fsync_path(version / name)
+    fsync_path(version)
+    for name in writers:  # 2. its names, reading through `current` (a name the old version lacks reads as missing)
+        _link(out / name, f"{CURRENT}/{name}")
+    fsync_path(out)
+    _link(out / CURRENT, version.name)  # 3. the switch: one atomic rename
+    fsync_path(out)
+    for name in (*FILES, *OPTIONAL):  # 4. names the new version lacks (dangling, so already missing) go
+        p = out / name
+        if name not in writers and p.is_symlink() and os.readlink(p) == f"{CURRENT}/{name}":
+            p.unlink()
+    _tidy(out, max(1, keep))
     return out
 
 
@@ -166,9 +273,15 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise CakeError(f"--resume: {path} has no train_state.pt (it was saved without optimizer state)")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=False)
+        # data, never code: the file may come from elsewhere, and a pickle can run anything it names
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
+        raise CakeError(f"{p}: unreadable, or holds more than tensors and plain data (refused without running it: "
+                        f"{detail[:200]})") from None
     except Exception as e:  # torch raises many types for a corrupt file
-        raise CakeError(f"{p}: unreadable ({str(e).splitlines()[0][:200]})") from None
+        raise CakeError(f"{p}: unreadable ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
     step = load_meta(path)["step"]
     if not isinstance(state, dict) or state.get("step") != step:
         raise CakeError(f"{p} is from step {state.get('step') if isinstance(state, dict) else '?'} but the "
@@ -178,7 +291,9 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
 
 # Options that may change when a run is resumed: how long it runs and how it reports, not what it computes.
 RESUMABLE = {"resume", "overwrite", "loop.max_steps", "loop.eval_every", "loop.eval_tokens", "loop.log_every",
-             "loop.save_every", "loop.progress", "loop.device", "loop.grad_checkpoint"}
+             "loop.save_every", "loop.progress", "loop.device", "loop.grad_checkpoint",
+             # when a run stops on trouble, not what it computes (and absent from runs saved before they existed)
+             "loop.max_skipped", "reward_timeout", "reward_errors"}
 
 
 def check_same_run(saved: dict, now: dict, out: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import platform
 import random
@@ -219,13 +220,35 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (/proc), since setting it to read it
+    races with other threads creating files."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path) -> None:
+    """Give a file the mode a plain open() would (0o666 & ~umask). Writers that go through a temporary file
+    create it owner-only: mkstemp, and safetensors' save_file (0.7+)."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it is fsynced and renamed onto `path`."""
+    """Yield a temporary path next to `path`; on success it is fsynced and renamed onto `path`. The file gets
+    the mode a plain open() would give (0o666 & ~umask), not mkstemp's 0o600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    honour_umask(tmp)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -234,6 +257,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def finite_json(obj: Any) -> Any:
+    """`obj` as strict JSON can hold it: non-finite floats (NaN, inf) become None, inside lists and dicts too.
+    Dump the result with allow_nan=False, so a bare NaN (which JSON readers other than Python's reject) never
+    reaches a file."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -5,6 +5,8 @@ with this precedence (later wins):
 
     dataclass defaults  <  --preset NAME  <  --config FILE.toml  <  command-line flags
 
+(`cakelm STAGE --resume` puts the options saved with the run in --out between the defaults and the preset.)
+
 Nested dataclasses become dotted flags (`--optim.lr 3e-4`, `--model.n-layers 6`) and TOML tables (`[optim]`).
 A field may declare a short alias in its metadata (`--lr` for `optim.lr`). Unknown keys and values of the wrong
 type are errors that name the key and where it came from; range checks live in each dataclass's
@@ -232,8 +234,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, presets: dict[str,
         target.add_argument(*names, **kw)
 
 
-def config_from_args(cls: type[T], ns: argparse.Namespace, presets: dict[str, dict] | None = None) -> T:
-    """Turn parsed arguments into the config, applying preset and TOML file first."""
+def arg_layers(ns: argparse.Namespace, presets: dict[str, dict] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """The (source, {dotted_key: value}) layers parsed arguments give, in precedence order: the preset, the TOML
+    file, the flags."""
     reserved = {"config", "command"} | ({"preset"} if presets else set())
     given = {k: v for k, v in vars(ns).items() if k not in reserved}
     layers: list[tuple[str, dict[str, Any]]] = []
@@ -243,7 +246,12 @@ def config_from_args(cls: type[T], ns: argparse.Namespace, presets: dict[str, di
     if getattr(ns, "config", None):
         layers.append((str(ns.config), load_toml(ns.config)))
     layers.append(("command line", given))
-    return build_config(cls, *layers)
+    return layers
+
+
+def config_from_args(cls: type[T], ns: argparse.Namespace, presets: dict[str, dict] | None = None) -> T:
+    """Turn parsed arguments into the config, applying preset and TOML file first."""
+    return build_config(cls, *arg_layers(ns, presets))
 
 
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, presets: dict[str, dict] | None = None,

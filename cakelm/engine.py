@@ -13,7 +13,10 @@
   nothing measurable on a 2-core CPU (`benchmarks/generate.py`: 16 prompts x 8 replies, 7,039 vs 6,896 sampled
   tokens/s); on a GPU each draw is a kernel launch of its own (not measured yet).
 - streaming: `Engine.stream` yields text pieces as they become final: a multi-byte UTF-8 character split over
-  tokens is held back until complete, and so is text that could still turn into a stop string.
+  tokens is held back until complete, and so is text that could still turn into a stop string. Stop strings are
+  matched by an Aho-Corasick automaton (`StopMatcher`), so each new character costs amortised O(1) whatever the
+  length of the reply and of the stop strings (checking every tail against every stop string cost O(L^2) per
+  token for stop strings of L characters).
 - log-probabilities of the sampled tokens on request (under the sampling temperature, before top-k/top-p),
   which RL needs.
 
@@ -26,6 +29,8 @@
 from __future__ import annotations
 
 import codecs
+import functools
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -108,6 +113,65 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     return (logits.softmax(dim=-1) / noise).argmax(dim=-1)
 
 
+class StopMatcher:
+    """Aho-Corasick automaton over stop strings (Aho & Corasick 1975): fed a text a character at a time, its state
+    is the longest tail of the text that begins some stop string, and it says when a stop string ends.
+
+    Nodes are the prefixes of the stop strings (0: the empty one): `goto` the trie's edges, `fail` the node of the
+    longest proper suffix that is also a prefix, `depth` the prefix's length, `ends` the length of the longest
+    stop string that is a suffix of the prefix (0: none). Each character costs amortised O(1) transitions (a
+    failure link shortens the state, which grows by at most one per character)."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.goto: list[dict[str, int]] = [{}]
+        self.fail, self.depth, self.ends = [0], [0], [0]
+        for s in stops:
+            node = 0
+            for ch in s:
+                nxt = self.goto[node].get(ch)
+                if nxt is None:
+                    nxt = self.goto[node][ch] = len(self.goto)
+                    self.goto.append({})
+                    self.fail.append(0)
+                    self.depth.append(self.depth[node] + 1)
+                    self.ends.append(0)
+                node = nxt
+            self.ends[node] = len(s)
+        queue = deque(self.goto[0].values())  # breadth first: a node's failure target is shallower, so done
+        while queue:
+            node = queue.popleft()
+            self.ends[node] = self.ends[node] or self.ends[self.fail[node]]
+            for ch, child in self.goto[node].items():
+                f = self.fail[node]
+                while f and ch not in self.goto[f]:
+                    f = self.fail[f]
+                self.fail[child] = self.goto[f].get(ch, 0)
+                queue.append(child)
+
+    def feed(self, state: int, text: str) -> tuple[int, int | None, int]:
+        """Advance from `state` over `text`: (the new state, where in `text` the earliest-starting stop string
+        that ends in it starts (negative: it began before `text`) or None, transitions made)."""
+        first, steps = None, 0
+        for i, ch in enumerate(text):
+            while True:
+                steps += 1
+                nxt = self.goto[state].get(ch)
+                if nxt is not None or state == 0:
+                    state = nxt or 0
+                    break
+                state = self.fail[state]
+            if self.ends[state]:  # the longest stop string ending here starts earliest among those ending here
+                start = i + 1 - self.ends[state]
+                first = start if first is None else min(first, start)
+        return state, first, steps
+
+
+@functools.lru_cache(maxsize=16)
+def _matcher(stops: tuple[str, ...]) -> StopMatcher:
+    """One automaton per set of stop strings, shared by the rows of a batch (only their states differ)."""
+    return StopMatcher(stops)
+
+
 @dataclass
 class _Row:
     """Text assembly for one output row: incremental UTF-8 decoding, stop strings, what was already emitted."""
@@ -120,6 +184,12 @@ class _Row:
     emitted: int = 0
     finish: str | None = None
     decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    stop_state: int = 0  # the matcher's state after the text so far: its depth is the text held back
+    stop_steps: int = 0  # automaton transitions made (linear in the text: tests check it)
+    matcher: StopMatcher = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.matcher = _matcher(tuple(self.stop_strings))
 
     def push(self, token: int, logprob: float, tok: Tokenizer, stop_ids: tuple[int, ...], last: bool) -> str:
         """Add a sampled token; return the text that became final."""
@@ -129,12 +199,14 @@ class _Row:
         if token in stop_ids:
             self.finish = "stop"
         else:
-            self.text += self.decoder.decode(tok.token_bytes(token))
-            # A stop string can only start in the text not yet emitted (emitted text held back none of one).
-            # When several match, the text is cut at the earliest.
-            hits = [at for s in self.stop_strings if (at := self.text.find(s, self.emitted)) >= 0]
-            if hits:
-                self.text, self.finish, cut = self.text[:min(hits)], "stop", True
+            new = self.decoder.decode(tok.token_bytes(token))
+            self.stop_state, first, steps = self.matcher.feed(self.stop_state, new)
+            self.stop_steps += steps
+            # When several stop strings end in the new text, the text is cut at the earliest start. None can
+            # start in emitted text: text that could begin one is held back.
+            self.text += new
+            if first is not None:
+                self.text, self.finish, cut = self.text[:len(self.text) - len(new) + first], "stop", True
         if self.finish is None and last:
             self.finish = "length"
         if self.finish is not None:
@@ -147,12 +219,9 @@ class _Row:
         return piece
 
     def _held_back(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        for n in range(min(len(self.text), max((len(s) for s in self.stop_strings), default=1) - 1), 0, -1):
-            tail = self.text[-n:]
-            if any(s.startswith(tail) for s in self.stop_strings):
-                return n
-        return 0
+        """Length of the longest tail of the text that is a proper prefix of a stop string (no stop string has
+        ended, so the automaton's state is one)."""
+        return self.matcher.depth[self.stop_state]
 
 
 class Engine:

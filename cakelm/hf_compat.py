@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 
 from cakelm.chat_format import jinja_template, template_from_jinja
-from cakelm.common import CakeError, read_json, write_json_atomic
+from cakelm.common import CakeError, honour_umask, read_json, write_json_atomic
 from cakelm.model import ModelConfig, Transformer
 from cakelm.tokenizer import ChatTemplate, Tokenizer
 
@@ -109,6 +109,7 @@ def export_hf(model: Transformer, tok: Tokenizer, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(to_hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    honour_umask(out / "model.safetensors")  # safetensors writes it owner-only
     write_json_atomic(out / "config.json", hf_config(model.cfg, tok))
     write_json_atomic(out / "generation_config.json", {
         "bos_token_id": tok.bos_id, "pad_token_id": tok.pad_id,

@@ -21,6 +21,13 @@ Contracts:
 - `save(step, metrics, train_state, final)` is called on rank 0 only; train_state["batches"] holds every rank's
   batch state (a list by rank).
 
+A non-finite step never reaches the weights: when the step's loss (summed over all ranks, so every rank agrees)
+or its gradient norm is NaN or inf, the update is skipped (gradients dropped, optimizer untouched) and the step
+still counts for the schedule and the data, so a resumed run takes exactly the same decisions. Each skip is
+logged with the micro-batch(es) whose loss was not finite and counted in the metrics row (`skipped`); after
+`--loop.max-skipped` skipped steps in a row the run stops with an error, without saving. No checkpoint is ever
+saved from weights that are not all finite: the last good one stays as it was.
+
 Ctrl-C (SIGINT) is graceful: the loop finishes the step it is in, saves, and exits; `--resume` continues as if
 nothing happened. A second Ctrl-C stops at once.
 """
@@ -28,6 +35,7 @@ nothing happened. A second Ctrl-C stops at once.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import threading
@@ -48,6 +56,7 @@ from cakelm.common import (
     DistInfo,
     all_reduce_sum,
     barrier,
+    finite_json,
     gather_object,
     keep_freed_memory,
     pick_dtype,
@@ -58,6 +67,11 @@ from cakelm.model import Transformer
 from cakelm.optim import OptimConfig, build_optimizers, lr_multiplier, set_lr
 
 Batch = dict[str, Any]
+
+
+class StopRun(CakeError):
+    """Raised by a batch provider to end the run (e.g. an RL stage's failed reward with --reward-errors stop; on
+    every rank alike): the loop saves the steps done, then stops with this message and where it saved."""
 
 
 class BatchSource(Protocol):
@@ -86,12 +100,14 @@ class LoopConfig:
                                 "for ~1/3 more compute (models of 100M+ parameters, long rows)")
     seed: int = opt(1337, "random seed (init, data order, sampling)", alias="--seed")
     progress: bool = opt(True, "show a progress bar")
+    max_skipped: int = opt(5, "steps in a row whose loss or gradient norm is NaN/inf that are skipped (not "
+                           "applied) before the run stops with an error, saving nothing (0 = stop at the first)")
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_tokens", "save_every"):
+        for name in ("eval_every", "eval_tokens", "save_every", "max_skipped"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
@@ -125,7 +141,9 @@ def _gpu_peak(device: torch.device) -> float | None:
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step. On resume, lines past the resumed step are dropped so
-    the file tells the story of the run that actually produced the checkpoint."""
+    the file tells the story of the run that actually produced the checkpoint. Every line is strict JSON: a
+    value that is NaN or infinite (the loss of a window whose steps were all skipped, the gradient norm of a
+    skipped step) is written as null."""
 
     def __init__(self, path: Path, start_step: int, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
@@ -145,7 +163,7 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
+                fh.write(json.dumps(finite_json(row), allow_nan=False) + "\n")
 
 
 class GracefulStop:
@@ -171,6 +189,18 @@ class GracefulStop:
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def _non_finite(micro_losses: torch.Tensor, grad_norm: torch.Tensor, info: DistInfo) -> str:
+    """What made a step non-finite, for the log: the micro-batches (and ranks) whose loss was NaN/inf, else the
+    gradient norm. Every rank calls it (one all-reduce), since every rank skips the same steps."""
+    bad = torch.zeros(info.world_size, micro_losses.numel(), device=micro_losses.device)
+    bad[info.rank] = (~torch.isfinite(micro_losses)).float()
+    where = all_reduce_sum(bad, info).nonzero().tolist()
+    if not where:
+        return f"gradient norm {grad_norm.item()} (every micro-batch's loss was finite)"
+    shown = ", ".join(f"{m}" + (f" on rank {r}" if info.enabled else "") for r, m in where[:4])
+    return f"non-finite loss in micro-batch {shown}{' and more' if len(where) > 4 else ''}"
 
 
 def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopContext, batches: BatchSource,
@@ -220,6 +250,8 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
     saved_log = (resume_state or {}).get("log", {})
     tokens_seen = int(resume_state["tokens_seen"]) if resume_state else 0
     steps_since_log, tokens_since_log = saved_log.get("steps", 0), saved_log.get("tokens", 0)
+    skipped_since_log = saved_log.get("skipped", 0)  # steps of the window whose update was skipped (non-finite)
+    skipped_in_row = int((resume_state or {}).get("skipped_in_row", 0))
     loss_acc = torch.tensor(saved_log.get("loss_sum", 0.0), device=device)
     batch_metrics: dict[str, float] = dict(saved_log.get("batch_metrics", {}))  # summed over the window's steps
     t_log = time.perf_counter()
@@ -227,13 +259,20 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
 
     def save_all(step_done: int, final: bool) -> None:
         """Every rank hands rank 0 its batch state; rank 0 saves the checkpoint."""
+        # the weights are the same on every rank (DDP), so every rank takes the same decision here
+        bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            bar.close()
+            raise CakeError(f"step {step_done}: parameter {bad} holds NaN or inf; not saving it (the last checkpoint "
+                            f"in {ctx.out}, if any, is untouched)")
         batch_states = gather_object(batches.state_dict(), info) if hasattr(batches, "state_dict") else None
         if not info.is_main:
             return
         state = {"step": step_done, "tokens_seen": tokens_seen, "world_size": info.world_size,
                  "optimizers": [o.state_dict() for o in optimizers], "rng": {"torch": torch.get_rng_state()},
+                 "skipped_in_row": skipped_in_row,
                  "log": {"steps": steps_since_log, "tokens": tokens_since_log, "loss_sum": loss_acc.item(),
-                         "batch_metrics": dict(batch_metrics)}}
+                         "skipped": skipped_since_log, "batch_metrics": dict(batch_metrics)}}
         if batch_states is not None:
             state["batches"] = batch_states  # by rank
         save(step_done, last, state, final)
@@ -242,7 +281,15 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
     with GracefulStop(announce=info.is_main and cfg.progress) as stop:
         for step in range(start, cfg.max_steps):
             lr = set_lr(optimizers, lr_multiplier(step, cfg.max_steps, optim_cfg))
-            micro = [batches.get(step, m) for m in range(cfg.grad_accum)]
+            try:
+                micro = [batches.get(step, m) for m in range(cfg.grad_accum)]
+            except StopRun as e:
+                if completed == start:
+                    raise
+                barrier(info)
+                save_all(completed, False)
+                bar.close()
+                raise StopRun(f"{e}; saved step {completed} in {ctx.out} (--resume continues)") from None
             # one all-reduce per step: the units of the whole global batch, and whether any rank got a Ctrl-C
             flags = torch.tensor([float(sum(b["n"] for b in micro)), float(stop.requested)], device=device)
             n_units, stop_requested = all_reduce_sum(flags, info).tolist()
@@ -256,6 +303,7 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
             for k, v in micro[0].get("metrics", {}).items():
                 batch_metrics[k] = batch_metrics.get(k, 0.0) + float(v)
             step_loss = torch.zeros((), device=device)
+            micro_losses = []  # to name the micro-batch whose loss was not finite
             step_extra: dict[str, torch.Tensor] = {}
             for m, batch in enumerate(micro):
                 sync = nullcontext() if not info.enabled or m == cfg.grad_accum - 1 else fwd.no_sync()
@@ -266,26 +314,46 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
                     # gradient is that of (total loss / total units) over the whole global batch.
                     (loss_sum * (info.world_size / max(n_units, 1.0))).backward()
                 step_loss += loss_sum.detach()
+                micro_losses.append(loss_sum.detach().float())
                 for k, v in extra.items():
                     step_extra[k] = step_extra.get(k, 0) + v.detach().float()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, optim_cfg.grad_clip if optim_cfg.grad_clip > 0
                                                        else float("inf"))
+            step_loss = all_reduce_sum(step_loss, info)  # over all ranks: NaN on every rank if on any
+            # DDP's gradients are all-reduced, so the norm is the same on every rank too: all ranks agree to skip
+            if bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm)):
+                skipped_in_row = 0
+                for o in optimizers:
+                    o.step()
+                loss_acc += step_loss / max(n_units, 1.0)  # a step with no units (all masked) logs 0
+            else:
+                skipped_in_row += 1
+                skipped_since_log += 1
+                what = _non_finite(torch.stack(micro_losses), grad_norm, info)
+                if skipped_in_row > cfg.max_skipped:
+                    bar.close()
+                    raise CakeError(f"step {step + 1}: {skipped_in_row} step(s) in a row with a non-finite loss or "
+                                    f"gradient norm (the last: {what}); stopped without saving (the last "
+                                    f"checkpoint in {ctx.out}, if any, is untouched); lower --lr, or raise "
+                                    "--loop.max-skipped")
+                if info.is_main:
+                    bar.write(f"step {step + 1}: {what}; update skipped ({skipped_in_row} in a row, the run stops "
+                              f"after {cfg.max_skipped})", file=sys.stderr)
             for o in optimizers:
-                o.step()
                 o.zero_grad(set_to_none=True)
-            completed = step + 1
+            completed = step + 1  # a skipped step counts too: the schedule and the data go on as planned
             tokens_seen += step_tokens
             tokens_since_log += step_tokens
             steps_since_log += 1
-            loss_acc += all_reduce_sum(step_loss, info) / max(n_units, 1.0)  # a step with no units (all masked) logs 0
             bar.update(1)
 
             final = completed == cfg.max_steps
             row: dict[str, Any] = {}
             if completed % cfg.log_every == 0 or final:
                 dt = time.perf_counter() - t_log
-                row = {"step": completed, "loss": (loss_acc / steps_since_log).item(), "lr": lr,
-                       "grad_norm": grad_norm.item(), "tokens": tokens_seen,
+                applied = steps_since_log - skipped_since_log  # a window of skipped steps only logs loss null
+                row = {"step": completed, "loss": (loss_acc / applied).item() if applied else math.nan, "lr": lr,
+                       "grad_norm": grad_norm.item(), "tokens": tokens_seen, "skipped": skipped_since_log,
                        "tok_per_s": tokens_since_log / dt, "ms_per_step": 1000 * dt / steps_since_log}
                 for k, v in step_extra.items():
                     v = all_reduce_sum(v, info)
@@ -299,7 +367,7 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
                                 tok_s=f"{row['tok_per_s']:,.0f}", refresh=False)
                 loss_acc.zero_()
                 batch_metrics.clear()
-                steps_since_log, tokens_since_log = 0, 0
+                steps_since_log, tokens_since_log, skipped_since_log = 0, 0, 0
                 t_log = time.perf_counter()
             t_pause = time.perf_counter()
             if evaluate and (final or (cfg.eval_every and completed % cfg.eval_every == 0)):

@@ -20,8 +20,15 @@ Built-ins (`BUILTIN`):
 - `gym`: the scorer reasoning-gym ships for the row's task (`task` = gsm / basic_arithmetic, `entry` = the
   generated problem), given the completion's final number (or its last line).
 
-`score` combines several rewards with their weights; a reward that raises is reported with its name and the
-prompt that broke it, never swallowed.
+The built-ins never raise on model output and take time linear in its length: no regular expression that
+backtracks over a long reply, no big-integer work on numbers of more than `MAX_DIGITS` digits (an equation with
+such a number, or more than `MAX_TERMS` terms, is not checked). Tested on 100,000-character replies.
+
+`score` combines several rewards with their weights. Each call runs under a time limit (`call_with_time_limit`:
+SIGALRM, in the main thread of a Unix process; elsewhere without a limit). A reward that raises, runs past the
+limit or returns something that is not a finite number *fails*: it scores 0 and `score` reports it (which reward,
+on which prompt, what went wrong), so the RL stages can count the failures or stop the run (`--reward-errors`).
+A limit cannot cut short one long call into C code (say a huge power): that call ends before the alarm is seen.
 """
 
 from __future__ import annotations
@@ -30,7 +37,10 @@ import importlib
 import math
 import numbers
 import re
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,23 +63,39 @@ def format_reward(prompt: str, completion: str, finish_reason: str | None = None
     return 1.0 if finish_reason == "stop" and len(completion) <= max_chars else 0.0
 
 
-_EQUATION = re.compile(r"(?<![\d.])(\d+(?:\s*[-+*]\s*\d+)+)\s*=\s*(-?\d+)(?!\.?\d)")
+# Maximal chains "a op b op c ..." and, right after one, "= result". Each scan moves forward only (no nested
+# quantifiers to backtrack over), so finding the equations takes time linear in the reply.
+_CHAIN = re.compile(r"(?<![\d.])\d+(?:\s*[-+*]\s*\d+)*")
+_RESULT = re.compile(r"\s*=\s*(-?\d+)(?!\.?\d)")
+_TERM = re.compile(r"\d+|[-+*]")
+MAX_DIGITS, MAX_TERMS = 100, 100  # larger equations are not checked (worked arithmetic never has them)
 
 
 def equations(prompt: str, completion: str, **_: Any) -> float | None:
     """The share of the equations written in the reply ("8 + 6 = 14", "9 + 9 + 1 = 19", "7 * 8 = 56") that are
     true; None when it writes none. A dense, verifiable signal for worked arithmetic: a reply with one slip in
-    three steps scores 2/3, where exact match sees only the final number."""
-    found = _EQUATION.findall(completion)
-    if not found:
-        return None
-    # integers joined by + - * only: evaluated by splitting, never by eval()
-    true = sum(_value(lhs) == int(rhs) for lhs, rhs in found)
-    return true / len(found)
+    three steps scores 2/3, where exact match sees only the final number. Integers joined by + - * only,
+    evaluated by splitting, never by eval(); equations with a number of more than MAX_DIGITS digits or more than
+    MAX_TERMS terms are skipped."""
+    true = found = pos = 0
+    while chain := _CHAIN.search(completion, pos):
+        pos = chain.end()
+        result = _RESULT.match(completion, pos)
+        tokens = _TERM.findall(chain.group())
+        if result is None or len(tokens) < 3:  # no "= n" after it, or a lone number
+            continue
+        pos = result.end()
+        rhs = result.group(1)
+        if len(tokens) > 2 * MAX_TERMS or max(len(t) for t in tokens[::2]) > MAX_DIGITS or \
+                len(rhs.lstrip("-")) > MAX_DIGITS:
+            continue
+        found += 1
+        true += _value(tokens) == int(rhs)
+    return true / found if found else None
 
 
-def _value(expression: str) -> int:
-    tokens = re.findall(r"\d+|[-+*]", expression)
+def _value(tokens: list[str]) -> int:
+    """The value of ["2", "+", "3", "*", "4"]: * binds tighter, + and - go left to right."""
     terms, sign, product = [], 1, int(tokens[0])
     for op, num in zip(tokens[1::2], tokens[2::2]):
         if op == "*":
@@ -89,7 +115,10 @@ def gym(prompt: str, completion: str, task: str | None = None, entry: dict | Non
 
     lines = completion.strip().splitlines()
     answer = final_number(completion) or (lines[-1] if lines else "")
-    return float(reasoning_gym.get_score_answer_fn(GYM_NAMES[task])(answer, entry))
+    try:
+        return float(reasoning_gym.get_score_answer_fn(GYM_NAMES[task])(answer, entry))
+    except Exception:  # the scorer choked on what the model wrote: a wrong answer, not a broken run
+        return 0.0
 
 
 _INT = re.compile(r"(?<![\d.])\d+(?![\d.]\d)")
@@ -161,22 +190,73 @@ def load_reward(spec: str) -> WeightedReward:
     return WeightedReward(name, fn, weight)
 
 
-def score(rewards: Sequence[WeightedReward], prompt: str, completion: str, fields: dict[str, Any]
-          ) -> tuple[float | None, dict[str, float | None]]:
-    """(weighted sum of the rewards that apply, or None if none applies; each reward's own value)."""
+class RewardTimeout(BaseException):
+    """Raised inside a reward that ran past its time limit. Not an Exception, so a reward's own `except
+    Exception:` cannot swallow it and go on running."""
+
+
+def time_limit_available() -> bool:
+    """Whether `call_with_time_limit` can interrupt a call here (SIGALRM exists and this is the main thread)."""
+    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+
+def _raise_timeout(signum: int, frame: Any) -> None:
+    raise RewardTimeout
+
+
+def _disarm(handler: Any, timer: tuple[float, float], t0: float) -> None:
+    """Stop our alarm and put back the previous handler and timer (a test's timeout keeps its deadline)."""
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, handler)
+    if timer[0] > 0:
+        signal.setitimer(signal.ITIMER_REAL, max(timer[0] - (time.monotonic() - t0), 1e-3), timer[1])
+
+
+def call_with_time_limit(fn: Callable[..., Any], seconds: float, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs), interrupted by RewardTimeout after `seconds` (<= 0: no limit). The interpreter
+    checks for signals between bytecodes and inside `re` matching, so a Python loop, a sleep or a backtracking
+    regular expression is cut short; without `time_limit_available()` the call runs unlimited."""
+    if not seconds > 0 or not time_limit_available():
+        return fn(*args, **kwargs)
+    handler = signal.signal(signal.SIGALRM, _raise_timeout)
+    t0 = time.monotonic()
+    timer = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        try:
+            _disarm(handler, timer, t0)
+        except RewardTimeout:  # the alarm went off just as the call returned: the call stands, disarm again
+            _disarm(handler, timer, t0)
+
+
+def _short(text: str, n: int = 80) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def score(rewards: Sequence[WeightedReward], prompt: str, completion: str, fields: dict[str, Any],
+          timeout: float = 0.0) -> tuple[float | None, dict[str, float | None], list[str]]:
+    """(weighted sum of the rewards that apply, or None if none applies; each reward's own value; one line per
+    reward that failed). A reward fails when it raises, runs past `timeout` seconds (0 = no limit) or returns
+    anything but a finite number or None; it then scores 0."""
     parts: dict[str, float | None] = {}
+    failures: list[str] = []
     total, applied = 0.0, False
     for r in rewards:
+        problem = ""
         try:
-            value = r.fn(prompt, completion, **fields)
+            value = call_with_time_limit(r.fn, timeout, prompt, completion, **fields)
+        except RewardTimeout:
+            value, problem = 0.0, f"timed out after {timeout:g}s (--reward-timeout)"
         except Exception as e:  # a user's reward: report which one broke, on what
-            short = prompt if len(prompt) <= 80 else prompt[:77] + "..."
-            raise CakeError(f"reward {r.name} failed on prompt {short!r}: {type(e).__name__}: {e}") from e
+            value, problem = 0.0, f"{type(e).__name__}: {_short(str(e), 200)}"
+        if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value)):
+            # bools count as 1 and 0
+            value, problem = 0.0, f"returned {_short(repr(value))} (a reward returns a finite number or None)"
+        if problem:
+            failures.append(f"reward {r.name} failed on prompt {_short(prompt)!r}: {problem}".replace("\n", " "))
         if value is not None:
-            if not isinstance(value, numbers.Real) or not math.isfinite(value):  # bools count as 1 and 0
-                raise CakeError(f"reward {r.name} returned {value!r} for prompt {prompt[:80]!r}; it must return a "
-                                "finite number or None")
             total += r.weight * float(value)
             applied = True
         parts[r.name] = None if value is None else float(value)
-    return (total if applied else None), parts
+    return (total if applied else None), parts, failures

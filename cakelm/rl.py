@@ -3,6 +3,11 @@
 - `Rewards`: the reward of a completion: weighted verifiable rewards (`cakelm.rewards`: exact_match, format,
   your module:function) plus, when `--rewards` names `reward_model`, the weighted score of a reward model
   (`cakelm reward`) read at the reply's last token. A completion no reward applies to takes its group's mean.
+  Each reward call has --reward-timeout seconds; a reward that raises, runs past it or returns no finite number
+  scores 0 and is counted (reward_errors, per phase, all ranks) with the first prompt it failed on printed by the
+  rank that saw it; with --reward-errors stop the run saves its steps and stops instead (every rank at once: the
+  count is in the all-reduce of the phase's metrics). A run no reward can score stops before it starts
+  (`check_scorable`), and so does one whose every reward call fails in its first phase.
 - `sample_and_score`: one rollout phase on this rank: the generator samples n completions of each prompt (seeded
   per prompt, so 2 ranks sample what 1 process would, up to rounding), the reference scores them, the rewards
   score them, and the metrics every RL stage logs are summed over ranks: reward, reward_std, gold (the rule-based
@@ -14,7 +19,8 @@
   Its `state_dict` (the phase's rollouts, and the stage's own stateful parts such as PPO's KL controller) is
   saved by the loop with every checkpoint, so a run resumed inside a phase trains on the same rollouts (and the
   last phase's rollouts stay in train_state.pt, to inspect: tests/test_rl.py recomputes steps from them).
-- `RewardEval`: greedy replies to held-out prompts: val_reward, val_accuracy, val_end_of_turn.
+- `RewardEval`: greedy replies to held-out prompts: val_reward, val_accuracy, val_end_of_turn (and
+  val_reward_errors, counted but never stopping the run: an evaluation measures, it does not train).
 
 Option names are the same in every RL stage (see the README's RL section): --kl-coef, --epsilon-low/-high,
 --epochs, --num-minibatches, --temperature, --max-new-tokens, --prompts-per-step, --rollout-batch, --val-size.
@@ -23,6 +29,7 @@ Option names are the same in every RL stage (see the README's RL section): --kl-
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -36,9 +43,9 @@ from cakelm.config import ConfigError
 from cakelm.data.chat_batches import Mixture
 from cakelm.data.prompts import PromptRow, PromptSources, rl_prompts
 from cakelm.engine import SamplingParams
-from cakelm.loop import LoopConfig
+from cakelm.loop import LoopConfig, StopRun
 from cakelm.model import Transformer
-from cakelm.rewards import WeightedReward, exact_match, load_reward, score
+from cakelm.rewards import BUILTIN, WeightedReward, exact_match, load_reward, score, time_limit_available
 from cakelm.rlhf import ScalarModel, gold_scores, score_rollouts_rm
 from cakelm.rollout import Generator, Rollout, frozen_logprobs, to_batch
 from cakelm.tokenizer import Tokenizer
@@ -67,7 +74,11 @@ HELP = {
     "task_size": "training problems generated per task source (0 = about as many as the run draws)",
     "val_fraction": "share of a prompt file held out (at most --val-size are used)",
     "skip_bad_lines": "skip and count malformed JSONL lines instead of stopping at the first",
+    "reward_timeout": "seconds each reward call may take (0 = no limit); past it the call fails",
+    "reward_errors": "a reward call that fails (raises, times out, returns no finite number): score it 0 and count "
+                     "it (reward_errors), or save the run and stop",
 }
+REWARD_ERRORS = ("score", "stop")
 
 
 def check_options(cfg: Any) -> None:
@@ -86,6 +97,8 @@ def check_options(cfg: Any) -> None:
         raise ConfigError(f"--epsilon-low must be in [0, 1), got {cfg.epsilon_low}")
     if hasattr(cfg, "val_fraction") and not 0.0 < cfg.val_fraction < 1.0:
         raise ConfigError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
+    if hasattr(cfg, "reward_timeout") and not 0 <= cfg.reward_timeout < math.inf:
+        raise ConfigError(f"--reward-timeout must be >= 0 seconds, got {cfg.reward_timeout}")
     if hasattr(cfg, "rewards") and not cfg.rewards:
         raise ConfigError("--rewards needs at least one entry")
     if isinstance(getattr(cfg, "data", None), list) and not cfg.data:
@@ -127,6 +140,8 @@ class Rewards:
     model: ScalarModel | None = None
     model_weight: float = 0.0
     missing_eos_penalty: float = 0.0
+    timeout: float = 0.0  # seconds per reward call (0 = no limit)
+    on_error: str = "score"  # a failed reward call: "score" (0, counted) or "stop" (save, stop)
 
     @property
     def names(self) -> list[str]:
@@ -134,12 +149,13 @@ class Rewards:
             [f"{REWARD_MODEL}={self.model_weight:g}"] if self.model is not None else [])
 
     def score(self, rows: Sequence[PromptRow], rolls: Sequence[Rollout], pad_id: int, batch: int = 64
-              ) -> tuple[list[float], dict[str, int], torch.Tensor | None]:
-        """Each completion's reward and the counts of `score_rollouts`, and the reward model's scores (N,) when
-        there is one."""
+              ) -> tuple[list[float], dict[str, int], torch.Tensor | None, list[str]]:
+        """Each completion's reward, the counts of `score_rollouts`, the reward model's scores (N,) when there is
+        one, and the failed reward calls (one line each)."""
         rm = score_rollouts_rm(self.model, rolls, pad_id, batch) if self.model is not None else None
-        values, counts = score_rollouts(self.functions, rows, rolls, rm, self.model_weight, self.missing_eos_penalty)
-        return values, counts, rm
+        values, counts, failures = score_rollouts(self.functions, rows, rolls, rm, self.model_weight,
+                                                  self.missing_eos_penalty, self.timeout)
+        return values, counts, rm, failures
 
 
 def parse_rewards(specs: Sequence[str]) -> tuple[list[WeightedReward], float | None]:
@@ -160,33 +176,66 @@ def parse_rewards(specs: Sequence[str]) -> tuple[list[WeightedReward], float | N
 
 
 def make_rewards(specs: Sequence[str], reward_model: str, missing_eos_penalty: float,
-                 load_model: Callable[[str], ScalarModel]) -> Rewards:
-    """The Rewards of --rewards, --reward-model and --missing-eos-penalty; `load_model` loads the reward model
-    (frozen, tokenizer checked: `scaffold.Run.reward_model`) when --rewards names it."""
+                 load_model: Callable[[str], ScalarModel], timeout: float = 0.0, on_error: str = "score",
+                 info: DistInfo | None = None) -> Rewards:
+    """The Rewards of --rewards, --reward-model, --missing-eos-penalty, --reward-timeout and --reward-errors;
+    `load_model` loads the reward model (frozen, tokenizer checked: `scaffold.Run.reward_model`) when --rewards
+    names it."""
+    if on_error not in REWARD_ERRORS:
+        raise ConfigError(f"--reward-errors must be one of {', '.join(REWARD_ERRORS)}, got {on_error!r}")
     functions, weight = parse_rewards(specs)
     if weight is not None and not reward_model:
         raise CakeError(f"--rewards {REWARD_MODEL}: give the reward model's checkpoint with --reward-model")
     if weight is None and reward_model:
         raise CakeError(f"--reward-model {reward_model} is given but --rewards does not use it (add {REWARD_MODEL} "
                         f"or {REWARD_MODEL}=WEIGHT)")
+    if functions and timeout > 0 and not time_limit_available() and (info is None or info.is_main):
+        print(f"note: --reward-timeout {timeout:g} is not enforced here (no SIGALRM, or not the main thread): a "
+              "reward that hangs hangs the run", file=sys.stderr, flush=True)
     model = load_model(reward_model) if weight is not None else None
-    return Rewards(functions, model, weight or 0.0, missing_eos_penalty)
+    return Rewards(functions, model, weight or 0.0, missing_eos_penalty, timeout, on_error)
+
+
+# The fields a built-in reward needs in a prompt row to apply at all (it returns None on rows without them).
+NEEDS = {"exact_match": ("answer",), "gym": ("task", "entry")}
+
+
+def check_scorable(rewards: Rewards, prompts: Sequence[Sequence[PromptRow]], data: Sequence[str]) -> None:
+    """A run in which no reward can apply to any reply (the built-in rewards that need a field, and no training
+    prompt has it: e.g. exact_match on prompts without an "answer") would train on nothing: a one-line CakeError
+    before it starts. Rewards that may apply to any row (format, rater, yours, the reward model) pass."""
+    if rewards.model is not None or not rewards.functions or any(
+            BUILTIN.get(r.name) is not r.fn or r.name not in NEEDS for r in rewards.functions):
+        return
+    rows = [row for source in prompts for row in source]
+    if any(all(row.fields.get(f) is not None for f in NEEDS[r.name]) for r in rewards.functions for row in rows):
+        return
+    names = " ".join(r.name for r in rewards.functions)
+    needs = "; ".join(f"{r.name} needs {' and '.join(map(repr, NEEDS[r.name]))} in a prompt row"
+                      for r in rewards.functions)
+    raise CakeError(f"--rewards {names} can score no reply: {needs}, and none of the {len(rows)} training prompts "
+                    f"of --data {' '.join(data)} has it (give prompts with answers, or "
+                    "add a reward that applies to any reply: format, rater, module:function, reward_model)")
 
 
 def score_rollouts(rewards: list[WeightedReward], rows: Sequence[PromptRow], rolls: Sequence[Rollout],
-                   rm_scores: torch.Tensor | None = None, rm_weight: float = 0.0, missing_eos_penalty: float = 0.0
-                   ) -> tuple[list[float], dict[str, int]]:
-    """(reward of each completion, counts {correct, answered, tokens, ended, unscored}). The reward is the
-    weighted sum of the reward functions that apply plus rm_weight x the reward model's score (which applies to
-    every completion). A completion that nothing applies to takes the mean of its group's scored ones (0 if none
-    is), so its group-relative advantage is 0. Then a completion that did not end its turn loses
-    missing_eos_penalty."""
+                   rm_scores: torch.Tensor | None = None, rm_weight: float = 0.0, missing_eos_penalty: float = 0.0,
+                   timeout: float = 0.0) -> tuple[list[float], dict[str, int], list[str]]:
+    """(reward of each completion, counts {correct, answered, tokens, ended, unscored, calls, errors}, the
+    failed reward calls). The reward is the weighted sum of the reward functions that apply (a failed call,
+    `rewards.score`, scores 0) plus rm_weight x the reward model's score (which applies to every completion). A
+    completion that nothing applies to takes the mean of its group's scored ones (0 if none is), so its
+    group-relative advantage is 0. Then a completion that did not end its turn loses missing_eos_penalty."""
     values: list[float] = []
-    counts = dict.fromkeys(("correct", "answered", "tokens", "ended", "unscored"), 0)
+    counts = dict.fromkeys(("correct", "answered", "tokens", "ended", "unscored", "calls", "errors"), 0)
+    failures: list[str] = []
     for i, r in enumerate(rolls):
         row = rows[r.prompt]
         fields = {**row.fields, "finish_reason": "stop" if r.ended else "length"}
-        total, _ = score(rewards, row.question, r.text, fields) if rewards else (None, {})
+        total, _, failed = score(rewards, row.question, r.text, fields, timeout) if rewards else (None, {}, [])
+        failures += failed
+        counts["calls"] += len(rewards)
+        counts["errors"] += len(failed)
         if rm_scores is not None:
             total = (total or 0.0) + rm_weight * float(rm_scores[i])
         values.append(math.nan if total is None else total)
@@ -205,7 +254,15 @@ def score_rollouts(rewards: list[WeightedReward], rows: Sequence[PromptRow], rol
             mates = scored.get(r.prompt, [])
             values[i] = sum(mates) / len(mates) if mates else 0.0
         values[i] -= missing_eos_penalty * (not r.ended)
-    return values, counts
+    return values, counts, failures
+
+
+def report_failures(failures: list[str], calls: int, info: DistInfo, where: str) -> None:
+    """The rank that saw failed reward calls says how many and prints the first (once per phase/evaluation)."""
+    if failures:
+        rank = f"rank {info.rank}: " if info.enabled else ""
+        print(f"{rank}{where}: {len(failures)} of {calls} reward calls failed and scored 0; first: {failures[0]}",
+              file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,9 +314,11 @@ class Sampled:
 
 def sample_and_score(generator: Generator, rows: list[PromptRow], slots: list[int], params: SamplingParams, n: int,
                      seed: int, rewards: Rewards, ref: Transformer | None, info: DistInfo, device: torch.device,
-                     chunk_rows: int = 64) -> Sampled:
+                     chunk_rows: int = 64, phase: int = -1) -> Sampled:
     """Sample n completions of each prompt (prompt in slot g seeded with seed_of(seed, g)), score them, and
-    compute the metrics over all ranks (see the module docstring)."""
+    compute the metrics over all ranks (see the module docstring). Failed reward calls (of rollout phase
+    `phase`) are reported; they stop the run (StopRun: the loop saves first) with --reward-errors stop, and a
+    first phase (0) in which every reward call failed stops it in either mode (a broken reward)."""
     t0 = time.perf_counter()
     generator.refresh()
     rolls = generator.generate([r.messages for r in rows], params, n=n, seeds=[seed_of(seed, g) for g in slots])
@@ -267,15 +326,24 @@ def sample_and_score(generator: Generator, rows: list[PromptRow], slots: list[in
     batch = to_batch(rolls, generator.tok.pad_id)
     if ref is not None:
         batch["ref_logp"] = frozen_logprobs(ref, batch, params.temperature, chunk_rows, device)
-    values, c, rm_scores = rewards.score(rows, rolls, generator.tok.pad_id, chunk_rows)
+    values, c, rm_scores, failures = rewards.score(rows, rolls, generator.tok.pad_id, chunk_rows)
     local = torch.tensor(values, dtype=torch.float64)
     everyone = gather_rows(local, info, device)
     kl = ((batch["old_logp"] - batch["ref_logp"]) * batch["mask"]).sum().item() if ref is not None else 0.0
     gold = sum(gold_scores(rows, rolls))
     proxy = float(rm_scores.sum()) if rm_scores is not None else 0.0
     sums = torch.tensor([c["correct"], c["answered"], c["tokens"], c["ended"], c["unscored"], gold, proxy, kl,
-                         seconds, c["tokens"] / seconds], dtype=torch.float64, device=device)
-    correct, answered, tokens, ended, unscored, gold, proxy, kl, seconds, rate = all_reduce_sum(sums, info).tolist()
+                         seconds, c["tokens"] / seconds, c["calls"], c["errors"]], dtype=torch.float64, device=device)
+    correct, answered, tokens, ended, unscored, gold, proxy, kl, seconds, rate, calls, errors = \
+        all_reduce_sum(sums, info).tolist()
+    # every rank decides from the same all-reduced counts, so all stop together
+    first = failures[0] if failures else "on another rank (see its error)"
+    if phase == 0 and calls and errors == calls:
+        raise CakeError(f"every reward call of the first rollout phase failed ({int(errors)}): {first}")
+    if errors and rewards.on_error == "stop":
+        raise StopRun(f"--reward-errors stop: {int(errors)} failed reward call(s) in rollout phase {phase}; "
+                      f"first: {first}")
+    report_failures(failures, c["calls"], info, f"rollout phase {phase}")  # (when nothing stopped: once per phase)
     N = len(everyone)
     metrics = {"reward": everyone.mean().item(), "reward_std": everyone.std().item() if N > 1 else 0.0,
                "gold": gold / N, "reply_len": tokens / N, "end_of_turn": ended / N,
@@ -284,6 +352,7 @@ def sample_and_score(generator: Generator, rows: list[PromptRow], slots: list[in
         metrics["accuracy"] = correct / answered
     if rewards.functions:
         metrics["unscored"] = unscored / N
+        metrics["reward_errors"] = errors
     if rm_scores is not None:
         metrics["proxy"] = proxy / N
     if ref is not None:
@@ -367,14 +436,17 @@ class RewardEval:
         self.make_generator = make_generator
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
-        values, c = [], dict.fromkeys(("correct", "answered", "ended"), 0)
+        values, c = [], dict.fromkeys(("correct", "answered", "ended", "errors"), 0)
         if self.rows:
             gen = self.make_generator(model)
             rolls = gen.generate([r.messages for r in self.rows], self.params)
-            values, c, _ = self.rewards.score(self.rows, rolls, gen.tok.pad_id)
-        acc = all_reduce_sum(torch.tensor([sum(values), len(values), c["correct"], c["answered"], c["ended"]],
-                                          dtype=torch.float64, device=self.device), self.info).tolist()
+            values, c, _, failures = self.rewards.score(self.rows, rolls, gen.tok.pad_id)
+            report_failures(failures, c["calls"], self.info, "evaluation")
+        acc = all_reduce_sum(torch.tensor([sum(values), len(values), c["correct"], c["answered"], c["ended"],
+                                           c["errors"]], dtype=torch.float64, device=self.device), self.info).tolist()
         out = {"val_reward": acc[0] / acc[1], "val_end_of_turn": acc[4] / acc[1]}
         if acc[3]:
             out["val_accuracy"] = acc[2] / acc[3]
+        if self.rewards.functions:
+            out["val_reward_errors"] = acc[5]
         return out

@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
 
-from cakelm.checkpoint import load_heads, load_model
+from cakelm.checkpoint import load_heads, load_meta, load_model
 from cakelm.common import CakeError
 from cakelm.data.chat import read_chat_jsonl
 from cakelm.data.labels import CHOICES, LabelError, LabelStore
@@ -86,6 +87,24 @@ def load_scalar_model(path: str | Path, device: torch.device | str = "cpu") -> t
     model = ScalarModel(body)
     model.load_head(load_heads(path), path)
     return model.to(device).eval(), tok, meta
+
+
+def refuse_reward_model(ckpt: str | Path, command: str) -> None:
+    """A one-line error for a reward model (meta.json stage "reward", or a scalar head in heads.safetensors):
+    its body was trained to score replies, and `cakelm chat`/`serve` would chat with that body without a word."""
+    meta = load_meta(ckpt)
+    heads = Path(ckpt) / "heads.safetensors"
+    scalar = False
+    if heads.is_file():
+        try:
+            with safe_open(str(heads), framework="pt") as fh:
+                scalar = "head.weight" in fh.keys()  # a PPO value model is saved as value.*; a reward head as head.*
+        except (SafetensorError, OSError):
+            scalar = False  # not ours to judge here: the model loads from model.safetensors alone
+    if meta.get("stage") == "reward" or scalar:
+        raise CakeError(f"{ckpt}: a reward model (it scores replies, it does not write them); `cakelm {command}` "
+                        "needs a chat or base model, e.g. the checkpoint the reward model was trained from "
+                        "(`cakelm reward score` scores replies with it)")
 
 
 def last_index(real: torch.Tensor) -> torch.Tensor:

@@ -10,23 +10,29 @@
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused-unless---api-key")
-    client.chat.completions.create(model="cakelm", messages=[{"role": "user", "content": "Hi"}])
+    client.chat.completions.create(model="sft", messages=[{"role": "user", "content": "Hi"}])  # model: the folder name
 
 One worker thread generates, one request at a time in arrival order, so concurrent requests queue and never
-mix their tokens; a client that disconnects mid-stream cancels its request. Errors use OpenAI's JSON shape
-({"error": {"message", "type", "param", "code"}}) with 400/401/404/413 statuses.
+mix their tokens; a client that disconnects cancels its request, streamed or not, queued or generating. Errors
+use OpenAI's JSON shape ({"error": {"message", "type", "param", "code"}}) with 400/401/403/404/413/415
+statuses.
+
+Safety (`cakelm.webapp`): the server binds 127.0.0.1 and answers only requests whose Host names it (--allowed-hosts
+adds names), refuses cross-site pages (Origin) and bodies that are not JSON, and refuses invalid Unicode with a
+400. --api-key "" is an error, and binding beyond loopback without a key needs --allow-no-key. Stop strings are
+at most MAX_STOP of MAX_STOP_CHARS characters each, matched in time linear in the reply. A reward-model checkpoint
+is refused: its body is not a model to chat with.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import queue
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -42,9 +48,11 @@ from cakelm.checkpoint import load_model
 from cakelm.common import CakeError, pick_device
 from cakelm.config import ConfigError, opt
 from cakelm.engine import Engine, SamplingParams, StreamEvent
+from cakelm.rlhf import refuse_reward_model
 
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop strings per request, as OpenAI
+MAX_STOP_CHARS = 1000  # characters per stop string
 
 
 class APIError(Exception):
@@ -95,6 +103,7 @@ class Job:
 
 
 _DONE = object()
+_GONE = object()  # the client hung up
 
 
 class Worker:
@@ -135,24 +144,31 @@ def _deliver(job: Job, item: Any) -> None:
         job.cancelled = True
 
 
+async def _watch(job: Job, request: Request) -> None:
+    """Wait for the client to hang up, then cancel its job. After the body, the server's `receive` returns only
+    when the connection ends (an event, not polling), so a job is cancelled at once, queued or generating."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled = True
+    job.events.put_nowait(_GONE)
+
+
 async def _events(job: Job, request: Request | None = None) -> AsyncIterator[StreamEvent]:
     """The job's events as they come. With `request`, a client that hangs up cancels the job (streaming
-    responses are cancelled by the server itself when the client goes)."""
+    responses are cancelled by the server itself when the client goes, and pass None)."""
+    watch = asyncio.create_task(_watch(job, request)) if request is not None else None
     try:
         while True:
-            try:
-                item = await asyncio.wait_for(job.events.get(), timeout=1.0 if request else None)
-            except asyncio.TimeoutError:  # queued behind other requests, or generating: still wanted?
-                if request is not None and await request.is_disconnected():
-                    return
-                continue
-            if item is _DONE:
+            item = await job.events.get()
+            if item is _DONE or item is _GONE:
                 return
             if isinstance(item, Exception):
                 raise APIError(500, f"generation failed: {item}", type="server_error") from None
             yield item
     finally:
         job.cancelled = True  # done, failed, or the client went away: stop generating for it
+        if watch is not None:
+            watch.cancel()  # before the response is sent: the server's receive is not ours to read after it
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,13 +188,14 @@ class ServerState:
 
 
 def create_app(engine: Engine, fmt: str, model_name: str = "cakelm", api_key: str | None = None,
-               max_tokens_limit: int = 1024, body_limit: int = webapp.MAX_BODY_BYTES, ckpt: str | None = None
-               ) -> FastAPI:
-    """The FastAPI app serving `engine` (conversations rendered in chat format `fmt`)."""
+               max_tokens_limit: int = 1024, body_limit: int = webapp.MAX_BODY_BYTES, ckpt: str | None = None,
+               host: str = "127.0.0.1", allowed_hosts: Sequence[str] = ()) -> FastAPI:
+    """The FastAPI app serving `engine` (conversations rendered in chat format `fmt`), answering requests to
+    `host` (the address it is bound to) and `allowed_hosts`."""
     st = ServerState(engine, Worker(engine), fmt, model_name, api_key, max_tokens_limit, ckpt)
     app = webapp.create_app("cakelm", api_key, "/v1/", "Incorrect or missing API key (send 'Authorization: Bearer "
                             "KEY')", token_code="invalid_api_key", body_limit=body_limit,
-                            openapi_url="/openapi.json")
+                            openapi_url="/openapi.json", host=host, allowed_hosts=allowed_hosts)
     app.state.server = st
 
     @app.exception_handler(APIError)
@@ -242,8 +259,9 @@ def _params(st: ServerState, req: _Options, prompts: list[list[int]], stop_ids: 
         raise APIError(400, f"max_tokens is {asked}; this server allows at most {st.max_tokens_limit}",
                        param="max_tokens")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stops) > MAX_STOP or any(not s for s in stops):
-        raise APIError(400, f"stop: give up to {MAX_STOP} non-empty strings", param="stop")
+    if len(stops) > MAX_STOP or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"stop: give up to {MAX_STOP} non-empty strings of at most {MAX_STOP_CHARS} characters",
+                       param="stop")
     # each prompt is cut to the room it has after it, by the engine
     return SamplingParams(asked or st.max_tokens_limit, req.temperature, 0, req.top_p, req.seed, stop_ids,
                           stop_strings + tuple(stops))
@@ -324,9 +342,14 @@ async def _sse(job: Job, base: dict, chat: bool, prompt_tokens: int, include_usa
 @dataclass
 class ServeConfig:
     ckpt: str = opt("", "checkpoint directory", positional=True)
-    host: str = opt("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)")
+    host: str = opt("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network: give --api-key)")
     port: int = opt(8000, "port")
-    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1 (default: $CAKELM_API_KEY)")
+    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1 (default: $CAKELM_API_KEY; empty "
+                                    "is an error)")
+    allowed_hosts: str = opt("", "more names clients may reach the server by (Host header), comma-separated, e.g. "
+                                 "a reverse proxy's; '*' allows any (default: the bound address; loopback names)")
+    allow_no_key: bool = opt(False, "serve a --host beyond loopback without --api-key (anyone on the network can "
+                                    "use it)")
     model_name: str | None = opt(None, "model id reported by /v1/models (default: the checkpoint's folder name)")
     max_tokens: int = opt(1024, "largest max_tokens a request may ask for")
     playscript: bool | None = opt(None, "render chats as a plain-text playscript (default: from the checkpoint)")
@@ -338,11 +361,14 @@ class ServeConfig:
 
 
 def build_app(cfg: ServeConfig) -> FastAPI:
-    """The app for a checkpoint, as `cakelm serve` runs it."""
+    """The app for a checkpoint, as `cakelm serve` runs it (the options are checked before the model loads)."""
+    key = webapp.access_token(cfg.api_key, "CAKELM_API_KEY", "--api-key")
+    webapp.check_exposure(cfg.host, key is not None, cfg.allow_no_key, "--api-key KEY (or $CAKELM_API_KEY)")
+    refuse_reward_model(cfg.ckpt, "serve")
     model, tok, meta = load_model(cfg.ckpt, pick_device(cfg.device))
     name = cfg.model_name or Path(cfg.ckpt).resolve().name
-    return create_app(Engine(model, tok), format_of(meta, cfg.playscript), name,
-                      cfg.api_key or os.environ.get("CAKELM_API_KEY") or None, cfg.max_tokens, ckpt=cfg.ckpt)
+    return create_app(Engine(model, tok), format_of(meta, cfg.playscript), name, key, cfg.max_tokens,
+                      ckpt=cfg.ckpt, host=cfg.host, allowed_hosts=webapp.parse_hosts(cfg.allowed_hosts))
 
 
 def main(cfg: ServeConfig) -> None:

@@ -57,16 +57,17 @@ class Problem:
 
 
 def final_number(text: str) -> str | None:
-    """The last number in `text`, normalised ("1,234." -> "1234", "2.50" -> "2.5"), or None if there is none."""
+    """The last number in `text`, normalised ("1,234." -> "1234", "2.50" -> "2.5"), or None if there is none (or
+    it is too long to read: model output never makes this raise)."""
     found = _NUMBER.findall(text)
     if not found:
         return None
     s = found[-1].replace(",", "")
     try:
-        value = Fraction(s)
-    except (ValueError, ZeroDivisionError):
+        value = Fraction(s)  # more than 4,300 digits: ValueError (Python's int limit), so never slow
+        return str(value.numerator) if value.denominator == 1 else str(float(value))
+    except (ValueError, ZeroDivisionError, OverflowError):  # OverflowError: a decimal beyond float's range
         return None
-    return str(value.numerator) if value.denominator == 1 else str(float(value))
 
 
 def is_correct(reply: str, answer: str) -> bool:

@@ -5,6 +5,7 @@ Everything is tiny (a few hundred KB of text, a 320-token vocabulary, 2-layer mo
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from pathlib import Path
@@ -114,3 +115,50 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, part in (("train", rows[:60]), ("val", rows[60:])):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
     return folder
+
+
+# Tests marked `slow` download packages with pip (deselected by default; CI runs them). Offline, such a test is
+# skipped with the reason rather than failed: when one fails on "could not download PKG==VER", pip is asked once
+# more for the same package, with one quick retry, and a connection error in its output means no network.
+NETWORK_ERRORS = ("NewConnectionError", "Failed to establish a new connection", "Name or service not known",
+                  "Temporary failure in name resolution", "Network is unreachable", "ConnectTimeoutError",
+                  "ProxyError", "Connection refused")
+
+
+def offline_reason(exc: BaseException) -> str | None:
+    """Why a download failed if it was the network (None: another failure, which stays a failure)."""
+    import re
+
+    from cakelm.common import CakeError
+
+    found = re.search(r"could not download (\S+==\S+) with pip", str(exc)) if isinstance(exc, CakeError) else None
+    return _probe_index(found.group(1)) if found else None
+
+
+@functools.cache
+def _probe_index(spec: str) -> str | None:
+    """pip download SPEC once more, quickly: the connection error it prints, if any (once per package)."""
+    import re
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "--retries", "1",
+                                   "--timeout", "5", "-d", tmp, spec], capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            return f"offline: pip download {spec} did not finish in 120 s"
+    hit = next((e for e in NETWORK_ERRORS if e in proc.stderr), None)
+    errno = re.search(r"\[Errno [^\]]*\][^'\")]*", proc.stderr)
+    return f"offline: pip cannot reach the package index ({errno.group(0).strip() if errno else hit})" if hit else None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.excinfo is not None and item.get_closest_marker("slow"):
+        reason = offline_reason(call.excinfo.value)
+        if reason:
+            report.outcome, report.longrepr = "skipped", (str(item.path), item.location[1], f"Skipped: {reason}")

@@ -37,10 +37,33 @@ def make_chat_checkpoint(out: Path, tok_dir: Path, max_seq_len: int = 128) -> Pa
     return save_checkpoint(out, model, Tokenizer.load(tok_dir), {"stage": "test", "step": 0, "chat_format": "chat"})
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free localhost port for a server that binds it a moment later (torchrun's rendezvous, `cakelm label
+    --port`). Drawn at random below the kernel's ephemeral range, so no other process's port-0 bind or outgoing
+    connection can take it in that moment (a port-0 bind here would hand out exactly the ports those use), and
+    never twice in one test session."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default; macOS's starts at 49152
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.randrange(10000, max(low, 10001))
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free localhost port below the ephemeral range")
 
 
 @contextmanager

@@ -17,12 +17,12 @@ def test_one_shot_and_repl(tok_dir, tmp_path) -> None:
     ckpt = make_chat_checkpoint(tmp_path / "c", tok_dir)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     one = subprocess.run([sys.executable, "-m", "cakelm", "chat", str(ckpt), "-p", "Hail!", "--temperature", "0",
-                          "--max-new-tokens", "10"], capture_output=True, text=True, env=env)
+                          "--max-new-tokens", "10"], capture_output=True, text=True, env=env, timeout=120)
     assert one.returncode == 0, one.stderr
     assert one.stdout.strip() and "you>" not in one.stdout
     repl = subprocess.run([sys.executable, "-m", "cakelm", "chat", str(ckpt), "--temperature", "0",
                            "--max-new-tokens", "10"], input="Hail!\n/reset\n/bogus\nHail!\n/quit\n",
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=env, timeout=120)
     assert repl.returncode == 0, repl.stderr
     out = repl.stdout
     assert "chat format" in out and "[conversation cleared]" in out and "[unknown command /bogus" in out

@@ -76,5 +76,6 @@ def test_train_state_checked_against_weights(tmp_path, tok_dir) -> None:
         load_train_state(tmp_path / "c")
     save_checkpoint(tmp_path / "c", m, tok, {"stage": "t", "step": 6})  # saved without state: the stale one goes
     assert not (tmp_path / "c" / "train_state.pt").exists()
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["config.json", "meta.json", "model.safetensors",
-                                                                  "tokenizer.json"]  # no temporary files left
+    # no temporary files or older versions left: the four names, the pointer and the one live version
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".ckpt-000002-step-6", "config.json", "current",
+                                                                  "meta.json", "model.safetensors", "tokenizer.json"]

@@ -55,7 +55,7 @@ def test_subprocess_error_has_no_traceback(tmp_path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n', encoding="utf-8")
     proc = subprocess.run([sys.executable, "-m", "cakelm", "data", "--data", str(tmp_path / "bad.jsonl"),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"cakelm data: error: {tmp_path / 'bad.jsonl'}:2: not valid JSON (Expecting value)"
     assert not (tmp_path / "out").exists()  # nothing half-written

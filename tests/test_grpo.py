@@ -221,11 +221,12 @@ def test_rewards_none_and_mask_truncated(chat_model, tok_dir) -> None:
         return Rollout(prompt, [tok.bos_id, tok.user_id], [5, tok.end_id if ended else 6], text, ended, [-1.0, -2.0])
 
     rolls = [roll(0, "It is 4.", True), roll(0, "It is 5.", False), roll(1, "?", True), roll(1, "!", True)]
-    values, counts = score_rollouts(
+    values, counts, failures = score_rollouts(
         [load_reward("exact_match"), load_reward("format=0.5")], rows_, rolls)
     assert values == [1.5, 0.0, 0.5, 0.5]  # format counts where exact_match does not apply
-    assert counts == {"correct": 1, "answered": 2, "tokens": 8, "ended": 3, "unscored": 0}
-    values, counts = score_rollouts([load_reward("exact_match")], rows_, rolls)
+    assert counts == {"correct": 1, "answered": 2, "tokens": 8, "ended": 3, "unscored": 0, "calls": 8, "errors": 0}
+    assert failures == []
+    values, counts, _ = score_rollouts([load_reward("exact_match")], rows_, rolls)
     assert values == [1.0, 0.0, 0.0, 0.0] and counts["unscored"] == 2  # 0: the group has no scored reply
     batch = to_batch(rolls, tok.pad_id)
     assert batch["input"].shape == (4, 3) and batch["target"][0].tolist() == [-100, 5, tok.end_id]
@@ -237,7 +238,8 @@ def test_rewards_none_and_mask_truncated(chat_model, tok_dir) -> None:
     (["--temperature", "0"], "need --temperature > 0"),
     (["--rewards", "nope"], "not a built-in reward"),
     (["--rewards", "my_rewards:missing"], "my_rewards has no function missing"),
-    (["--rewards", "my_rewards:broken"], "reward my_rewards:broken failed on prompt 'Tell me about the"),
+    (["--rewards", "my_rewards:broken"], "every reward call of the first rollout phase failed (16): reward "
+                                         "my_rewards:broken failed on prompt 'Tell me about the"),
     (["--data", "missing.jsonl"], "missing.jsonl: no such file"),
 ])
 def test_bad_options_are_one_line_errors(chat_model, prompts, tmp_path, capsys, user_rewards, args,

@@ -217,7 +217,7 @@ def test_chat_and_serve_use_the_imported_template(imported) -> None:
                                SamplingParams(max_new_tokens=40, temperature=0, stop_ids=stop_ids))[0]
     chat = Chat(engine, format_of(meta), ChatConfig(ckpt=str(imported), temperature=0, max_new_tokens=40))
     assert chat.reply("the king", out=io.StringIO()) == (expected.text.strip() or "...")
-    with TestClient(create_app(engine, format_of(meta))) as client:
+    with TestClient(create_app(engine, format_of(meta)), base_url="http://127.0.0.1") as client:
         r = client.post("/v1/chat/completions", json={"model": "cakelm", "messages": msgs, "max_tokens": 40,
                                                       "temperature": 0}).json()
     assert r["usage"]["prompt_tokens"] == len(render_prompt(msgs, tok, "chat"))

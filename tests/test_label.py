@@ -145,7 +145,8 @@ def test_not_a_label_database(tmp_path) -> None:
 def test_http_api_and_errors(store) -> None:
     ids = store.add_pairs(rows(2), round=1)
     store.add_pairs(rows(1), round=2)
-    client = TestClient(create_label_app(store, token="s3cret", target=5, round=1, body_limit=2000))
+    client = TestClient(create_label_app(store, token="s3cret", target=5, round=1, body_limit=2000),
+                        base_url="http://127.0.0.1")  # a name the server answers to (the default is "testserver")
     auth = {"Authorization": "Bearer s3cret"}
     assert client.get("/health").json() == {"status": "ok", "pairs": 2}
     assert "cakelm label" in client.get("/").text

@@ -36,8 +36,8 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 def test_pretrain_writes_checkpoint_and_metrics(tok_dir, tmp_path) -> None:
     out = run_pretrain(tok_dir, tmp_path / "base", **{"loop.max_steps": 12, "loop.eval_every": 6})
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "meta.json", "metrics.jsonl",
-                                                     "model.safetensors", "tokenizer.json", "train_state.pt"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "config.json", "current", "meta.json", "metrics.jsonl", "model.safetensors", "tokenizer.json", "train_state.pt"]
     meta = load_meta(out)
     assert meta["stage"] == "pretrain" and meta["step"] == 12 and meta["complete"] is True
     assert meta["config"]["loop"]["max_steps"] == 12  # the resolved config is saved

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -17,8 +18,8 @@ from cakelm.checkpoint import load_meta
 from cakelm.config import ConfigError, build_config
 from cakelm.report import SECTIONS
 from cakelm.stages import pipeline
-from tests.serving import CHROMIUM, free_port
-from tests.test_report import open_in_chromium
+from tests.serving import free_port
+from tests.test_report import have_browser, open_in_chromium
 
 
 def run(corpus, out, **kw):
@@ -63,9 +64,12 @@ def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
         numbers = [float(c.rstrip("%")) for c in cells[1:] if c not in ("—", "")]
         # accuracy, ends turn (+ gold, proxy, KL for chat models); chat loss is not measured here
         assert len(numbers) == (2 if m == "base" else 5) and all(map(math.isfinite, numbers)), (m, cells)
-    if CHROMIUM or os.environ.get("CAKELM_REQUIRE_BROWSER"):
+    if have_browser():  # fails here when CAKELM_REQUIRE_BROWSER=1 (CI) and Chromium is missing
         widths, requests = open_in_chromium(out / "report.html", "pipeline_report.png", len(models))
         assert len(widths) >= 4 and all(w > 0 for w in widths)
+    else:
+        warnings.warn("Debian chromium is not installed: the pipeline's report was not opened in a browser",
+                      stacklevel=1)
 
     run(corpus, tmp_path / "run")  # nothing changed: every stage is skipped except sampling and the report
     again = json.loads((out / "pipeline.json").read_text())

@@ -179,14 +179,25 @@ def test_collect_answers(tok_dir, tmp_path) -> None:
     assert "<th>base</th><th>sft</th>" in html and "Good morrow." in html
 
 
+def have_browser() -> bool:
+    """Whether Debian's Chromium is here for the page checks. CI sets CAKELM_REQUIRE_BROWSER=1: then a missing
+    browser fails the test instead of leaving the check out."""
+    if CHROMIUM:
+        return True
+    if os.environ.get("CAKELM_REQUIRE_BROWSER"):
+        pytest.fail("CAKELM_REQUIRE_BROWSER is set but Debian's chromium is not installed (apt-get install chromium)")
+    return False
+
+
 @pytest.mark.skipif(not CHROMIUM and not os.environ.get("CAKELM_REQUIRE_BROWSER"),
                     reason="Debian chromium is not installed (apt-get install chromium)")
 def test_report_renders_in_chromium(full_report) -> None:
-
+    assert have_browser()
     run, _, _ = full_report
     widths, requests = open_in_chromium(run / "report.html", "report.png", len(MODELS))
     assert len(widths) >= 3 and all(w > 0 for w in widths)
     assert all(u.startswith(("file:", "data:")) for u in requests)  # nothing from the network
+    assert (ARTIFACTS / "report.png").stat().st_size > 20000  # a full page, not a blank one
 
 
 def open_in_chromium(html: Path, screenshot: str, n_models: int) -> tuple[list[int], list[str]]:
@@ -212,4 +223,3 @@ def open_in_chromium(html: Path, screenshot: str, n_models: int) -> tuple[list[i
         finally:
             browser.close()
     return widths, requests
-    assert (ARTIFACTS / "report.png").stat().st_size > 20000

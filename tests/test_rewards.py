@@ -1,5 +1,5 @@
 """Verifiable rewards: built-ins on hand-picked replies, reasoning-gym's scorer, user rewards by module:function,
-weights, and errors that name the reward and the prompt."""
+weights, and failures that name the reward and the prompt (hostile replies and time limits: test_faults_rl.py)."""
 
 from __future__ import annotations
 
@@ -54,21 +54,24 @@ def test_user_reward_by_module_function(tmp_path, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))
     rewards = [load_reward("exact_match"), load_reward("format=0.5"), load_reward("my_rewards:brevity=2")]
     assert [(r.name, r.weight) for r in rewards] == [("exact_match", 1.0), ("format", 0.5), ("my_rewards:brevity", 2.0)]
-    total, parts = score(rewards, "What is 2 + 2?", "4.", {"answer": "4", "finish_reason": "stop"})
+    total, parts, failures = score(rewards, "What is 2 + 2?", "4.", {"answer": "4", "finish_reason": "stop"})
     assert parts == {"exact_match": 1.0, "format": 1.0, "my_rewards:brevity": pytest.approx(1 / 3)}
-    assert total == pytest.approx(1.0 + 0.5 + 2 / 3)
-    total, parts = score([load_reward("exact_match")], "Hi", "Hello", {})
+    assert total == pytest.approx(1.0 + 0.5 + 2 / 3) and failures == []
+    total, parts, _ = score([load_reward("exact_match")], "Hi", "Hello", {})
     assert total is None and parts == {"exact_match": None}  # nothing applies
-    with pytest.raises(CakeError, match=r"reward my_rewards:broken failed on prompt 'What is 2 \+ 2\?': KeyError"):
-        score([load_reward("my_rewards:broken")], "What is 2 + 2?", "4", {})
-    with pytest.raises(CakeError, match="must return a finite number or None"):
-        score([load_reward("my_rewards:wrong_type")], "q", "4", {})
+    # a reward that raises or returns no number fails: it scores 0, and the failure names the reward and prompt
+    total, parts, failures = score([load_reward("my_rewards:broken"), load_reward("format")], "What is 2 + 2?", "4",
+                                   {"finish_reason": "stop"})
+    assert total == 1.0 and parts == {"my_rewards:broken": 0.0, "format": 1.0}
+    assert failures == ["reward my_rewards:broken failed on prompt 'What is 2 + 2?': KeyError: 'answer'"]
+    _, _, failures = score([load_reward("my_rewards:wrong_type")], "q", "4", {})
+    assert len(failures) == 1 and "returned 'good' (a reward returns a finite number or None)" in failures[0]
     import numpy as np
 
     from cakelm.rewards import WeightedReward
-    assert score([WeightedReward("np", lambda p, c, **_: np.float32(0.5), 1.0)], "q", "c", {})[0] == 0.5
-    with pytest.raises(CakeError, match="finite"):
-        score([WeightedReward("inf", lambda p, c, **_: float("inf"), 1.0)], "q", "c", {})
+    assert score([WeightedReward("np", lambda p, c, **_: np.float32(0.5), 1.0)], "q", "c", {})[:2] == (0.5, {"np": 0.5})
+    total, _, failures = score([WeightedReward("inf", lambda p, c, **_: float("inf"), 1.0)], "q", "c", {})
+    assert total == 0.0 and "returned inf" in failures[0]
     (tmp_path / "bad_syntax.py").write_text("def f(:\n")
     with pytest.raises(CakeError, match="cannot import bad_syntax.*SyntaxError"):
         load_reward("bad_syntax:f")

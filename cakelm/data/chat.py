@@ -221,7 +221,7 @@ def train_and_heldout(src: str, val_fraction: float = VAL_FRACTION, val_size: in
     (at most val_size of them are returned)."""
     if src in TASKS:
         train = task_examples(src, "train", task_size, seed) if task_size else []
-        return train, task_examples(src, "eval", val_size), 0
+        return train, task_examples(src, "eval", val_size) if val_size else [], 0
     examples, skipped = read_chat_source(src, skip_bad_lines=skip_bad_lines, reply_required=reply_required)
     train, val = split_examples(examples, val_fraction)
     return train, val[:val_size], skipped

@@ -14,6 +14,9 @@ so whatever a labeller was told is saved survives a killed server or a power cut
 all threads behind a lock (SQLite serialises writers anyway); other processes may open the file at the same
 time (busy_timeout makes them wait their turn rather than fail).
 
+Labellers are counted by their normalised names (`normalise_name`: case, Unicode NFKC, invisible characters), so
+names that only look different are one labeller with one vote per pair; the store keeps the normalised name.
+
 Export policy, per pair: the choice more of its labellers made than any other (the majority; a draw between
 two choices is "split"). "a" or "b" gives a preference row (chosen = the winner); "tie", "both_bad" and split
 votes give none (a pair of equals or of two bad replies teaches a Bradley-Terry reward model nothing), and are
@@ -85,13 +88,32 @@ class LabelError(Exception):
         self.status = status
 
 
+# Characters that show nothing but are not format characters (Unicode category Cf, also removed): the combining
+# grapheme joiner, Hangul fillers and the variation selectors.
+INVISIBLE = frozenset("\u034f\u115f\u1160\u3164\uffa0" + "".join(map(chr, range(0xFE00, 0xFE10))))
+
+
+def normalise_name(name: str) -> str:
+    """A labeller's name as the store counts it: Unicode NFKC, invisible characters (zero-width spaces and joiners,
+    soft hyphens, ...) removed, white space collapsed, case folded. "Alice", "ALICE", "Ａｌｉｃｅ" and "Ali\u200bce"
+    are one labeller, so one person cannot vote twice on a pair under a name that only looks different."""
+    name = unicodedata.normalize("NFKC", name)
+    name = "".join(c for c in name if unicodedata.category(c) != "Cf" and c not in INVISIBLE
+                   and not 0xE0100 <= ord(c) <= 0xE01EF)
+    return unicodedata.normalize("NFKC", " ".join(name.split()).casefold())
+
+
 def check_labeller(name: Any) -> str:
-    """A labeller's name, stripped: 1 to 64 characters, no control characters (LabelError 400 otherwise)."""
-    if not isinstance(name, str) or not 1 <= len(name.strip()) <= MAX_LABELLER:
+    """A labeller's name, normalised (`normalise_name`): 1 to 64 characters, no control characters (LabelError 400
+    otherwise)."""
+    if not isinstance(name, str):
         raise LabelError(400, f"labeller: give a name of 1 to {MAX_LABELLER} characters")
-    if any(unicodedata.category(c) == "Cc" for c in name):
-        raise LabelError(400, "labeller: the name must not contain control characters")
-    return name.strip()
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in name):
+        raise LabelError(400, "labeller: the name must not contain control characters or invalid Unicode")
+    norm = normalise_name(name)
+    if not 1 <= len(norm) <= MAX_LABELLER:
+        raise LabelError(400, f"labeller: give a name of 1 to {MAX_LABELLER} characters")
+    return norm
 
 
 class LabelStore:
@@ -221,7 +243,7 @@ class LabelStore:
             "SELECT p.*, (SELECT COUNT(*) FROM judgements j WHERE j.pair_id = p.id) AS n FROM pairs p "
             "WHERE (?1 IS NULL OR p.round = ?1) AND NOT EXISTS "
             "(SELECT 1 FROM judgements j WHERE j.pair_id = p.id AND j.labeller = ?2) ORDER BY n, RANDOM() LIMIT 1",
-            (round, labeller))
+            (round, normalise_name(labeller)))
         return self._pair(rows[0]) if rows else None
 
     # ------------------------------------------------------------------------------------------------------------
@@ -265,8 +287,14 @@ class LabelStore:
                                     "p.id = j.pair_id WHERE ?1 IS NULL OR p.round = ?1 ORDER BY j.id",
                                     (round,)).fetchall()
         votes: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        seen: set[tuple[str, str]] = set()
         for pair_id, labeller, choice in rows:
-            votes[pair_id].append((labeller, choice))
+            # names are normalised when recorded; a database written before that may hold "Alice" and "alice":
+            # one labeller, whose first judgement stands
+            who = normalise_name(labeller)
+            if (pair_id, who) not in seen:
+                seen.add((pair_id, who))
+                votes[pair_id].append((who, choice))
         return n, votes
 
     def stats(self, labeller: str | None = None, round: int | None = None, target: int | None = None) -> dict:
@@ -283,7 +311,7 @@ class LabelStore:
             if len(vs) >= 2:
                 agree += sum(k * (k - 1) // 2 for k in counts.values())
                 both += len(vs) * (len(vs) - 1) // 2
-        name = None if labeller is None else labeller.strip()
+        name = None if labeller is None else normalise_name(labeller)
         return {"pairs": n, "judgements": sum(len(vs) for vs in votes.values()), "labelled": len(votes),
                 "target": n if target is None else target,
                 "mine": None if name is None else sum(who == name for vs in votes.values() for who, _ in vs),

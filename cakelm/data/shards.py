@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cakelm.common import CakeError, atomic_path
+from cakelm.common import CakeError, atomic_path, read_json
 from cakelm.data.sources import Doc
 from cakelm.tokenizer import Tokenizer
 
@@ -55,14 +55,36 @@ def write_shard(path: str | Path, docs: Iterable[Doc], tok: Tokenizer, chunk: in
     return {"documents": n_docs, "tokens": n_tokens, "bytes": n_bytes}
 
 
-def open_shard(path: str | Path, vocab_size: int) -> np.ndarray:
-    """Memory-map a shard written by write_shard."""
+def open_shard(path: str | Path, vocab_size: int, tokens: int | None = None) -> np.ndarray:
+    """Memory-map a shard written by write_shard, checked first against its element size and its recorded token
+    count: `tokens`, or by default the count `cakelm tokenizer` recorded in the meta.json beside it (a shard
+    without one is checked for whole elements only). A cut or swapped file is a one-line error, never a numpy
+    traceback or a silently shorter corpus."""
     p = Path(path)
     if not p.is_file():
         raise CakeError(f"token shard not found: {p} (run `cakelm tokenizer` to create it)")
-    if p.stat().st_size == 0:
+    size = p.stat().st_size
+    if size == 0:
         raise CakeError(f"token shard is empty: {p}")
-    return np.memmap(p, dtype=token_dtype(vocab_size), mode="r")
+    dtype = token_dtype(vocab_size)
+    meta_file = p.parent / "meta.json"
+    if tokens is None and meta_file.is_file():
+        meta = read_json(meta_file, "shard metadata")
+        if isinstance(meta, dict) and meta.get("stage") == "tokenizer":
+            recorded = meta.get(p.stem)
+            if not (isinstance(recorded, dict) and isinstance(recorded.get("tokens"), int)):
+                raise CakeError(f"{meta_file}: no token count for {p.name}")
+            tokens = recorded["tokens"]
+            if meta.get("dtype", str(dtype)) != str(dtype):
+                raise CakeError(f"{p}: recorded as {meta['dtype']} tokens but a vocabulary of {vocab_size} "
+                                f"needs {dtype}")
+    if size % dtype.itemsize:
+        raise CakeError(f"{p}: {size} bytes is not a whole number of {dtype} tokens (the file was cut short?); "
+                        "run `cakelm tokenizer` again")
+    if tokens is not None and size != tokens * dtype.itemsize:
+        raise CakeError(f"{p}: {size // dtype.itemsize:,} tokens on disk but {tokens:,} recorded (the file was "
+                        "cut short or replaced); run `cakelm tokenizer` again")
+    return np.memmap(p, dtype=dtype, mode="r")
 
 
 class TokenBatches:

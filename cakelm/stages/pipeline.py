@@ -339,6 +339,7 @@ def _run_stage(name: str, cfg: PipelineConfig, run: Path, configs: dict[str, Any
     if s.trains:
         # an interrupted run of the same config continues, unless its input just changed
         stage_cfg.resume = status == "partial" and not upstream_ran
+    if hasattr(stage_cfg, "overwrite"):  # the run directory is the pipeline's: an out-of-date output is redone
         stage_cfg.overwrite = True
     s.main(stage_cfg)
     return row("ran", _summary(s, out))

@@ -18,10 +18,13 @@ Human Feedback in LLMs", arXiv 2402.14740; TRL's RLOOTrainer is the reference be
    with the ratio of whole sequences (exp of the summed token log-prob differences, as TRL), averaged over the
    step's completions. With one epoch and one minibatch rho = 1: plain REINFORCE with the leave-one-out baseline.
 
+Failed reward calls (raising, past --reward-timeout, no number) score 0 and are counted, or save and stop the run
+with --reward-errors stop (`cakelm.rl`, as `cakelm grpo`).
+
 Logged per step: the RL stages' rollout metrics (`cakelm.rl`: reward, gold, proxy, accuracy, reply_len,
-end_of_turn, kl), zero_signal, entropy, clip_frac, ratio. Every --loop.eval-every steps: greedy reward, accuracy
-and end-of-turn share on held-out prompts (`rl.RewardEval`) and, with a reward model, the held-out gold, proxy
-and KL of sampled replies (`rlhf.RLHFEval`, the over-optimisation measurement of DPO and PPO).
+end_of_turn, kl, reward_errors), zero_signal, entropy, clip_frac, ratio. Every --loop.eval-every steps: greedy
+reward, accuracy and end-of-turn share on held-out prompts (`rl.RewardEval`) and, with a reward model, the held-out
+gold, proxy and KL of sampled replies (`rlhf.RLHFEval`, the over-optimisation measurement of DPO and PPO).
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ from cakelm.optim import OptimConfig
 from cakelm.rl import (
     HELP,
     OPTIM,
+    REWARD_ERRORS,
     REWARD_MODEL,
     RewardEval,
     RolloutBatches,
     check_options,
+    check_scorable,
     gather_rows,
     group_prompts,
     make_rewards,
@@ -68,6 +73,8 @@ class RLOOConfig:
     rewards: list[str] = opt(["exact_match", REWARD_MODEL], HELP["rewards"])
     reward_model: str = opt("runs/default/rm", HELP["reward_model"])
     missing_eos_penalty: float = opt(0.0, HELP["missing_eos_penalty"])
+    reward_timeout: float = opt(5.0, HELP["reward_timeout"])
+    reward_errors: str = opt("score", HELP["reward_errors"], choices=REWARD_ERRORS)
     # 8 prompts x 8 replies: on the pipeline's SFT model it kept arithmetic better than 16 x 4 at the same gold
     # reward (the README's RLOO section)
     group_size: int = opt(8, HELP["group_size"])
@@ -121,8 +128,10 @@ def main(cfg: RLOOConfig) -> Path:
         return Path(cfg.out)
     policy, info, G = run.model, run.info, cfg.group_size
     assert policy is not None
-    rewards = make_rewards(cfg.rewards, cfg.reward_model, cfg.missing_eos_penalty, run.reward_model)
+    rewards = make_rewards(cfg.rewards, cfg.reward_model, cfg.missing_eos_penalty, run.reward_model,
+                           cfg.reward_timeout, cfg.reward_errors, info)
     prompts = group_prompts(cfg, info, run.tok, policy.cfg.max_seq_len, run.meta if run.resumed else None)
+    check_scorable(rewards, prompts.train, cfg.data)
     ref = run.reference()
     mixture = prompts.mixture(cfg.loop.seed)
     generator = run.generator(policy, cfg.rollout_batch)
@@ -130,7 +139,8 @@ def main(cfg: RLOOConfig) -> Path:
 
     def roll_out(phase: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         rows, slots = phase_rows(prompts.train, mixture, phase, cfg.prompts_per_step, info)
-        s = sample_and_score(generator, rows, slots, params, G, cfg.loop.seed, rewards, ref, info, run.device)
+        s = sample_and_score(generator, rows, slots, params, G, cfg.loop.seed, rewards, ref, info, run.device,
+                             phase=phase)
         b = s.batch
         shaped = kl_penalized_rewards(s.rewards, b["old_logp"], b["ref_logp"], b["mask"], cfg.kl_coef)
         adv, _ = leave_one_out_advantages(shaped, G)  # whole groups per rank: local is exact

@@ -1,0 +1,76 @@
+"""The README's pipeline numbers, regenerated from a run directory, so they cannot drift from a run you can name.
+
+    python benchmarks/readme_numbers.py runs/default                   # print the README's tables for this run
+    python benchmarks/readme_numbers.py runs/default --check README.md # exit 1 if README.md shows other numbers
+
+It prints two markdown tables: the stage table ("What it gives on 2 CPU cores": each stage's time and result, from
+RUN/pipeline.json, which `cakelm pipeline` rewrites at every invocation, so run the whole pipeline in one go) and
+the models table (from RUN/eval.json, as the run's report.md shows it), plus the machine line. With --check, every
+row of both tables must appear verbatim in the given README; the rows that do not are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cakelm.common import CakeError, read_json
+from cakelm.report import fmt, models_section
+
+
+def stage_table(run: Path) -> list[str]:
+    """| stage | time | result | rows from RUN/pipeline.json; the total row carries the wall time and peak memory."""
+    pipe = read_json(run / "pipeline.json", "pipeline record")
+    if any(r.get("status") != "ran" for r in pipe["stages"]):
+        skipped = [r["stage"] for r in pipe["stages"] if r.get("status") != "ran"]
+        print(f"note: {', '.join(skipped)} did not run in the last invocation (times 0.0 s): run the whole "
+              "pipeline in one go for the README", file=sys.stderr)
+    rows = ["| stage | time | result |", "|---|---|---|"]
+    rows += [f"| {r['stage']} | {fmt(r['seconds'], '.1f')} s | {r['result']} |" for r in pipe["stages"]]
+    minutes, seconds = divmod(round(pipe["seconds"]), 60)
+    rows.append(f"| **total** | **{minutes} min {seconds:02d} s wall** | **peak memory "
+                f"{pipe['peak_mb'] / 1024:.2f} GB** (the pipeline process's max RSS) |")
+    return rows
+
+
+def models_table(run: Path) -> list[str]:
+    """The report's models table (section 3) as markdown."""
+    table = next(b for b in models_section(run) if b[0] == "table")
+    _, headers, rows = table
+    return ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def machine_line(run: Path) -> str:
+    hw = read_json(run / "pipeline.json", "pipeline record")["hardware"]
+    return (f"{hw['cpu']}, {hw['cpu_cores']} cores, device {hw['device']}, torch {hw['torch']} "
+            f"({hw['torch_threads']} threads), Python {hw['python']}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", type=Path, help="a run directory written by `cakelm pipeline`")
+    ap.add_argument("--check", type=Path, metavar="README", help="check that README shows these rows verbatim")
+    args = ap.parse_args()
+    try:
+        blocks = {"stages": stage_table(args.run), "models": models_table(args.run)}
+        machine = machine_line(args.run)
+    except (CakeError, KeyError, StopIteration) as e:
+        print(f"error: {args.run}: not a complete pipeline run ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
+    print(f"machine: {machine}\n")
+    for name, rows in blocks.items():
+        print(f"{name}:\n" + "\n".join(rows) + "\n")
+    if args.check is None:
+        return 0
+    readme = set(args.check.read_text(encoding="utf-8").splitlines())
+    missing = [row for rows in blocks.values() for row in rows[2:] if row not in readme]
+    for row in missing:
+        print(f"not in {args.check}: {row}")
+    print(f"{args.check}: {'up to date with' if not missing else f'{len(missing)} rows differ from'} {args.run}")
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
