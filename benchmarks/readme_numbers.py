@@ -3,10 +3,11 @@
     python benchmarks/readme_numbers.py runs/default                   # print the README's tables for this run
     python benchmarks/readme_numbers.py runs/default --check README.md # exit 1 if README.md shows other numbers
 
-It prints two markdown tables: the stage table ("What it gives on 2 CPU cores": each stage's time and result, from
-RUN/pipeline.json, which `cakelm pipeline` rewrites at every invocation, so run the whole pipeline in one go) and
-the models table (from RUN/eval.json, as the run's report.md shows it), plus the machine line. With --check, every
-row of both tables must appear verbatim in the given README; the rows that do not are printed.
+It prints the machine line and three blocks: the stage table ("What it gives on 2 CPU cores": each stage's time
+and result, from RUN/pipeline.json, which `cakelm pipeline` rewrites at every invocation: run the whole pipeline in
+one go, or keep a copy of that run's record and pass it with --pipeline), the models table (from RUN/eval.json, as
+the run's report.md shows it) and the evaluation of base, sft and grpo as `cakelm eval` prints it (the SFT and GRPO
+sections). With --check, every row must appear verbatim in the given README; the rows that do not are printed.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from pathlib import Path
 
 from cakelm.common import CakeError, read_json
 from cakelm.report import fmt, models_section
+from cakelm.stages.eval import format_results
 
 
-def stage_table(run: Path) -> list[str]:
-    """| stage | time | result | rows from RUN/pipeline.json; the total row carries the wall time and peak memory."""
-    pipe = read_json(run / "pipeline.json", "pipeline record")
+def stage_table(record: Path) -> list[str]:
+    """| stage | time | result | rows from a pipeline record; the total row carries the wall time and peak memory."""
+    pipe = read_json(record, "pipeline record")
     if any(r.get("status") != "ran" for r in pipe["stages"]):
         skipped = [r["stage"] for r in pipe["stages"] if r.get("status") != "ran"]
         print(f"note: {', '.join(skipped)} did not run in the last invocation (times 0.0 s): run the whole "
@@ -42,8 +44,14 @@ def models_table(run: Path) -> list[str]:
             *("| " + " | ".join(row) + " |" for row in rows)]
 
 
-def machine_line(run: Path) -> str:
-    hw = read_json(run / "pipeline.json", "pipeline record")["hardware"]
+def eval_block(run: Path, models: tuple[str, ...] = ("base", "sft", "grpo")) -> list[str]:
+    """The pipeline's evaluation of `models` (RUN/eval.json) in `cakelm eval`'s table format, header included."""
+    results = read_json(run / "eval.json", "evaluation")["models"]
+    return format_results({m: results[m] for m in models if m in results}).splitlines()
+
+
+def machine_line(record: Path) -> str:
+    hw = read_json(record, "pipeline record")["hardware"]
     return (f"{hw['cpu']}, {hw['cpu_cores']} cores, device {hw['device']}, torch {hw['torch']} "
             f"({hw['torch_threads']} threads), Python {hw['python']}")
 
@@ -52,10 +60,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path, help="a run directory written by `cakelm pipeline`")
     ap.add_argument("--check", type=Path, metavar="README", help="check that README shows these rows verbatim")
+    ap.add_argument("--pipeline", type=Path, metavar="JSON", help="the pipeline record of the full run (default: "
+                    "RUN/pipeline.json, which a later `cakelm pipeline --only ...` replaces)")
     args = ap.parse_args()
+    record = args.pipeline or args.run / "pipeline.json"
     try:
-        blocks = {"stages": stage_table(args.run), "models": models_table(args.run)}
-        machine = machine_line(args.run)
+        blocks = {"stages": stage_table(record), "models": models_table(args.run), "eval": eval_block(args.run)}
+        machine = machine_line(record)
     except (CakeError, KeyError, StopIteration) as e:
         print(f"error: {args.run}: not a complete pipeline run ({type(e).__name__}: {e})", file=sys.stderr)
         return 2
@@ -65,7 +76,8 @@ def main() -> int:
     if args.check is None:
         return 0
     readme = set(args.check.read_text(encoding="utf-8").splitlines())
-    missing = [row for rows in blocks.values() for row in rows[2:] if row not in readme]
+    # the tables' header and rule rows are the same in every run; every line of the eval block counts
+    missing = [row for name, rows in blocks.items() for row in rows[0 if name == "eval" else 2:] if row not in readme]
     for row in missing:
         print(f"not in {args.check}: {row}")
     print(f"{args.check}: {'up to date with' if not missing else f'{len(missing)} rows differ from'} {args.run}")

@@ -28,12 +28,14 @@ POSIX only (symlinks, directory fsync); Windows is not a target.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pickle
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +51,29 @@ from cakelm.tokenizer import CAKELM_TEMPLATE, CONFIG_FILE, Tokenizer
 FILES = ("model.safetensors", "config.json", "tokenizer.json", "meta.json")
 OPTIONAL = ("train_state.pt", "heads.safetensors", CONFIG_FILE)  # the other names a save may write
 CURRENT = "current"
+LOCK = ".lock"  # held while a save is under way (fcntl.flock)
 _VERSION = re.compile(r"^\.ckpt-(\d+)-")
 
 
 def is_checkpoint(path: str | Path) -> bool:
     return all((Path(path) / f).is_file() for f in FILES)
+
+
+def snapshot(path: str | Path) -> Path:
+    """The directory that holds one complete version of the checkpoint in `path`: the version `current` points at
+    now (resolved once, so a reader that opens several files gets them all from the same save, even while a new
+    one is being switched in), or `path` itself in the plain-file layout. A `current` whose version is missing
+    (the checkpoint was copied without its hidden .ckpt-* directories) is a one-line error."""
+    path = Path(path)
+    link = path / CURRENT
+    if not link.is_symlink():
+        return path
+    target = path / os.readlink(link)
+    if not target.is_dir():
+        raise CakeError(f"{path}: its data is missing ({CURRENT} -> {os.readlink(link)}, which is not there): the "
+                        "checkpoint was copied without its hidden .ckpt-* directory; copy the whole directory "
+                        "(cp -a SRC DEST)")
+    return target
 
 
 def _weights(model: Transformer) -> dict[str, torch.Tensor]:
@@ -132,6 +152,9 @@ def _adopt_plain_files(out: Path) -> None:
     current = out / CURRENT
     if not plain and (current.is_symlink() or not current.exists()):
         return
+    if current.exists() and not current.is_symlink() and not is_checkpoint(current):
+        raise CakeError(f"{out}/{CURRENT} is not a checkpoint version, and saving here would replace it: move it "
+                        "away or save elsewhere")
     version = _new_version(out, "adopted")
     for name in names:
         src = (out / name).resolve()
@@ -143,9 +166,7 @@ def _adopt_plain_files(out: Path) -> None:
     fsync_path(version)
     fsync_path(out)
     if current.exists() and not current.is_symlink():  # a copy of a checkpoint made without keeping links
-        trash = out / f".trash.ckpt-{version.name}"
-        os.replace(current, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(current, out / f".trash{version.name}")  # removed by _tidy
     _link(current, version.name)
     fsync_path(out)
     for name in plain:
@@ -177,12 +198,37 @@ def save_checkpoint(out: str | Path, model: Transformer, tokenizer: Tokenizer, m
                                                       encoding="utf-8")
     if train_state is not None:
         writers["train_state.pt"] = lambda p: torch.save({**train_state, "step": step}, p)
-    writers["meta.json"] = lambda p: p.write_text(json.dumps(finite_json({"code_version": code_version(), **meta}),
-                                                             indent=2, sort_keys=True, allow_nan=False) + "\n",
-                                                  encoding="utf-8")  # metrics of a skipped step: NaN -> null
+    writers["meta.json"] = _meta_writer({"code_version": code_version(), **meta})
+    with _saving(out):
+        _write_version(out, writers, f"step-{step}", keep)
+    return out
+
+
+@contextmanager
+def _saving(out: Path) -> Iterator[None]:
+    """One save at a time into `out`: a second process saving into the same directory is refused, since each
+    save tidies away versions it did not write."""
+    with open(out / LOCK, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CakeError(f"{out}: another process is saving a checkpoint there right now; give each run its "
+                            "own --out") from None
+        yield  # the lock goes with the file's closing, also when the process dies
+
+
+def _meta_writer(meta: dict[str, Any]) -> Callable[[Path], object]:
+    # strict JSON: the metrics of a skipped (non-finite) step are null
+    return lambda p: p.write_text(json.dumps(finite_json(meta), indent=2, sort_keys=True, allow_nan=False) + "\n",
+                                  encoding="utf-8")
+
+
+def _write_version(out: Path, writers: dict[str, Callable[[Path], object]], label: str, keep: int) -> None:
+    """Write a complete version of the checkpoint with `writers` (file name -> function writing it), then switch
+    `current` to it: the steps of the module docstring. The caller holds the lock."""
     _tidy(out, keep=len(_versions(out)))  # only leftovers of a save cut off before its switch
     _adopt_plain_files(out)
-    version = _new_version(out, f"step-{step}")
+    version = _new_version(out, label)
     for name, write in writers.items():  # 1. the new version, complete and on disk, where no reader looks
         write(version / name)
         honour_umask(version / name)
@@ -198,16 +244,37 @@ def save_checkpoint(out: str | Path, model: Transformer, tokenizer: Tokenizer, m
         if name not in writers and p.is_symlink() and os.readlink(p) == f"{CURRENT}/{name}":
             p.unlink()
     _tidy(out, max(1, keep))
-    return out
+
+
+def update_meta(path: str | Path, **fields: Any) -> None:
+    """Add `fields` to a checkpoint's meta.json the way a save would: a new version whose other files are hard
+    links to the live version's, switched in atomically."""
+    out = Path(path)
+    with _saving(out):
+        _adopt_plain_files(out)
+        live = snapshot(out)
+        meta = load_meta(live)
+
+        def same_file(src: Path) -> Callable[[Path], object]:
+            def write(dst: Path) -> None:
+                try:
+                    os.link(src, dst)
+                except OSError:  # a file system without hard links
+                    shutil.copy2(src, dst)
+            return write
+
+        writers = {n: same_file(live / n) for n in (*FILES, *OPTIONAL) if n != "meta.json" and (live / n).is_file()}
+        writers["meta.json"] = _meta_writer({**meta, **fields})
+        _write_version(out, writers, f"step-{meta['step']}", keep=1)
 
 
 def load_meta(path: str | Path) -> dict[str, Any]:
     """meta.json of a checkpoint, checked against the weights' step."""
     if not str(path):
         raise CakeError("no checkpoint directory given")
-    path = Path(path)
-    if not path.is_dir():
+    if not Path(path).is_dir():
         raise CakeError(f"checkpoint not found: {path}")
+    path = snapshot(path)
     missing = [f for f in FILES if not (path / f).is_file()]
     if missing:
         raise CakeError(f"{path}: not a cakelm checkpoint (missing {', '.join(missing)})")
@@ -218,8 +285,8 @@ def load_meta(path: str | Path) -> dict[str, Any]:
     except (SafetensorError, OSError) as e:
         raise CakeError(f"{path / 'model.safetensors'}: unreadable weights ({e})") from None
     if saved_step is not None and int(saved_step) != int(meta.get("step", -1)):
-        raise CakeError(f"{path}: weights are from step {saved_step} but meta.json says step {meta.get('step')} "
-                        "(a save was cut off); retrain, or --overwrite it")
+        raise CakeError(f"{path}: weights are from step {saved_step} but meta.json says step {meta.get('step')}: "
+                        "files of two saves (a save of an older cakelm that was cut off, or files replaced by hand)")
     return meta
 
 
@@ -231,9 +298,12 @@ def load_model_config(path: str | Path) -> ModelConfig:
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Transformer, Tokenizer, dict]:
-    """(model on `device` in eval mode, tokenizer, meta) from a checkpoint directory."""
+    """(model on `device` in eval mode, tokenizer, meta) from a checkpoint directory. The weights' names and
+    shapes are checked against config.json before anything is allocated (config.json may come from elsewhere)."""
+    path = snapshot(path)  # every file from the same save
     meta = load_meta(path)
     cfg = load_model_config(path)
+    check_weight_shapes(path / "model.safetensors", cfg)
     model = Transformer(cfg)
     sd = load_file(str(Path(path) / "model.safetensors"))
     if cfg.tie_embeddings:
@@ -249,9 +319,31 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Tr
     return model.to(device).eval(), tok, meta
 
 
+def check_weight_shapes(weights: Path, cfg: ModelConfig) -> None:
+    """The tensors a model of `cfg` has, by name and shape (built on the meta device: nothing allocated), equal
+    those in the safetensors file's header; a one-line error naming the first difference otherwise."""
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            have = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CakeError(f"{weights}: unreadable weights ({e})") from None
+    layers = 1 + max((int(m.group(1)) for k in have if (m := re.match(r"layers\.(\d+)\.", k))), default=-1)
+    if layers != cfg.n_layers:  # first, so a config.json of a billion layers does not build a billion modules
+        raise CakeError(f"{weights}: weights do not match config.json (n_layers {cfg.n_layers}, the file holds "
+                        f"{layers} layers)")
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    if cfg.tie_embeddings:
+        want.pop("lm_head.weight")
+    for name in sorted(set(want) | set(have)):
+        if want.get(name) != have.get(name):
+            raise CakeError(f"{weights}: weights do not match config.json ({name}: config.json makes "
+                            f"{want.get(name, 'no such tensor')}, the file holds {have.get(name, 'none')})")
+
+
 def load_heads(path: str | Path) -> dict[str, torch.Tensor]:
     """The extra tensors of a checkpoint (heads.safetensors), checked to be from the weights' step."""
-    path = Path(path)
+    path = snapshot(path)
     meta = load_meta(path)
     f = path / "heads.safetensors"
     if not f.is_file():
@@ -269,7 +361,8 @@ def load_heads(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
     """The optimizer/loop state saved with a checkpoint, checked to be from the same step as its weights."""
-    p = Path(path) / "train_state.pt"
+    path = snapshot(path)
+    p = path / "train_state.pt"
     if not p.is_file():
         raise CakeError(f"--resume: {path} has no train_state.pt (it was saved without optimizer state)")
     try:
@@ -285,13 +378,13 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     step = load_meta(path)["step"]
     if not isinstance(state, dict) or state.get("step") != step:
         raise CakeError(f"{p} is from step {state.get('step') if isinstance(state, dict) else '?'} but the "
-                        f"weights are from step {step} (a save was cut off); retrain, or --overwrite it")
+                        f"weights are from step {step}: files of two saves")
     return state
 
 
 # Options that may change when a run is resumed: how long it runs and how it reports, not what it computes.
 RESUMABLE = {"resume", "overwrite", "loop.max_steps", "loop.eval_every", "loop.eval_tokens", "loop.log_every",
-             "loop.save_every", "loop.progress", "loop.device", "loop.grad_checkpoint",
+             "loop.save_every", "loop.progress", "loop.device", "loop.grad_checkpoint", "out",
              # when a run stops on trouble, not what it computes (and absent from runs saved before they existed)
              "loop.max_skipped", "reward_timeout", "reward_errors"}
 
@@ -310,6 +403,8 @@ def check_same_run(saved: dict, now: dict, out: Path) -> None:
 def resume_point(out: Path, resume: bool, overwrite: bool, max_steps: int, config: dict) -> str:
     """How a training stage starts in `out`: "done" (--resume of a complete run), "resume" (continue the
     checkpoint there, whose options must equal `config`) or "fresh". Refuses to silently replace a checkpoint."""
+    if out.is_dir():
+        snapshot(out)  # a checkpoint copied without its data is an error, not "no checkpoint: start afresh"
     if resume and is_checkpoint(out):
         meta = load_meta(out)
         if meta.get("complete") and meta["step"] >= max_steps:

@@ -334,8 +334,8 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
                     bar.close()
                     raise CakeError(f"step {step + 1}: {skipped_in_row} step(s) in a row with a non-finite loss or "
                                     f"gradient norm (the last: {what}); stopped without saving (the last "
-                                    f"checkpoint in {ctx.out}, if any, is untouched); lower --lr, or raise "
-                                    "--loop.max-skipped")
+                                    f"checkpoint in {ctx.out}, if any, is untouched: --loop.save-every N keeps "
+                                    "one every N steps); lower --lr, or raise --loop.max-skipped")
                 if info.is_main:
                     bar.write(f"step {step + 1}: {what}; update skipped ({skipped_in_row} in a row, the run stops "
                               f"after {cfg.max_skipped})", file=sys.stderr)

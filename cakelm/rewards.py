@@ -115,8 +115,9 @@ def gym(prompt: str, completion: str, task: str | None = None, entry: dict | Non
 
     lines = completion.strip().splitlines()
     answer = final_number(completion) or (lines[-1] if lines else "")
+    scorer = reasoning_gym.get_score_answer_fn(GYM_NAMES[task])  # a broken setup raises (and is counted)
     try:
-        return float(reasoning_gym.get_score_answer_fn(GYM_NAMES[task])(answer, entry))
+        return float(scorer(answer, entry))
     except Exception:  # the scorer choked on what the model wrote: a wrong answer, not a broken run
         return 0.0
 
@@ -218,10 +219,12 @@ def call_with_time_limit(fn: Callable[..., Any], seconds: float, *args: Any, **k
     regular expression is cut short; without `time_limit_available()` the call runs unlimited."""
     if not seconds > 0 or not time_limit_available():
         return fn(*args, **kwargs)
-    handler = signal.signal(signal.SIGALRM, _raise_timeout)
+    # signal.signal returns None for a handler installed from C: put the default back then
+    handler = signal.signal(signal.SIGALRM, _raise_timeout) or signal.SIG_DFL
     t0 = time.monotonic()
-    timer = signal.setitimer(signal.ITIMER_REAL, seconds)
+    timer = (0.0, 0.0)
     try:
+        timer = signal.setitimer(signal.ITIMER_REAL, seconds)  # inside the try: an early alarm still disarms
         return fn(*args, **kwargs)
     finally:
         try:

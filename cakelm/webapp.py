@@ -13,9 +13,11 @@ paths (404), bodies over the limit (413), bodies that are not JSON (415) and eac
 What every request passes, outermost first (all plain ASGI middleware, not `@app.middleware("http")`, which hides
 a client's disconnect from the handler):
 - `RequestGuard`: the Host header must name this server (DNS rebinding: a page on evil.example whose name is made
-  to point at 127.0.0.1 sends `Host: evil.example`), else 400; an Origin header, when sent, must too, else 403 (a
-  page of another site posting here); a POST must say `Content-Type: application/json`, else 415 (the "simple"
-  cross-site POSTs a browser sends without asking, text/plain or a form, never do).
+  to point at 127.0.0.1 sends `Host: evil.example`), else 400; an Origin header, when sent, must be this server's
+  own page (the scheme aside, exactly the Host the request came to) or a name given with --allowed-hosts, else 403
+  (a page of another site, or of another app on this machine, posting here); a POST must say `Content-Type:
+  application/json`, else 415 (the "simple" cross-site POSTs a browser sends without asking, text/plain or a form,
+  never do).
 - `BearerAuth` (with a token): paths under `protected` need `Authorization: Bearer TOKEN`, else 401; compared in
   constant time. With one token per person, the request carries whose token it was (`USER` in the ASGI scope).
 - `BodyLimit`: a body over the limit is 413, whether declared (Content-Length) or sent chunked; a JSON body must
@@ -114,6 +116,7 @@ class Hosts:
     names: frozenset[str]
     any_ip: bool = False  # a wildcard bind: any IP address
     any: bool = False  # --allowed-hosts '*'
+    extra: frozenset[str] = frozenset()  # the names given with --allowed-hosts
 
     @classmethod
     def for_bind(cls, host: str, allowed: Sequence[str] = ()) -> Hosts:
@@ -125,8 +128,9 @@ class Hosts:
                 extra.add(host_name(a) or a.strip("[]"))  # "name:port" -> "name", "[::1]" -> "::1"
         bind = host.strip().lower().strip("[]")
         if bind in WILDCARD:
-            return cls(frozenset({*LOOPBACK, socket.gethostname().lower(), *extra}), any_ip=True)
-        return cls(frozenset({*(LOOPBACK if _is_loopback(bind) else ()), bind, *extra}))
+            return cls(frozenset({*LOOPBACK, socket.gethostname().lower(), *extra}), any_ip=True,
+                       extra=frozenset(extra))
+        return cls(frozenset({*(LOOPBACK if _is_loopback(bind) else ()), bind, *extra}), extra=frozenset(extra))
 
     def allows(self, name: str | None) -> bool:
         return name is not None and (self.any or name in self.names or (self.any_ip and _is_ip(name)))
@@ -155,7 +159,7 @@ class RequestGuard:
                 "one (a DNS name pointing here that this server was not told of is how DNS rebinding attacks "
                 "look)", param="Host", code="host_not_allowed"))
         origin = headers.get(b"origin")
-        if origin is not None and not self._origin_ok(origin.decode("latin-1")):
+        if origin is not None and not self._origin_ok(origin.decode("latin-1"), host):
             return await _send_json(send, 403, error_body(
                 f"requests from the page at {origin.decode('latin-1')[:100]!r} are refused: this server answers "
                 "its own pages (--allowed-hosts adds names)", param="Origin", code="origin_not_allowed"))
@@ -167,10 +171,15 @@ class RequestGuard:
                     code="unsupported_media_type"))
         await self.app(scope, receive, send)
 
-    def _origin_ok(self, origin: str) -> bool:
+    def _origin_ok(self, origin: str, host: str) -> bool:
+        """A page of this server itself (the Origin's host and port are the Host the request came to), or of a
+        name given with --allowed-hosts. Not "any allowed Host name": another local app (localhost:3000) or a
+        page served from a bare IP must not drive this one."""
         try:
             url = urllib.parse.urlsplit(origin.strip())
-            return url.scheme in ("http", "https") and self.hosts.allows(url.hostname)
+            if url.scheme not in ("http", "https"):
+                return False
+            return self.hosts.any or url.netloc.lower() == host.strip().lower() or url.hostname in self.hosts.extra
         except ValueError:  # a malformed port or address
             return False
 

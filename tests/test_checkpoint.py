@@ -77,5 +77,6 @@ def test_train_state_checked_against_weights(tmp_path, tok_dir) -> None:
     save_checkpoint(tmp_path / "c", m, tok, {"stage": "t", "step": 6})  # saved without state: the stale one goes
     assert not (tmp_path / "c" / "train_state.pt").exists()
     # no temporary files or older versions left: the four names, the pointer and the one live version
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".ckpt-000002-step-6", "config.json", "current",
-                                                                  "meta.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".ckpt-000002-step-6", ".lock", "config.json",
+                                                                  "current", "meta.json", "model.safetensors",
+                                                                  "tokenizer.json"]

@@ -84,7 +84,8 @@ def test_host_and_origin_are_checked_on_both_servers(serve_client, store) -> Non
                 assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed", (host, r.text)
         for host in ("127.0.0.1:8000", "localhost", "LOCALHOST:1234", "[::1]:8000", "proxy.example"):
             assert client.get(get, headers={"Host": host}).status_code == 200, host
-        for origin in ("http://evil.example", "https://evil.example:8000", "null", "file://", "ftp://127.0.0.1"):
+        for origin in ("http://evil.example", "https://evil.example:8000", "null", "file://", "ftp://127.0.0.1",
+                       "http://localhost:3000", "http://127.0.0.1:9999", "http://10.0.0.7:8000"):
             r = client.post(post[0], json=post[1], headers={"Origin": origin})
             assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed", origin
         assert client.get(get, headers={"Origin": "http://127.0.0.1:8000"}).status_code == 200

@@ -294,7 +294,7 @@ def reads_as(ckpt: Path, versions: dict[str, tuple[int, dict, bool, bool]]) -> s
 
 def tidy(ckpt: Path) -> list[str]:
     """The hidden entries of a checkpoint directory: exactly one version after a completed save."""
-    return sorted(p.name for p in ckpt.iterdir() if p.name.startswith("."))
+    return sorted(p.name for p in ckpt.iterdir() if p.name.startswith(".") and p.name != checkpoint.LOCK)
 
 
 @pytest.mark.parametrize("layout", ["versioned", "plain"])
@@ -373,6 +373,69 @@ def test_resume_after_a_save_cut_off_anywhere_is_exact(tok_dir, tmp_path, fast_d
             break
         k += 1
     assert resumed_from == {3, 4} and k > 15
+
+
+def test_readers_take_every_file_from_one_version(tmp_path, tok_dir) -> None:
+    """A reader resolves `current` once: files opened after a newer save switched in still come from the version
+    it started with (what `serve` or `eval` reading a checkpoint that training is saving into relies on)."""
+    tok = Tokenizer.load(tok_dir)
+    torch.manual_seed(0)
+    a, b = Transformer(tiny_model_config()), Transformer(tiny_model_config())
+    ckpt = tmp_path / "c"
+    save_checkpoint(ckpt, a, tok, {"stage": "t", "step": 1})
+    live = checkpoint.snapshot(ckpt)
+    save_checkpoint(ckpt, b, tok, {"stage": "t", "step": 2}, keep=2)  # switched in while the reader is at work
+    model, _, meta = load_model(live)
+    assert meta["step"] == 1 and same(model.state_dict(), a.state_dict())
+    assert load_meta(ckpt)["step"] == 2
+
+
+def test_one_save_at_a_time_and_meta_updates_are_saves(tmp_path, tok_dir) -> None:
+    import fcntl
+
+    tok = Tokenizer.load(tok_dir)
+    m = Transformer(tiny_model_config())
+    ckpt = tmp_path / "c"
+    save_checkpoint(ckpt, m, tok, {"stage": "t", "step": 1})
+    with open(ckpt / checkpoint.LOCK, "a") as held:  # another process in the middle of a save
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(CakeError, match="another process is saving a checkpoint there"):
+            save_checkpoint(ckpt, m, tok, {"stage": "t", "step": 2})
+    assert load_meta(ckpt)["step"] == 1 and tidy(ckpt) == [".ckpt-000001-step-1"]
+    checkpoint.update_meta(ckpt, rlhf_round=3)  # e.g. `cakelm rlhf-round` marking its policy
+    assert (ckpt / "meta.json").is_symlink() and load_meta(ckpt)["rlhf_round"] == 3
+    assert tidy(ckpt) == [".ckpt-000002-step-1"] and same(load_model(ckpt)[0].state_dict(), m.state_dict())
+
+
+def test_a_copy_without_the_data_is_an_error_not_a_fresh_start(tmp_path, tok_dir) -> None:
+    tok = Tokenizer.load(tok_dir)
+    ckpt = tmp_path / "c"
+    save_checkpoint(ckpt, Transformer(tiny_model_config()), tok, {"stage": "t", "step": 1}, {"tokens_seen": 0})
+    copy_ = tmp_path / "copy"
+    copy_.mkdir()
+    for p in ckpt.iterdir():  # `cp -P c/* copy/`: the shell's * leaves out the hidden version directory
+        if not p.name.startswith("."):
+            os.symlink(os.readlink(p), copy_ / p.name)
+    for fn in (load_model, lambda p: checkpoint.resume_point(p, True, False, 10, {})):
+        with pytest.raises(CakeError, match=r"its data is missing \(current -> .ckpt-000001-step-1.*cp -a") as e:
+            fn(copy_)
+        assert "\n" not in str(e.value)
+    (tmp_path / "mine" / "current").mkdir(parents=True)  # a folder of the user's that happens to be named so
+    (tmp_path / "mine" / "current" / "notes.txt").write_text("mine")
+    with pytest.raises(CakeError, match="current is not a checkpoint version"):
+        save_checkpoint(tmp_path / "mine", Transformer(tiny_model_config()), tok, {"stage": "t", "step": 1})
+    assert (tmp_path / "mine" / "current" / "notes.txt").read_text() == "mine"
+
+
+def test_config_json_is_checked_against_the_weights_before_allocating(tmp_path, tok_dir) -> None:
+    tok = Tokenizer.load(tok_dir)
+    ckpt = save_checkpoint(tmp_path / "c", Transformer(tiny_model_config()), tok, {"stage": "t", "step": 1})
+    cfg = json.loads((ckpt / "config.json").read_text())
+    for change, message in (({"n_layers": 10**9}, "n_layers 1000000000, the file holds 2 layers"),
+                            ({"dim": 2**20, "n_heads": 2**10}, r"embed.weight: config.json makes \(320, 1048576\)")):
+        (checkpoint.snapshot(ckpt) / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(CakeError, match=message):  # a one-line error, not 4 TB of zeros or a billion modules
+            load_model(ckpt)
 
 
 # ---------------------------------------------------------------------------------------------------------------

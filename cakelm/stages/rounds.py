@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from cakelm.chat_format import format_of
-from cakelm.checkpoint import is_checkpoint, load_meta, load_model
+from cakelm.checkpoint import is_checkpoint, load_meta, load_model, update_meta
 from cakelm.common import CakeError, pick_device, print0, read_json, seed_everything, write_json_atomic
 from cakelm.config import ConfigError, build_config, opt
 from cakelm.data.labels import LabelStore, export
@@ -203,7 +203,7 @@ def main(cfg: RoundConfig) -> Path:
                         "continue") from None
     pmeta = load_meta(policy_dir)
     if pmeta.get("rlhf_round") != n:  # which round produced this checkpoint
-        write_json_atomic(policy_dir / "meta.json", {**pmeta, "rlhf_round": n})
+        update_meta(policy_dir, rlhf_round=n)
 
     # 6. measure (round 0, the SFT model, once, with round 1's reward model)
     ref = load_model(sft_dir, device)[0].eval()
