@@ -87,7 +87,9 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, 
 @dataclass
 class LoopConfig:
     max_steps: int = opt(1000, "optimizer steps to train for", alias="--max-steps")
-    batch_size: int = opt(16, "rows per micro-batch on each process", alias="--batch-size")
+    batch_size: int = opt(16, "examples per micro-batch on each process: token rows (pretrain), conversations "
+                          "(sft; packed into rows), pairs (reward, dpo), replies (ppo, grpo, rloo)",
+                          alias="--batch-size")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     eval_every: int = opt(100, "evaluate every N steps, and always at the end (0 = only at the end)")
     eval_tokens: int = opt(0, "tokens of validation data per evaluation (0 = all of it)")
