@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from cakelm.common import CakeError, code_version, finite_json, fsync_path, honour_umask, read_json
 from cakelm.config import flatten
-from cakelm.model import ModelConfig, Transformer
+from cakelm.model import ModelConfig, Transformer, check_layer_count, param_shapes
 from cakelm.tokenizer import CAKELM_TEMPLATE, CONFIG_FILE, Tokenizer
 
 FILES = ("model.safetensors", "config.json", "tokenizer.json", "meta.json")
@@ -327,12 +327,9 @@ def check_weight_shapes(weights: Path, cfg: ModelConfig) -> None:
             have = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
     except (SafetensorError, OSError) as e:
         raise CakeError(f"{weights}: unreadable weights ({e})") from None
-    layers = 1 + max((int(m.group(1)) for k in have if (m := re.match(r"layers\.(\d+)\.", k))), default=-1)
-    if layers != cfg.n_layers:  # first, so a config.json of a billion layers does not build a billion modules
-        raise CakeError(f"{weights}: weights do not match config.json (n_layers {cfg.n_layers}, the file holds "
-                        f"{layers} layers)")
-    with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    # first, so a config.json of a billion layers does not build a billion modules
+    check_layer_count(have, r"layers\.(\d+)\.", cfg.n_layers, "config.json's n_layers", weights)
+    want = param_shapes(cfg)
     if cfg.tie_embeddings:
         want.pop("lm_head.weight")
     for name in sorted(set(want) | set(have)):

@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 
 from cakelm.chat_format import jinja_template, template_from_jinja
 from cakelm.common import CakeError, honour_umask, read_json, write_json_atomic
-from cakelm.model import ModelConfig, Transformer
+from cakelm.config import ConfigError
+from cakelm.model import ModelConfig, Transformer, check_layer_count, param_shapes
 from cakelm.tokenizer import ChatTemplate, Tokenizer
 
 # ours -> HF; {i} is the layer index. The output head is absent when tied to the embedding.
@@ -68,6 +69,27 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Checks on files from elsewhere: counts and shapes validated before anything is allocated (with
+# model.check_layer_count and model.param_shapes)
+
+
+def positive_int(value: Any, key: str, where: str | Path) -> int:
+    """A count read from a foreign config (head count, layer count, width): a positive integer, or a one-line
+    error naming the file and key (before it divides anything or sizes an allocation)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CakeError(f"{where}: {key} must be a positive integer, got {str(value)[:50]!r}")
+    return value
+
+
+def model_config(where: str | Path, **fields: Any) -> ModelConfig:
+    """ModelConfig from a foreign file's values; what it refuses is a one-line error naming the file."""
+    try:
+        return ModelConfig(**fields)
+    except ConfigError as e:
+        raise CakeError(f"{where}: {e}") from None
+
+
 def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
     """config.json for `LlamaForCausalLM`."""
     return {
@@ -83,25 +105,37 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
     }
 
 
-def model_config_from_hf(c: dict[str, Any]) -> ModelConfig:
+def model_config_from_hf(c: dict[str, Any], where: str | Path = "config.json") -> ModelConfig:
     """ModelConfig from an HF Llama config.json (refusing what our model cannot express)."""
-    if c.get("model_type") != "llama" and "LlamaForCausalLM" not in c.get("architectures", []):
-        raise CakeError(f"unsupported architecture {c.get('model_type') or c.get('architectures')}: only Llama")
+    if not isinstance(c, dict):
+        raise CakeError(f"{where}: not a JSON object")
+    if c.get("model_type") != "llama" and "LlamaForCausalLM" not in (c.get("architectures") or []):
+        raise CakeError(f"{where}: unsupported architecture {c.get('model_type') or c.get('architectures')}: "
+                        "only Llama")
     for key in ("attention_bias", "mlp_bias"):
         if c.get(key):
-            raise CakeError(f"unsupported Llama variant: {key}=true (cakelm models have no biases)")
+            raise CakeError(f"{where}: unsupported Llama variant: {key}=true (cakelm models have no biases)")
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise CakeError(f"unsupported RoPE scaling {rope.get('rope_type') or rope.get('type')}")
-    n_heads = c["num_attention_heads"]
-    if c.get("head_dim", c["hidden_size"] // n_heads) * n_heads != c["hidden_size"]:
-        raise CakeError("unsupported Llama variant: head_dim * num_attention_heads != hidden_size")
-    return ModelConfig(
-        vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=c.get("num_key_value_heads") or n_heads, ffn_dim=c["intermediate_size"],
-        max_seq_len=c.get("max_position_embeddings", 2048),
-        rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
-        norm_eps=c.get("rms_norm_eps", 1e-6), tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+        raise CakeError(f"{where}: unsupported RoPE scaling {rope.get('rope_type') or rope.get('type')}")
+    def count(key: str, default: Any = None) -> int:
+        if key not in c and default is None:
+            raise CakeError(f"{where}: lacks {key}")
+        return positive_int(c.get(key, default), key, where)
+
+    n_heads, dim = count("num_attention_heads"), count("hidden_size")
+    if c.get("head_dim", dim // n_heads) * n_heads != dim:
+        raise CakeError(f"{where}: unsupported Llama variant: head_dim * num_attention_heads != hidden_size")
+    try:
+        rope_theta, norm_eps = float(rope.get("rope_theta", c.get("rope_theta", 10000.0))), \
+            float(c.get("rms_norm_eps", 1e-6))
+    except (TypeError, ValueError):
+        raise CakeError(f"{where}: rope_theta and rms_norm_eps must be numbers") from None
+    return model_config(
+        where, vocab_size=count("vocab_size"), dim=dim, n_layers=count("num_hidden_layers"), n_heads=n_heads,
+        n_kv_heads=count("num_key_value_heads", n_heads), ffn_dim=count("intermediate_size"),
+        max_seq_len=count("max_position_embeddings", 2048), rope_theta=rope_theta, norm_eps=norm_eps,
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)))
 
 
 def export_hf(model: Transformer, tok: Tokenizer, out: str | Path) -> Path:
@@ -176,21 +210,33 @@ def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor],
     if not (path / "config.json").is_file():
         raise CakeError(f"{path}: no config.json (not a Hugging Face model directory)")
     config = read_json(path / "config.json", "model config")
-    cfg = model_config_from_hf(config)
+    cfg = model_config_from_hf(config, path / "config.json")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CakeError(f"{path}: no *.safetensors weights (pytorch_model.bin is not read; save the model with "
                         "safe_serialization=True)")
+    shapes: dict[str, tuple[int, ...]] = {}  # from the files' headers: nothing loaded yet
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                shapes.update({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})
+        except (SafetensorError, OSError) as e:
+            raise CakeError(f"{f}: unreadable weights ({e})") from None
+    check_layer_count(shapes, r"model\.layers\.(\d+)\.", cfg.n_layers, "num_hidden_layers", path / "config.json")
+    known = set(name_map(cfg).values()) | {"lm_head.weight"}
+    extra = sorted(k for k in shapes if k not in known and not k.endswith("rotary_emb.inv_freq"))
+    if extra:
+        raise CakeError(f"{path}: unsupported Llama variant: unexpected tensor {extra[0]}")
+    want = param_shapes(cfg)
+    for ours, theirs in name_map(cfg).items():
+        if theirs in shapes and shapes[theirs] != want[ours]:
+            raise CakeError(f"{path}: tensor {theirs} has shape {shapes[theirs]}, config.json implies {want[ours]}")
     hf_sd: dict[str, torch.Tensor] = {}
     for f in files:
         try:
             hf_sd.update(load_file(str(f)))
         except (SafetensorError, OSError) as e:
             raise CakeError(f"{f}: unreadable weights ({e})") from None
-    known = set(name_map(cfg).values()) | {"lm_head.weight"}
-    extra = sorted(k for k in hf_sd if k not in known and not k.endswith("rotary_emb.inv_freq"))
-    if extra:
-        raise CakeError(f"{path}: unsupported Llama variant: unexpected tensor {extra[0]}")
     sd = {k: v.float() for k, v in from_hf_state_dict(hf_sd, cfg).items()}
     info = {"format": "hf", "name": config.get("_name_or_path") or path.name,
             "architectures": config.get("architectures")}
@@ -259,27 +305,40 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
     scaling = field("llama.rope.scaling.type", "none")
     if scaling != "none" or "rope_freqs.weight" in {t.name for t in reader.tensors}:
         raise CakeError(f"{path}: unsupported RoPE scaling {scaling if scaling != 'none' else 'rope_freqs'}")
-    n_heads, dim = field("llama.attention.head_count"), field("llama.embedding_length")
-    n_kv = field("llama.attention.head_count_kv", n_heads)
-    if isinstance(n_kv, list) or isinstance(n_heads, list):
+    if any(isinstance(field(k, 0), list) for k in ("llama.attention.head_count", "llama.attention.head_count_kv")):
         raise CakeError(f"{path}: unsupported Llama variant: head counts differ between layers")
+
+    def count(key: str, default: Any = missing) -> int:
+        return positive_int(field(key, default), key, path)
+
+    n_heads, dim = count("llama.attention.head_count"), count("llama.embedding_length")
+    n_kv = count("llama.attention.head_count_kv", n_heads)
+    names = {t.name for t in reader.tensors}
+    n_layers = count("llama.block_count")
+    check_layer_count(names, r"blk\.(\d+)\.", n_layers, "llama.block_count", path)
     if field("llama.rope.dimension_count", dim // n_heads) != dim // n_heads or \
             field("llama.attention.key_length", dim // n_heads) != dim // n_heads:
         raise CakeError(f"{path}: unsupported Llama variant: head or RoPE dimension != embedding / heads")
     tok = gguf_tokenizer(path, field)
-    names = {t.name for t in reader.tensors}
-    cfg = ModelConfig(
-        vocab_size=field("llama.vocab_size", tok.vocab_size), dim=dim, n_layers=field("llama.block_count"),
-        n_heads=n_heads, n_kv_heads=n_kv, ffn_dim=field("llama.feed_forward_length"),
-        max_seq_len=field("llama.context_length", 2048), rope_theta=float(field("llama.rope.freq_base", 10000.0)),
-        norm_eps=float(field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+    try:
+        rope_theta, norm_eps = float(field("llama.rope.freq_base", 10000.0)), \
+            float(field("llama.attention.layer_norm_rms_epsilon", 1e-5))
+    except (TypeError, ValueError):
+        raise CakeError(f"{path}: llama.rope.freq_base and the norm epsilon must be numbers") from None
+    cfg = model_config(
+        path, vocab_size=count("llama.vocab_size", tok.vocab_size), dim=dim, n_layers=n_layers,
+        n_heads=n_heads, n_kv_heads=n_kv, ffn_dim=count("llama.feed_forward_length"),
+        max_seq_len=count("llama.context_length", 2048), rope_theta=rope_theta, norm_eps=norm_eps,
         tie_embeddings="output.weight" not in names)
-    shapes = _param_shapes(cfg)
+    shapes = param_shapes(cfg)
     mapping, sd = gguf_name_map(cfg.n_layers), {}
     for t in reader.tensors:
         ours = mapping.get(t.name)
         if ours is None:
             raise CakeError(f"{path}: unsupported Llama variant: unexpected tensor {t.name}")
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
+        if shape != shapes[ours]:  # checked before dequantizing (which allocates)
+            raise CakeError(f"{path}: tensor {t.name} has shape {shape}, the metadata implies {shapes[ours]}")
         qtype = gguf.GGMLQuantizationType(t.tensor_type)
         unsupported = CakeError(f"{path}: tensor {t.name} has unsupported type {qtype.name}")
         if qtype.name in ("I8", "I16", "I32", "I64", "F64"):  # not weight formats llama.cpp quantizes to
@@ -288,9 +347,6 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
             w = np.asarray(gguf.quants.dequantize(t.data, qtype), dtype=np.float32)
         except NotImplementedError:  # a quantization type this gguf version cannot dequantize
             raise unsupported from None
-        if tuple(w.shape) != shapes[ours]:
-            raise CakeError(f"{path}: tensor {t.name} has shape {tuple(w.shape)}, the metadata implies "
-                            f"{shapes[ours]}")
         if t.name.endswith("attn_q.weight"):
             w = unpermute_rope(w, n_heads)
         elif t.name.endswith("attn_k.weight"):
@@ -305,13 +361,6 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
     info = {"format": "gguf", "name": field("general.name", path.stem), "license": field("general.license", None),
             "tensor_types": types}
     return cfg, sd, tok, info
-
-
-def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of every parameter of a Transformer with this config (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def gguf_tokenizer(path: Path, field: Any) -> Tokenizer:

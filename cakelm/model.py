@@ -19,7 +19,10 @@ Shapes in comments: B batch, T time (tokens), C model width, H query heads, KV k
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from cakelm.common import CakeError
 from cakelm.config import ConfigError, opt
 
 
@@ -364,3 +368,20 @@ class Transformer(nn.Module):
             kv_cache.pos += T
         x = self.norm(x)
         return x if hidden else self.lm_head(x)  # (B, T, C) or (B, T, vocab)
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every parameter of a Transformer with this config, by name (built on the meta device: no memory;
+    check the layer count against the file first, see check_layer_count)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_layer_count(names: Iterable[str], pattern: str, declared: int, key: str, where: str | Path) -> None:
+    """A weights file's tensors hold exactly `declared` layers (their names' largest index + 1, by the regex
+    `pattern` with one group): checked before any per-layer structure is built from a file that may come from
+    elsewhere, so a declared count of a billion costs nothing."""
+    found = 1 + max((int(mt.group(1)) for n in names if (mt := re.match(pattern, n))), default=-1)
+    if found != declared:
+        raise CakeError(f"{where}: {key} is {declared} but the file's tensors hold {found} layers")

@@ -431,7 +431,7 @@ def test_config_json_is_checked_against_the_weights_before_allocating(tmp_path, 
     tok = Tokenizer.load(tok_dir)
     ckpt = save_checkpoint(tmp_path / "c", Transformer(tiny_model_config()), tok, {"stage": "t", "step": 1})
     cfg = json.loads((ckpt / "config.json").read_text())
-    for change, message in (({"n_layers": 10**9}, "n_layers 1000000000, the file holds 2 layers"),
+    for change, message in (({"n_layers": 10**9}, "n_layers is 1000000000 but the file's tensors hold 2 layers"),
                             ({"dim": 2**20, "n_heads": 2**10}, r"embed.weight: config.json makes \(320, 1048576\)")):
         (checkpoint.snapshot(ckpt) / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(CakeError, match=message):  # a one-line error, not 4 TB of zeros or a billion modules

@@ -58,24 +58,24 @@ def random_model(vocab: int, **kw) -> Transformer:
 
 
 def write_gguf(path: Path, model: Transformer, tok: Tokenizer, quantized: bool = True, arch: str = "llama",
-               tokenizer_model: str = "gpt2", template: str = CHATML_JINJA, extra: dict | None = None) -> Path:
+               tokenizer_model: str = "gpt2", template: str = CHATML_JINJA, extra: dict | None = None,
+               lie: dict | None = None) -> Path:
     """A GGUF file as llama.cpp's converter writes one: q/k permuted, matrices quantized (Q8_0 in attention,
-    Q4_1 in the MLP and embedding) or F32, and the vocabulary of `tok` plus ChatML's two control tokens."""
+    Q4_1 in the MLP and embedding) or F32, and the vocabulary of `tok` plus ChatML's two control tokens.
+    `lie` overrides metadata the model's config would give ({"block_count": 10**9}: a crafted file)."""
     tokens = [tok.hf.id_to_token(i) for i in range(tok.vocab_size)] + ["<|im_start|>", "<|im_end|>"]
     types = [3 if t in tok.special_tokens else 1 for t in tokens[:-2]] + [3, 3]
     merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.hf.to_str())["model"]["merges"]]
     cfg = model.cfg
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny")
-    w.add_block_count(cfg.n_layers)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.dim)
-    w.add_feed_forward_length(cfg.ffn_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
+    counts = {"block_count": cfg.n_layers, "context_length": cfg.max_seq_len, "embedding_length": cfg.dim,
+              "feed_forward_length": cfg.ffn_dim, "head_count": cfg.n_heads, "head_count_kv": cfg.n_kv_heads,
+              "rope_dimension_count": cfg.head_dim}
+    for key, value in {**counts, **(lie or {})}.items():
+        getattr(w, f"add_{key}")(value)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_dimension_count(cfg.head_dim)
     w.add_vocab_size(len(tokens))
     w.add_tokenizer_model(tokenizer_model)
     w.add_tokenizer_pre("gpt2")
@@ -350,6 +350,14 @@ LLAMA_CONFIG = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "inte
     ("gguf_spm", "unsupported tokenizer 'llama'"),
     ("gguf_template", "unsupported chat template"),
     ("hub", "could not download cakelm-test/no-such-model"),
+    # crafted counts: refused before they divide anything or size an allocation (issue 22)
+    ("gguf_heads0", "a.gguf: llama.attention.head_count must be a positive integer, got '0'"),
+    ("gguf_blocks", "a.gguf: llama.block_count is 1000000000 but the file's tensors hold 2 layers"),
+    ("gguf_width", r"a.gguf: tensor token_embd.weight has shape \(\d+, 32\), the metadata implies \(\d+, 64\)"),
+    ("hf_heads0", "num_attention_heads must be a positive integer"),
+    ("hf_no_width", "config.json: lacks hidden_size"),
+    ("hf_layers", "config.json: num_hidden_layers is 1000000000 but the file's tensors hold 2 layers"),
+    ("hf_width", r"tensor model.embed_tokens.weight has shape \(\d+, 32\), config.json implies \(\d+, 64\)"),
 ])
 def test_bad_sources_are_one_line_errors(case: str, message: str, tmp_path, tok_dir, capsys) -> None:
     tok = Tokenizer.load(tok_dir)
@@ -368,12 +376,30 @@ def test_bad_sources_are_one_line_errors(case: str, message: str, tmp_path, tok_
                                            template=CHATML_JINJA.replace("message['content']", "message['content'] "
                                                                                                "| upper")),
         "hub": lambda: "cakelm-test/no-such-model",
+        "gguf_heads0": lambda: write_gguf(tmp_path / "a.gguf", model, tok, lie={"head_count": 0}),
+        "gguf_blocks": lambda: write_gguf(tmp_path / "a.gguf", model, tok, lie={"block_count": 10**9}),
+        "gguf_width": lambda: write_gguf(tmp_path / "a.gguf", model, tok, lie={"embedding_length": 64,
+                                                                                 "rope_dimension_count": 16}),
+        "hf_heads0": lambda: _hf_dir(tmp_path, {**LLAMA_CONFIG, "num_attention_heads": 0}),
+        "hf_no_width": lambda: _hf_dir(tmp_path, {k: v for k, v in LLAMA_CONFIG.items() if k != "hidden_size"}),
+        "hf_layers": lambda: _lying_export(tmp_path, model, tok, num_hidden_layers=10**9),
+        "hf_width": lambda: _lying_export(tmp_path, model, tok, hidden_size=64, head_dim=16),
     }[case]()
     assert cli(["import", str(src), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cakelm import: error: ") and len(err.splitlines()) == 1
     assert re.search(message, err), err
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def _lying_export(tmp_path: Path, model: Transformer, tok: Tokenizer, **lie) -> Path:
+    """An HF export of `model` whose config.json then says something else."""
+    from cakelm.hf_compat import export_hf
+
+    d = export_hf(model, tok, tmp_path / "hf")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, **lie}))
+    return d
 
 
 def _write(path: Path, text: str) -> Path:
