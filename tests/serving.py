@@ -68,10 +68,14 @@ def free_port() -> int:
 
 @contextmanager
 def running(app) -> Iterator[str]:
-    """Serve `app` with uvicorn in a thread; yield its base URL."""
-    port = free_port()
+    """Serve `app` with uvicorn in a thread; yield its base URL. The socket is bound here, to a port the kernel
+    picks, and handed to uvicorn: no moment in which another process could take the port."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20
     while not server.started:
@@ -83,3 +87,4 @@ def running(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        sock.close()
