@@ -18,7 +18,12 @@
   length of the reply and of the stop strings (checking every tail against every stop string cost O(L^2) per
   token for stop strings of L characters).
 - log-probabilities of the sampled tokens on request (under the sampling temperature, before top-k/top-p),
-  which RL needs.
+  which RL needs (`SamplingParams.logprobs`, in `Completion.logprobs`).
+- log-probabilities as the OpenAI API reports them (`SamplingParams.top_logprobs`, on each `StreamEvent`): the
+  model's own distribution, log_softmax(logits) at temperature 1, whatever temperature, top-k and top-p the token
+  was drawn with (vLLM's default too, `logprobs_mode=raw_logprobs`), with the k most likely tokens beside it; and
+  `Engine.prompt_logprobs`, the same for every token of a prompt from one forward pass (lm-evaluation-harness's
+  loglikelihood tasks score a continuation with it).
 
     engine = Engine(model, tokenizer)
     [c] = engine.generate([tokenizer.encode("ROMEO.", bos=True)], SamplingParams(max_new_tokens=50, seed=0))
@@ -50,7 +55,10 @@ class SamplingParams:
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()  # generation ends after one of these tokens (kept in ids, not in text)
     stop_strings: tuple[str, ...] = ()  # generation ends when the text contains one (cut from the text)
-    logprobs: bool = False
+    logprobs: bool = False  # Completion.logprobs: under the sampling temperature (what RL's importance ratios need)
+    # None: off; k >= 0: every StreamEvent carries the token's log-prob under the raw distribution (temperature 1,
+    # before top-k/top-p) and the k most likely tokens' (the OpenAI API's `logprobs`)
+    top_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -60,6 +68,8 @@ class SamplingParams:
                             f"{self.top_k}, {self.top_p}")
         if any(not s for s in self.stop_strings):
             raise CakeError("stop strings must not be empty")
+        if self.top_logprobs is not None and self.top_logprobs < 0:
+            raise CakeError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
 
 
 @dataclass
@@ -75,15 +85,27 @@ class Completion:
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-prob under the model's raw distribution (log_softmax of the logits, temperature 1) and the
+    most likely tokens at its position, (id, log-prob) pairs, most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class StreamEvent:
     """One sampled token of one row. `text` is the text that became final with it (often "" while a character
-    or a possible stop string is incomplete); `finish_reason` is set on the row's last event."""
+    or a possible stop string is incomplete); `finish_reason` is set on the row's last event; `logprobs` with
+    SamplingParams.top_logprobs."""
 
     row: int
     prompt_index: int
     text: str
     token_id: int
     finish_reason: str | None = None
+    logprobs: TokenLogprob | None = None
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -111,6 +133,20 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     else:
         noise = torch.empty_like(logits).exponential_(generator=generator)
     return (logits.softmax(dim=-1) / noise).argmax(dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """Per row of logits (N, V): the log-prob of the `chosen` token (N,) and of the k most likely tokens, from one
+    fp32 log_softmax, so a greedy token's log-prob equals the top entry's exactly (lm-evaluation-harness's
+    is_greedy compares them with ==)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    picked = lp.gather(-1, chosen[:, None]).squeeze(-1).tolist()
+    if k > 0:
+        values, ids = lp.topk(min(k, lp.size(-1)), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in picked]
+    return [TokenLogprob(t, p, top) for t, p, top in zip(chosen.tolist(), picked, tops)]
 
 
 class StopMatcher:
@@ -250,11 +286,29 @@ class Engine:
         """New tokens each prompt may get: max_new_tokens, cut to what fits in the context after it."""
         return [min(params.max_new_tokens, self.context - len(p)) for p in prompts]
 
+    @torch.no_grad()
+    def prompt_logprobs(self, ids: Sequence[int], top_k: int = 0, chunk: int = 512) -> list[TokenLogprob | None]:
+        """Every token of `ids` scored given the tokens before it (None for the first, which nothing predicts), with
+        the top_k most likely tokens at each position: one forward pass over the whole sequence (which may fill the
+        context), the output head `chunk` positions at a time (a (T, vocab) fp32 block is large for long prompts
+        and big vocabularies). The raw distribution, as `SamplingParams.top_logprobs`."""
+        if not ids or len(ids) > self.context:
+            raise CakeError(f"a prompt to score needs 1 to {self.context} tokens, got {len(ids)}")
+        idx = torch.tensor(list(ids), device=self.device)
+        hidden = self.model(idx[None], hidden=True)[0]  # (T, C)
+        out: list[TokenLogprob | None] = [None]
+        for s in range(0, len(ids) - 1, chunk):  # position t predicts token t + 1
+            e = min(s + chunk, len(ids) - 1)
+            out += token_logprobs(self.model.lm_head(hidden[s:e]), idx[s + 1:e + 1], top_k)
+        return out
+
     @torch.no_grad()  # on a generator, torch enters no_grad at every resume (callers may hold grad mode on)
     def _tokens(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int,
-                seeds: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Yield (next token ids (B*n,), their logprobs or None) for every decode step, until the
-        row with the most room has had its share (rows past their own limit are computed but ignored)."""
+                seeds: Sequence[int] | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, list[TokenLogprob] | None]]:
+        """Yield (next token ids (B*n,), their logprobs or None, their raw log-probs with the top tokens or None)
+        for every decode step, until the row with the most room has had its share (rows past their own limit are
+        computed but ignored)."""
         self.check_prompts(prompts)
         if seeds is not None and len(seeds) != len(prompts):
             raise CakeError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
@@ -280,7 +334,8 @@ class Engine:
             if params.logprobs:
                 t = params.temperature if params.temperature > 0 else 1.0
                 lp = torch.log_softmax(logits.float() / t, dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
-            yield nxt, lp
+            top = token_logprobs(logits, nxt, params.top_logprobs) if params.top_logprobs is not None else None
+            yield nxt, lp, top
             if step < steps - 1:
                 logits = self.model(nxt[:, None], kv_cache=cache)[:, -1]  # decode one token per row
 
@@ -311,12 +366,12 @@ class Engine:
                 seeds: Sequence[int] | None) -> Iterator[StreamEvent]:
         stop_ids = tuple(params.stop_ids)
         limit = [lim for lim in self.limits(prompts, params) for _ in range(n)]  # per row
-        for nxt, lp in self._tokens(prompts, params, n, seeds):
+        for nxt, lp, top in self._tokens(prompts, params, n, seeds):
             ids, lps = nxt.tolist(), (lp.tolist() if lp is not None else [0.0] * len(rows))
             for r, row in enumerate(rows):
                 if row.finish is not None:
                     continue
                 piece = row.push(ids[r], lps[r], self.tok, stop_ids, last=len(row.ids) + 1 == limit[r])
-                yield StreamEvent(r, row.prompt_index, piece, ids[r], row.finish)
+                yield StreamEvent(r, row.prompt_index, piece, ids[r], row.finish, top[r] if top else None)
             if all(row.finish for row in rows):
                 return
