@@ -65,6 +65,7 @@ from cakelm.common import (
 from cakelm.config import ConfigError, opt
 from cakelm.model import Transformer
 from cakelm.optim import OptimConfig, build_optimizers, lr_multiplier, set_lr
+from cakelm.tracking import Tracker, parse_backends
 
 Batch = dict[str, Any]
 
@@ -104,6 +105,9 @@ class LoopConfig:
     progress: bool = opt(True, "show a progress bar")
     max_skipped: int = opt(5, "steps in a row whose loss or gradient norm is NaN/inf that are skipped (not "
                            "applied) before the run stops with an error, saving nothing (0 = stop at the first)")
+    log_to: str = opt("", "also log the metrics, config and hardware to these trackers, comma-separated: "
+                      "tensorboard (OUT/tb), wandb (OUT/wandb, offline unless logged in), trackio; metrics.jsonl is "
+                      "always written", alias="--log-to")
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
@@ -112,6 +116,7 @@ class LoopConfig:
         for name in ("eval_every", "eval_tokens", "save_every", "max_skipped"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        parse_backends(self.log_to)
 
 
 @dataclass
@@ -145,10 +150,10 @@ class MetricsLog:
     """metrics.jsonl: one JSON object per logged step. On resume, lines past the resumed step are dropped so
     the file tells the story of the run that actually produced the checkpoint. Every line is strict JSON: a
     value that is NaN or infinite (the loss of a window whose steps were all skipped, the gradient norm of a
-    skipped step) is written as null."""
+    skipped step) is written as null. Each row also goes to `tracker` (--log-to), if any."""
 
-    def __init__(self, path: Path, start_step: int, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, start_step: int, enabled: bool, tracker: Tracker | None = None) -> None:
+        self.path, self.enabled, self.tracker = path, enabled, tracker
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,6 +171,8 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(finite_json(row), allow_nan=False) + "\n")
+            if self.tracker is not None:
+                self.tracker.log(row)
 
 
 class GracefulStop:
@@ -210,10 +217,10 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
           evaluate: Callable[[nn.Module], dict[str, float]] | None,
           save: Callable[[int, dict[str, Any], dict[str, Any], bool], None],
           resume_state: dict[str, Any] | None = None, flops_per_token: float | None = None,
-          show: tuple[str, ...] = ()) -> dict[str, Any]:
+          show: tuple[str, ...] = (), tracker: Tracker | None = None) -> dict[str, Any]:
     """Train `model` (already on ctx.device) from step 0, or from `resume_state`, to cfg.max_steps.
-    `show` names metrics to display in the progress bar besides the loss. Returns the last logged metrics
-    (including the final evaluation)."""
+    `show` names metrics to display in the progress bar besides the loss. `tracker` (rank 0's; the caller closes
+    it) gets every metrics row too. Returns the last logged metrics (including the final evaluation)."""
     device, info = ctx.device, ctx.dist
     dtype = pick_dtype(cfg.dtype, device)
     if device.type == "cpu":
@@ -243,7 +250,7 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
     fwd: nn.Module = torch.compile(model) if cfg.compile else model
     if info.enabled:
         fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
-    log = MetricsLog(ctx.out / "metrics.jsonl", start, info.is_main)
+    log = MetricsLog(ctx.out / "metrics.jsonl", start, info.is_main, tracker)
     peak = _gpu_peak(device)
     bar = tqdm(total=cfg.max_steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=not (info.is_main and cfg.progress))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,13 +43,14 @@ import torch.nn as nn
 
 from cakelm.chat_format import format_of
 from cakelm.checkpoint import load_heads, load_model, load_train_state, resume_point, save_checkpoint
-from cakelm.common import CakeError, DistInfo, init_distributed, print0, seed_everything
+from cakelm.common import CakeError, DistInfo, hardware_info, init_distributed, print0, seed_everything
 from cakelm.config import to_dict
 from cakelm.loop import BatchSource, LoopConfig, LoopContext, train
 from cakelm.model import Transformer
 from cakelm.rlhf import ScalarModel, load_scalar_model
 from cakelm.rollout import EngineGenerator, Generator, check_exact
 from cakelm.tokenizer import Tokenizer
+from cakelm.tracking import Tracker, require
 
 
 def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
@@ -156,8 +158,14 @@ class Run:
             }, train_state, heads=heads() if heads else None)
 
         model.train()
-        return train(model, loop or cfg.loop, cfg.optim, LoopContext(self.device, info, self.out), batches, loss_fn,
-                     evaluate, save, self.resume_state, flops_per_token, show)
+        loop = loop or cfg.loop
+        # --log-to: rank 0 also sends every metrics row, the resolved config and the hardware to the trackers
+        start_step = int(self.resume_state["step"]) if self.resume_state else 0
+        tracking = Tracker(loop.log_to, self.out, to_dict(cfg), hardware_info(self.device), start_step) \
+            if loop.log_to and info.is_main else nullcontext()
+        with tracking as tracker:
+            return train(model, loop, cfg.optim, LoopContext(self.device, info, self.out), batches, loss_fn,
+                         evaluate, save, self.resume_state, flops_per_token, show, tracker)
 
     def done(self, result: str, metrics: dict[str, Any]) -> Path:
         """The last line: the step reached, the stage's `result`, where it went and how long it took."""
@@ -172,6 +180,7 @@ def start(stage: str, cfg: Any, needs_chat: bool = True, fmt: str = "chat", tok:
     a chat model, so --init must be one. `fmt`: the chat format the trained model speaks. `tok`: the tokenizer
     the stage's data was encoded with, which the model must share (and the one a model from scratch gets)."""
     info, device = init_distributed(cfg.loop.device)
+    require(cfg.loop.log_to)  # a tracker's package missing: say so now, not after loading data and models
     seed_everything(cfg.loop.seed)
     out = Path(cfg.out)
     init = getattr(cfg, "init", None)

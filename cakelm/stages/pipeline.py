@@ -59,6 +59,7 @@ from cakelm.stages import prefs as prefs_stage
 from cakelm.stages import sample as sample_stage
 from cakelm.stages import sft as sft_stage
 from cakelm.stages.table import STAGE, STAGES, Stage
+from cakelm.tracking import require
 
 ROWS: tuple[Stage, ...] = tuple(s for s in STAGES if s.pipeline)  # the table's pipeline stages, in order
 NAMES: tuple[str, ...] = (*(s.name for s in ROWS), "report")
@@ -105,6 +106,8 @@ class PipelineConfig:
                                 "problems are ~0% for every model this size, so the pipeline leaves them out)")
     device: str = opt("auto", "device for training and sampling", choices=("auto", "cpu", "cuda", "mps"))
     seed: int = opt(1337, "random seed")
+    log_to: str = opt("", "also log every training stage to these trackers, comma-separated: tensorboard, wandb, "
+                      "trackio (see `cakelm pretrain --help`); one group per run: `tensorboard --logdir RUN`")
 
     def __post_init__(self) -> None:
         if self.from_stage and self.only:
@@ -123,7 +126,7 @@ def _plan(cfg: PipelineConfig) -> list[str]:
 
 def _stage_config(s: Stage, cfg: PipelineConfig, run: Path) -> Any:
     """A stage's config in a pipeline run: its preset for this pipeline preset, then its inputs (earlier stages'
-    outputs), the pipeline options it takes, its output, and the device and seed."""
+    outputs), the pipeline options it takes, its output, and the device, seed and trackers."""
     layers: list[tuple[str, dict[str, Any]]] = []
     if s.preset_key:
         name = PRESETS[cfg.preset][s.preset_key]
@@ -135,7 +138,7 @@ def _stage_config(s: Stage, cfg: PipelineConfig, run: Path) -> Any:
         over[key] = [path] if isinstance(getattr(default, key), list) else path
     over.update({key: getattr(cfg, option) for key, option in s.options.items()})
     where = "loop." if hasattr(default, "loop") else ""
-    over.update({f"{where}{k}": getattr(cfg, k) for k in ("device", "seed")
+    over.update({f"{where}{k}": getattr(cfg, k) for k in ("device", "seed", "log_to")
                  if hasattr(getattr(default, "loop", default), k)})
     return build_config(s.config, *layers, ("pipeline", over))
 
@@ -146,7 +149,7 @@ def _stage_configs(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
 
 def _same(a: dict, b: dict) -> bool:
     """Configs equal up to the flags that say how to (re)start and where to run, not what to compute."""
-    ignore = {"resume", "overwrite", "loop.device", "loop.progress", "device", "progress"}
+    ignore = {"resume", "overwrite", "loop.device", "loop.progress", "loop.log_to", "device", "progress"}
     return {k: v for k, v in flatten(a).items() if k not in ignore} == \
         {k: v for k, v in flatten(b).items() if k not in ignore}
 
@@ -269,6 +272,7 @@ def _eval_summary(results: dict[str, Any]) -> str:
 
 def main(cfg: PipelineConfig) -> Path:
     info, _ = init_distributed(cfg.device)
+    require(cfg.log_to)  # a tracker's package missing: say so before the first stage, not at the first training
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     configs = _stage_configs(cfg, run)
