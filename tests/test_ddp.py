@@ -57,3 +57,34 @@ def test_ddp_two_processes_match_one(tok_dir, tmp_path) -> None:
     assert len(va) == len(vb) == 2
     for a, b in zip(va, vb):
         assert abs(a["val_loss"] - b["val_loss"]) < 1e-4 and abs(a["val_bpb"] - b["val_bpb"]) < 1e-4
+
+
+def test_two_nodes_on_one_machine_match_two_local_processes(tok_dir, tmp_path) -> None:
+    """Multi-node as torchrun does it: two launchers (`--nnodes 2`, one process each) meet at a c10d rendezvous on
+    localhost, as two machines would at --rdzv-endpoint HOST:PORT, and train exactly as 2 processes on one node."""
+    common = {**MICRO, "loop.max_steps": 4, "loop.eval_every": 0, "optim.name": "adamw", "optim.eps": 1e-3,
+              "loop.batch_size": 4}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    stage = ["-m", "cakelm", "pretrain", "--data", str(tok_dir), *_flags(common), "--device", "cpu"]
+    one_node = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(free_port()), *stage, "--out", str(tmp_path / "one")],
+                              capture_output=True, text=True, env=env, timeout=300)
+    assert one_node.returncode == 0, one_node.stderr[-3000:]
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(i),
+                               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                               "--rdzv-id", "cakelm-two-nodes", *stage, "--out", str(tmp_path / "two")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(2)]
+    for node in nodes:
+        try:
+            _, err = node.communicate(timeout=300)
+        finally:
+            if node.poll() is None:
+                node.kill()
+        assert node.returncode == 0, err[-3000:]
+    meta = load_meta(tmp_path / "two")
+    assert meta["world_size"] == 2 and meta["step"] == 4
+    assert losses(tmp_path / "one") == losses(tmp_path / "two")  # the same ranks, shards and sums: bit for bit
+    wa, wb = load_model(tmp_path / "one")[0].state_dict(), load_model(tmp_path / "two")[0].state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
