@@ -44,7 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from cakelm.common import CakeError, code_version, finite_json, fsync_path, honour_umask, read_json
-from cakelm.config import flatten
+from cakelm.config import describe_differences, differing
 from cakelm.model import ModelConfig, Transformer, check_layer_count, param_shapes
 from cakelm.tokenizer import CAKELM_TEMPLATE, CONFIG_FILE, Tokenizer
 
@@ -388,12 +388,10 @@ RESUMABLE = {"resume", "overwrite", "loop.max_steps", "loop.eval_every", "loop.e
 
 def check_same_run(saved: dict, now: dict, out: Path) -> None:
     """--resume continues the saved run, so the options that shape it must match; say which ones do not."""
-    a, b = flatten(saved), flatten(now)
-    diff = [k for k in sorted(set(a) | set(b)) if k not in RESUMABLE and a.get(k) != b.get(k)]
+    diff = differing(saved, now, RESUMABLE)
     if diff:
-        shown = ", ".join(f"{k} (saved {a.get(k)!r}, now {b.get(k)!r})" for k in diff[:3])
-        raise CakeError(f"--resume: options differ from the run saved in {out}: {shown}"
-                        f"{f' and {len(diff) - 3} more' if len(diff) > 3 else ''}; pass the same options "
+        raise CakeError(f"--resume: options differ from the run saved in {out}: "
+                        f"{describe_differences(diff, saved, now)}; pass the same options "
                         "(see its meta.json) or use --overwrite to start over")
 
 

@@ -24,7 +24,7 @@ import dataclasses
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -100,6 +100,20 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[prefix + k] = v
     return out
+
+
+def differing(saved: dict[str, Any], now: dict[str, Any], ignore: Collection[str] = ()) -> list[str]:
+    """The dotted keys whose values differ between two (nested) configs, sorted, leaving out `ignore`; then
+    `describe_differences` says which, for a one-line error."""
+    a, b = flatten(saved), flatten(now)
+    return [k for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
+
+
+def describe_differences(keys: Sequence[str], saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """"k (saved 1, now 2), ... and N more": the first three of `keys` (from `differing`) with both values."""
+    a, b = flatten(saved), flatten(now)
+    shown = ", ".join(f"{k} (saved {a.get(k)!r}, now {b.get(k)!r})" for k in keys[:3])
+    return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -261,7 +261,8 @@ class _Row:
 
 
 class Engine:
-    """Generation over one model and tokenizer. Not thread-safe: callers that share it serialise requests."""
+    """Generation over one model and tokenizer. It keeps no state between calls (each builds its own KV cache and
+    rows), so threads may share one: `cakelm serve --max-concurrency N` runs N requests on it at once."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer) -> None:
         self.model, self.tok = model.eval(), tokenizer  # the tokenizer supplies the padding id and token bytes

@@ -265,8 +265,10 @@ def create_app(engine: Engine, fmt: str, model_name: str = "cakelm", api_key: st
     metrics = ServerMetrics()
     st = ServerState(engine, Worker(engine, metrics, max_concurrency, max_queued), metrics, fmt, model_name, api_key,
                      max_tokens_limit, ckpt)
-    app = webapp.create_app("cakelm", api_key, "/v1/", "Incorrect or missing API key (send 'Authorization: Bearer "
-                            "KEY')", token_code="invalid_api_key", body_limit=body_limit,
+    # the tokenizer routes sit beside /v1 (where clients look for them) but need the key as /v1 does
+    app = webapp.create_app("cakelm", api_key, ("/v1/", "/tokenize", "/detokenize"),
+                            "Incorrect or missing API key (send 'Authorization: Bearer KEY')",
+                            token_code="invalid_api_key", body_limit=body_limit,
                             openapi_url="/openapi.json", host=host, allowed_hosts=allowed_hosts)
     app.add_middleware(CountResponses, metrics=metrics)  # outermost: counts the request checks' refusals too
     app.state.server = st
@@ -296,23 +298,20 @@ def create_app(engine: Engine, fmt: str, model_name: str = "cakelm", api_key: st
         return resources.files("cakelm.web").joinpath("chat.html").read_text(encoding="utf-8")
 
     @app.get("/tokenizer_info")
-    def tokenizer_info(request: Request) -> dict:
-        _check_key(st, request)
+    def tokenizer_info() -> dict:
         t = tok.template
         return {"bos_token": t.bos, "eos_token": t.end, "pad_token": t.pad, "model_max_length": engine.context}
 
     @app.post("/tokenize")
-    def tokenize(req: TokenizeRequest, request: Request) -> dict:
+    def tokenize(req: TokenizeRequest) -> dict:
         """Plain text, as /v1/completions reads it; a text that is exactly a special token's name is that token
         (how clients look up the ids of tokenizer_info's bos_token and eos_token)."""
-        _check_key(st, request)
         ids = tok.encode_template(req.prompt) if req.prompt in tok.special_tokens else tok.encode(req.prompt)
         ids = [tok.bos_id, *ids] if req.add_special_tokens else ids
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.context}
 
     @app.post("/detokenize")
-    def detokenize(req: DetokenizeRequest, request: Request) -> dict:
-        _check_key(st, request)
+    def detokenize(req: DetokenizeRequest) -> dict:
         return {"prompt": tok.decode(req.tokens)}
 
     @app.post("/v1/chat/completions")
@@ -346,12 +345,6 @@ def _check_model(st: ServerState, model: str | None) -> None:
     if model not in (None, "", st.model_name):
         raise APIError(404, f"The model '{model}' does not exist; this server serves '{st.model_name}'",
                        param="model", code="model_not_found")
-
-
-def _check_key(st: ServerState, request: Request) -> None:
-    """The tokenizer routes sit beside /v1 (where clients look for them) but need the key as /v1 does."""
-    if st.api_key is not None and not webapp.bearer_ok(dict(request.scope.get("headers", [])), st.api_key):
-        raise APIError(401, "Incorrect or missing API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
 
 
 def _completion_prompts(engine: Engine, prompt: str | list) -> tuple[list[list[int]], list[str]]:

@@ -280,8 +280,8 @@ class BearerAuth:
     tokens, else 401 with `hint` as the message and `code` as the error code. `tokens` maps each token to whose
     it is (None: a shared token); the request's scope then holds that name under `USER`."""
 
-    def __init__(self, app: Callable, tokens: Mapping[str, str | None], protected: str, hint: str, code: str
-                 ) -> None:
+    def __init__(self, app: Callable, tokens: Mapping[str, str | None], protected: str | tuple[str, ...], hint: str,
+                 code: str) -> None:
         self.app, self.tokens, self.protected, self.hint, self.code = app, dict(tokens), protected, hint, code
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -319,13 +319,14 @@ def check_exposure(host: str, authenticated: bool, allow_no_key: bool, how: str)
 # The app
 
 
-def create_app(title: str, token: str | None = None, protected: str = "/", token_hint: str = "",
+def create_app(title: str, token: str | None = None, protected: str | tuple[str, ...] = "/", token_hint: str = "",
                token_code: str = "invalid_token", body_limit: int = MAX_BODY_BYTES,
                openapi_url: str | None = None, host: str = "127.0.0.1", allowed_hosts: Sequence[str] = (),
                users: Mapping[str, str] | None = None) -> FastAPI:
     """A FastAPI app with no docs pages (the OpenAPI schema only at `openapi_url`, if given), the request checks
     for a server bound to `host` (plus `allowed_hosts`), the body limit, the error shape, and (with `token`, or
-    `users`: {token: name}, one per person) the token check on paths under `protected`. An empty token is
+    `users`: {token: name}, one per person) the token check on paths under `protected` (a prefix, or several). An
+    empty token is
     refused: "no auth" must be asked for by passing None."""
     if (token is not None and not token) or (users is not None and (not users or not all(users))):
         raise ValueError("an empty access token is not a token; pass None for no authentication")

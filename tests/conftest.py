@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import random
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -162,3 +166,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         reason = offline_reason(call.excinfo.value)
         if reason:
             report.outcome, report.longrepr = "skipped", (str(item.path), item.location[1], f"Skipped: {reason}")
+
+
+@contextmanager
+def ctrl_c_at(monkeypatch: pytest.MonkeyPatch, source: type, step: int, micro: int | None = None) -> Iterator[None]:
+    """Inside the block, a Ctrl-C (SIGINT) arrives while `source.get` loads step `step`'s batch (micro-batch
+    `micro`, or any): the loop finishes nothing more, saves the steps before it, and stops (SystemExit)."""
+    original = source.get
+
+    def interrupted(self, s, m):
+        if s == step and micro in (None, m):
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, s, m)
+
+    monkeypatch.setattr(source, "get", interrupted)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(source, "get", original)

@@ -8,7 +8,6 @@ import ast
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from cakelm.common import CakeError
 from cakelm.config import build_config, flatten, to_dict
 from cakelm.data.shards import TokenBatches
 from cakelm.stages import compare
-from tests.conftest import offline_reason, tiny_checkpoint
+from tests.conftest import ctrl_c_at, offline_reason, tiny_checkpoint
 from tests.serving import free_port
 
 pytestmark = pytest.mark.faults
@@ -141,17 +140,8 @@ def test_bare_resume_continues_with_the_saved_options(tok_dir, tmp_path, monkeyp
     assert cli(["pretrain", "--data", str(tok_dir), "--out", str(full), *MICRO, "--max-steps", "6"]) == 0
 
     # the same run stopped by Ctrl-C while step 4's batch loads: a checkpoint at step 3
-    original = TokenBatches.get
-
-    def interrupted(self, step, micro):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, step, micro)
-
-    monkeypatch.setattr(TokenBatches, "get", interrupted)
-    with pytest.raises(SystemExit, match="saved a checkpoint at step 3"):
+    with ctrl_c_at(monkeypatch, TokenBatches, 3), pytest.raises(SystemExit, match="saved a checkpoint at step 3"):
         cli(["pretrain", "--data", str(tok_dir), "--out", str(cut), *MICRO, "--max-steps", "6"])
-    monkeypatch.setattr(TokenBatches, "get", original)
     assert load_meta(cut)["step"] == 3 and not load_meta(cut)["complete"]
 
     # `cakelm pretrain --out CUT --resume`: the model shape, optimizer and data come from its meta.json

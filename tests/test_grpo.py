@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from cakelm.rl import RolloutBatches, score_rollouts
 from cakelm.rollout import EngineGenerator, Rollout, completion_logprobs, to_batch
 from cakelm.stages import grpo
 from cakelm.tokenizer import Tokenizer
-from tests.conftest import tiny_checkpoint, tiny_model_config
+from tests.conftest import ctrl_c_at, tiny_checkpoint, tiny_model_config
 from tests.serving import free_port
 from tests.test_ddp import _flags
 from tests.test_sft import write_jsonl
@@ -171,17 +170,10 @@ def test_grpo_raises_the_reward(chat_model, prompts, tmp_path, user_rewards) -> 
 def test_resume_inside_a_rollout_window_is_exact(chat_model, prompts, tmp_path, monkeypatch) -> None:
     kw = {"epochs": 2, "loop.max_steps": 6, "rewards": ["exact_match", "format=0.5"]}
     straight = run_grpo(chat_model, [prompts], tmp_path / "straight", **kw)
-    original = RolloutBatches.get
-
-    def interrupted(self, step, micro):  # Ctrl-C during step 3: steps 0-2 saved, step 3 reuses step 2's rollouts
-        if (step, micro) == (3, 0):
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, step, micro)
-
-    monkeypatch.setattr(RolloutBatches, "get", interrupted)
-    with pytest.raises(SystemExit, match="continue with --resume"):
+    # Ctrl-C during step 3: steps 0-2 saved, step 3 reuses step 2's rollouts
+    with ctrl_c_at(monkeypatch, RolloutBatches, 3, micro=0), \
+            pytest.raises(SystemExit, match="continue with --resume"):
         run_grpo(chat_model, [prompts], tmp_path / "cut", **kw)
-    monkeypatch.setattr(RolloutBatches, "get", original)
     assert load_meta(tmp_path / "cut")["step"] == 3
     resumed = run_grpo(chat_model, [prompts], tmp_path / "cut", resume=True, **kw)
     a, b = rows(straight), rows(resumed)

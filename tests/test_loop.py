@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from cakelm.checkpoint import load_meta, load_model
 from cakelm.config import build_config
 from cakelm.data.shards import TokenBatches
 from cakelm.stages import pretrain
+from tests.conftest import ctrl_c_at
 
 MICRO = {"model.dim": 32, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2, "model.max_seq_len": 32,
          "loop.eval_tokens": 2048, "loop.eval_every": 0, "loop.log_every": 1, "loop.progress": False,
@@ -78,17 +77,8 @@ def test_resume_is_exact(tok_dir, tmp_path, monkeypatch: pytest.MonkeyPatch, log
     full = run_pretrain(tok_dir, tmp_path / "full", **kw)
 
     # Ctrl-C while step 9's batch loads (steps 0-8 are done): the loop saves 9 steps at the step boundary.
-    original = TokenBatches.get
-
-    def interrupted(self, step, micro):
-        if step == 9:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, step, micro)
-
-    monkeypatch.setattr(TokenBatches, "get", interrupted)
-    with pytest.raises(SystemExit, match="saved a checkpoint at step 9"):
+    with ctrl_c_at(monkeypatch, TokenBatches, 9), pytest.raises(SystemExit, match="saved a checkpoint at step 9"):
         run_pretrain(tok_dir, tmp_path / "cut", **kw)
-    monkeypatch.setattr(TokenBatches, "get", original)
     assert load_meta(tmp_path / "cut")["step"] == 9 and load_meta(tmp_path / "cut")["complete"] is False
 
     cut = run_pretrain(tok_dir, tmp_path / "cut", **kw, resume=True)

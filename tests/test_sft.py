@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from cakelm.config import build_config
 from cakelm.data.chat_batches import ChatBatches
 from cakelm.stages import eval as eval_stage
 from cakelm.stages import sft
-from tests.conftest import tiny_checkpoint
+from tests.conftest import ctrl_c_at, tiny_checkpoint
 from tests.serving import free_port
 from tests.test_ddp import _flags
 from tests.test_loop import losses
@@ -85,17 +84,9 @@ def test_accumulation_does_not_change_the_loss(base, toy, tmp_path) -> None:
 def test_resume_continues_exactly(base, toy, tmp_path, monkeypatch) -> None:
     data, kw = [toy["train"], "arithmetic=0.5"], {"task_size": 200, "loop.batch_size": 8, "loop.max_steps": 6}
     straight = run_sft(base, data, tmp_path / "straight", **kw)
-    original = ChatBatches.get
-
-    def interrupted(self, step, micro):  # Ctrl-C while step 3's batch loads: steps 0-2 are saved
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, step, micro)
-
-    monkeypatch.setattr(ChatBatches, "get", interrupted)
-    with pytest.raises(SystemExit, match="continue with --resume"):
+    # Ctrl-C while step 3's batch loads: steps 0-2 are saved
+    with ctrl_c_at(monkeypatch, ChatBatches, 3), pytest.raises(SystemExit, match="continue with --resume"):
         run_sft(base, data, tmp_path / "cut", **kw)
-    monkeypatch.setattr(ChatBatches, "get", original)
     assert load_meta(tmp_path / "cut")["step"] == 3
     resumed = run_sft(base, data, tmp_path / "cut", resume=True, **kw)
     assert losses(straight) == losses(resumed)  # bit for bit

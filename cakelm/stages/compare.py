@@ -53,7 +53,7 @@ from cakelm.common import (
     seed_everything,
     write_json_atomic,
 )
-from cakelm.config import ConfigError, flatten, nested, opt, to_dict
+from cakelm.config import ConfigError, describe_differences, differing, nested, opt, to_dict
 from cakelm.data.shards import TokenBatches, eval_batches, open_shard
 from cakelm.heldout import shard_evaluator
 from cakelm.loop import LoopConfig, LoopContext, train
@@ -135,14 +135,12 @@ def check_out(cfg: CompareConfig) -> None:
             raise CakeError(f"{out} is not empty and holds no comparison; choose another --out, or pass --overwrite "
                             "to write into it")
         return
-    saved = {k: v for k, v in flatten(meta.get("config") or {}).items() if k not in SAME_RUN_IGNORES}
-    now = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in SAME_RUN_IGNORES}
-    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    saved, now = meta.get("config") or {}, to_dict(cfg)
+    diff = differing(saved, now, SAME_RUN_IGNORES)
     if diff and not cfg.overwrite:
-        shown = ", ".join(f"{k} (saved {saved.get(k)!r}, now {now.get(k)!r})" for k in diff[:3])
-        raise CakeError(f"{out} holds a comparison made with other options: {shown}"
-                        f"{f' and {len(diff) - 3} more' if len(diff) > 3 else ''}; pass --out to write this one "
-                        "elsewhere, or --overwrite to replace it")
+        raise CakeError(f"{out} holds a comparison made with other options: "
+                        f"{describe_differences(diff, saved, now)}; pass --out to write this one elsewhere, or "
+                        "--overwrite to replace it")
     print0(f"compare: replacing the comparison in {out}" + (" (other options: --overwrite)" if diff else
                                                               " (made with the same options)"))
 
