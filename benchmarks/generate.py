@@ -1,12 +1,15 @@
 """Generation speed: prefill tokens/s, decode tokens/s at batch 1 and 8, time to first token, and how the cost
 of a decoded token grows with the text, for cakelm's engine and for Hugging Face `transformers.generate` on
 the same weights (an export of the same model), each with and without a KV cache; and what RL rollouts' per-prompt
-seeds cost (sampling 16 prompts x 8 replies with one random generator for the batch, or one per row).
+seeds cost (sampling 16 prompts x 8 replies with one random generator for the batch, or one per row); and the same
+decode with bf16 weights (what `cakelm serve --dtype auto` picks where bf16 matmuls are faster), with how far its
+greedy tokens and log-probs stay from fp32's.
 
     python benchmarks/generate.py                      # the 10m preset (6 layers, width 384, context 256)
     python benchmarks/generate.py --preset tiny --new-tokens 64
     python benchmarks/generate.py --ckpt smollm2 --new-tokens 64 --repeats 2 --no-cache-rows 0
                                                        # a real model: SmolLM2-135M (imported on the fly)
+    python benchmarks/generate.py --ckpt smollm2 --new-tokens 64 --repeats 3 --no-cache-rows 0 --bf16 1
 
 Weights are random for a preset (speed does not depend on them); --ckpt times a checkpoint's own weights
 (`smollm2` imports SmolLM2-135M-Instruct into a temporary directory first). Decoding is greedy and never stops
@@ -75,6 +78,42 @@ def seeds_cost(engine: Engine, prompts: list[list[int]], n: int, repeats: int) -
     return tokens / statistics.median(times["one"]), tokens / statistics.median(times["per row"])
 
 
+def bf16_rows(engine: Engine, prompt: list[int], prompts8: list[list[int]], greedy: SamplingParams,
+              repeats: int) -> list[tuple[str, str, str, str]]:
+    """Batch-1 and batch-8 decode with bf16 weights against fp32, timed in interleaved rounds (medians), and the
+    bf16 model's greedy tokens and log-probs against fp32's on the same 8 prompts."""
+    import copy
+
+    b16 = Engine(copy.deepcopy(engine.model).to(torch.bfloat16), engine.tok)
+    times: dict[tuple[str, int], list[float]] = {}
+    for e in (engine, b16):  # warm-up
+        e.generate([prompt], greedy)
+    for _ in range(repeats):
+        for name, e in (("fp32", engine), ("bf16", b16)):
+            for batch in (1, 8):
+                t = time.perf_counter()
+                e.generate([prompt] if batch == 1 else prompts8, greedy)
+                times.setdefault((name, batch), []).append(time.perf_counter() - t)
+    N = greedy.max_new_tokens
+    med = {k: statistics.median(v) for k, v in times.items()}
+    agree = total = 0
+    worst = 0.0
+    for a, b in zip(engine.generate(prompts8, greedy), b16.generate(prompts8, greedy)):
+        agree += next((i for i, (x, y) in enumerate(zip(a.ids, b.ids)) if x != y), len(a.ids))
+        total += len(a.ids)
+        seq = prompts8[a.prompt_index] + a.ids
+        lp32, lp16 = engine.prompt_logprobs(seq), b16.prompt_logprobs(seq)
+        worst = max(worst, max(abs(x.logprob - y.logprob) for x, y in zip(lp32[1:], lp16[1:])))
+    return [
+        ("cakelm, bf16 weights", "decode, batch 1", f"{N / med['bf16', 1]:,.1f} tok/s",
+         f"{med['fp32', 1] / med['bf16', 1]:.2f}x fp32 (interleaved)"),
+        ("cakelm, bf16 weights", "decode, batch 8 (8 lengths)", f"{8 * N / med['bf16', 8]:,.1f} tok/s",
+         f"{med['fp32', 8] / med['bf16', 8]:.2f}x fp32 (interleaved)"),
+        ("bf16 vs fp32", "greedy tokens before the first difference", f"{agree}/{total}",
+         f"max |log-prob diff| {worst:.3f} on fp32's tokens"),
+    ]
+
+
 def read_bandwidth(mb: int = 1024, repeats: int = 5) -> float:
     """Bytes/s this machine streams from memory: the best of `repeats` sums over an fp32 tensor of `mb` MB
     (far larger than any cache), on torch's threads, as a decode step's matrix-vector products read weights."""
@@ -110,6 +149,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ckpt", default=None, help="time this checkpoint instead of a preset (smollm2: import it)")
     ap.add_argument("--no-cache-rows", type=int, default=1, help="1: also time decoding without a KV cache")
+    ap.add_argument("--bf16", type=int, default=0, help="1: also time decoding with bf16 weights, interleaved with "
+                                                         "fp32, and compare their greedy tokens and log-probs")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -179,6 +220,9 @@ def main() -> None:
                             f"{1000 * h_nc / N:.2f} ms/token"))
     except ImportError:
         print("(transformers is not installed: its rows are skipped)")
+
+    if args.bf16:
+        rows += bf16_rows(engine, prompt, prompts8, greedy, args.repeats)
 
     w = [max(len(r[i]) for r in rows + hf_rows) for i in range(4)]
     for r in rows + hf_rows:

@@ -149,6 +149,17 @@ def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[T
     return [TokenLogprob(t, p, top) for t, p, top in zip(chosen.tolist(), picked, tops)]
 
 
+def score_prompt(head: torch.nn.Module, hidden: torch.Tensor, idx: torch.Tensor, top_k: int = 0, chunk: int = 512
+                 ) -> list[TokenLogprob | None]:
+    """Every token of idx (T,) scored from the hidden states (T, C) of the positions before it (None for the
+    first): the output head `chunk` positions at a time, as Engine.prompt_logprobs documents."""
+    out: list[TokenLogprob | None] = [None]
+    for s in range(0, len(idx) - 1, chunk):  # position t predicts token t + 1
+        e = min(s + chunk, len(idx) - 1)
+        out += token_logprobs(head(hidden[s:e]), idx[s + 1:e + 1], top_k)
+    return out
+
+
 class StopMatcher:
     """Aho-Corasick automaton over stop strings (Aho & Corasick 1975): fed a text a character at a time, its state
     is the longest tail of the text that begins some stop string, and it says when a stop string ends.
@@ -209,7 +220,7 @@ def _matcher(stops: tuple[str, ...]) -> StopMatcher:
 
 
 @dataclass
-class _Row:
+class RowText:
     """Text assembly for one output row: incremental UTF-8 decoding, stop strings, what was already emitted."""
 
     prompt_index: int
@@ -296,12 +307,7 @@ class Engine:
         if not ids or len(ids) > self.context:
             raise CakeError(f"a prompt to score needs 1 to {self.context} tokens, got {len(ids)}")
         idx = torch.tensor(list(ids), device=self.device)
-        hidden = self.model(idx[None], hidden=True)[0]  # (T, C)
-        out: list[TokenLogprob | None] = [None]
-        for s in range(0, len(ids) - 1, chunk):  # position t predicts token t + 1
-            e = min(s + chunk, len(ids) - 1)
-            out += token_logprobs(self.model.lm_head(hidden[s:e]), idx[s + 1:e + 1], top_k)
-        return out
+        return score_prompt(self.model.lm_head, self.model(idx[None], hidden=True)[0], idx, top_k, chunk)
 
     @torch.no_grad()  # on a generator, torch enters no_grad at every resume (callers may hold grad mode on)
     def _tokens(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int,
@@ -360,10 +366,10 @@ class Engine:
                 for row in rows]
 
     @staticmethod
-    def _rows(prompts: Sequence[Sequence[int]], params: SamplingParams, n: int) -> list[_Row]:
-        return [_Row(i // n, tuple(params.stop_strings)) for i in range(len(prompts) * n)]
+    def _rows(prompts: Sequence[Sequence[int]], params: SamplingParams, n: int) -> list[RowText]:
+        return [RowText(i // n, tuple(params.stop_strings)) for i in range(len(prompts) * n)]
 
-    def _events(self, rows: list[_Row], prompts: Sequence[Sequence[int]], params: SamplingParams, n: int,
+    def _events(self, rows: list[RowText], prompts: Sequence[Sequence[int]], params: SamplingParams, n: int,
                 seeds: Sequence[int] | None) -> Iterator[StreamEvent]:
         stop_ids = tuple(params.stop_ids)
         limit = [lim for lim in self.limits(prompts, params) for _ in range(n)]  # per row

@@ -177,8 +177,116 @@ class KVCache:
         """RoPE positions of the T new tokens: (T,) without padding, (B, T) with. With padding, rows may be
         given different numbers of tokens: a row past the context (the engine ignores its output) is clamped to
         the last position instead of indexing past the RoPE table."""
+        if self.pad is None and self.pos + T > self.max_pos + 1:
+            raise ValueError(f"sequence of {self.pos + T} tokens is longer than the context ({self.max_pos + 1})")
         slots = torch.arange(self.pos, self.pos + T, device=self.k.device)
         return slots if self.pad is None else (slots[None, :] - self.pad[:, None]).clamp(0, self.max_pos)
+
+    def advance(self, T: int) -> None:
+        """After a forward of T tokens: the next one writes the slots after them."""
+        self.pos += T
+
+
+class SlotKVCache:
+    """Keys and values for continuous batching (`cakelm.batching`): (n_layers, slots, KV, length, D) each, every
+    slot (one sequence) at a position of its own. A sequence's tokens sit at [0, its length) of its slot, so the
+    index is the RoPE position and no padding is needed. Before each forward the scheduler says which slots run
+    from which positions (`view`): one slot's next T tokens (a prefill chunk), prompts from position 0 together,
+    or one token for each of the slots [0, B) (a decode step). Entries past a slot's position are stale (an
+    earlier sequence's) and masked out. `length` grows by doubling, up to the context, as longer sequences arrive
+    (`reserve`)."""
+
+    def __init__(self, cfg: ModelConfig, slots: int, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                 length: int = 256) -> None:
+        self.cfg, self.slots, self.device, self.dtype = cfg, slots, torch.device(device), dtype
+        self.length = min(length, cfg.max_seq_len)
+        shape = (cfg.n_layers, slots, cfg.n_kv_heads, self.length, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def reserve(self, length: int) -> None:
+        """Make room for `length` positions in every slot (at least doubling, so growth costs O(1) per token)."""
+        if length <= self.length:
+            return
+        if length > self.cfg.max_seq_len:
+            raise ValueError(f"{length} positions are more than the context ({self.cfg.max_seq_len})")
+        new = min(max(length, 2 * self.length), self.cfg.max_seq_len)
+        grow = (0, 0, 0, new - self.length)  # F.pad pads the last dims first: D by 0, then length
+        self.k, self.v, self.length = F.pad(self.k, grow), F.pad(self.v, grow), new
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Slot dst continues from slot src's first `length` positions (n samples share one prefill)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def view(self, slots: list[int], starts: list[int]) -> SlotView:
+        """The cache as the next forward sees it: row b of the batch is slot slots[b], writing from position
+        starts[b] (see SlotView for the shapes a forward may take)."""
+        return SlotView(self, slots, starts)
+
+
+class SlotView:
+    """One forward's window on a SlotKVCache, with KVCache's hooks (update, mask, positions, advance), in one of
+    three shapes: one slot takes T tokens from its start (a prefill chunk); B slots take one token each from their
+    own starts (a decode step over the slots [first, first + B)); or B slots take their first T tokens from
+    position 0 (prompts prefilled together, right-padded to T: a padded position lies beyond its prompt, where
+    the slot's next tokens overwrite it, and causal attention keeps it out of the prompt's own positions)."""
+
+    def __init__(self, cache: SlotKVCache, slots: list[int], starts: list[int]) -> None:
+        self.cache, self.slots, self.starts = cache, slots, starts
+        self.start = torch.tensor(starts, device=cache.device)  # (B,)
+        self.fresh = len(slots) > 1 and not any(starts)  # the third shape (if T > 1)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, KV, T, D) at each slot's start; return the (B, KV, S, D) keys/values attention reads,
+        S = max(start) + T."""
+        B, _, T, _ = k.shape
+        end = max(self.starts) + T
+        if end > self.cache.length:
+            raise ValueError(f"KV cache overflow: {end} positions > length {self.cache.length}")
+        if self.fresh and T > 1:  # nothing before them: attention reads the new keys alone
+            rows = torch.tensor(self.slots, device=k.device)
+            self.cache.k[layer, rows, :, :T] = k
+            self.cache.v[layer, rows, :, :T] = v
+            return k, v
+        first = self.slots[0]
+        if self.slots != list(range(first, first + B)):
+            raise ValueError("a decode step runs over consecutive slots")
+        kc, vc = self.cache.k[layer, first:first + B], self.cache.v[layer, first:first + B]  # (B, KV, length, D)
+        if B == 1:
+            kc[:, :, self.starts[0]:end] = k
+            vc[:, :, self.starts[0]:end] = v
+        elif T == 1:  # slot b's one new entry at position start[b]
+            rows = torch.arange(B, device=k.device)
+            kc[rows, :, self.start] = k[:, :, 0]  # (B, KV, D)
+            vc[rows, :, self.start] = v[:, :, 0]
+        else:
+            raise ValueError("several slots take several tokens only from position 0")
+        return kc[:, :, :end], vc[:, :, :end]
+
+    def mask(self, T: int) -> tuple[torch.Tensor | None, bool]:
+        """One slot: as KVCache without padding (no mask from position 0 or for one token, else (T, S)). Slots
+        from position 0: causal. Several slots' one token: a boolean (B, 1, 1, S) mask letting slot b see
+        positions 0 .. start[b]."""
+        if len(self.starts) == 1 or (self.fresh and T > 1):
+            s = self.starts[0]
+            if s == 0 or T == 1:
+                return None, s == 0 and T > 1
+            return torch.ones(T, s + T, dtype=torch.bool, device=self.start.device).tril(diagonal=s), False
+        keys = torch.arange(max(self.starts) + T, device=self.start.device)[None, None, :]  # (1, 1, S)
+        last = self.start[:, None, None] + torch.arange(T, device=self.start.device)[None, :, None]  # (B, T, 1)
+        return (keys <= last)[:, None], False
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(T,) for one slot or slots from position 0, (B, T) for several: each slot's positions from its start."""
+        if max(self.starts) + T > self.cache.cfg.max_seq_len:
+            raise ValueError(f"sequence of {max(self.starts) + T} tokens is longer than the context "
+                             f"({self.cache.cfg.max_seq_len})")
+        t = torch.arange(T, device=self.start.device)
+        return t + self.starts[0] if len(self.starts) == 1 or self.fresh else self.start[:, None] + t[None, :]
+
+    def advance(self, T: int) -> None:
+        """The scheduler keeps each slot's length itself."""
 
 
 def segment_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,8 +353,9 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None,
-                mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: KVCache | SlotView | None = None, mask: torch.Tensor | None = None,
+                causal: bool = True) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = apply_rope(self.q(x).view(B, T, H, D).transpose(1, 2), cos, sin)  # (B, H, T, D)
@@ -280,8 +389,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None,
-                mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: KVCache | SlotView | None = None, mask: torch.Tensor | None = None,
+                causal: bool = True) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, mask, causal)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -328,7 +438,7 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         return n - self.embed.weight.numel() if exclude_embedding else n
 
-    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
+    def forward(self, idx: torch.Tensor, kv_cache: KVCache | SlotView | None = None,
                 segments: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T), or with `hidden` the final normed hidden states (B, T, C)
         that the output head reads (scalar heads read them too: `cakelm.rlhf.ScalarModel`). With a KV cache, idx
@@ -338,10 +448,8 @@ class Transformer(nn.Module):
         which must be contiguous. Attention stays inside a sequence and positions restart at 0 in each, so
         every sequence gets exactly the logits it would get alone."""
         B, T = idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
-        # (a padded batch may run past the context in rows that are done; KVCache.positions handles those)
-        if start + T > self.cfg.max_seq_len and (kv_cache is None or kv_cache.pad is None):
-            raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.cfg.max_seq_len})")
+        if kv_cache is None and T > self.cfg.max_seq_len:  # (a cache's `positions` checks its own)
+            raise ValueError(f"sequence of {T} tokens is longer than the context ({self.cfg.max_seq_len})")
         if segments is not None:
             if kv_cache is not None:
                 raise ValueError("segments (packed sequences) cannot be combined with a KV cache")
@@ -365,7 +473,7 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, cos, sin, kv_cache, mask, causal)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(T)
         x = self.norm(x)
         return x if hidden else self.lm_head(x)  # (B, T, C) or (B, T, vocab)
 

@@ -51,6 +51,7 @@ class Options(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    ignore_eos: bool = False  # vLLM's extension: stop tokens do not end the reply (benchmarks use it)
 
 
 class ChatRequest(Options):

@@ -67,6 +67,21 @@ def tiny_model_config(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
+@pytest.fixture(scope="module")
+def engine(tok_dir):
+    """The engine over a random tiny model (context 64) whose output head is scaled up, so greedy choices are
+    decisive rather than near-ties."""
+    from cakelm.engine import Engine
+    from cakelm.model import Transformer
+    from cakelm.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_config(max_seq_len=64))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    return Engine(model, Tokenizer.load(tok_dir))
+
+
 def tiny_checkpoint(out: Path, tok_dir: Path, stage: str, chat_format: str, end_scale: float = 1.0,
                     **model_kw) -> Path:
     """A random-init tiny model saved as a complete checkpoint of `stage` speaking `chat_format` (a stand-in for

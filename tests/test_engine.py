@@ -7,21 +7,11 @@ import pytest
 import torch
 
 from cakelm.common import CakeError
-from cakelm.engine import Engine, SamplingParams, _Row, sample_next
+from cakelm.engine import Engine, RowText, SamplingParams, sample_next
 from cakelm.model import Transformer
 from cakelm.tokenizer import Tokenizer
-from tests.conftest import tiny_model_config
 
 GREEDY = SamplingParams(max_new_tokens=30, temperature=0)
-
-
-@pytest.fixture(scope="module")
-def engine(tok_dir) -> Engine:
-    torch.manual_seed(0)
-    model = Transformer(tiny_model_config(max_seq_len=64))
-    with torch.no_grad():  # sharper logits than the init, so greedy choices are not near-ties
-        model.lm_head.weight.mul_(20)
-    return Engine(model, Tokenizer.load(tok_dir))
 
 
 def full_recompute_greedy(model: Transformer, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
@@ -89,7 +79,7 @@ def test_streaming_equals_generate(engine: Engine) -> None:
 def test_stream_never_splits_a_character(tok_dir) -> None:
     tok = Tokenizer.load(tok_dir)
     text = "日本語🐈‍⬛ ok"
-    row = _Row(0, ())
+    row = RowText(0, ())
     ids = tok.encode(text)
     pieces = [row.push(t, 0.0, tok, (), last=(i == len(ids) - 1)) for i, t in enumerate(ids)]
     assert "".join(pieces) == text
@@ -99,7 +89,7 @@ def test_stream_never_splits_a_character(tok_dir) -> None:
 
 def test_stop_strings_are_cut_and_never_emitted(tok_dir) -> None:
     tok = Tokenizer.load(tok_dir)
-    row = _Row(0, ("\nUSER:",))
+    row = RowText(0, ("\nUSER:",))
     ids = tok.encode("I am well.\nUSER: and you?")
     pieces = []
     for t in ids:
@@ -108,7 +98,7 @@ def test_stop_strings_are_cut_and_never_emitted(tok_dir) -> None:
             break
     assert "".join(pieces) == row.text == "I am well." and row.finish == "stop"
     assert all("USER" not in p and not p.endswith("\n") for p in pieces)
-    row2 = _Row(0, ("\nUSER:",))  # a prefix of a stop string that does not complete it is released later
+    row2 = RowText(0, ("\nUSER:",))  # a prefix of a stop string that does not complete it is released later
     out = "".join(row2.push(t, 0.0, tok, (), last=i == 3) for i, t in enumerate(tok.encode("a\nUS!")))
     assert out == "a\nUS!" and row2.finish == "length"
 
@@ -162,7 +152,7 @@ def test_short_prompt_keeps_its_room_in_a_batch(engine: Engine) -> None:
 
 def test_earliest_stop_string_wins_and_no_stray_replacement_char(tok_dir) -> None:
     tok = Tokenizer.load(tok_dir)
-    row = _Row(0, ("ab", "b"))
+    row = RowText(0, ("ab", "b"))
     text = "".join(row.push(t, 0.0, tok, (), last=False) for t in tok.encode("xab"))
     assert row.text == text == "x" and row.finish == "stop"
 
@@ -171,10 +161,10 @@ def test_earliest_stop_string_wins_and_no_stray_replacement_char(tok_dir) -> Non
         def token_bytes(self, i: int) -> bytes:
             return {1: b"hi", 2: b"\nUSER:\xc3"}[i]
 
-    row = _Row(0, ("\nUSER:",))
+    row = RowText(0, ("\nUSER:",))
     out = row.push(1, 0.0, Pieces(), (), last=False) + row.push(2, 0.0, Pieces(), (), last=False)
     assert out == row.text == "hi" and row.finish == "stop"
-    row = _Row(0, ())
+    row = RowText(0, ())
     assert row.push(2, 0.0, Pieces(), (), last=True) == "\nUSER:\ufffd"  # cut short by the length limit
 
 

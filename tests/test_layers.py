@@ -20,7 +20,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     0: ("common", "config", "__init__"),
     1: ("model", "tokenizer", "losses", "optim", "tasks", "rnn", "webapp", "metrics_http", "tracking"),
     2: ("checkpoint", "engine", "chat_format", "loop", "rewards", "hf_compat", "openai_api"),
-    3: ("data.", "heldout"),
+    3: ("data.", "heldout", "batching"),
     4: ("rollout", "rlhf", "rl", "scaffold"),
     5: ("stages.", "serve", "label"),  # the stages and the apps: none imports another
     6: ("stages.table",),

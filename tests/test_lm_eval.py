@@ -95,7 +95,7 @@ def test_lm_eval_scores_equal_ours(tok_dir, tmp_path) -> None:
     answers = [g if i % 2 == 0 else g + " (not this)" for i, g in enumerate(generated)]
     write_tasks(tmp_path / "tasks", labels, answers)
 
-    app = build_app(ServeConfig(ckpt=str(ckpt), model_name="tiny", max_tokens=64, device="cpu"))
+    app = build_app(ServeConfig(dtype="fp32", ckpt=str(ckpt), model_name="tiny", max_tokens=64, device="cpu"))
     with running(app) as url:
         # lm_eval's Python API in a process of its own (its environment decides what the hub libraries may
         # reach); only our task folder is indexed, not the thousands of built-in tasks (seconds saved)

@@ -18,7 +18,7 @@ from tests.serving import make_chat_checkpoint, running
 @pytest.fixture(scope="module")
 def server(tok_dir, tmp_path_factory):
     ckpt = make_chat_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt", tok_dir)
-    app = build_app(ServeConfig(ckpt=str(ckpt), model_name="tiny", max_tokens=64, device="cpu"))
+    app = build_app(ServeConfig(dtype="fp32", ckpt=str(ckpt), model_name="tiny", max_tokens=64, device="cpu"))
     with running(app) as url:
         yield url, app
 
@@ -142,7 +142,7 @@ def test_sixteen_concurrent_streams(client, reference) -> None:
 
 def test_api_key(tok_dir, tmp_path) -> None:
     ckpt = make_chat_checkpoint(tmp_path / "c", tok_dir)
-    app = build_app(ServeConfig(ckpt=str(ckpt), api_key="s3cret", device="cpu"))
+    app = build_app(ServeConfig(dtype="fp32", ckpt=str(ckpt), api_key="s3cret", device="cpu"))
     with running(app) as url:
         bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError, match="API key"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cakelm.checkpoint import load_model
 from cakelm.common import CakeError
-from cakelm.engine import Engine, SamplingParams, StreamEvent
+from cakelm.engine import Engine, SamplingParams
 from cakelm.serve import ServeConfig, build_app
 from tests.serving import make_chat_checkpoint, running
 
@@ -32,7 +33,7 @@ def ckpt(tok_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    app = build_app(ServeConfig(ckpt=str(ckpt), model_name="tiny", max_tokens=32, device="cpu"))
+    app = build_app(ServeConfig(dtype="fp32", ckpt=str(ckpt), model_name="tiny", max_tokens=32, device="cpu"))
     with running(app) as url:
         yield url
 
@@ -199,7 +200,7 @@ def test_tokenizer_routes(server, model, ckpt) -> None:
     eos = httpx.post(server + "/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()
     assert eos["tokens"] == [tok.end_id]  # a special token's name is that token (how clients find its id)
     assert httpx.post(server + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == text
-    app = build_app(ServeConfig(ckpt=str(ckpt), api_key="s3cret", device="cpu"))
+    app = build_app(ServeConfig(dtype="fp32", ckpt=str(ckpt), api_key="s3cret", device="cpu"))
     with running(app) as url:  # with a key, the tokenizer routes need it as /v1 does
         assert httpx.get(url + "/tokenizer_info").status_code == 401
         assert httpx.get(url + "/tokenizer_info", headers={"Authorization": "Bearer s3cret"}).status_code == 200
@@ -216,39 +217,47 @@ def metrics(url: str) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(r.text) for s in family.samples}
 
 
+def gate_model(monkeypatch, model) -> tuple[threading.Event, threading.Event, list[int]]:
+    """Hold the model's first forward pass until `release` is set (`started` says it began); `widths` records the
+    batch width of every forward pass."""
+    started, release, widths = threading.Event(), threading.Event(), []
+    forward = model.forward
+
+    def gated(idx, *args, **kw):
+        started.set()
+        assert release.wait(60)
+        widths.append(idx.size(0))
+        return forward(idx, *args, **kw)
+
+    monkeypatch.setattr(model, "forward", gated)
+    return started, release, widths
+
+
 def test_429_beyond_the_queue_health_and_metrics(ckpt, monkeypatch) -> None:
     """With 1 generating and 1 queued, a third request gets a 429 with Retry-After at once; /health and /metrics
     count them; a queued request whose client leaves frees its place at once. A gate, not time, holds the first
-    request in the (fake) model."""
-    app = build_app(ServeConfig(ckpt=str(ckpt), model_name="tiny", max_tokens=8, device="cpu", max_concurrency=1,
-                                max_queued=1))
+    request in the model."""
+    app = build_app(ServeConfig(dtype="fp32", ckpt=str(ckpt), model_name="tiny", max_tokens=8, device="cpu",
+                                max_concurrency=1, max_queued=1))
     st = app.state.server
-    started, release = threading.Event(), threading.Event()
+    started, release, _ = gate_model(monkeypatch, st.engine.model)
     submitted, cancelled = threading.Semaphore(0), threading.Semaphore(0)
-
-    def gated_stream(prompts, params, n=1, seeds=None):  # 3 tokens per request, the first one held at the gate
-        started.set()
-        assert release.wait(60)
-        for i in range(3):
-            yield StreamEvent(0, 0, "ab"[i % 2], 7, "length" if i == 2 else None)
-
-    submit, cancel = st.worker.submit, st.worker.cancel
+    submit, cancel = st.batcher.submit, st.batcher.cancel
 
     def counted_submit(*args):
-        job = submit(*args)
+        req = submit(*args)
         submitted.release()
-        return job
+        return req
 
-    def counted_cancel(job):
-        waiting = job.state == "queued"
-        cancel(job)
+    def counted_cancel(req):
+        waiting = req.state == "queued"
+        cancel(req)
         if waiting:
             cancelled.release()
 
-    monkeypatch.setattr(st.engine, "stream", gated_stream)
-    monkeypatch.setattr(st.worker, "submit", counted_submit)
-    monkeypatch.setattr(st.worker, "cancel", counted_cancel)
-    body = {"model": "tiny", "prompt": "KING.", "max_tokens": 3}
+    monkeypatch.setattr(st.batcher, "submit", counted_submit)
+    monkeypatch.setattr(st.batcher, "cancel", counted_cancel)
+    body = {"model": "tiny", "prompt": "KING.", "max_tokens": 3, "temperature": 0}
     with running(app) as url, ThreadPoolExecutor(2) as pool:
         first = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60)
         assert started.wait(30) and submitted.acquire(timeout=30)
@@ -272,25 +281,29 @@ def test_429_beyond_the_queue_health_and_metrics(ckpt, monkeypatch) -> None:
         m = metrics(url)
         assert m[("cakelm_num_requests_running", ())] == 1 and m[("cakelm_num_requests_waiting", ())] == 1
         release.set()
-        assert first.result().status_code == 200 and second.result().status_code == 200
-        assert first.result().json()["choices"][0]["text"] == "aba"
+        answers = [first.result(), second.result()]
+        assert [a.status_code for a in answers] == [200, 200]
+        assert answers[0].json()["choices"] == answers[1].json()["choices"]  # greedy: the same text
         assert httpx.get(url + "/health").json()["running"] == 0
-        assert httpx.post(url + "/v1/completions", json={**body, "n": 99}).status_code == 400
+        # n = 2 needs 2 rows of a batch of 1: refused, not queued for ever
+        r = httpx.post(url + "/v1/completions", json={**body, "n": 2})
+        assert r.status_code == 400 and "--max-concurrency" in r.json()["error"]["message"]
         m = metrics(url)
     requests = {dict(labels)["status"]: v for (name, labels), v in m.items() if name == "cakelm_requests_total"
                 and dict(labels)["endpoint"] == "/v1/completions"}
     # the request whose client hung up is counted as nginx logs it, 499
     assert requests == {"200": 2, "400": 1, "429": 2, "499": 1}
-    assert m[("cakelm_generation_tokens_total", ())] == 6  # 3 from each answered request
+    generated = sum(a.json()["usage"]["completion_tokens"] for a in answers)
+    assert m[("cakelm_generation_tokens_total", ())] == generated >= 2
     assert m[("cakelm_prompt_tokens_total", ())] == 2 * 3  # "KING." is <|bos|> + 2 tokens
     assert m[("cakelm_time_to_first_token_seconds_count", ())] == 2
-    assert m[("cakelm_inter_token_latency_seconds_count", ())] == 4
+    assert m[("cakelm_inter_token_latency_seconds_count", ())] == generated - 2
     assert m[("cakelm_time_to_first_token_seconds_bucket", (("le", "+Inf"),))] == 2
     assert (m[("cakelm_num_requests_running", ())], m[("cakelm_num_requests_waiting", ())]) == (0, 0)
 
 
 def test_metrics_count_tokens_of_real_requests(ckpt) -> None:
-    app = build_app(ServeConfig(ckpt=str(ckpt), model_name="tiny", max_tokens=8, device="cpu"))
+    app = build_app(ServeConfig(dtype="fp32", ckpt=str(ckpt), model_name="tiny", max_tokens=8, device="cpu"))
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         a = client.completions.create(model="tiny", prompt=["KING.", "FOOL. What"], max_tokens=5, temperature=0)
@@ -309,26 +322,25 @@ def test_metrics_count_tokens_of_real_requests(ckpt) -> None:
     assert json.loads(json.dumps(m[("cakelm_time_to_first_token_seconds_sum", ())])) > 0
 
 
-def test_max_concurrency_runs_requests_at_once(ckpt, monkeypatch) -> None:
-    """--max-concurrency 2: two requests are inside the model at the same time (each waits for the other at a
-    barrier, which a one-at-a-time server would never pass); with --max-queued 0 a third gets a 429."""
-    app = build_app(ServeConfig(ckpt=str(ckpt), model_name="tiny", max_tokens=8, device="cpu", max_concurrency=2,
-                                max_queued=0))
+def test_max_concurrency_runs_requests_in_one_batch(ckpt, monkeypatch) -> None:
+    """--max-concurrency 2: two requests decode in the same forward passes (batch width 2), and their answers are
+    those each gets alone; with --max-queued 0 a third request gets a 429 while both run."""
+    app = build_app(ServeConfig(dtype="fp32", ckpt=str(ckpt), model_name="tiny", max_tokens=8, device="cpu",
+                                max_concurrency=2, max_queued=0))
     st = app.state.server
-    both, inside, release = threading.Barrier(2, timeout=30), threading.Semaphore(0), threading.Event()
-
-    def stream(prompts, params, n=1, seeds=None):
-        both.wait()
-        inside.release()
-        assert release.wait(60)
-        yield StreamEvent(0, 0, "x", 7, "length")
-
-    monkeypatch.setattr(st.engine, "stream", stream)
-    body = {"model": "tiny", "prompt": "KING.", "max_tokens": 1}
-    with running(app) as url, ThreadPoolExecutor(2) as pool:
-        answers = [pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60) for _ in range(2)]
-        assert inside.acquire(timeout=30) and inside.acquire(timeout=30)  # both passed the barrier together
-        assert st.worker.counts() == (2, 0)
-        assert httpx.post(url + "/v1/completions", json=body).status_code == 429
-        release.set()
-        assert [a.result().json()["choices"][0]["text"] for a in answers] == ["x", "x"]
+    bodies = [{"model": "tiny", "prompt": p, "max_tokens": 6, "temperature": 0} for p in ("KING.", "FOOL. What")]
+    with running(app) as url:
+        alone = [httpx.post(url + "/v1/completions", json=b, timeout=60).json()["choices"] for b in bodies]
+        started, release, widths = gate_model(monkeypatch, st.engine.model)
+        with ThreadPoolExecutor(2) as pool:
+            answers = [pool.submit(httpx.post, url + "/v1/completions", json=b, timeout=60) for b in bodies]
+            assert started.wait(30)
+            for _ in range(300):  # both admitted: the second waits behind the gate with the first
+                if st.batcher.counts() == (2, 0):
+                    break
+                time.sleep(0.01)
+            assert st.batcher.counts() == (2, 0)
+            assert httpx.post(url + "/v1/completions", json=bodies[0]).status_code == 429
+            release.set()
+            assert [a.result().json()["choices"] for a in answers] == alone
+    assert 2 in widths  # a decode step ran both rows at once

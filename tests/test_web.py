@@ -22,7 +22,7 @@ def test_chat_page_streams_a_reply(tok_dir, tmp_path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     ckpt = make_chat_checkpoint(tmp_path / "ckpt", tok_dir)
-    app = build_app(ServeConfig(ckpt=str(ckpt), model_name="tiny", device="cpu"))
+    app = build_app(ServeConfig(dtype="fp32", ckpt=str(ckpt), model_name="tiny", device="cpu"))
     with running(app) as url, sync_playwright() as p:
         browser = launch_chromium(p)
         try:
