@@ -67,9 +67,10 @@ def bf16_speedup(shapes: Sequence[tuple[int, int, int]], device: torch.device, b
                  repeats: int = 3) -> float:
     """How much faster bf16 matmuls run than fp32 ones on `device`: the smallest, over `shapes` (M, K, N), of
     fp32 time / bf16 time for x (M, K) @ W (K, N), each the best of `repeats` passes over enough distinct W to fill
-    `budget_mb` of fp32 (at most 256 of them; so a matrix-vector product streams its weights from memory, as a decode step does,
-    instead of reading one W from cache). A probe of a few hundred ms: what the hardware does is measured, not
-    guessed from CPU flags (bf16 units, AVX512-BF16 and AMX make bf16 faster; AVX2 alone makes it ~25x slower)."""
+    `budget_mb` of fp32 (at most 256 of them; so a matrix-vector product streams its weights from memory, as a
+    decode step does, instead of reading one W from cache). A probe of a few hundred ms: what the hardware does
+    is measured, not guessed from CPU flags (bf16 units, AVX512-BF16 and AMX make bf16 faster; AVX2 alone makes
+    it ~25x slower)."""
     worst = float("inf")
     for M, K, N in shapes:
         count = min(256, max(1, budget_mb * 2**20 // (4 * K * N)))

@@ -103,10 +103,11 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def differing(saved: dict[str, Any], now: dict[str, Any], ignore: Collection[str] = ()) -> list[str]:
-    """The dotted keys whose values differ between two (nested) configs, sorted, leaving out `ignore`; then
-    `describe_differences` says which, for a one-line error."""
+    """The dotted keys whose values differ between two (nested) configs, sorted, leaving out `ignore` and options
+    the saved config does not have (added to cakelm since it was saved); then `describe_differences` says which,
+    for a one-line error."""
     a, b = flatten(saved), flatten(now)
-    return [k for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
+    return [k for k in sorted(a) if k not in ignore and a.get(k) != b.get(k)]
 
 
 def describe_differences(keys: Sequence[str], saved: dict[str, Any], now: dict[str, Any]) -> str:

@@ -1,7 +1,9 @@
-"""Hugging Face and GGUF interop: our weights and config <-> `LlamaForCausalLM`, the export directory, and
-reading Llama-architecture models from a Hugging Face directory or a GGUF file (`cakelm import`).
+"""Hugging Face and GGUF interop: our weights and config <-> `LlamaForCausalLM`, `MistralForCausalLM`,
+`Qwen2ForCausalLM` and `Qwen3ForCausalLM` (FAMILIES), the export directory, and reading models from a Hugging Face
+directory or a Llama-architecture GGUF file (`cakelm import`).
 
-Our Transformer is a Llama by construction, so the map is a renaming, one tensor to one tensor. RoPE uses the
+Our Transformer is a Llama by construction, and the other families are config fields of it (q/k/v biases, q/k
+norms, an explicit head size, Llama 3.x RoPE scaling), so the map is a renaming, one tensor to one tensor. RoPE uses the
 same "rotate half" layout, so no permutation is needed for HF weights. GGUF files (llama.cpp) store q and k
 with the rows of each head interleaved for llama.cpp's RoPE; reading undoes that permutation, and dequantizes
 every tensor to fp32 with PyPI `gguf` (the same numbers transformers' GGUF loader computes).
@@ -39,16 +41,29 @@ _LAYER = {
     "mlp.gate.weight": "mlp.gate_proj.weight", "mlp.up.weight": "mlp.up_proj.weight",
     "mlp.down.weight": "mlp.down_proj.weight",
 }
+_QKV_BIAS = {"attn.q.bias": "self_attn.q_proj.bias", "attn.k.bias": "self_attn.k_proj.bias",
+             "attn.v.bias": "self_attn.v_proj.bias"}  # Qwen2
+_QK_NORM = {"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}  # Qwen3
+# the families we read and write: model_type -> the transformers class
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}
 
 
 def name_map(cfg: ModelConfig) -> dict[str, str]:
-    """Every tensor name of ours -> its name in HF Llama."""
+    """Every tensor name of ours -> its name in HF Llama / Qwen2 / Qwen3 (the same names, plus q/k/v biases or q/k
+    norms)."""
     names = dict(_GLOBAL)
     if cfg.tie_embeddings:
         del names["lm_head.weight"]
+    layer = {**_LAYER, **(_QKV_BIAS if cfg.qkv_bias else {}), **(_QK_NORM if cfg.qk_norm else {})}
     for i in range(cfg.n_layers):
-        names.update({f"layers.{i}.{ours}": f"model.layers.{i}.{theirs}" for ours, theirs in _LAYER.items()})
+        names.update({f"layers.{i}.{ours}": f"model.layers.{i}.{theirs}" for ours, theirs in layer.items()})
     return names
+
+
+def family_of(cfg: ModelConfig) -> str:
+    """The HF model_type a config is written as: qwen3 with q/k norms, qwen2 with q/k/v biases, else llama."""
+    return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
 
 
 def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
@@ -91,51 +106,89 @@ def model_config(where: str | Path, **fields: Any) -> ModelConfig:
 
 
 def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
-    """config.json for `LlamaForCausalLM`."""
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
+    """config.json for the family's transformers class (`family_of`): LlamaForCausalLM (Llama 3.x RoPE scaling
+    included), Qwen2ForCausalLM or Qwen3ForCausalLM."""
+    family = family_of(cfg)
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scale != 1:
+        rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": cfg.rope_scale,
+                "low_freq_factor": cfg.rope_low_freq, "high_freq_factor": cfg.rope_high_freq,
+                "original_max_position_embeddings": cfg.rope_original_context}
+        if family != "llama":
+            raise CakeError(f"Llama 3 RoPE scaling cannot be written as a {family} model")
+    out = {
+        "architectures": [FAMILIES[family]], "model_type": family, "torch_dtype": "float32",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_theta": cfg.rope_theta, "rope_scaling": None if cfg.rope_scale == 1 else rope,
+        "rope_parameters": rope, "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": tok.bos_id, "eos_token_id": tok.end_id, "pad_token_id": tok.pad_id,
     }
+    if family == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    else:  # Qwen2's q/k/v biases are part of the class; Qwen3's attention_bias would add an o_proj bias too
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+        if family == "qwen3":
+            out.update(attention_bias=cfg.qkv_bias)
+            if cfg.qkv_bias:
+                raise CakeError("q/k/v biases with q/k norms (no transformers class has that without an o bias)")
+    return out
 
 
 def model_config_from_hf(c: dict[str, Any], where: str | Path = "config.json") -> ModelConfig:
-    """ModelConfig from an HF Llama config.json (refusing what our model cannot express)."""
+    """ModelConfig from an HF config.json of a family we support (FAMILIES: Llama incl. 3.x RoPE scaling,
+    Mistral without a sliding window, Qwen2/2.5, Qwen3), refusing with one line whatever our model cannot express."""
     if not isinstance(c, dict):
         raise CakeError(f"{where}: not a JSON object")
-    if c.get("model_type") != "llama" and "LlamaForCausalLM" not in (c.get("architectures") or []):
-        raise CakeError(f"{where}: unsupported architecture {c.get('model_type') or c.get('architectures')}: "
-                        "only Llama")
-    for key in ("attention_bias", "mlp_bias"):
+    family = c.get("model_type")
+    if family not in FAMILIES:
+        arch = c.get("architectures") or []
+        family = next((f for f, cls in FAMILIES.items() if cls in arch), None)
+        if family is None:
+            raise CakeError(f"{where}: unsupported architecture {c.get('model_type') or arch}: cakelm reads "
+                            f"{', '.join(FAMILIES)}")
+    if c.get("hidden_act", "silu") != "silu":
+        raise CakeError(f"{where}: unsupported {family} variant: hidden_act {c.get('hidden_act')} (only silu)")
+    for key in ("attention_bias", "mlp_bias"):  # (Qwen2's q/k/v biases are not this key: they are always there)
         if c.get(key):
-            raise CakeError(f"{where}: unsupported Llama variant: {key}=true (cakelm models have no biases)")
+            raise CakeError(f"{where}: unsupported {family} variant: {key}=true (cakelm has no o_proj or MLP biases)")
+    if c.get("use_sliding_window") or (family == "mistral" and c.get("sliding_window") is not None
+                                       and c["sliding_window"] < c.get("max_position_embeddings", 0)):
+        raise CakeError(f"{where}: unsupported {family} variant: sliding-window attention")
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise CakeError(f"{where}: unsupported RoPE scaling {rope.get('rope_type') or rope.get('type')}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None, "llama3"):
+        raise CakeError(f"{where}: unsupported RoPE scaling {rope_type}")
+
     def count(key: str, default: Any = None) -> int:
         if key not in c and default is None:
             raise CakeError(f"{where}: lacks {key}")
         return positive_int(c.get(key, default), key, where)
 
     n_heads, dim = count("num_attention_heads"), count("hidden_size")
-    if c.get("head_dim", dim // n_heads) * n_heads != dim:
-        raise CakeError(f"{where}: unsupported Llama variant: head_dim * num_attention_heads != hidden_size")
+    head_dim = count("head_dim", dim // n_heads) if c.get("head_dim") is not None else dim // n_heads
+    if family != "qwen3" and head_dim * n_heads != dim:
+        raise CakeError(f"{where}: unsupported {family} variant: head_dim * num_attention_heads != hidden_size")
     try:
         rope_theta, norm_eps = float(rope.get("rope_theta", c.get("rope_theta", 10000.0))), \
             float(c.get("rms_norm_eps", 1e-6))
+        scaling = {} if rope_type != "llama3" else dict(
+            rope_scale=float(rope["factor"]), rope_low_freq=float(rope["low_freq_factor"]),
+            rope_high_freq=float(rope["high_freq_factor"]),
+            rope_original_context=positive_int(rope["original_max_position_embeddings"],
+                                               "original_max_position_embeddings", where))
     except (TypeError, ValueError):
-        raise CakeError(f"{where}: rope_theta and rms_norm_eps must be numbers") from None
+        raise CakeError(f"{where}: rope_theta, rms_norm_eps and the RoPE scaling factors must be numbers") from None
+    except KeyError as e:
+        raise CakeError(f"{where}: llama3 RoPE scaling lacks {e.args[0]}") from None
     return model_config(
         where, vocab_size=count("vocab_size"), dim=dim, n_layers=count("num_hidden_layers"), n_heads=n_heads,
         n_kv_heads=count("num_key_value_heads", n_heads), ffn_dim=count("intermediate_size"),
         max_seq_len=count("max_position_embeddings", 2048), rope_theta=rope_theta, norm_eps=norm_eps,
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)), head_dim=head_dim,
+        qkv_bias=family == "qwen2", qk_norm=family == "qwen3", **scaling)
 
 
 def export_hf(model: Transformer, tok: Tokenizer, out: str | Path) -> Path:

@@ -1,8 +1,9 @@
-"""The decoder-only Transformer, written so that it is exactly a Hugging Face `LlamaForCausalLM`.
+"""The decoder-only Transformer, written so that it is exactly a Hugging Face `LlamaForCausalLM` (and, with a few
+config fields, `Qwen2ForCausalLM`, `Qwen3ForCausalLM` and Llama 3.x's RoPE scaling: see ModelConfig).
 
 Architecture (the Llama recipe; `hf_compat.py` maps the weights one-to-one):
 - token embedding -> n_layers x [x += attn(rmsnorm(x)); x += mlp(rmsnorm(x))] -> rmsnorm -> lm_head
-- RMSNorm with a learned gain, no biases anywhere
+- RMSNorm with a learned gain, no biases (Qwen2: on q, k and v; Qwen3: RMSNorm on each head's q and k)
 - rotary position embeddings (RoPE) in the "rotate half" layout HF uses, applied to queries and keys
 - grouped-query attention: n_kv_heads key/value heads shared by n_heads query heads, computed with
   `F.scaled_dot_product_attention`
@@ -49,26 +50,36 @@ class ModelConfig:
     norm_eps: float = opt(1e-5, "RMSNorm epsilon")
     tie_embeddings: bool = opt(False, "share the input embedding and the output head")
     init_std: float = opt(0.02, "std of the normal init of weight matrices (see init_weights)")
+    # Family differences (hf_compat maps them to and from Hugging Face's configs): all off for our own models
+    head_dim: int = opt(0, "width of each attention head (0 = dim / n_heads; Qwen3 sets it on its own)")
+    qkv_bias: bool = opt(False, "biases on the query, key and value projections (Qwen2 / Qwen2.5)")
+    qk_norm: bool = opt(False, "RMSNorm over each head's queries and keys before RoPE (Qwen3)")
+    rope_scale: float = opt(1.0, "Llama 3.x RoPE scaling factor (1 = none; see rope_frequencies)")
+    rope_low_freq: float = opt(1.0, "Llama 3.x RoPE scaling: low_freq_factor")
+    rope_high_freq: float = opt(4.0, "Llama 3.x RoPE scaling: high_freq_factor")
+    rope_original_context: int = opt(8192, "Llama 3.x RoPE scaling: original_max_position_embeddings")
 
     def __post_init__(self) -> None:
         if self.n_kv_heads == 0:
             self.n_kv_heads = self.n_heads
         if self.ffn_dim == 0:
             self.ffn_dim = 64 * math.ceil(8 * self.dim / 3 / 64)
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len",
+                     "rope_original_context"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
-            raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
+        if self.head_dim == 0:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
+            self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
                               f"({self.n_kv_heads})")
-        if (self.dim // self.n_heads) % 2:
-            raise ConfigError(f"head dim dim/n_heads = {self.dim // self.n_heads} must be even for RoPE")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        if self.head_dim < 0 or self.head_dim % 2:
+            raise ConfigError(f"the head dim ({self.head_dim}) must be positive and even for RoPE")
+        if not (self.rope_scale >= 1 and self.rope_high_freq > self.rope_low_freq > 0):
+            raise ConfigError(f"model.rope_scale must be >= 1 and rope_high_freq > rope_low_freq > 0 (got "
+                              f"{self.rope_scale}, {self.rope_high_freq}, {self.rope_low_freq})")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -105,11 +116,28 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
 # Rotary embeddings
 
 
-def rope_cache(cfg: ModelConfig, length: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (length, D/2): angle position * theta^(-2i/D) for frequency i, as in HF Llama (which
-    repeats the D/2 angles twice to size D; apply_rope works on the two halves instead)."""
+def rope_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """The D/2 rotation frequencies theta^(-2i/D). With Llama 3.x scaling (rope_scale > 1; Meta's
+    `apply_scaling` in llama-models, HF's `_compute_llama3_parameters`): wavelengths longer than
+    original_context / low_freq are slowed down by the factor, those shorter than original_context / high_freq
+    kept, and those between interpolated smoothly."""
     hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    if cfg.rope_scale == 1:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = cfg.rope_original_context / cfg.rope_low_freq
+    high_wavelen = cfg.rope_original_context / cfg.rope_high_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / cfg.rope_scale, inv_freq)
+    smooth = (cfg.rope_original_context / wavelen - cfg.rope_low_freq) / (cfg.rope_high_freq - cfg.rope_low_freq)
+    between = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(between, (1 - smooth) * scaled / cfg.rope_scale + smooth * scaled, scaled)
+
+
+def rope_cache(cfg: ModelConfig, length: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (length, D/2): angle position * frequency i (rope_frequencies), as in HF Llama (which
+    repeats the D/2 angles twice to size D; apply_rope works on the two halves instead)."""
+    inv_freq = rope_frequencies(cfg, device)
     t = torch.arange(length, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)  # (length, D/2)
     return freqs.cos(), freqs.sin()
@@ -348,18 +376,24 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.q = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # Qwen3: each head's queries and keys are RMS-normalised (one gain vector of size D) before RoPE
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: KVCache | SlotView | None = None, mask: torch.Tensor | None = None,
                 causal: bool = True) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = apply_rope(self.q(x).view(B, T, H, D).transpose(1, 2), cos, sin)  # (B, H, T, D)
-        k = apply_rope(self.k(x).view(B, T, KV, D).transpose(1, 2), cos, sin)  # (B, KV, T, D)
+        q, k = self.q(x).view(B, T, H, D), self.k(x).view(B, T, KV, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, KV, T, D)
         v = self.v(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, S, D), S = cached + T
@@ -421,11 +455,14 @@ class Transformer(nn.Module):
         - embedding and every Linear weight ~ N(0, init_std);
         - the two projections that write into the residual stream (attn.o, mlp.down) ~ N(0, init_std /
           sqrt(2 * n_layers)), so the residual's variance does not grow with depth;
-        - RMSNorm gains = 1; the RoPE tables are recomputed (they are buffers, not parameters)."""
+        - RMSNorm gains = 1, biases (Qwen2's q/k/v) = 0; the RoPE tables are recomputed (they are buffers, not
+          parameters)."""
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
             elif name.endswith(("attn.o.weight", "mlp.down.weight")):
                 p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers))
             else:

@@ -199,3 +199,23 @@ def ctrl_c_at(monkeypatch: pytest.MonkeyPatch, source: type, step: int, micro: i
         yield
     finally:
         monkeypatch.setattr(source, "get", original)
+
+
+def assert_transformers_agrees(model, tok, hf_dir: Path, class_name: str, vocab: int = 320):
+    """The export in hf_dir loads in `transformers` as class_name and gives the model's logits (within 2e-5) and
+    its 20 greedy tokens (our engine against transformers' generate). Returns the transformers model."""
+    import transformers
+
+    from cakelm.engine import Engine, SamplingParams
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    assert type(hf).__name__ == class_name
+    ids = torch.randint(0, vocab, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=2e-5)
+    prompt = tok.encode("KING.\nThe", bos=True)
+    ours = Engine(model, tok).generate([prompt], SamplingParams(max_new_tokens=20, temperature=0))[0].ids
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
+                         pad_token_id=tok.pad_id)[0, len(prompt):].tolist()
+    assert ours == theirs
+    return hf

@@ -9,12 +9,11 @@ import torch
 
 from cakelm.checkpoint import load_model, save_checkpoint
 from cakelm.common import CakeError
-from cakelm.engine import Engine, SamplingParams
 from cakelm.hf_compat import from_hf_state_dict, model_config_from_hf, to_hf_state_dict
 from cakelm.model import Transformer
 from cakelm.stages import export as export_stage
 from cakelm.tokenizer import Tokenizer
-from tests.conftest import tiny_model_config
+from tests.conftest import assert_transformers_agrees, tiny_model_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,18 +36,7 @@ def test_export_matches_transformers(tmp_path, tok_dir, tied: bool, n_kv_heads: 
     save_checkpoint(tmp_path / "ckpt", model, tok, {"stage": "test", "step": 0})
     export_stage.main(export_stage.ExportConfig(ckpt=str(tmp_path / "ckpt"), out_dir=str(tmp_path / "hf")))
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert type(hf).__name__ == "LlamaForCausalLM"
-    ids = torch.randint(0, 320, (2, 40))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=1e-5)
-
-    # greedy generation: transformers' generate vs our engine, same 30 tokens
-    prompt = tok.encode("KING.\nThe", bos=True)
-    ours = Engine(model, tok).generate([prompt], SamplingParams(max_new_tokens=30, temperature=0))[0].ids
-    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=None,
-                         pad_token_id=tok.pad_id)[0, len(prompt):].tolist()
-    assert ours == theirs
+    assert_transformers_agrees(model, tok, tmp_path / "hf", "LlamaForCausalLM")  # logits and greedy tokens
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf_tok.encode("KING.\nThe crown", add_special_tokens=False) == tok.encode("KING.\nThe crown")
@@ -68,7 +56,7 @@ def test_model_config_from_hf_refuses_unsupported() -> None:
     base = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
             "num_hidden_layers": 1, "num_attention_heads": 2}
     assert model_config_from_hf(base).n_kv_heads == 2
-    with pytest.raises(CakeError, match="only Llama"):
+    with pytest.raises(CakeError, match="unsupported architecture gpt2"):
         model_config_from_hf({**base, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
     with pytest.raises(CakeError, match="attention_bias"):
         model_config_from_hf({**base, "attention_bias": True})

@@ -342,7 +342,7 @@ LLAMA_CONFIG = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "inte
 @pytest.mark.parametrize("case, message", [
     ("missing", "nope: no such file or directory"),
     ("txt", "unsupported file type '.txt'"),
-    ("hf_gpt2", "unsupported architecture gpt2: only Llama"),
+    ("hf_gpt2", "unsupported architecture gpt2: cakelm reads llama, mistral, qwen2, qwen3"),
     ("hf_no_weights", "no \\*.safetensors weights"),
     ("gguf_arch", "unsupported GGUF architecture 'gpt2'"),
     ("gguf_extra", "unsupported Llama variant: unexpected tensor blk.0.attn_q.bias"),
