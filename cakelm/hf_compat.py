@@ -29,7 +29,7 @@ from cakelm.chat_format import jinja_template, template_from_jinja
 from cakelm.common import CakeError, honour_umask, read_json, write_json_atomic
 from cakelm.config import ConfigError
 from cakelm.model import ModelConfig, Transformer, check_layer_count, param_shapes
-from cakelm.tokenizer import ChatTemplate, Tokenizer
+from cakelm.tokenizer import PRE_TOKENIZERS, ChatTemplate, Tokenizer, pre_tokenizer_name
 
 # ours -> HF; {i} is the layer index. The output head is absent when tied to the embedding.
 _GLOBAL = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -307,6 +307,7 @@ GGUF_LAYER = {
     "ffn_gate.weight": "mlp.gate.weight", "ffn_up.weight": "mlp.up.weight", "ffn_down.weight": "mlp.down.weight",
 }
 _TOKEN_CONTROL = 3  # llama.cpp's token type of special tokens (1 normal, 3 control, 4 user-defined)
+_TOKEN_UNUSED = 5  # llama.cpp's token type of padding rows
 
 
 def gguf_name_map(n_layers: int) -> dict[str, str]:
@@ -374,8 +375,10 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
         raise CakeError(f"{path}: unsupported Llama variant: head or RoPE dimension != embedding / heads")
     tok = gguf_tokenizer(path, field)
     try:
-        rope_theta, norm_eps = float(field("llama.rope.freq_base", 10000.0)), \
-            float(field("llama.attention.layer_norm_rms_epsilon", 1e-5))
+        # GGUF keeps float32s: the shortest decimal that rounds to one gives back the value written (1e-5, not
+        # 9.99999975e-06)
+        rope_theta, norm_eps = (float(str(np.float32(field(k, d)))) for k, d in (
+            ("llama.rope.freq_base", 10000.0), ("llama.attention.layer_norm_rms_epsilon", 1e-5)))
     except (TypeError, ValueError):
         raise CakeError(f"{path}: llama.rope.freq_base and the norm epsilon must be numbers") from None
     cfg = model_config(
@@ -414,6 +417,96 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
     info = {"format": "gguf", "name": field("general.name", path.stem), "license": field("general.license", None),
             "tensor_types": types}
     return cfg, sd, tok, info
+
+
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")  # what `cakelm export --to gguf --dtype` writes the matrices in
+
+
+def write_gguf(model: Transformer, tok: Tokenizer, path: str | Path, dtype: str = "f16", name: str = "cakelm"
+               ) -> Path:
+    """A llama.cpp GGUF file of the model (architecture `llama`), as llama.cpp's convert_hf_to_gguf.py writes one:
+    q and k rows permuted for its RoPE, matrices in `dtype` (GGUF_DTYPES; a q8_0 matrix whose rows are not a
+    multiple of 32 is written f16), norms in f32, and the tokenizer inside (byte-level BPE tokens, merges, token
+    types, special token ids, the pre-tokenizer's llama.cpp name, the chat template as Jinja). Written to a
+    temporary name, synced and renamed into place."""
+    import os
+
+    import gguf
+
+    cfg = model.cfg
+    if family_of(cfg) != "llama" or cfg.rope_scale != 1 or cfg.head_dim * cfg.n_heads != cfg.dim:
+        raise CakeError(f"GGUF export writes the Llama architecture without RoPE scaling; this model is a "
+                        f"{family_of(cfg)} model{' with llama3 RoPE scaling' if cfg.rope_scale != 1 else ''}, "
+                        "which it does not write yet")
+    if dtype not in GGUF_DTYPES:
+        raise CakeError(f"--dtype {dtype}: GGUF export writes {', '.join(GGUF_DTYPES)}")
+    pre = pre_tokenizer_name(tok)
+    if pre is None:
+        raise CakeError("the tokenizer's pre-tokenizer has no llama.cpp name (GGUF export knows "
+                        f"{', '.join(PRE_TOKENIZERS)})")
+    Q = gguf.GGMLQuantizationType
+    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[dtype]
+    # the vocabulary, padded with unused tokens to the model's embedding rows (llama.cpp needs one per row)
+    tokens = [tok.hf.id_to_token(i) for i in range(tok.vocab_size)]
+    tokens += [f"<|unused_{i}|>" for i in range(cfg.vocab_size - len(tokens))]
+    special = tok.special_tokens
+    types = [_TOKEN_CONTROL if t in special else 1 for t in tokens[:tok.vocab_size]] + \
+        [_TOKEN_UNUSED] * (cfg.vocab_size - tok.vocab_size)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.hf.to_str())["model"]["merges"]]
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name(name)
+    w.add_block_count(cfg.n_layers)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_feed_forward_length(cfg.ffn_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tok.bos_id)
+    w.add_eos_token_id(tok.end_id)
+    w.add_pad_token_id(tok.pad_id)
+    w.add_add_bos_token(False)  # cakelm's prompts carry their own BOS (chat template, or encode(bos=True))
+    template = jinja_template(tok.template)
+    if template:
+        w.add_chat_template(template)
+    gguf_names = {ours: theirs for theirs, ours in gguf_name_map(cfg.n_layers).items()}
+    sd = model.state_dict()
+    for ours, gname in gguf_names.items():
+        if ours == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # llama.cpp reads a missing output.weight as tied to token_embd
+        a = sd[ours].detach().float().cpu().numpy()
+        if gname.endswith("attn_q.weight"):
+            a = permute_rope(a, cfg.n_heads)
+        elif gname.endswith("attn_k.weight"):
+            a = permute_rope(a, cfg.n_kv_heads)
+        t = qtype if a.ndim == 2 else Q.F32
+        if t == Q.Q8_0 and a.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+            t = Q.F16
+        if t == Q.F32:
+            w.add_tensor(gname, np.ascontiguousarray(a, dtype=np.float32))
+        elif t == Q.F16:
+            w.add_tensor(gname, a.astype(np.float16))
+        else:
+            w.add_tensor(gname, gguf.quants.quantize(a, t), raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    honour_umask(tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def gguf_tokenizer(path: Path, field: Any) -> Tokenizer:
