@@ -18,6 +18,7 @@ Prometheus's conventions: base units (seconds), `_total` counters, colons left t
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -113,18 +114,30 @@ class ServerMetrics:
 
 class CountResponses:
     """ASGI middleware: counts every response to a path under /v1/ by route and status, including those the
-    request checks send (400 Host, 401, 413, 415), when it is the outermost middleware."""
+    request checks send (400 Host, 401, 413, 415), when it is the outermost middleware; with `log`, also hands it
+    one line per such request when it ends: method, path, status, tokens (the handler's `request.state.usage`,
+    {"prompt": n, "completion": m}, when it set one) and seconds."""
 
-    def __init__(self, app: Callable, metrics: ServerMetrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: Callable, metrics: ServerMetrics, log: Callable[[str], None] | None = None) -> None:
+        self.app, self.metrics, self.log = app, metrics, log
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
+        start, status = time.monotonic(), [0]
 
         async def counting_send(message: dict) -> None:
             if message["type"] == "http.response.start":
+                status[0] = message["status"]
                 self.metrics.response(scope["path"], message["status"])
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            if self.log is not None:
+                usage = scope.get("state", {}).get("usage")
+                tokens = f" {usage['prompt']}+{usage['completion']} tokens" if usage else ""
+                gone = " (client gone)" if status[0] in (0, 499) else ""
+                self.log(f"{scope['method']} {scope['path']} {status[0] or 499}{tokens} "
+                         f"{time.monotonic() - start:.2f}s{gone}")

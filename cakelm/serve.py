@@ -200,7 +200,7 @@ class _Ask:
 def create_app(engine: Engine, fmt: str, model_name: str = "cakelm", api_key: str | None = None,
                max_tokens_limit: int = 1024, body_limit: int = webapp.MAX_BODY_BYTES, ckpt: str | None = None,
                host: str = "127.0.0.1", allowed_hosts: Sequence[str] = (), max_concurrency: int = 8,
-               max_queued: int = 64, prefill_chunk: int = 256) -> FastAPI:
+               max_queued: int = 64, prefill_chunk: int = 256, log_requests: bool = False) -> FastAPI:
     """The FastAPI app serving `engine` (conversations rendered in chat format `fmt`), answering requests to
     `host` (the address it is bound to) and `allowed_hosts`."""
     metrics = ServerMetrics()
@@ -211,7 +211,8 @@ def create_app(engine: Engine, fmt: str, model_name: str = "cakelm", api_key: st
                             "Incorrect or missing API key (send 'Authorization: Bearer KEY')",
                             token_code="invalid_api_key", body_limit=body_limit,
                             openapi_url="/openapi.json", host=host, allowed_hosts=allowed_hosts)
-    app.add_middleware(CountResponses, metrics=metrics)  # outermost: counts the request checks' refusals too
+    log = (lambda line: print(f"cakelm serve: {line}", flush=True)) if log_requests else None
+    app.add_middleware(CountResponses, metrics=metrics, log=log)  # outermost: counts the checks' refusals too
     app.state.server = st
     tok = engine.tok
 
@@ -356,12 +357,13 @@ async def _respond(st: ServerState, req: Options, request: HTTPRequest, prompts:
     base = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": st.model_name}
     prompt_tokens = sum(len(p) for p in prompts)
+    usage_log = request.state.usage = {"prompt": prompt_tokens, "completion": 0}  # the request log's tokens
     choices = [_Choice(Tokens(st.engine.tok, 0 if ask.echo else len(ask.texts[r // req.n])))
                for r in range(len(prompts) * req.n)]
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return StreamingResponse(_sse(st.batcher, job, base, chat, prompt_tokens, include_usage, choices, prompts,
-                                      req.n, ask),
+                                      req.n, ask, usage_log),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     completion_tokens = 0
@@ -370,6 +372,7 @@ async def _respond(st: ServerState, req: Options, request: HTTPRequest, prompts:
             _add_prompt(choices, prompts, req.n, ask, ev)
             continue
         completion_tokens += 1
+        usage_log["completion"] = completion_tokens
         c = choices[ev.row]
         c.reply.add(ev.text)
         c.text += ev.text
@@ -404,7 +407,8 @@ def _add_prompt(choices: list[_Choice], prompts: list[list[int]], n: int, ask: _
 
 
 async def _sse(batcher: Batcher, job: Job | None, base: dict, chat: bool, prompt_tokens: int, include_usage: bool,
-               choices: list[_Choice], prompts: list[list[int]], n: int, ask: _Ask) -> AsyncIterator[str]:
+               choices: list[_Choice], prompts: list[list[int]], n: int, ask: _Ask, usage_log: dict
+               ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per piece of text (with the log-probs of the tokens since the last chunk), a
     last chunk per choice with its finish_reason; with echo, first a chunk per choice with the prompt."""
     chunk = {**base, "object": "chat.completion.chunk" if chat else "text_completion"}
@@ -434,6 +438,7 @@ async def _sse(batcher: Batcher, job: Job | None, base: dict, chat: bool, prompt
                     yield piece(r, ask.texts[ev.prompt_index], None)
                 continue
             completion_tokens += 1
+            usage_log["completion"] = completion_tokens
             c = choices[ev.row]
             if want:
                 c.tokens.add(ev.token_id, ev.logprobs)
@@ -482,6 +487,8 @@ class ServeConfig:
     max_concurrency: int = opt(8, "rows generating at once in one continuous batch (each prompt x choice of a "
                                   "request takes one; each costs a KV cache of up to the context)")
     max_queued: int = opt(64, "requests that may wait for room in the batch; beyond them a 429 with Retry-After")
+    log_requests: bool = opt(True, "print one line per API request when it ends: method, path, status, prompt + "
+                                   "completion tokens, seconds")
     prefill_chunk: int = opt(256, "prompt tokens a newcomer feeds per step while others generate (smaller: running "
                                   "streams stall less; larger: its first token comes sooner)")
     playscript: bool | None = opt(None, "render chats as a plain-text playscript (default: from the checkpoint)")
@@ -510,7 +517,7 @@ def build_app(cfg: ServeConfig) -> FastAPI:
     app = create_app(Engine(model.to(dtype), tok), format_of(meta, cfg.playscript), name, key, cfg.max_tokens,
                      ckpt=cfg.ckpt, host=cfg.host, allowed_hosts=webapp.parse_hosts(cfg.allowed_hosts),
                      max_concurrency=cfg.max_concurrency, max_queued=cfg.max_queued,
-                     prefill_chunk=cfg.prefill_chunk)
+                     prefill_chunk=cfg.prefill_chunk, log_requests=cfg.log_requests)
     app.state.server.dtype_note = f"weights in {str(dtype).removeprefix('torch.')} ({why})"
     return app
 

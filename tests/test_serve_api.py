@@ -5,6 +5,7 @@ with Retry-After beyond the queue, /health's counts, and /metrics read back with
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -344,3 +345,22 @@ def test_max_concurrency_runs_requests_in_one_batch(ckpt, monkeypatch) -> None:
             release.set()
             assert [a.result().json()["choices"] for a in answers] == alone
     assert 2 in widths  # a decode step ran both rows at once
+
+
+def test_one_log_line_per_request(ckpt, capsys) -> None:
+    """`cakelm serve` prints a line per API request when it ends: method, path, status, prompt + completion
+    tokens (streamed or not) and seconds; refusals get a line too."""
+    app = build_app(ServeConfig(dtype="fp32", ckpt=str(ckpt), model_name="tiny", max_tokens=8, device="cpu"))
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        a = client.completions.create(model="tiny", prompt="KING.", max_tokens=5, temperature=0)
+        list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                            temperature=0, stream=True))
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="other", prompt="x")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cakelm serve: ")]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith(f"cakelm serve: POST /v1/completions 200 3+{a.usage.completion_tokens} tokens ")
+    assert re.match(r"cakelm serve: POST /v1/chat/completions 200 \d+\+[1-4] tokens \d+\.\d\ds$", lines[1])
+    assert lines[2].startswith("cakelm serve: POST /v1/completions 404 ") and "tokens" not in lines[2]
+    assert all(line.endswith("s") and float(line.rsplit(" ", 1)[1][:-1]) >= 0 for line in lines)
