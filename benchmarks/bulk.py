@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import time
+
+import torch
 
 from cakelm.batching import Batcher
 from cakelm.chat_format import render_prompt, stop_rules
 from cakelm.checkpoint import load_model
+from cakelm.common import hardware_info
 from cakelm.engine import Completion, Engine, SamplingParams
 from cakelm.stages.eval import load_task
 
@@ -29,8 +31,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="static batch size = continuous batch rows")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    print(next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?"))
+    print(hardware_info(torch.device("cpu"))["cpu"])
     model, tok, _ = load_model(args.ckpt)
     engine = Engine(model, tok)
     prompts = [render_prompt(m, tok, "chat") for m, _ in load_task("arithmetic", args.questions)]

@@ -31,19 +31,14 @@ from pathlib import Path
 
 import httpx
 import openai
+import torch
+
+from cakelm.common import hardware_info
 
 QUESTIONS = ["What is 12 + 7?", "Write a haiku about rain.", "Name three colors.", "Who wrote Hamlet?",
              "Explain gravity briefly.", "Count to five.", "What is the capital of France?", "Say hello in Spanish.",
              "Give me a fun fact about cats.", "What is a prime number?", "Describe the sea.", "Why is the sky blue?",
              "Suggest a name for a dog.", "What do bees make?", "How many legs does a spider have?", "Tell a joke."]
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
 
 
 def free_port() -> int:
@@ -233,7 +228,8 @@ def main() -> None:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
         ask(client, "Hi", 4)  # warm-up
         dtype = httpx.get(url + "/health").json()["dtype"]
-        print(f"{cpu_model()}, {os.cpu_count()} CPUs; cakelm serve {args.ckpt} (--max-concurrency "
+        cpu = hardware_info(torch.device("cpu"))["cpu"]
+        print(f"{cpu}, {os.cpu_count()} CPUs; cakelm serve {args.ckpt} (--max-concurrency "
               f"{max(args.clients + 1, 16)}, --dtype {args.dtype}: {dtype}); {args.clients} clients, greedy chat, "
               f"max_tokens {args.max_tokens}")
         for ignore_eos in (True, False):

@@ -58,6 +58,7 @@ from cakelm.engine import (
     StreamEvent,
     TokenLogprob,
     sample_next,
+    sampled_logprobs,
     score_prompt,
     token_logprobs,
 )
@@ -151,16 +152,10 @@ class Batcher:
         """Queue a request (or start it at once when the batch has room); raises CakeError for prompts that do
         not fit and Busy when max_queued requests wait already. `seeds` (one per prompt) seed each prompt's rows
         as Engine.generate's do (params.seed is then not used)."""
-        if params is None:
-            if echo_top is None:
-                raise CakeError("a request without sampling parameters must ask for its prompts' scores")
-            for i, p in enumerate(prompts):
-                if not 0 < len(p) <= self.engine.context:
-                    raise CakeError(f"prompt {i}: a prompt to score needs 1 to {self.engine.context} tokens")
-            limits = [0] * len(prompts)
-        else:
-            self.engine.check_prompts(prompts)
-            limits = self.engine.limits(prompts, params)
+        if params is None and echo_top is None:
+            raise CakeError("a request without sampling parameters must ask for its prompts' scores")
+        self.engine.check_prompts(prompts, room=0 if params is None else 1)
+        limits = [0] * len(prompts) if params is None else self.engine.limits(prompts, params)
         if seeds is not None and len(seeds) != len(prompts):
             raise CakeError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         if not 1 <= n <= self.slots:
@@ -396,10 +391,7 @@ class Batcher:
             lg = logits[idx]  # (r, V)
             gens = [rows[i].gen for i in idx] if params.temperature > 0 else None
             nxt = sample_next(lg, params.temperature, params.top_k, params.top_p, gens)  # (r,)
-            lps = [0.0] * len(idx)
-            if params.logprobs:
-                t = params.temperature if params.temperature > 0 else 1.0
-                lps = torch.log_softmax(lg.float() / t, dim=-1).gather(-1, nxt[:, None]).squeeze(-1).tolist()
+            lps = sampled_logprobs(lg, nxt, params.temperature).tolist() if params.logprobs else [0.0] * len(idx)
             tops = token_logprobs(lg, nxt, params.top_logprobs) if params.top_logprobs is not None else None
             stop_ids = tuple(params.stop_ids)
             for j, (i, token) in enumerate(zip(idx, nxt.tolist())):

@@ -382,7 +382,8 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
 # Options that may change when a run is resumed: how long it runs and how it reports, not what it computes.
 RESUMABLE = {"resume", "overwrite", "loop.max_steps", "loop.eval_every", "loop.eval_tokens", "loop.log_every",
              "loop.save_every", "loop.progress", "loop.log_to", "loop.device", "loop.grad_checkpoint", "out",
-             # when a run stops on trouble, not what it computes (and absent from runs saved before they existed)
+             # when a run stops on trouble, not what it computes (options newer than a saved run are never
+             # compared: config.differing)
              "loop.max_skipped", "reward_timeout", "reward_errors"}
 
 

@@ -135,6 +135,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     return (logits.softmax(dim=-1) / noise).argmax(dim=-1)
 
 
+def sampled_logprobs(logits: torch.Tensor, chosen: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs (N,) of the `chosen` tokens (N,) under the distribution they were sampled from: softmax(logits /
+    temperature), the plain softmax for greedy (temperature 0), before top-k/top-p (what RL's ratios need)."""
+    t = temperature if temperature > 0 else 1.0
+    return torch.log_softmax(logits.float() / t, dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
+
+
 def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprob]:
     """Per row of logits (N, V): the log-prob of the `chosen` token (N,) and of the k most likely tokens, from one
     fp32 log_softmax, so a greedy token's log-prob equals the top entry's exactly (lm-evaluation-harness's
@@ -272,8 +279,9 @@ class RowText:
 
 
 class Engine:
-    """Generation over one model and tokenizer. It keeps no state between calls (each builds its own KV cache and
-    rows), so threads may share one: `cakelm serve --max-concurrency N` runs N requests on it at once."""
+    """Generation over one model and tokenizer, in static batches. It keeps no state between calls (each builds
+    its own KV cache and rows), so threads may share one; `cakelm.batching` runs `cakelm serve`'s requests through
+    one model in a continuous batch instead."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer) -> None:
         self.model, self.tok = model.eval(), tokenizer  # the tokenizer supplies the padding id and token bytes
@@ -284,15 +292,16 @@ class Engine:
     def context(self) -> int:
         return self.model.cfg.max_seq_len
 
-    def check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
+    def check_prompts(self, prompts: Sequence[Sequence[int]], room: int = 1) -> None:
+        """Every prompt has a token and leaves `room` tokens of the context free (0: a prompt only scored)."""
         if not prompts:
             raise CakeError("no prompts to generate from")
         for i, p in enumerate(prompts):
             if not p:
                 raise CakeError(f"prompt {i} is empty: give at least one token (e.g. <|bos|>)")
-            if len(p) >= self.context:
+            if len(p) > self.context - room:
                 raise CakeError(f"prompt {i} is {len(p)} tokens but the model's context is {self.context}; "
-                                "shorten it (at least one token must fit after it)")
+                                "shorten it" + (" (at least one token must fit after it)" if room else ""))
 
     def limits(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[int]:
         """New tokens each prompt may get: max_new_tokens, cut to what fits in the context after it."""
@@ -304,8 +313,7 @@ class Engine:
         the top_k most likely tokens at each position: one forward pass over the whole sequence (which may fill the
         context), the output head `chunk` positions at a time (a (T, vocab) fp32 block is large for long prompts
         and big vocabularies). The raw distribution, as `SamplingParams.top_logprobs`."""
-        if not ids or len(ids) > self.context:
-            raise CakeError(f"a prompt to score needs 1 to {self.context} tokens, got {len(ids)}")
+        self.check_prompts([ids], room=0)
         idx = torch.tensor(list(ids), device=self.device)
         return score_prompt(self.model.lm_head, self.model(idx[None], hidden=True)[0], idx, top_k, chunk)
 
@@ -337,10 +345,7 @@ class Engine:
             gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
         for step in range(steps):
             nxt = sample_next(logits, params.temperature, params.top_k, params.top_p, gen)  # (B*n,)
-            lp = None
-            if params.logprobs:
-                t = params.temperature if params.temperature > 0 else 1.0
-                lp = torch.log_softmax(logits.float() / t, dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
+            lp = sampled_logprobs(logits, nxt, params.temperature) if params.logprobs else None
             top = token_logprobs(logits, nxt, params.top_logprobs) if params.top_logprobs is not None else None
             yield nxt, lp, top
             if step < steps - 1:

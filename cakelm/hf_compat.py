@@ -3,8 +3,8 @@
 directory or a Llama-architecture GGUF file (`cakelm import`).
 
 Our Transformer is a Llama by construction, and the other families are config fields of it (q/k/v biases, q/k
-norms, an explicit head size, Llama 3.x RoPE scaling), so the map is a renaming, one tensor to one tensor. RoPE uses the
-same "rotate half" layout, so no permutation is needed for HF weights. GGUF files (llama.cpp) store q and k
+norms, an explicit head size, Llama 3.x RoPE scaling), so the map is a renaming, one tensor to one tensor. RoPE
+uses the same "rotate half" layout, so no permutation is needed for HF weights. GGUF files (llama.cpp) store q and k
 with the rows of each head interleaved for llama.cpp's RoPE; reading undoes that permutation, and dequantizes
 every tensor to fp32 with PyPI `gguf` (the same numbers transformers' GGUF loader computes).
 
@@ -16,6 +16,8 @@ every tensor to fp32 with PyPI `gguf` (the same numbers transformers' GGUF loade
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 
 from cakelm.chat_format import jinja_template, template_from_jinja
-from cakelm.common import CakeError, honour_umask, read_json, write_json_atomic
+from cakelm.common import CakeError, fsync_path, honour_umask, read_json, write_json_atomic
 from cakelm.config import ConfigError
 from cakelm.model import ModelConfig, Transformer, check_layer_count, param_shapes
 from cakelm.tokenizer import PRE_TOKENIZERS, ChatTemplate, Tokenizer, pre_tokenizer_name
@@ -109,13 +111,15 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
     """config.json for the family's transformers class (`family_of`): LlamaForCausalLM (Llama 3.x RoPE scaling
     included), Qwen2ForCausalLM or Qwen3ForCausalLM."""
     family = family_of(cfg)
+    if cfg.rope_scale != 1 and family != "llama":
+        raise CakeError(f"Llama 3 RoPE scaling cannot be written as a {family} model")
+    if cfg.qkv_bias and cfg.qk_norm:  # Qwen3's attention_bias would add an o_proj bias too
+        raise CakeError("q/k/v biases with q/k norms (no transformers class has that without an o bias)")
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scale != 1:
         rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": cfg.rope_scale,
                 "low_freq_factor": cfg.rope_low_freq, "high_freq_factor": cfg.rope_high_freq,
                 "original_max_position_embeddings": cfg.rope_original_context}
-        if family != "llama":
-            raise CakeError(f"Llama 3 RoPE scaling cannot be written as a {family} model")
     out = {
         "architectures": [FAMILIES[family]], "model_type": family, "torch_dtype": "float32",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
@@ -128,12 +132,10 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
     }
     if family == "llama":
         out.update(attention_bias=False, mlp_bias=False)
-    else:  # Qwen2's q/k/v biases are part of the class; Qwen3's attention_bias would add an o_proj bias too
+    else:  # Qwen2's q/k/v biases are part of its class
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
         if family == "qwen3":
-            out.update(attention_bias=cfg.qkv_bias)
-            if cfg.qkv_bias:
-                raise CakeError("q/k/v biases with q/k norms (no transformers class has that without an o bias)")
+            out.update(attention_bias=False)
     return out
 
 
@@ -422,15 +424,39 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")  # what `cakelm export --to gguf --dtype` writes the matrices in
 
 
+def gguf_vocab(tok: Tokenizer, size: int) -> tuple[list[str], list[int], list[str]]:
+    """(tokens, llama.cpp token types, merges "a b") of a byte-level BPE tokenizer for GGUF metadata, the tokens
+    padded with unused ones to `size` (llama.cpp wants one per embedding row)."""
+    tokens = [tok.hf.id_to_token(i) for i in range(tok.vocab_size)]
+    types = [_TOKEN_CONTROL if t in tok.special_tokens else 1 for t in tokens]
+    tokens += [f"<|unused_{i}|>" for i in range(size - tok.vocab_size)]
+    types += [_TOKEN_UNUSED] * (size - tok.vocab_size)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.hf.to_str())["model"]["merges"]]
+    return tokens, types, merges
+
+
+def gguf_tensors(model: Transformer) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, fp32 array) of every tensor as llama.cpp stores it: q and k rows permuted for its RoPE, a tied
+    output head left out (llama.cpp reads a missing output.weight as tied to token_embd)."""
+    cfg, sd = model.cfg, model.state_dict()
+    for gname, ours in gguf_name_map(cfg.n_layers).items():
+        if ours == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        a = sd[ours].detach().float().cpu().numpy()
+        if gname.endswith("attn_q.weight"):
+            a = permute_rope(a, cfg.n_heads)
+        elif gname.endswith("attn_k.weight"):
+            a = permute_rope(a, cfg.n_kv_heads)
+        yield gname, a
+
+
 def write_gguf(model: Transformer, tok: Tokenizer, path: str | Path, dtype: str = "f16", name: str = "cakelm"
                ) -> Path:
     """A llama.cpp GGUF file of the model (architecture `llama`), as llama.cpp's convert_hf_to_gguf.py writes one:
-    q and k rows permuted for its RoPE, matrices in `dtype` (GGUF_DTYPES; a q8_0 matrix whose rows are not a
-    multiple of 32 is written f16), norms in f32, and the tokenizer inside (byte-level BPE tokens, merges, token
-    types, special token ids, the pre-tokenizer's llama.cpp name, the chat template as Jinja). Written to a
-    temporary name, synced and renamed into place."""
-    import os
-
+    `gguf_tensors` with the matrices in `dtype` (GGUF_DTYPES; a q8_0 matrix whose rows are not a multiple of 32 is
+    written f16) and norms in f32, and the tokenizer inside (`gguf_vocab`, special token ids, the pre-tokenizer's
+    llama.cpp name, the chat template as Jinja). Written to a temporary name, synced and renamed into place: a
+    failure leaves no file behind and never a partial one at `path`."""
     import gguf
 
     cfg = model.cfg
@@ -446,66 +472,53 @@ def write_gguf(model: Transformer, tok: Tokenizer, path: str | Path, dtype: str 
                         f"{', '.join(PRE_TOKENIZERS)})")
     Q = gguf.GGMLQuantizationType
     qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[dtype]
-    # the vocabulary, padded with unused tokens to the model's embedding rows (llama.cpp needs one per row)
-    tokens = [tok.hf.id_to_token(i) for i in range(tok.vocab_size)]
-    tokens += [f"<|unused_{i}|>" for i in range(cfg.vocab_size - len(tokens))]
-    special = tok.special_tokens
-    types = [_TOKEN_CONTROL if t in special else 1 for t in tokens[:tok.vocab_size]] + \
-        [_TOKEN_UNUSED] * (cfg.vocab_size - tok.vocab_size)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.hf.to_str())["model"]["merges"]]
+    tokens, types, merges = gguf_vocab(tok, cfg.vocab_size)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_name(name)
-    w.add_block_count(cfg.n_layers)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.dim)
-    w.add_feed_forward_length(cfg.ffn_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(tok.bos_id)
-    w.add_eos_token_id(tok.end_id)
-    w.add_pad_token_id(tok.pad_id)
-    w.add_add_bos_token(False)  # cakelm's prompts carry their own BOS (chat template, or encode(bos=True))
-    template = jinja_template(tok.template)
-    if template:
-        w.add_chat_template(template)
-    gguf_names = {ours: theirs for theirs, ours in gguf_name_map(cfg.n_layers).items()}
-    sd = model.state_dict()
-    for ours, gname in gguf_names.items():
-        if ours == "lm_head.weight" and cfg.tie_embeddings:
-            continue  # llama.cpp reads a missing output.weight as tied to token_embd
-        a = sd[ours].detach().float().cpu().numpy()
-        if gname.endswith("attn_q.weight"):
-            a = permute_rope(a, cfg.n_heads)
-        elif gname.endswith("attn_k.weight"):
-            a = permute_rope(a, cfg.n_kv_heads)
-        t = qtype if a.ndim == 2 else Q.F32
-        if t == Q.Q8_0 and a.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
-            t = Q.F16
-        if t == Q.F32:
-            w.add_tensor(gname, np.ascontiguousarray(a, dtype=np.float32))
-        elif t == Q.F16:
-            w.add_tensor(gname, a.astype(np.float16))
-        else:
-            w.add_tensor(gname, gguf.quants.quantize(a, t), raw_dtype=t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    honour_umask(tmp)
-    os.replace(tmp, path)
+    try:
+        w = gguf.GGUFWriter(str(tmp), "llama")
+        w.add_name(name)
+        w.add_block_count(cfg.n_layers)
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.dim)
+        w.add_feed_forward_length(cfg.ffn_dim)
+        w.add_head_count(cfg.n_heads)
+        w.add_head_count_kv(cfg.n_kv_heads)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(tok.bos_id)
+        w.add_eos_token_id(tok.end_id)
+        w.add_pad_token_id(tok.pad_id)
+        w.add_add_bos_token(False)  # cakelm's prompts carry their own BOS (chat template, or encode(bos=True))
+        template = jinja_template(tok.template)
+        if template:
+            w.add_chat_template(template)
+        for gname, a in gguf_tensors(model):
+            t = qtype if a.ndim == 2 else Q.F32
+            if t == Q.Q8_0 and a.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+                t = Q.F16
+            if t == Q.F32:
+                w.add_tensor(gname, np.ascontiguousarray(a))
+            elif t == Q.F16:
+                w.add_tensor(gname, a.astype(np.float16))
+            else:
+                w.add_tensor(gname, gguf.quants.quantize(a, t), raw_dtype=t)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        fsync_path(tmp)
+        honour_umask(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -63,6 +63,12 @@ UNICODE_TO_BYTE = {c: b for b, c in _byte_to_unicode().items()}
 # splits text for them. smollm: digits one by one, then GPT-2's split (as SmolLM2's own tokenizer.json does).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+def _split_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
+    """Split text by a regex (each match a piece), then map each piece to byte-level characters."""
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
 _QWEN2_SPLIT = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {
@@ -70,12 +76,10 @@ PRE_TOKENIZERS = {
     "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
-    "llama-bpe": lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    "llama-bpe": lambda: _split_then_bytes(_LLAMA3_SPLIT),
     # Qwen2's split: GPT-4's with single digits, which is ours (SPLIT_PATTERN) written without possessive
     # quantifiers; GGUF export names our tokenizer's pre-tokenizer "qwen2" so llama.cpp splits text as we do
-    "qwen2": lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
-                                              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    "qwen2": lambda: _split_then_bytes(_QWEN2_SPLIT),
 }
 
 
@@ -83,9 +87,7 @@ def pre_tokenizer_name(tok: Tokenizer) -> str | None:
     """The GGUF (llama.cpp) name of the tokenizer's pre-tokenizer: "qwen2" for ours, else the PRE_TOKENIZERS entry
     it was built from; None when it is none of them."""
     mine = tok.hf.pre_tokenizer.__getstate__()
-    own = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    if mine == own.__getstate__():
+    if mine == _split_then_bytes(SPLIT_PATTERN).__getstate__():
         return "qwen2"
     return next((name for name, make in PRE_TOKENIZERS.items() if make().__getstate__() == mine), None)
 
@@ -143,10 +145,7 @@ class Tokenizer:
             raise CakeError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least "
                             f"{256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
         hf = HFTokenizer(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        hf.pre_tokenizer = _split_then_bytes(SPLIT_PATTERN)
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                       special_tokens=SPECIAL_TOKENS, show_progress=False,

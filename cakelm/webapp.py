@@ -326,8 +326,7 @@ def create_app(title: str, token: str | None = None, protected: str | tuple[str,
     """A FastAPI app with no docs pages (the OpenAPI schema only at `openapi_url`, if given), the request checks
     for a server bound to `host` (plus `allowed_hosts`), the body limit, the error shape, and (with `token`, or
     `users`: {token: name}, one per person) the token check on paths under `protected` (a prefix, or several). An
-    empty token is
-    refused: "no auth" must be asked for by passing None."""
+    empty token is refused: "no auth" must be asked for by passing None."""
     if (token is not None and not token) or (users is not None and (not users or not all(users))):
         raise ValueError("an empty access token is not a token; pass None for no authentication")
     if token is not None and users:

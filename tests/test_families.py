@@ -108,6 +108,9 @@ def test_llama3_frequencies_by_hand() -> None:
     ({"model_type": "llama", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling yarn"),
     ({"model_type": "llama", "rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "lacks low_freq_factor"),
     ({"model_type": "llama", "head_dim": 16}, "head_dim"),
+    ({"model_type": "llama", "rope_parameters": {**LLAMA3_ROPE, "factor": float("nan")}}, "rope_scale"),
+    ({"model_type": "llama", "rope_parameters": {**LLAMA3_ROPE, "original_max_position_embeddings": 0}},
+     "original_max_position_embeddings"),
 ])
 def test_what_we_cannot_express_is_refused_in_one_line(change: dict, message: str) -> None:
     with pytest.raises(CakeError, match=message):

@@ -81,3 +81,22 @@ def test_refusals(ckpt, tmp_path) -> None:
     with pytest.raises(CakeError, match="qwen3 model"):
         write_gguf(qwen, load_model(ckpt)[1], tmp_path / "q.gguf")
     assert not (tmp_path / "q.gguf").exists()
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(ckpt, tmp_path, monkeypatch) -> None:
+    """A crash while the tensors are written (here: the writer raises) leaves an existing export as it was, even
+    with --overwrite, and no temporary file beside it."""
+    import gguf
+
+    target = tmp_path / "m.gguf"
+    export_stage.main(export_stage.ExportConfig(ckpt=str(ckpt), out_dir=str(target), to="gguf"))
+    before = target.read_bytes()
+
+    def crash(self, *a, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_stage.main(export_stage.ExportConfig(ckpt=str(ckpt), out_dir=str(target), to="gguf", dtype="q8_0",
+                                                    overwrite=True))
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]

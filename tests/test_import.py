@@ -22,7 +22,7 @@ from cakelm.checkpoint import load_meta, load_model
 from cakelm.common import CakeError
 from cakelm.config import build_config
 from cakelm.engine import Engine, SamplingParams
-from cakelm.hf_compat import gguf_name_map, permute_rope, unpermute_rope
+from cakelm.hf_compat import gguf_tensors, gguf_vocab, permute_rope, unpermute_rope
 from cakelm.model import Transformer
 from cakelm.stages import export as export_stage
 from cakelm.stages import grpo, sft
@@ -63,9 +63,8 @@ def write_gguf(path: Path, model: Transformer, tok: Tokenizer, quantized: bool =
     """A GGUF file as llama.cpp's converter writes one: q/k permuted, matrices quantized (Q8_0 in attention,
     Q4_1 in the MLP and embedding) or F32, and the vocabulary of `tok` plus ChatML's two control tokens.
     `lie` overrides metadata the model's config would give ({"block_count": 10**9}: a crafted file)."""
-    tokens = [tok.hf.id_to_token(i) for i in range(tok.vocab_size)] + ["<|im_start|>", "<|im_end|>"]
-    types = [3 if t in tok.special_tokens else 1 for t in tokens[:-2]] + [3, 3]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.hf.to_str())["model"]["merges"]]
+    tokens, types, merges = gguf_vocab(tok, tok.vocab_size)
+    tokens, types = tokens + ["<|im_start|>", "<|im_end|>"], types + [3, 3]
     cfg = model.cfg
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny")
@@ -86,16 +85,7 @@ def write_gguf(path: Path, model: Transformer, tok: Tokenizer, quantized: bool =
     w.add_eos_token_id(len(tokens) - 1)
     w.add_pad_token_id(len(tokens) - 1)
     w.add_chat_template(template)
-    sd = model.state_dict()
-    if cfg.tie_embeddings:
-        del sd["lm_head.weight"]
-    gguf_name = {ours: theirs for theirs, ours in gguf_name_map(cfg.n_layers).items()}
-    for ours, t in sd.items():
-        a, name = t.numpy().astype(np.float32), gguf_name[ours]
-        if name.endswith("attn_q.weight"):
-            a = permute_rope(a, cfg.n_heads)
-        elif name.endswith("attn_k.weight"):
-            a = permute_rope(a, cfg.n_kv_heads)
+    for name, a in gguf_tensors(model):
         if quantized and a.ndim == 2:
             qtype = Q.Q8_0 if "attn" in name else Q.Q4_1
             w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
