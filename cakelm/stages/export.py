@@ -27,7 +27,8 @@ from cakelm.hf_compat import GGUF_DTYPES, export_hf, family_of, write_gguf
 @dataclass
 class ExportConfig:
     ckpt: str = opt("", "checkpoint directory", positional=True)
-    out_dir: str = opt("", "directory to write (new or empty, unless --overwrite)", positional=True)
+    out_dir: str = opt("", "what to write: a directory for --to hf (new or empty, unless --overwrite), a .gguf "
+                           "file for --to gguf", positional=True)
     to: str = opt("hf", "target format: a Hugging Face directory, or one GGUF file", choices=("hf", "gguf"))
     dtype: str = opt("f16", "GGUF: the matrices' type (norms stay f32)", choices=GGUF_DTYPES)
     overwrite: bool = opt(False, "write into a non-empty OUT_DIR, replacing files of the same name (never into a "
