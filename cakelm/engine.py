@@ -297,11 +297,13 @@ class Engine:
         if not prompts:
             raise CakeError("no prompts to generate from")
         for i, p in enumerate(prompts):
+            if not room and not 0 < len(p) <= self.context:
+                raise CakeError(f"prompt {i}: a prompt to score needs 1 to {self.context} tokens, got {len(p)}")
             if not p:
                 raise CakeError(f"prompt {i} is empty: give at least one token (e.g. <|bos|>)")
             if len(p) > self.context - room:
                 raise CakeError(f"prompt {i} is {len(p)} tokens but the model's context is {self.context}; "
-                                "shorten it" + (" (at least one token must fit after it)" if room else ""))
+                                "shorten it (at least one token must fit after it)")
 
     def limits(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[int]:
         """New tokens each prompt may get: max_new_tokens, cut to what fits in the context after it."""
