@@ -14,6 +14,12 @@ What readers see (every consumer, and Hugging Face tools, open these names):
       heads.safetensors   (reward models and PPO) extra tensors beside the Transformer: the scalar head, the
                           value model; see `cakelm.rlhf`
 
+A LoRA checkpoint (`--lora.rank`, see `cakelm.lora`) holds adapter_model.safetensors and adapter_config.json (PEFT's
+files) instead of model.safetensors, and meta.json's "lora_base" names the checkpoint the adapters go on (with the
+sha256 of its weights file, checked at load: adapters on another model would be silently wrong). `load_model` loads
+the base (itself perhaps a LoRA checkpoint: a chain of stages) and merges the adapters in; training stages that
+go on with the same adapters load them unmerged.
+
 How it is stored: each save is a complete version in a hidden directory, `CKPT/.ckpt-000007-step-30/`; the
 relative symlink `CKPT/current` points at the live version, and each name above is a relative symlink
 `NAME -> current/NAME` (metrics.jsonl and other files of the run are plain files beside them). A save writes and
@@ -29,6 +35,7 @@ POSIX only (symlinks, directory fsync); Windows is not a target.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import pickle
@@ -45,18 +52,51 @@ from safetensors.torch import load_file, save_file
 
 from cakelm.common import CakeError, code_version, finite_json, fsync_path, honour_umask, read_json
 from cakelm.config import describe_differences, differing
+from cakelm.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_config,
+    adapter_shapes,
+    adapter_tensors,
+    add_lora,
+    config_from_adapter,
+    has_lora,
+    load_adapters,
+    lora_config_of,
+    merge_lora,
+)
 from cakelm.model import ModelConfig, Transformer, check_layer_count, param_shapes
 from cakelm.tokenizer import CAKELM_TEMPLATE, CONFIG_FILE, Tokenizer
 
-FILES = ("model.safetensors", "config.json", "tokenizer.json", "meta.json")
-OPTIONAL = ("train_state.pt", "heads.safetensors", CONFIG_FILE)  # the other names a save may write
+FILES = ("model.safetensors", "config.json", "tokenizer.json", "meta.json")  # (a LoRA one: adapters, not weights)
+OPTIONAL = ("train_state.pt", "heads.safetensors", CONFIG_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG)  # the other names
 CURRENT = "current"
 LOCK = ".lock"  # held while a save is under way (fcntl.flock)
 _VERSION = re.compile(r"^\.ckpt-(\d+)-")
 
 
+def _missing(path: Path) -> list[str]:
+    """The files a checkpoint needs that `path` lacks (a LoRA checkpoint has its adapters instead of weights)."""
+    need = [f for f in FILES if f != "model.safetensors" or not (path / ADAPTER_WEIGHTS).is_file()]
+    if (path / ADAPTER_WEIGHTS).is_file():
+        need.append(ADAPTER_CONFIG)
+    return [f for f in need if not (path / f).is_file()]
+
+
 def is_checkpoint(path: str | Path) -> bool:
-    return all((Path(path) / f).is_file() for f in FILES)
+    return not _missing(Path(path))
+
+
+def weights_file(path: str | Path) -> Path:
+    """The file that holds a checkpoint's trained tensors: its adapters (LoRA) or its weights."""
+    path = snapshot(path)
+    return path / ADAPTER_WEIGHTS if (path / ADAPTER_WEIGHTS).is_file() else path / "model.safetensors"
+
+
+def weights_digest(path: str | Path) -> str:
+    """sha256 of a checkpoint's weights file: what a LoRA checkpoint records of its base."""
+    with open(weights_file(path), "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def snapshot(path: str | Path) -> Path:
@@ -185,8 +225,15 @@ def save_checkpoint(out: str | Path, model: Transformer, tokenizer: Tokenizer, m
     out.mkdir(parents=True, exist_ok=True)
     step = int(meta["step"])
     writers: dict[str, Callable[[Path], object]] = {}
-    writers["model.safetensors"] = lambda p: save_file(_weights(model), str(p), metadata={"step": str(step),
-                                                                                         "format": "pt"})
+    if has_lora(model):  # only the adapters; meta["lora_base"] says where the rest is
+        base = meta["lora_base"]["path"]
+        writers[ADAPTER_WEIGHTS] = lambda p: save_file(adapter_tensors(model), str(p),
+                                                       metadata={"step": str(step), "format": "pt"})
+        writers[ADAPTER_CONFIG] = lambda p: p.write_text(json.dumps(adapter_config(lora_config_of(model), base),
+                                                                    indent=2) + "\n")
+    else:
+        writers["model.safetensors"] = lambda p: save_file(_weights(model), str(p),
+                                                           metadata={"step": str(step), "format": "pt"})
     if heads is not None:
         writers["heads.safetensors"] = lambda p: save_file(
             {k: v.detach().to("cpu").contiguous() for k, v in heads.items()}, str(p),
@@ -275,15 +322,15 @@ def load_meta(path: str | Path) -> dict[str, Any]:
     if not Path(path).is_dir():
         raise CakeError(f"checkpoint not found: {path}")
     path = snapshot(path)
-    missing = [f for f in FILES if not (path / f).is_file()]
+    missing = _missing(path)
     if missing:
         raise CakeError(f"{path}: not a cakelm checkpoint (missing {', '.join(missing)})")
     meta = read_json(path / "meta.json", "checkpoint metadata")
     try:
-        with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
+        with safe_open(str(weights_file(path)), framework="pt") as fh:
             saved_step = (fh.metadata() or {}).get("step")
     except (SafetensorError, OSError) as e:
-        raise CakeError(f"{path / 'model.safetensors'}: unreadable weights ({e})") from None
+        raise CakeError(f"{weights_file(path)}: unreadable weights ({e})") from None
     if saved_step is not None and int(saved_step) != int(meta.get("step", -1)):
         raise CakeError(f"{path}: weights are from step {saved_step} but meta.json says step {meta.get('step')}: "
                         "files of two saves (a save of an older cakelm that was cut off, or files replaced by hand)")
@@ -297,12 +344,29 @@ def load_model_config(path: str | Path) -> ModelConfig:
     return config_from_dict(ModelConfig, d, f"{path}/config.json")
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Transformer, Tokenizer, dict]:
+def load_model(path: str | Path, device: torch.device | str = "cpu", merge: bool = True
+               ) -> tuple[Transformer, Tokenizer, dict]:
     """(model on `device` in eval mode, tokenizer, meta) from a checkpoint directory. The weights' names and
-    shapes are checked against config.json before anything is allocated (config.json may come from elsewhere)."""
+    shapes are checked against config.json before anything is allocated (config.json may come from elsewhere).
+    A LoRA checkpoint's adapters are merged into the base's weights, or with `merge=False` kept as adapters (frozen
+    base, trainable adapters: a stage going on with them)."""
     path = snapshot(path)  # every file from the same save
     meta = load_meta(path)
     cfg = load_model_config(path)
+    if (path / ADAPTER_WEIGHTS).is_file():
+        model = _adapted_model(path, meta, cfg)
+        if merge:
+            merge_lora(model)
+            model.requires_grad_(True)  # as a model loaded from its weights
+    else:
+        model = _full_model(path, cfg)
+    tok = Tokenizer.load(Path(path) / "tokenizer.json")
+    if tok.vocab_size > cfg.vocab_size:
+        raise CakeError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
+    return model.to(device).eval(), tok, meta
+
+
+def _full_model(path: Path, cfg: ModelConfig) -> Transformer:
     check_weight_shapes(path / "model.safetensors", cfg)
     model = Transformer(cfg)
     sd = load_file(str(Path(path) / "model.safetensors"))
@@ -313,10 +377,49 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Tr
     except RuntimeError as e:
         detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
         raise CakeError(f"{path}: weights do not match config.json ({detail[:300]})") from None
-    tok = Tokenizer.load(Path(path) / "tokenizer.json")
-    if tok.vocab_size > cfg.vocab_size:
-        raise CakeError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
-    return model.to(device).eval(), tok, meta
+    return model
+
+
+_MAX_CHAIN = 16  # LoRA checkpoints on LoRA checkpoints (sft -> dpo -> grpo ...); more means a loop
+
+
+def _adapted_model(path: Path, meta: dict[str, Any], cfg: ModelConfig, depth: int = 0) -> Transformer:
+    """The base model (merged, if it is itself a LoRA checkpoint) with this checkpoint's adapters, unmerged."""
+    base_info = meta.get("lora_base")
+    if not (isinstance(base_info, dict) and isinstance(base_info.get("path"), str)):
+        raise CakeError(f"{path}: LoRA adapters without meta.json's lora_base (the checkpoint they go on)")
+    base = Path(base_info["path"])
+    if not is_checkpoint(base):
+        raise CakeError(f"{path}: the base checkpoint of its LoRA adapters, {base}, is missing")
+    if weights_digest(base) != base_info.get("weights_sha256"):
+        raise CakeError(f"{path}: its base checkpoint {base} has changed since the adapters were trained (its "
+                        "weights' sha256 differs); restore that base, or train the adapters again")
+    if depth >= _MAX_CHAIN:
+        raise CakeError(f"{path}: more than {_MAX_CHAIN} LoRA checkpoints in a chain of bases (a loop?)")
+    base_snap = snapshot(base)
+    base_cfg = load_model_config(base_snap)
+    if base_cfg != cfg:
+        raise CakeError(f"{path}: config.json differs from its base {base}'s")
+    if (base_snap / ADAPTER_WEIGHTS).is_file():
+        model = _adapted_model(base_snap, load_meta(base_snap), base_cfg, depth + 1)
+        merge_lora(model)
+    else:
+        model = _full_model(base_snap, base_cfg)
+    lcfg = config_from_adapter(read_json(path / ADAPTER_CONFIG, "LoRA adapter config"), path / ADAPTER_CONFIG)
+    f = path / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            have = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CakeError(f"{f}: unreadable adapters ({e})") from None
+    want = adapter_shapes(model, lcfg)  # before a crafted rank allocates anything
+    for name in sorted(set(want) | set(have)):
+        if want.get(name) != have.get(name):
+            raise CakeError(f"{f}: adapters do not match {ADAPTER_CONFIG} ({name}: the config makes "
+                            f"{want.get(name, 'no such tensor')}, the file holds {have.get(name, 'none')})")
+    add_lora(model, lcfg)
+    load_adapters(model, load_file(str(f)), f)
+    return model
 
 
 def check_weight_shapes(weights: Path, cfg: ModelConfig) -> None:

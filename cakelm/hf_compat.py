@@ -30,37 +30,12 @@ from tokenizers import Tokenizer as HFTokenizer
 from cakelm.chat_format import jinja_template, template_from_jinja
 from cakelm.common import CakeError, fsync_path, honour_umask, read_json, write_json_atomic
 from cakelm.config import ConfigError
-from cakelm.model import ModelConfig, Transformer, check_layer_count, param_shapes
+from cakelm.model import ModelConfig, Transformer, check_layer_count, hf_names, param_shapes
 from cakelm.tokenizer import PRE_TOKENIZERS, ChatTemplate, Tokenizer, pre_tokenizer_name
 
-# ours -> HF; {i} is the layer index. The output head is absent when tied to the embedding.
-_GLOBAL = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "lm_head.weight": "lm_head.weight"}
-_LAYER = {
-    "attn_norm.weight": "input_layernorm.weight", "attn.q.weight": "self_attn.q_proj.weight",
-    "attn.k.weight": "self_attn.k_proj.weight", "attn.v.weight": "self_attn.v_proj.weight",
-    "attn.o.weight": "self_attn.o_proj.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
-    "mlp.gate.weight": "mlp.gate_proj.weight", "mlp.up.weight": "mlp.up_proj.weight",
-    "mlp.down.weight": "mlp.down_proj.weight",
-}
-_QKV_BIAS = {"attn.q.bias": "self_attn.q_proj.bias", "attn.k.bias": "self_attn.k_proj.bias",
-             "attn.v.bias": "self_attn.v_proj.bias"}  # Qwen2
-_QK_NORM = {"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}  # Qwen3
 # the families we read and write: model_type -> the transformers class
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM"}
-
-
-def name_map(cfg: ModelConfig) -> dict[str, str]:
-    """Every tensor name of ours -> its name in HF Llama / Qwen2 / Qwen3 (the same names, plus q/k/v biases or q/k
-    norms)."""
-    names = dict(_GLOBAL)
-    if cfg.tie_embeddings:
-        del names["lm_head.weight"]
-    layer = {**_LAYER, **(_QKV_BIAS if cfg.qkv_bias else {}), **(_QK_NORM if cfg.qk_norm else {})}
-    for i in range(cfg.n_layers):
-        names.update({f"layers.{i}.{ours}": f"model.layers.{i}.{theirs}" for ours, theirs in layer.items()})
-    return names
 
 
 def family_of(cfg: ModelConfig) -> str:
@@ -71,16 +46,16 @@ def family_of(cfg: ModelConfig) -> str:
 def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """Our state dict under HF Llama's names. A tied head is stored once, as HF expects."""
     sd = model.state_dict()
-    return {theirs: sd[ours].detach().cpu().contiguous() for ours, theirs in name_map(model.cfg).items()}
+    return {theirs: sd[ours].detach().cpu().contiguous() for ours, theirs in hf_names(model.cfg).items()}
 
 
 def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """HF Llama tensors -> our state dict (the inverse of to_hf_state_dict)."""
-    missing = [theirs for theirs in name_map(cfg).values() if theirs not in sd]
+    missing = [theirs for theirs in hf_names(cfg).values() if theirs not in sd]
     if missing:
         raise CakeError(f"Llama weights lack the tensor {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                         if len(missing) > 1 else ""))
-    out = {ours: sd[theirs] for ours, theirs in name_map(cfg).items()}
+    out = {ours: sd[theirs] for ours, theirs in hf_names(cfg).items()}
     if cfg.tie_embeddings:
         out["lm_head.weight"] = out["embed.weight"]
     return out
@@ -278,12 +253,12 @@ def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor],
         except (SafetensorError, OSError) as e:
             raise CakeError(f"{f}: unreadable weights ({e})") from None
     check_layer_count(shapes, r"model\.layers\.(\d+)\.", cfg.n_layers, "num_hidden_layers", path / "config.json")
-    known = set(name_map(cfg).values()) | {"lm_head.weight"}
+    known = set(hf_names(cfg).values()) | {"lm_head.weight"}
     extra = sorted(k for k in shapes if k not in known and not k.endswith("rotary_emb.inv_freq"))
     if extra:
         raise CakeError(f"{path}: unsupported Llama variant: unexpected tensor {extra[0]}")
     want = param_shapes(cfg)
-    for ours, theirs in name_map(cfg).items():
+    for ours, theirs in hf_names(cfg).items():
         if theirs in shapes and shapes[theirs] != want[ours]:
             raise CakeError(f"{path}: tensor {theirs} has shape {shapes[theirs]}, config.json implies {want[ours]}")
     hf_sd: dict[str, torch.Tensor] = {}

@@ -476,14 +476,19 @@ class Transformer(nn.Module):
         return n - self.embed.weight.numel() if exclude_embedding else n
 
     def forward(self, idx: torch.Tensor, kv_cache: KVCache | SlotView | None = None,
-                segments: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
+                segments: torch.Tensor | None = None, hidden: bool = False, only_at: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T), or with `hidden` the final normed hidden states (B, T, C)
         that the output head reads (scalar heads read them too: `cakelm.rlhf.ScalarModel`). With a KV cache, idx
         holds the tokens for cache slots [kv_cache.pos, kv_cache.pos + T) and the cache position advances by T.
 
         `segments` (B, T) packs several sequences into one row (training only): equal ids mark one sequence,
         which must be contiguous. Attention stays inside a sequence and positions restart at 0 in each, so
-        every sequence gets exactly the logits it would get alone."""
+        every sequence gets exactly the logits it would get alone.
+
+        `only_at` (B, T) bool: the output at those positions only, (M, vocab) (or (M, C) with `hidden`) in row-major
+        order: training log-probs need the completion's positions, not vocabulary-wide logits at every prompt and
+        padding position (with a 49k-152k vocabulary those dominate a real model's training memory)."""
         B, T = idx.shape
         if kv_cache is None and T > self.cfg.max_seq_len:  # (a cache's `positions` checks its own)
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.cfg.max_seq_len})")
@@ -512,7 +517,9 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.norm(x)
-        return x if hidden else self.lm_head(x)  # (B, T, C) or (B, T, vocab)
+        if only_at is not None:
+            x = x[only_at]  # (M, C)
+        return x if hidden else self.lm_head(x)  # (B, T, C) or (B, T, vocab), or (M, ...) with only_at
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -530,3 +537,30 @@ def check_layer_count(names: Iterable[str], pattern: str, declared: int, key: st
     found = 1 + max((int(mt.group(1)) for n in names if (mt := re.match(pattern, n))), default=-1)
     if found != declared:
         raise CakeError(f"{where}: {key} is {declared} but the file's tensors hold {found} layers")
+
+
+# ours -> HF; {i} is the layer index. The output head is absent when tied to the embedding.
+_GLOBAL = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "lm_head.weight": "lm_head.weight"}
+_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight", "attn.q.weight": "self_attn.q_proj.weight",
+    "attn.k.weight": "self_attn.k_proj.weight", "attn.v.weight": "self_attn.v_proj.weight",
+    "attn.o.weight": "self_attn.o_proj.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.gate.weight": "mlp.gate_proj.weight", "mlp.up.weight": "mlp.up_proj.weight",
+    "mlp.down.weight": "mlp.down_proj.weight",
+}
+_QKV_BIAS = {"attn.q.bias": "self_attn.q_proj.bias", "attn.k.bias": "self_attn.k_proj.bias",
+             "attn.v.bias": "self_attn.v_proj.bias"}  # Qwen2
+_QK_NORM = {"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}  # Qwen3
+
+
+def hf_names(cfg: ModelConfig) -> dict[str, str]:
+    """Every tensor name of ours -> its name in HF Llama / Qwen2 / Qwen3 (the same names, plus q/k/v biases or q/k
+    norms): the weight-name map of import/export (`cakelm.hf_compat`) and of LoRA adapters (`cakelm.lora`)."""
+    names = dict(_GLOBAL)
+    if cfg.tie_embeddings:
+        del names["lm_head.weight"]
+    layer = {**_LAYER, **(_QKV_BIAS if cfg.qkv_bias else {}), **(_QK_NORM if cfg.qk_norm else {})}
+    for i in range(cfg.n_layers):
+        names.update({f"layers.{i}.{ours}": f"model.layers.{i}.{theirs}" for ours, theirs in layer.items()})
+    return names

@@ -55,8 +55,10 @@ class ScalarModel(nn.Module):
     def __init__(self, body: Transformer, head_std: float | None = None) -> None:
         super().__init__()
         self.body = body
-        # the LM head is not used: frozen, so optimizers and DDP skip it (it is saved unchanged)
-        body.lm_head.weight.requires_grad_(body.cfg.tie_embeddings)
+        # the LM head is not used: frozen, so optimizers and DDP skip it (it is saved unchanged); a tied one is the
+        # embedding, which trains as before (or stays frozen under LoRA)
+        if not body.cfg.tie_embeddings:
+            body.lm_head.weight.requires_grad_(False)
         self.head = nn.Linear(body.cfg.dim, 1)
         with torch.no_grad():
             # std 1/sqrt(C + 1) as TRL's reward head; a fresh head starts from a near-zero score

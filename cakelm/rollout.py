@@ -42,7 +42,6 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from cakelm.chat_format import Message, render_prompt, stop_rules
@@ -150,22 +149,37 @@ def to_batch(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Tensor
 def completion_logprobs(model: torch.nn.Module, inp: torch.Tensor, target: torch.Tensor, temperature: float = 1.0
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-prob of each target token under softmax(logits / temperature), entropy of that distribution), both
-    (N, T) in fp32 and 0 where target == IGNORE_INDEX. The entropy is a metric and carries no gradient."""
-    logits = model(inp).float() / temperature  # (N, T, V)
-    logp_all = F.log_softmax(logits, dim=-1)
-    scored = target != IGNORE_INDEX
-    logp = logp_all.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) * scored
+    (N, T) in fp32 and 0 where target == IGNORE_INDEX. The entropy is a metric and carries no gradient.
+
+    Memory: logits only at the M scored positions (the completions: `only_at`), and log p = logit - logsumexp, so
+    the forward holds one (M, V) copy instead of log_softmax's several (N, T, V) ones."""
+    scored = target != IGNORE_INDEX  # (N, T)
+    logits = model(inp, only_at=scored).float()  # (M, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logz = torch.logsumexp(logits, dim=-1)  # (M,)
+    picked = logits.gather(-1, target[scored][:, None]).squeeze(-1) - logz  # (M,)
+    logp = torch.zeros(scored.shape, dtype=picked.dtype, device=picked.device).masked_scatter(scored, picked)
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1) * scored
+        ent = logz - torch.softmax(logits, dim=-1).mul_(logits).sum(-1)  # H = log Z - sum_v p_v x_v
+        entropy = torch.zeros(scored.shape, dtype=ent.dtype, device=ent.device).masked_scatter(scored, ent)
     return logp, entropy
+
+
+LOGITS_BUDGET = 2**26  # logits held at once by frozen_logprobs (256 MB in fp32; its temporaries are a few of these)
 
 
 @torch.no_grad()
 def frozen_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float, rows: int,
                     device: torch.device) -> torch.Tensor:
-    """(N, T) log-probs of a batch's targets under a frozen model (the reference), `rows` rows at a time, on CPU."""
+    """(N, T) log-probs of a batch's targets under a frozen model (the reference), on CPU: `rows` rows at a time, or
+    fewer where (rows, T, vocabulary) logits would pass LOGITS_BUDGET (a real model's 49k-152k vocabulary: 64 rows
+    of 160 tokens would be 2 GB per copy)."""
+    N, T = batch["input"].shape
+    vocab = model.cfg.vocab_size
+    rows = max(1, min(rows, LOGITS_BUDGET // max(1, T * vocab)))
     out = []
-    for i in range(0, batch["input"].size(0), rows):
+    for i in range(0, N, rows):
         logp, _ = completion_logprobs(model, batch["input"][i:i + rows].to(device),
                                       batch["target"][i:i + rows].to(device), temperature)
         out.append(logp.cpu())

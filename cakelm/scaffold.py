@@ -19,11 +19,14 @@ data and loss, written once so it behaves the same everywhere.
    tokenizer and meta.json; a stage that improves a chat model refuses a base model (`needs_chat`); a stage
    that reads data encoded with a tokenizer (`tok=`) refuses a model with another one;
 4. the saved train state (optimizer, RNG, the batch provider's state) when resuming;
-5. the random state seeded with --seed, so what a stage initialises at random (a fresh model, a reward model's
+5. LoRA (`--lora.rank`, `cakelm.lora`): adapters on the loaded model (frozen), or the resumed run's adapters;
+   the checkpoints then hold the adapters and the base's path (--init's);
+6. the random state seeded with --seed, so what a stage initialises at random (a fresh model, a reward model's
    head) does not depend on what ran before it in the process (`cakelm pipeline --from reward` makes the reward
    model a full run makes).
 
-`Run` then gives the stage the frozen reference (`reference`), a frozen reward model (`reward_model`, tokenizer
+`Run` then gives the stage the frozen reference (`reference`: --init loaded once, or with LoRA the model itself with
+its adapters off), a frozen reward model (`reward_model`, tokenizer
 checked), the rollout generator over the policy (`generator`), the start-up line (`announce`), the training run
 itself on the shared loop (`train`, which saves checkpoints whose meta.json carries the stage, step, resolved
 config, metrics, lineage, world size and the stage's own `meta`), and the last line (`done`).
@@ -42,10 +45,11 @@ import torch
 import torch.nn as nn
 
 from cakelm.chat_format import format_of
-from cakelm.checkpoint import load_heads, load_model, load_train_state, resume_point, save_checkpoint
+from cakelm.checkpoint import load_heads, load_model, load_train_state, resume_point, save_checkpoint, weights_digest
 from cakelm.common import CakeError, DistInfo, hardware_info, init_distributed, print0, seed_everything
 from cakelm.config import to_dict
 from cakelm.loop import BatchSource, LoopConfig, LoopContext, train
+from cakelm.lora import AdaptersOff, LoraConfig, add_lora, has_lora, lora_config_of
 from cakelm.model import Transformer
 from cakelm.rlhf import ScalarModel, load_scalar_model
 from cakelm.rollout import EngineGenerator, Generator, check_exact
@@ -75,6 +79,7 @@ class Run:
     meta: dict[str, Any]  # meta.json of the checkpoint the weights came from ({} for a random init)
     resume_state: dict[str, Any] | None
     fmt: str  # the chat format the trained model speaks: "chat", or "playscript" for a base model
+    lora_base: dict[str, str] | None = None  # LoRA: {"path", "weights_sha256"} of the checkpoint the adapters go on
     t0: float = field(default_factory=time.time)
     _ref: Transformer | None = None
 
@@ -102,7 +107,11 @@ class Run:
                             f"{self.init or self.out} ({self.tok.vocab_size} tokens)")
 
     def reference(self) -> Transformer:
-        """The frozen starting model (--init) for KL terms and evaluations: loaded once, in eval mode."""
+        """The frozen starting model (--init) for KL terms and evaluations: loaded once, in eval mode; with LoRA,
+        the trained model itself with its adapters off (no second copy)."""
+        if self.lora_base is not None:
+            assert self.model is not None
+            return AdaptersOff(self.model)  # type: ignore[return-value]  # called like the Transformer
         if self._ref is None:
             if not self.init:
                 raise CakeError(f"{self.stage}: a reference model needs --init")
@@ -132,6 +141,11 @@ class Run:
         assert self.model is not None
         cfg, info = self.cfg, self.info
         source = f"from {self.init}" if self.init else "from a random init"
+        if has_lora(self.model):
+            lc = lora_config_of(self.model)
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            source += (f" with LoRA adapters (rank {lc.rank}, alpha {lc.alpha:g} on {', '.join(lc.targets)}: "
+                       f"{trainable / 1e6:.2f}M trainable)")
         print0(f"{self.stage}: {(params or self.model.num_params()) / 1e6:.2f}M {'trainable ' if params else ''}"
                f"parameters {source}; {what}; "
                f"{cfg.loop.max_steps} steps on {self.device}" + (f" x {info.world_size} ranks" if info.enabled else "")
@@ -154,7 +168,8 @@ class Run:
                 "stage": self.stage, "step": step, "complete": final, "config": to_dict(cfg), "metrics": metrics,
                 "parent": self.init, "parent_stage": self.parent_stage, "lineage": self.lineage,
                 "chat_format": self.fmt, "world_size": info.world_size,
-                "tokens": train_state["tokens_seen"], "num_params": self.model.num_params(), **(meta or {}),
+                "tokens": train_state["tokens_seen"], "num_params": self.model.num_params(),
+                **({"lora_base": self.lora_base} if self.lora_base else {}), **(meta or {}),
             }, train_state, heads=heads() if heads else None)
 
         model.train()
@@ -192,9 +207,17 @@ def start(stage: str, cfg: Any, needs_chat: bool = True, fmt: str = "chat", tok:
         print0(f"--resume: no checkpoint in {out} yet, starting from {init or 'scratch'}", info=info)
     resumed = point == "resume"
     source = out if resumed else init
+    lora: LoraConfig | None = getattr(cfg, "lora", None)
+    adapt = lora is not None and lora.on
+    if adapt and not init:
+        raise CakeError(f"{stage}: --lora.rank needs --init (the model the adapters go on)")
+    if adapt and cfg.optim.name == "muon":
+        raise CakeError(f"{stage}: LoRA adapters train with AdamW (Muon orthogonalises whole-matrix updates, not "
+                        "low-rank factors): add --optim.name adamw and a LoRA learning rate, e.g. --optim.lr 2e-4")
     model, meta = None, {}
     if source:
-        model, loaded_tok, meta = load_model(source, device)
+        # a run going on with its adapters loads them as adapters; anything else loads merged weights
+        model, loaded_tok, meta = load_model(source, device, merge=not (resumed and adapt))
         if not resumed and needs_chat and format_of(meta) != "chat":
             raise CakeError(f"{stage}: {init} is a base model (it speaks the playscript); {stage} improves a chat "
                             "model: run `cakelm sft` first and pass its checkpoint as --init")
@@ -205,5 +228,13 @@ def start(stage: str, cfg: Any, needs_chat: bool = True, fmt: str = "chat", tok:
     if tok is None:
         raise CakeError(f"{stage}: no --init checkpoint to start from")
     resume_state = load_train_state(out) if resumed else None
-    return Run(stage, cfg, info, device, out, resumed, model, tok, meta, resume_state, fmt)
+    lora_base = None
+    if adapt:
+        assert model is not None and lora is not None and init
+        if resumed:
+            lora_base = meta["lora_base"]
+        else:
+            add_lora(model, lora)
+            lora_base = {"path": str(Path(init).resolve()), "weights_sha256": weights_digest(init)}
+    return Run(stage, cfg, info, device, out, resumed, model, tok, meta, resume_state, fmt, lora_base)
 

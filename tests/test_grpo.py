@@ -102,6 +102,30 @@ def test_training_logprobs_equal_the_sampling_ones(chat_model) -> None:
         assert (entropy[batch["mask"] == 0] == 0).all() and (entropy[batch["mask"] == 1] > 0).all()
 
 
+def test_frozen_logprobs_in_chunks_within_the_logits_budget(chat_model, monkeypatch) -> None:
+    import cakelm.rollout as rollout
+    from cakelm.checkpoint import load_model
+
+    model = load_model(chat_model)[0]
+    torch.manual_seed(0)
+    inp = torch.randint(0, 320, (7, 20))
+    target = torch.where(torch.rand(7, 20) < 0.6, torch.randint(0, 320, (7, 20)), torch.full((7, 20), -100))
+    batch = {"input": inp, "target": target}
+    with torch.no_grad():
+        whole, _ = completion_logprobs(model, inp, target, 0.8)
+        logits = torch.log_softmax(model(inp) / 0.8, dim=-1)  # the plain formula, at every position
+    plain = logits.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) * (target != -100)
+    torch.testing.assert_close(whole, plain, atol=1e-5, rtol=0)
+    calls = []
+    original = rollout.completion_logprobs
+    monkeypatch.setattr(rollout, "completion_logprobs", lambda m, i, t, temp: calls.append(len(i)) or
+                        original(m, i, t, temp))
+    monkeypatch.setattr(rollout, "LOGITS_BUDGET", 3 * 20 * 320)  # three rows of logits at a time
+    torch.testing.assert_close(rollout.frozen_logprobs(model, batch, 0.8, 64, torch.device("cpu")), whole,
+                               atol=1e-6, rtol=0)
+    assert calls == [3, 3, 1]
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)

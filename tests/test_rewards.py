@@ -3,6 +3,8 @@ weights, and failures that name the reward and the prompt (hostile replies and t
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from cakelm.common import CakeError
@@ -52,6 +54,7 @@ def test_user_reward_by_module_function(tmp_path, monkeypatch) -> None:
         "def wrong_type(prompt, completion, **_):\n    return 'good'\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)  # another test's my_rewards, imported earlier
     rewards = [load_reward("exact_match"), load_reward("format=0.5"), load_reward("my_rewards:brevity=2")]
     assert [(r.name, r.weight) for r in rewards] == [("exact_match", 1.0), ("format", 0.5), ("my_rewards:brevity", 2.0)]
     total, parts, failures = score(rewards, "What is 2 + 2?", "4.", {"answer": "4", "finish_reason": "stop"})

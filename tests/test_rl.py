@@ -359,7 +359,7 @@ def assert_same_run(single: Path, ddp: Path) -> None:
     assert load_meta(ddp)["world_size"] == 2
 
 
-@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+@pytest.mark.parametrize("stage", ["grpo", "rloo", "grpo-lora"])
 def test_two_processes_equal_one(stage, chatty, prompts, tmp_path, user_rewards) -> None:
     # AdamW with a large epsilon: updates proportional to gradients (see test_ddp.py), small enough that the second
     # epoch's ratios stay inside the clip range (clipped everywhere, the gradient would be rounding noise); two
@@ -368,6 +368,9 @@ def test_two_processes_equal_one(stage, chatty, prompts, tmp_path, user_rewards)
               "loop.eval_every": 2, "optim.eps": 1e-3, "optim.lr": 1e-5, "rewards": ["my_rewards:e_share"]}
     if stage == "rloo":
         common.update({"reward_model": "", "normalize_advantages": True, "kl_coef": 0.1})
+    if stage == "grpo-lora":  # DDP over the adapters alone (the frozen weights are no DDP parameters)
+        common.update({"lora.rank": 4, "optim.name": "adamw", "optim.lr": 1e-3, "kl_coef": 0.1})
+    stage = stage.removesuffix("-lora")
     main, cls = {"grpo": (grpo.main, grpo.GRPOConfig), "rloo": (rloo.main, rloo.RLOOConfig)}[stage]
     single = main(build_config(cls, ("test", {**common, "out": str(tmp_path / "single")})))
     proc = torchrun(stage, [*_flags({k: v for k, v in common.items() if not isinstance(v, list)}),

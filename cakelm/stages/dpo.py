@@ -43,6 +43,7 @@ from cakelm.common import CakeError, DistInfo, all_reduce_sum, print0
 from cakelm.config import ConfigError, nested, opt
 from cakelm.data.prefs import EncodedPair, PairBatches, encode_pairs, load_prefs, pad_pairs
 from cakelm.loop import LoopConfig
+from cakelm.lora import LoraConfig
 from cakelm.losses import DPO_LOSSES, dpo_loss, rpo_nll
 from cakelm.model import Transformer
 from cakelm.optim import OptimConfig
@@ -67,6 +68,7 @@ class DPOConfig:
     max_new_tokens: int = opt(64, "longest reply sampled in evaluations")
     val_fraction: float = opt(0.1, "share of prompts held out when --data is a single file")
     skip_bad_lines: bool = opt(False, "skip and count malformed JSONL lines instead of stopping at the first")
+    lora: LoraConfig = nested(LoraConfig, "LoRA: train low-rank adapters instead of every weight")
     optim: OptimConfig = nested(OptimConfig, name="adamw", lr=1e-4, warmup_steps=5, schedule="constant",
                                 weight_decay=0.0)
     loop: LoopConfig = nested(LoopConfig, max_steps=40, batch_size=32, eval_every=20, log_every=5)

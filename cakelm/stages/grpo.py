@@ -57,6 +57,7 @@ from cakelm.config import ConfigError, nested, opt
 from cakelm.data.chat import BUILTIN_CHAT, VAL_FRACTION
 from cakelm.engine import SamplingParams
 from cakelm.loop import LoopConfig
+from cakelm.lora import LoraConfig
 from cakelm.losses import ADVANTAGE_SCALES, AGGREGATIONS, aggregate, clipped_policy_loss, group_advantages, kl_k3
 from cakelm.optim import OptimConfig
 from cakelm.rl import (
@@ -114,6 +115,7 @@ class GRPOConfig:
     skip_bad_lines: bool = opt(False, HELP["skip_bad_lines"])
     # The defaults are the "cpu" preset: about 2.5 minutes on 2 CPU cores from the pipeline's SFT model; how the
     # learning rate and batch were chosen is in the README.
+    lora: LoraConfig = nested(LoraConfig, "LoRA: train low-rank adapters instead of every weight")
     optim: OptimConfig = nested(OptimConfig, **OPTIM)
     loop: LoopConfig = nested(LoopConfig, max_steps=60, batch_size=64, eval_every=30, log_every=1)
 

@@ -40,13 +40,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from cakelm.common import all_reduce_sum
+from cakelm.common import CakeError, all_reduce_sum
 from cakelm.config import ConfigError, nested, opt
 from cakelm.data.chat_batches import Mixture
 from cakelm.data.prefs import load_prefs
 from cakelm.data.prompts import fitting
 from cakelm.engine import SamplingParams
 from cakelm.loop import LoopConfig
+from cakelm.lora import LoraConfig, add_lora
 from cakelm.losses import (
     adaptive_kl_coef,
     clipped_policy_loss,
@@ -94,6 +95,7 @@ class PPOConfig:
     val_fraction: float = opt(0.1, "share of prompts held out when --data is a single file")
     skip_bad_lines: bool = opt(False, HELP["skip_bad_lines"])
     # the "cpu" preset: about 2 minutes on 2 cores from the pipeline's SFT model (how it was chosen: README)
+    lora: LoraConfig = nested(LoraConfig, "LoRA: train low-rank adapters instead of every weight")
     optim: OptimConfig = nested(OptimConfig, **{**OPTIM, "warmup_steps": 4})
     loop: LoopConfig = nested(LoopConfig, max_steps=48, batch_size=64, eval_every=16, log_every=4)
 
@@ -174,9 +176,22 @@ def main(cfg: PPOConfig) -> Path:
                           f"--num-minibatches {cfg.num_minibatches}")
     rm = run.reward_model(cfg.reward_model)
     value = load_scalar_model(cfg.reward_model, device)[0]  # the value model starts as a copy of the reward model
-    if run.resumed:
-        value.load_state_dict({k.removeprefix("value."): v for k, v in run.heads().items()})
+    if cfg.lora.on:  # it trains adapters of its own (and its head), like the policy
+        add_lora(value.body, cfg.lora)
     value.body.lm_head.weight.requires_grad_(False)
+    # what heads.safetensors keeps of it: everything, or under LoRA what trains (the rest is the reward model's)
+    kept = [n for n, p in value.named_parameters() if p.requires_grad] if cfg.lora.on else list(value.state_dict())
+
+    def value_tensors() -> dict[str, torch.Tensor]:
+        sd = value.state_dict()
+        return {f"value.{k}": sd[k] for k in kept}
+
+    if run.resumed:
+        saved = {k.removeprefix("value."): v for k, v in run.heads().items()}
+        missing = [k for k in kept if k not in saved]
+        if missing:
+            raise CakeError(f"{run.out}: heads.safetensors lacks the value model's {missing[0]}")
+        value.load_state_dict(saved, strict=not cfg.lora.on)
     ref = run.reference()
     model = PolicyAndValue(policy, value).to(device)
     train_pairs, val_pairs, skipped = load_prefs(cfg.data, cfg.val_fraction, cfg.skip_bad_lines)
@@ -219,7 +234,7 @@ def main(cfg: PPOConfig) -> Path:
                  "minibatches")
     metrics = run.train(model, batches, lambda m, b: ppo_loss(m, b, cfg), evaluate,
                         meta={"reward_model": cfg.reward_model, "skipped_lines": skipped},
-                        heads=lambda: {f"value.{k}": v for k, v in value.state_dict().items()},
+                        heads=value_tensors,
                         loop=batches.loop(cfg.loop), show=("proxy", "gold", "kl"))
     return run.done(f"held-out gold {metrics.get('val_gold', math.nan):.3f}, proxy "
                     f"{metrics.get('val_proxy', math.nan):.3f}, KL {metrics.get('val_kl', math.nan):.2f}", metrics)

@@ -37,6 +37,7 @@ from cakelm.config import ConfigError, nested, opt
 from cakelm.data.chat import read_chat_jsonl
 from cakelm.data.prefs import EncodedPair, PairBatches, encode_pairs, load_prefs, pad_pairs
 from cakelm.loop import LoopConfig
+from cakelm.lora import LoraConfig
 from cakelm.losses import bradley_terry
 from cakelm.optim import OptimConfig
 from cakelm.rlhf import ScalarModel, last_scores, load_scalar_model, pad_sequences
@@ -55,6 +56,7 @@ class RewardConfig:
     center: float = opt(0.01, "weight of (r_chosen + r_rejected)^2, which keeps rewards centred near 0")
     val_fraction: float = opt(0.1, "share of prompts held out when --data is a single file")
     skip_bad_lines: bool = opt(False, "skip and count malformed JSONL lines instead of stopping at the first")
+    lora: LoraConfig = nested(LoraConfig, "LoRA: train low-rank adapters instead of every weight")
     optim: OptimConfig = nested(OptimConfig, name="adamw", lr=3e-4, warmup_steps=10, schedule="cosine",
                                 weight_decay=0.0)
     loop: LoopConfig = nested(LoopConfig, max_steps=80, batch_size=32, eval_every=40, log_every=10)

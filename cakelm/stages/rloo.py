@@ -39,6 +39,7 @@ from cakelm.config import nested, opt
 from cakelm.data.chat import BUILTIN_CHAT, VAL_FRACTION
 from cakelm.engine import SamplingParams
 from cakelm.loop import LoopConfig
+from cakelm.lora import LoraConfig
 from cakelm.losses import clipped_policy_loss, kl_penalized_rewards, leave_one_out_advantages
 from cakelm.optim import OptimConfig
 from cakelm.rl import (
@@ -93,6 +94,7 @@ class RLOOConfig:
     val_samples: int = opt(2, HELP["val_samples"] + " for gold, proxy and KL (with a reward model)")
     val_fraction: float = opt(VAL_FRACTION, HELP["val_fraction"])
     skip_bad_lines: bool = opt(False, HELP["skip_bad_lines"])
+    lora: LoraConfig = nested(LoraConfig, "LoRA: train low-rank adapters instead of every weight")
     optim: OptimConfig = nested(OptimConfig, **OPTIM)
     loop: LoopConfig = nested(LoopConfig, max_steps=60, batch_size=64, eval_every=30, log_every=1)
 

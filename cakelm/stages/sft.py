@@ -35,6 +35,7 @@ from cakelm.data.chat import BUILTIN_CHAT, VAL_FRACTION, load_sources
 from cakelm.data.chat_batches import ChatBatches, encode_examples
 from cakelm.heldout import chat_evaluator, chat_loss
 from cakelm.loop import LoopConfig
+from cakelm.lora import LoraConfig
 from cakelm.model import flops_per_token
 from cakelm.optim import OptimConfig
 from cakelm.scaffold import start
@@ -58,6 +59,7 @@ class SFTConfig:
     skip_bad_lines: bool = opt(False, "skip and count malformed JSONL lines instead of stopping at the first")
     # The defaults are the "cpu" preset: under 3 minutes on 2 CPU cores from the pipeline's base model; how it
     # was chosen is in the README.
+    lora: LoraConfig = nested(LoraConfig, "LoRA: train low-rank adapters instead of every weight")
     optim: OptimConfig = nested(OptimConfig, name="muon", lr=1e-2, warmup_steps=20, schedule="wsd",
                                 min_lr_ratio=0.0)
     loop: LoopConfig = nested(LoopConfig, max_steps=220, batch_size=48, eval_every=110, log_every=10)
