@@ -52,8 +52,8 @@ def main() -> None:
     ap.add_argument("--base", default="runs/smollm2", help="the imported model (`cakelm import smollm2 DIR`)")
     ap.add_argument("--out", default="runs/smollm2-grpo", help="directory for the runs, logs and the GGUF file")
     ap.add_argument("--steps", type=int, default=12, help="GRPO steps with LoRA")
-    ap.add_argument("--full-steps", type=int, default=1, help="steps of the LoRA and full runs compared for memory "
-                                                              "(0: skip the comparison)")
+    ap.add_argument("--full-steps", type=int, default=2, help="steps of the LoRA and full runs compared for memory "
+                                                              "(from 2 on, AdamW's state meets a step's activations)")
     ap.add_argument("--limit", type=int, default=100, help="held-out arithmetic problems in each evaluation")
     ap.add_argument("--grpo", default="--group-size 8 --prompts-per-step 8 --max-new-tokens 96 --batch-size 16 "
                                       "--loop.grad-checkpoint --val-size 20 --loop.eval-every 0",
@@ -74,7 +74,7 @@ def main() -> None:
     result.update({"cpu": cpu, "base": args.base})
     if "grpo" in args.parts:
         grpo_part(args, grpo, out, result)
-    if "memory" in args.parts:
+    if "memory" in args.parts and args.full_steps:
         for name, extra in (("lora", args.lora), ("full", args.full)):
             seconds, peak = run([*grpo, *shlex.split(extra), "--out", str(out / f"memory-{name}"), "--max-steps",
                                  str(args.full_steps), "--overwrite"], out / f"memory-{name}.log")
