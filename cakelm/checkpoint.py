@@ -77,10 +77,8 @@ _VERSION = re.compile(r"^\.ckpt-(\d+)-")
 
 def _missing(path: Path) -> list[str]:
     """The files a checkpoint needs that `path` lacks (a LoRA checkpoint has its adapters instead of weights)."""
-    need = [f for f in FILES if f != "model.safetensors" or not (path / ADAPTER_WEIGHTS).is_file()]
-    if (path / ADAPTER_WEIGHTS).is_file():
-        need.append(ADAPTER_CONFIG)
-    return [f for f in need if not (path / f).is_file()]
+    weights = [ADAPTER_WEIGHTS, ADAPTER_CONFIG] if (path / ADAPTER_WEIGHTS).is_file() else [FILES[0]]
+    return [f for f in (*weights, *FILES[1:]) if not (path / f).is_file()]
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -353,17 +351,45 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", merge: bool
     path = snapshot(path)  # every file from the same save
     meta = load_meta(path)
     cfg = load_model_config(path)
-    if (path / ADAPTER_WEIGHTS).is_file():
-        model = _adapted_model(path, meta, cfg)
-        if merge:
-            merge_lora(model)
-            model.requires_grad_(True)  # as a model loaded from its weights
-    else:
-        model = _full_model(path, cfg)
+    model = _weights_of(path, meta, cfg, merge)
     tok = Tokenizer.load(Path(path) / "tokenizer.json")
     if tok.vocab_size > cfg.vocab_size:
         raise CakeError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
     return model.to(device).eval(), tok, meta
+
+
+_MAX_CHAIN = 16  # LoRA checkpoints on LoRA checkpoints (sft -> dpo -> grpo ...); more means a loop
+
+
+def _weights_of(path: Path, meta: dict[str, Any], cfg: ModelConfig, merge: bool, depth: int = 0) -> Transformer:
+    """The Transformer of a checkpoint version: its weights, or its base's (merged, when the base is itself a LoRA
+    checkpoint) with its adapters, merged in or kept (`merge`)."""
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        return _full_model(path, cfg)
+    base_info = meta.get("lora_base")
+    if not (isinstance(base_info, dict) and isinstance(base_info.get("path"), str)):
+        raise CakeError(f"{path}: LoRA adapters without meta.json's lora_base (the checkpoint they go on)")
+    if depth >= _MAX_CHAIN:
+        raise CakeError(f"{path}: more than {_MAX_CHAIN} LoRA checkpoints in a chain of bases (a loop?)")
+    base = Path(base_info["path"])
+    if not is_checkpoint(base):
+        raise CakeError(f"{path}: the base checkpoint of its LoRA adapters, {base}, is missing")
+    if weights_digest(base) != base_info.get("weights_sha256"):
+        raise CakeError(f"{path}: its base checkpoint {base} has changed since the adapters were trained (its "
+                        "weights' sha256 differs); restore that base, or train the adapters again")
+    base = snapshot(base)
+    if load_model_config(base) != cfg:
+        raise CakeError(f"{path}: config.json differs from its base {base}'s")
+    lcfg = config_from_adapter(read_json(path / ADAPTER_CONFIG, "LoRA adapter config"), path / ADAPTER_CONFIG)
+    model = _weights_of(base, load_meta(base), cfg, merge=True, depth=depth + 1)
+    f = path / ADAPTER_WEIGHTS  # its header checked before a crafted rank allocates anything
+    _check_shapes(f, adapter_shapes(model, lcfg), _header_shapes(f, "adapters"), "adapters", ADAPTER_CONFIG)
+    add_lora(model, lcfg)
+    load_adapters(model, load_file(str(f)), f)
+    if merge:
+        merge_lora(model)
+        model.requires_grad_(True)  # as a model loaded from its weights
+    return model
 
 
 def _full_model(path: Path, cfg: ModelConfig) -> Transformer:
@@ -380,64 +406,34 @@ def _full_model(path: Path, cfg: ModelConfig) -> Transformer:
     return model
 
 
-_MAX_CHAIN = 16  # LoRA checkpoints on LoRA checkpoints (sft -> dpo -> grpo ...); more means a loop
-
-
-def _adapted_model(path: Path, meta: dict[str, Any], cfg: ModelConfig, depth: int = 0) -> Transformer:
-    """The base model (merged, if it is itself a LoRA checkpoint) with this checkpoint's adapters, unmerged."""
-    base_info = meta.get("lora_base")
-    if not (isinstance(base_info, dict) and isinstance(base_info.get("path"), str)):
-        raise CakeError(f"{path}: LoRA adapters without meta.json's lora_base (the checkpoint they go on)")
-    base = Path(base_info["path"])
-    if not is_checkpoint(base):
-        raise CakeError(f"{path}: the base checkpoint of its LoRA adapters, {base}, is missing")
-    if weights_digest(base) != base_info.get("weights_sha256"):
-        raise CakeError(f"{path}: its base checkpoint {base} has changed since the adapters were trained (its "
-                        "weights' sha256 differs); restore that base, or train the adapters again")
-    if depth >= _MAX_CHAIN:
-        raise CakeError(f"{path}: more than {_MAX_CHAIN} LoRA checkpoints in a chain of bases (a loop?)")
-    base_snap = snapshot(base)
-    base_cfg = load_model_config(base_snap)
-    if base_cfg != cfg:
-        raise CakeError(f"{path}: config.json differs from its base {base}'s")
-    if (base_snap / ADAPTER_WEIGHTS).is_file():
-        model = _adapted_model(base_snap, load_meta(base_snap), base_cfg, depth + 1)
-        merge_lora(model)
-    else:
-        model = _full_model(base_snap, base_cfg)
-    lcfg = config_from_adapter(read_json(path / ADAPTER_CONFIG, "LoRA adapter config"), path / ADAPTER_CONFIG)
-    f = path / ADAPTER_WEIGHTS
-    try:
-        with safe_open(str(f), framework="pt") as fh:
-            have = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    except (SafetensorError, OSError) as e:
-        raise CakeError(f"{f}: unreadable adapters ({e})") from None
-    want = adapter_shapes(model, lcfg)  # before a crafted rank allocates anything
-    for name in sorted(set(want) | set(have)):
-        if want.get(name) != have.get(name):
-            raise CakeError(f"{f}: adapters do not match {ADAPTER_CONFIG} ({name}: the config makes "
-                            f"{want.get(name, 'no such tensor')}, the file holds {have.get(name, 'none')})")
-    add_lora(model, lcfg)
-    load_adapters(model, load_file(str(f)), f)
-    return model
-
-
 def check_weight_shapes(weights: Path, cfg: ModelConfig) -> None:
     """The tensors a model of `cfg` has, by name and shape (built on the meta device: nothing allocated), equal
     those in the safetensors file's header; a one-line error naming the first difference otherwise."""
-    try:
-        with safe_open(str(weights), framework="pt") as fh:
-            have = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    except (SafetensorError, OSError) as e:
-        raise CakeError(f"{weights}: unreadable weights ({e})") from None
+    have = _header_shapes(weights, "weights")
     # first, so a config.json of a billion layers does not build a billion modules
     check_layer_count(have, r"layers\.(\d+)\.", cfg.n_layers, "config.json's n_layers", weights)
     want = param_shapes(cfg)
     if cfg.tie_embeddings:
         want.pop("lm_head.weight")
+    _check_shapes(weights, want, have, "weights", "config.json")
+
+
+def _header_shapes(f: Path, what: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a safetensors file, from its header (nothing loaded)."""
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CakeError(f"{f}: unreadable {what} ({e})") from None
+
+
+def _check_shapes(f: Path, want: dict[str, tuple[int, ...]], have: dict[str, tuple[int, ...]], what: str,
+                  source: str) -> None:
+    """The tensors of file `f` (`have`, from its header) are exactly `want` (what `source` makes); a one-line error
+    naming the first difference otherwise."""
     for name in sorted(set(want) | set(have)):
         if want.get(name) != have.get(name):
-            raise CakeError(f"{weights}: weights do not match config.json ({name}: config.json makes "
+            raise CakeError(f"{f}: {what} do not match {source} ({name}: {source} makes "
                             f"{want.get(name, 'no such tensor')}, the file holds {have.get(name, 'none')})")
 
 

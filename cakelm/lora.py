@@ -193,13 +193,19 @@ def lora_config_of(model: nn.Module) -> LoraConfig:
                       targets=[peft for peft, mine in TARGETS.items() if mine in ours])
 
 
+def _peft_module(hf: dict[str, str], name: str) -> str:
+    """PEFT's name of one of our linear layers: "layers.0.attn.q" -> "base_model.model.model.layers.0.self_attn.q_proj"
+    (`hf`: model.hf_names)."""
+    return PEFT_PREFIX + hf[f"{name}.weight"].removesuffix(".weight")
+
+
 def peft_names(model: Transformer) -> dict[str, str]:
     """Our adapter tensor names -> PEFT's ("layers.0.attn.q.lora_A" ->
     "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")."""
     hf = hf_names(model.cfg)
     out = {}
     for name in lora_layers(model):
-        module = PEFT_PREFIX + hf[f"{name}.weight"].removesuffix(".weight")
+        module = _peft_module(hf, name)
         out.update({f"{name}.lora_A": f"{module}.lora_A.weight", f"{name}.lora_B": f"{module}.lora_B.weight"})
     return out
 
@@ -217,7 +223,7 @@ def adapter_shapes(model: Transformer, cfg: LoraConfig) -> dict[str, tuple[int, 
     for i, block in enumerate(model.layers):
         for name in modules(cfg.targets):
             base = block.get_submodule(name)
-            module = PEFT_PREFIX + hf[f"layers.{i}.{name}.weight"].removesuffix(".weight")
+            module = _peft_module(hf, f"layers.{i}.{name}")
             out[f"{module}.lora_A.weight"] = (cfg.rank, base.in_features)
             out[f"{module}.lora_B.weight"] = (base.out_features, cfg.rank)
     return out

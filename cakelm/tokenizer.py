@@ -63,6 +63,8 @@ UNICODE_TO_BYTE = {c: b for b, c in _byte_to_unicode().items()}
 # splits text for them. smollm: digits one by one, then GPT-2's split (as SmolLM2's own tokenizer.json does).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def _split_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
     """Split text by a regex (each match a piece), then map each piece to byte-level characters."""
     return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
