@@ -1,10 +1,13 @@
 """A real model, improved on a CPU: SmolLM2-135M-Instruct (`cakelm import smollm2`) -> GRPO with LoRA on arithmetic ->
 held-out accuracy before and after, wall time and peak memory; the same GRPO with full fine-tuning for a few steps,
 for its peak memory; then the improved model exported to GGUF and asked a question through transformers' GGUF
-loader. Every step is a `cakelm` command (printed), run as its own process, so peak memory is that command's.
+loader. And RLHF on the same model: preference pairs of its own replies judged by the rater (`cakelm prefs`), DPO
+with LoRA on them, and the rater's gold reward on held-out prompts before and after.
+
+Every step is a `cakelm` command (printed), run as its own process, so peak memory is that command's.
 
     python benchmarks/real_model.py --base runs/smollm2 --out runs/smollm2-grpo       # ~35 minutes on 2 cores
-    python benchmarks/real_model.py --parts memory --grpo "..."    # one part again (--parts grpo memory gguf)
+    python benchmarks/real_model.py --parts memory --grpo "..."    # one part again (--parts grpo memory gguf dpo)
 
 Prints one table (and adds to OUT/real_model.json). Numbers for the README: see its "LoRA" section.
 """
@@ -61,7 +64,14 @@ def main() -> None:
     ap.add_argument("--lora", default="--lora.rank 16 --lora.alpha 32 --optim.lr 2e-4",
                     help="the LoRA run's own options")
     ap.add_argument("--full", default="--optim.lr 1e-5", help="the full fine-tuning run's own options")
-    ap.add_argument("--parts", nargs="+", default=["grpo", "memory", "gguf"], choices=("grpo", "memory", "gguf"),
+    ap.add_argument("--prefs", default="--prompts 200 --samples 4 --max-new-tokens 96",
+                    help="options of `cakelm prefs` (the base model's replies, judged by the rater)")
+    ap.add_argument("--dpo", default="--lora.rank 16 --lora.alpha 32 --optim.lr 5e-5 --max-steps 40 --batch-size 8 "
+                                     "--loop.eval-every 0 --val-size 20 --loop.grad-checkpoint",
+                    help="options of the DPO run with LoRA")
+    ap.add_argument("--gold-prompts", type=int, default=100, help="held-out prompts for the gold reward")
+    ap.add_argument("--parts", nargs="+", default=["grpo", "memory", "gguf", "dpo"],
+                    choices=("grpo", "memory", "gguf", "dpo"),
                     help="what to run (gguf exports OUT/lora, which the grpo part writes)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -75,7 +85,8 @@ def main() -> None:
     if "grpo" in args.parts:
         grpo_part(args, grpo, out, result)
     if "memory" in args.parts and args.full_steps:
-        for name, extra in (("lora", args.lora), ("full", args.full)):
+        for name, extra in (("lora", args.lora), ("full", args.full),
+                            ("lora-bf16-base", f"{args.lora} --lora.base-dtype bf16")):
             seconds, peak = run([*grpo, *shlex.split(extra), "--out", str(out / f"memory-{name}"), "--max-steps",
                                  str(args.full_steps), "--overwrite"], out / f"memory-{name}.log")
             result.setdefault("memory", {})[args.grpo] = result.get("memory", {}).get(args.grpo, {})
@@ -83,6 +94,8 @@ def main() -> None:
         print("memory:", result["memory"][args.grpo], flush=True)
     if "gguf" in args.parts:
         gguf_part(out, result)
+    if "dpo" in args.parts:
+        dpo_part(args, out, result)
     saved.write_text(json.dumps(result, indent=2) + "\n")
     report(result, cpu)
 
@@ -120,6 +133,28 @@ def gguf_part(out: Path, result: dict) -> None:
                                           "cakelm": ours.strip()})
 
 
+def dpo_part(args: argparse.Namespace, out: Path, result: dict) -> None:
+    """Pairs of the base model's own replies (best and worst by the rater), DPO with LoRA on them, then the gold
+    reward (the rater), end of turn and KL to the base on the same held-out prompts, sampled with the same seed,
+    for the base and the DPO model: what the pipeline's RLHF evaluation measures."""
+    from cakelm.checkpoint import load_model
+    from cakelm.rlhf import RLHFEval, heldout_rows
+
+    result["prefs_options"], result["dpo_options"] = args.prefs, args.dpo
+    prefs = out / "prefs"
+    seconds, _ = run(["cakelm", "prefs", "--init", args.base, "--out", str(prefs), *shlex.split(args.prefs)],
+                     out / "prefs.log")
+    pairs = json.loads((prefs / "meta.json").read_text())
+    seconds_dpo, peak = run(["cakelm", "dpo", "--init", args.base, "--data", str(prefs), "--out",
+                             str(out / "dpo-lora"), "--overwrite", *shlex.split(args.dpo)], out / "dpo-lora.log")
+    base, tok, _ = load_model(args.base)
+    rows = heldout_rows(prefs, [], tok, base.cfg.max_seq_len - 96)[:args.gold_prompts]
+    judge = RLHFEval(rows, tok, None, base, 96, seed=0, n=2)
+    result["dpo"] = {"pairs": pairs, "prefs_seconds": seconds, "dpo_seconds": seconds_dpo, "dpo_peak_mb": peak,
+                     "prompts": len(rows), "before": judge(base), "after": judge(load_model(out / "dpo-lora")[0])}
+    print("dpo:", result["dpo"], flush=True)
+
+
 def report(result: dict, cpu: str) -> None:
     print(f"\n{cpu}")
     if "after" in result:
@@ -133,11 +168,23 @@ def report(result: dict, cpu: str) -> None:
         lo, fu = m["lora"], m["full"]
         print(f"\npeak memory, {lo['steps']} GRPO step(s) of `{options}`: LoRA {lo['peak_mb']:,.0f} MB, full "
               f"fine-tuning {fu['peak_mb']:,.0f} MB ({lo['peak_mb'] / fu['peak_mb']:.0%})")
+        if "lora-bf16-base" in m:
+            b16 = m["lora-bf16-base"]["peak_mb"]
+            print(f"LoRA with the base in bf16 (--lora.base-dtype bf16): {b16:,.0f} MB ({b16 / fu['peak_mb']:.0%})")
     if "gguf" in result:
         g = result["gguf"]
         for x in g["answers"]:
             print(f"\nGGUF q8_0 ({g['mb']:.0f} MB) through transformers: {x['question']!r} -> {x['gguf']!r}\n"
                   f"cakelm chat, the same checkpoint: {x['cakelm']!r}")
+    if "dpo" in result:
+        d = result["dpo"]
+        print(f"\nDPO with LoRA (`{result['dpo_options']}`; prefs {d['prefs_seconds'] / 60:.1f} min, DPO "
+              f"{d['dpo_seconds'] / 60:.1f} min, peak {d['dpo_peak_mb']:,.0f} MB), {d['prompts']} held-out prompts "
+              "x 2 replies:")
+        print("| | gold reward | ends turn | reply tokens | KL to the base |\n|---|---|---|---|---|")
+        for name, m in (("imported", d["before"]), ("+ DPO with LoRA", d["after"])):
+            print(f"| {name} | {m['gold']:.3f} | {m['end_of_turn']:.1%} | {m['reply_len']:.1f} | "
+                  f"{m.get('kl', 0):.3f} |")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ What readers see (every consumer, and Hugging Face tools, open these names):
                           (plain tensors, numbers and strings: it loads with torch.load(weights_only=True))
       heads.safetensors   (reward models and PPO) extra tensors beside the Transformer: the scalar head, the
                           value model; see `cakelm.rlhf`
+      optimizer/          (runs with --loop.parallel fsdp) the optimizer state, in `torch.distributed.checkpoint`'s
+                          format, one file per rank that saved it, by parameter name: any number of processes
+                          resumes from it (see `cakelm.parallel`); train_state.pt then holds the rest
 
 A LoRA checkpoint (`--lora.rank`, see `cakelm.lora`) holds adapter_model.safetensors and adapter_config.json (PEFT's
 files) instead of model.safetensors, and meta.json's "lora_base" names the checkpoint the adapters go on (with the
@@ -69,7 +72,10 @@ from cakelm.model import ModelConfig, Transformer, check_layer_count, param_shap
 from cakelm.tokenizer import CAKELM_TEMPLATE, CONFIG_FILE, Tokenizer
 
 FILES = ("model.safetensors", "config.json", "tokenizer.json", "meta.json")  # (a LoRA one: adapters, not weights)
-OPTIONAL = ("train_state.pt", "heads.safetensors", CONFIG_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG)  # the other names
+OPTIONAL = ("train_state.pt", "heads.safetensors", CONFIG_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG,  # the other names
+            "optimizer")  # (a directory)
+OPTIMIZER_DIR = "optimizer"
+STAGING = ".optimizer-staging-"  # where the ranks of a sharded run write their optimizer state before a save
 CURRENT = "current"
 LOCK = ".lock"  # held while a save is under way (fcntl.flock)
 _VERSION = re.compile(r"^\.ckpt-(\d+)-")
@@ -214,11 +220,13 @@ def _adopt_plain_files(out: Path) -> None:
 
 def save_checkpoint(out: str | Path, model: Transformer, tokenizer: Tokenizer, meta: dict[str, Any],
                     train_state: dict[str, Any] | None = None, heads: dict[str, torch.Tensor] | None = None,
-                    keep: int = 1) -> Path:
+                    keep: int = 1, optimizer_dir: str | Path | None = None) -> Path:
     """Write (or replace) the checkpoint in directory `out`, all-or-nothing (see the module docstring).
     `meta` must hold at least "stage" and "step". `heads` are tensors saved beside the model in
     heads.safetensors (a scalar head, a value model), with the same step. `keep`: how many complete versions
-    stay on disk after the switch, the new one included (older ones are only a manual fallback)."""
+    stay on disk after the switch, the new one included (older ones are only a manual fallback).
+    `optimizer_dir`: a directory in `out` that every rank of a sharded run has written (and fsynced) its optimizer
+    state into; it is moved into the new version as optimizer/ before the switch."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     step = int(meta["step"])
@@ -243,9 +251,14 @@ def save_checkpoint(out: str | Path, model: Transformer, tokenizer: Tokenizer, m
                                                       encoding="utf-8")
     if train_state is not None:
         writers["train_state.pt"] = lambda p: torch.save({**train_state, "step": step}, p)
+    if optimizer_dir is not None:
+        staged = Path(optimizer_dir)
+        writers[OPTIMIZER_DIR] = lambda p: os.replace(staged, p)  # the same file system: a rename
     writers["meta.json"] = _meta_writer({"code_version": code_version(), **meta})
     with _saving(out):
         _write_version(out, writers, f"step-{step}", keep)
+        for p in out.glob(f"{STAGING}*"):  # what saves cut off before their switch left
+            shutil.rmtree(p, ignore_errors=True)
     return out
 
 
@@ -276,7 +289,8 @@ def _write_version(out: Path, writers: dict[str, Callable[[Path], object]], labe
     version = _new_version(out, label)
     for name, write in writers.items():  # 1. the new version, complete and on disk, where no reader looks
         write(version / name)
-        honour_umask(version / name)
+        if not (version / name).is_dir():  # (a directory's files are fsynced by its writer)
+            honour_umask(version / name)
         fsync_path(version / name)
     fsync_path(version)
     for name in writers:  # 2. its names, reading through `current` (a name the old version lacks reads as missing)
@@ -301,14 +315,20 @@ def update_meta(path: str | Path, **fields: Any) -> None:
         meta = load_meta(live)
 
         def same_file(src: Path) -> Callable[[Path], object]:
-            def write(dst: Path) -> None:
+            def link(s: str | Path, d: str | Path) -> None:
                 try:
-                    os.link(src, dst)
+                    os.link(s, d)
                 except OSError:  # a file system without hard links
-                    shutil.copy2(src, dst)
+                    shutil.copy2(s, d)
+
+            def write(dst: Path) -> None:
+                if src.is_dir():  # the sharded optimizer state: its files, linked one by one
+                    shutil.copytree(src, dst, copy_function=link)
+                else:
+                    link(src, dst)
             return write
 
-        writers = {n: same_file(live / n) for n in (*FILES, *OPTIONAL) if n != "meta.json" and (live / n).is_file()}
+        writers = {n: same_file(live / n) for n in (*FILES, *OPTIONAL) if n != "meta.json" and (live / n).exists()}
         writers["meta.json"] = _meta_writer({**meta, **fields})
         _write_version(out, writers, f"step-{meta['step']}", keep=1)
 
@@ -475,6 +495,10 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("step") != step:
         raise CakeError(f"{p} is from step {state.get('step') if isinstance(state, dict) else '?'} but the "
                         f"weights are from step {step}: files of two saves")
+    if "optimizer_groups" in state:  # a sharded run's: its optimizer state lies beside it, in the same version
+        if not (path / OPTIMIZER_DIR).is_dir():
+            raise CakeError(f"--resume: {path} has no {OPTIMIZER_DIR}/ (the sharded optimizer state of its run)")
+        state["optimizer_dir"] = str(path / OPTIMIZER_DIR)
     return state
 
 

@@ -1,12 +1,13 @@
 """Hugging Face and GGUF interop: our weights and config <-> `LlamaForCausalLM`, `MistralForCausalLM`,
 `Qwen2ForCausalLM` and `Qwen3ForCausalLM` (FAMILIES), the export directory, and reading models from a Hugging Face
-directory or a Llama-architecture GGUF file (`cakelm import`).
+directory or a GGUF file of llama.cpp's llama, qwen2 or qwen3 architecture (`cakelm import`).
 
 Our Transformer is a Llama by construction, and the other families are config fields of it (q/k/v biases, q/k
 norms, an explicit head size, Llama 3.x RoPE scaling), so the map is a renaming, one tensor to one tensor. RoPE
-uses the same "rotate half" layout, so no permutation is needed for HF weights. GGUF files (llama.cpp) store q and k
-with the rows of each head interleaved for llama.cpp's RoPE; reading undoes that permutation, and dequantizes
-every tensor to fp32 with PyPI `gguf` (the same numbers transformers' GGUF loader computes).
+uses the same "rotate half" layout, so no permutation is needed for HF weights. GGUF files (llama.cpp) of the llama
+architecture store q and k with the rows of each head interleaved for llama.cpp's RoPE (qwen2 and qwen3 files keep
+HF's layout); reading undoes that permutation, and dequantizes every tensor to fp32 with PyPI `gguf` (the same
+numbers transformers' GGUF loader computes).
 
     cakelm export runs/default/base --to hf out/hf-base
     AutoModelForCausalLM.from_pretrained("out/hf-base")
@@ -31,7 +32,7 @@ from cakelm.chat_format import jinja_template, template_from_jinja
 from cakelm.common import CakeError, fsync_path, honour_umask, read_json, write_json_atomic
 from cakelm.config import ConfigError
 from cakelm.model import ModelConfig, Transformer, check_layer_count, hf_names, param_shapes
-from cakelm.tokenizer import PRE_TOKENIZERS, ChatTemplate, Tokenizer, pre_tokenizer_name
+from cakelm.tokenizer import BYTE_LEVEL, PRE_TOKENIZERS, ChatTemplate, Tokenizer, pre_tokenizer_name, vocab_kind
 
 # the families we read and write: model_type -> the transformers class
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -198,8 +199,11 @@ def _token_name(value: Any) -> str | None:
 
 
 def hf_tokenizer(path: Path, config: dict[str, Any]) -> Tokenizer:
-    """The tokenizer of a Hugging Face model directory: tokenizer.json (byte-level BPE), its special tokens and
-    chat template from tokenizer_config.json (or chat_template.jinja), ids from config.json as a fallback."""
+    """The tokenizer of a Hugging Face model directory: tokenizer.json (byte-level or SentencePiece-style BPE, with
+    its normalizer, pre-tokenizer and added tokens, used as written: as PreTrainedTokenizerFast loads it), its
+    special tokens and chat template from tokenizer_config.json (or chat_template.jinja), ids from config.json as a
+    fallback. (transformers 5's LlamaTokenizer class instead rebuilds a Llama 2 file's pipeline with a Metaspace
+    pre-tokenizer, which encodes text that starts with a space with one "▁" less.)"""
     file = path / "tokenizer.json"
     if not file.is_file():
         raise CakeError(f"{path}: no tokenizer.json (only Hugging Face fast tokenizers can be imported)")
@@ -207,10 +211,10 @@ def hf_tokenizer(path: Path, config: dict[str, Any]) -> Tokenizer:
         hf = HFTokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
         raise CakeError(f"{file}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
-    decoder = json.loads(hf.to_str()).get("decoder") or {}
-    if decoder.get("type") != "ByteLevel":
-        raise CakeError(f"{file}: unsupported tokenizer (decoder {decoder.get('type')}): only byte-level BPE "
-                        "vocabularies (GPT-2, Llama 3, SmolLM style) can be imported, not SentencePiece ones")
+    try:
+        vocab_kind(hf)  # what Tokenizer cannot read exactly is refused before the chat template is looked at
+    except CakeError as e:
+        raise CakeError(f"{file}: {e}") from None
     tc = read_json(path / "tokenizer_config.json", "tokenizer config") if (path / "tokenizer_config.json").is_file() \
         else {}
 
@@ -283,15 +287,23 @@ GGUF_LAYER = {
     "attn_v.weight": "attn.v.weight", "attn_output.weight": "attn.o.weight", "ffn_norm.weight": "mlp_norm.weight",
     "ffn_gate.weight": "mlp.gate.weight", "ffn_up.weight": "mlp.up.weight", "ffn_down.weight": "mlp.down.weight",
 }
+GGUF_QKV_BIAS = {"attn_q.bias": "attn.q.bias", "attn_k.bias": "attn.k.bias", "attn_v.bias": "attn.v.bias"}  # qwen2
+GGUF_QK_NORM = {"attn_q_norm.weight": "attn.q_norm.weight", "attn_k_norm.weight": "attn.k_norm.weight"}  # qwen3
+GGUF_ARCHS = ("llama", "qwen2", "qwen3")  # llama.cpp's architecture names of the families we read and write
 _TOKEN_CONTROL = 3  # llama.cpp's token type of special tokens (1 normal, 3 control, 4 user-defined)
 _TOKEN_UNUSED = 5  # llama.cpp's token type of padding rows
+_TOKEN_USER = 4  # llama.cpp's token type of user-defined tokens (added tokens matched whole, not special)
 
 
-def gguf_name_map(n_layers: int) -> dict[str, str]:
-    """Every GGUF tensor name of a Llama -> ours."""
+def gguf_name_map(cfg: ModelConfig) -> dict[str, str]:
+    """Every GGUF tensor name of the model -> ours (llama.cpp names a family's extra tensors, q/k/v biases and q/k
+    norms, as it names Llama's)."""
     names = dict(GGUF_GLOBAL)
-    for i in range(n_layers):
-        names.update({f"blk.{i}.{theirs}": f"layers.{i}.{ours}" for theirs, ours in GGUF_LAYER.items()})
+    if cfg.tie_embeddings:
+        del names["output.weight"]  # llama.cpp reads a missing output.weight as tied to token_embd
+    layer = {**GGUF_LAYER, **(GGUF_QKV_BIAS if cfg.qkv_bias else {}), **(GGUF_QK_NORM if cfg.qk_norm else {})}
+    for i in range(cfg.n_layers):
+        names.update({f"blk.{i}.{theirs}": f"layers.{i}.{ours}" for theirs, ours in layer.items()})
     return names
 
 
@@ -307,7 +319,7 @@ def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, dict[str, Any]]:
-    """(model config, our state dict in fp32, tokenizer, info) of a Llama-architecture GGUF file."""
+    """(model config, our state dict in fp32, tokenizer, info) of a GGUF file (GGUF_ARCHS)."""
     import gguf
 
     path = Path(path)
@@ -328,47 +340,49 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
         return f.contents()
 
     arch = field("general.architecture")
-    if arch != "llama":
-        raise CakeError(f"{path}: unsupported GGUF architecture {arch!r} (cakelm imports Llama-architecture models)")
-    if field("llama.expert_count", 0):
-        raise CakeError(f"{path}: unsupported Llama variant: mixture of experts ({field('llama.expert_count')} "
+    if arch not in GGUF_ARCHS:
+        raise CakeError(f"{path}: unsupported GGUF architecture {arch!r} (cakelm imports {', '.join(GGUF_ARCHS)})")
+    if field(f"{arch}.expert_count", 0):
+        raise CakeError(f"{path}: unsupported {arch} variant: mixture of experts ({field(f'{arch}.expert_count')} "
                         "experts)")
-    scaling = field("llama.rope.scaling.type", "none")
+    scaling = field(f"{arch}.rope.scaling.type", "none")
     if scaling != "none" or "rope_freqs.weight" in {t.name for t in reader.tensors}:
         raise CakeError(f"{path}: unsupported RoPE scaling {scaling if scaling != 'none' else 'rope_freqs'}")
-    if any(isinstance(field(k, 0), list) for k in ("llama.attention.head_count", "llama.attention.head_count_kv")):
-        raise CakeError(f"{path}: unsupported Llama variant: head counts differ between layers")
+    if any(isinstance(field(f"{arch}.{k}", 0), list) for k in ("attention.head_count", "attention.head_count_kv")):
+        raise CakeError(f"{path}: unsupported {arch} variant: head counts differ between layers")
 
     def count(key: str, default: Any = missing) -> int:
-        return positive_int(field(key, default), key, path)
+        return positive_int(field(f"{arch}.{key}", default), f"{arch}.{key}", path)
 
-    n_heads, dim = count("llama.attention.head_count"), count("llama.embedding_length")
-    n_kv = count("llama.attention.head_count_kv", n_heads)
+    n_heads, dim = count("attention.head_count"), count("embedding_length")
+    n_kv = count("attention.head_count_kv", n_heads)
     names = {t.name for t in reader.tensors}
-    n_layers = count("llama.block_count")
-    check_layer_count(names, r"blk\.(\d+)\.", n_layers, "llama.block_count", path)
-    if field("llama.rope.dimension_count", dim // n_heads) != dim // n_heads or \
-            field("llama.attention.key_length", dim // n_heads) != dim // n_heads:
-        raise CakeError(f"{path}: unsupported Llama variant: head or RoPE dimension != embedding / heads")
+    n_layers = count("block_count")
+    check_layer_count(names, r"blk\.(\d+)\.", n_layers, f"{arch}.block_count", path)
+    head_dim = count("attention.key_length", dim // n_heads)
+    if count("rope.dimension_count", head_dim) != head_dim or count("attention.value_length", head_dim) != head_dim:
+        raise CakeError(f"{path}: unsupported {arch} variant: RoPE over part of a head, or values of another width "
+                        "than keys")
     tok = gguf_tokenizer(path, field)
     try:
         # GGUF keeps float32s: the shortest decimal that rounds to one gives back the value written (1e-5, not
         # 9.99999975e-06)
-        rope_theta, norm_eps = (float(str(np.float32(field(k, d)))) for k, d in (
-            ("llama.rope.freq_base", 10000.0), ("llama.attention.layer_norm_rms_epsilon", 1e-5)))
+        rope_theta, norm_eps = (float(str(np.float32(field(f"{arch}.{k}", d)))) for k, d in (
+            ("rope.freq_base", 10000.0), ("attention.layer_norm_rms_epsilon", 1e-5)))
     except (TypeError, ValueError):
-        raise CakeError(f"{path}: llama.rope.freq_base and the norm epsilon must be numbers") from None
+        raise CakeError(f"{path}: {arch}.rope.freq_base and the norm epsilon must be numbers") from None
     cfg = model_config(
-        path, vocab_size=count("llama.vocab_size", tok.vocab_size), dim=dim, n_layers=n_layers,
-        n_heads=n_heads, n_kv_heads=n_kv, ffn_dim=count("llama.feed_forward_length"),
-        max_seq_len=count("llama.context_length", 2048), rope_theta=rope_theta, norm_eps=norm_eps,
-        tie_embeddings="output.weight" not in names)
+        path, vocab_size=count("vocab_size", tok.vocab_size), dim=dim, n_layers=n_layers,
+        n_heads=n_heads, n_kv_heads=n_kv, ffn_dim=count("feed_forward_length"),
+        max_seq_len=count("context_length", 2048), rope_theta=rope_theta, norm_eps=norm_eps,
+        tie_embeddings="output.weight" not in names, head_dim=head_dim,
+        qkv_bias="blk.0.attn_q.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names)
     shapes = param_shapes(cfg)
-    mapping, sd = gguf_name_map(cfg.n_layers), {}
+    mapping, sd = gguf_name_map(cfg), {}
     for t in reader.tensors:
         ours = mapping.get(t.name)
         if ours is None:
-            raise CakeError(f"{path}: unsupported Llama variant: unexpected tensor {t.name}")
+            raise CakeError(f"{path}: unsupported {arch} variant: unexpected tensor {t.name}")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
         if shape != shapes[ours]:  # checked before dequantizing (which allocates)
             raise CakeError(f"{path}: tensor {t.name} has shape {shape}, the metadata implies {shapes[ours]}")
@@ -380,9 +394,9 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
             w = np.asarray(gguf.quants.dequantize(t.data, qtype), dtype=np.float32)
         except NotImplementedError:  # a quantization type this gguf version cannot dequantize
             raise unsupported from None
-        if t.name.endswith("attn_q.weight"):
+        if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):  # qwen: HF's own layout
             w = unpermute_rope(w, n_heads)
-        elif t.name.endswith("attn_k.weight"):
+        elif arch == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
             w = unpermute_rope(w, n_kv)
         sd[ours] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))  # a copy: F32 data is a memmap
     need = [k for k in shapes if k not in sd and not (k == "lm_head.weight" and cfg.tie_embeddings)]
@@ -411,36 +425,54 @@ def gguf_vocab(tok: Tokenizer, size: int) -> tuple[list[str], list[int], list[st
 
 
 def gguf_tensors(model: Transformer) -> Iterator[tuple[str, np.ndarray]]:
-    """(GGUF name, fp32 array) of every tensor as llama.cpp stores it: q and k rows permuted for its RoPE, a tied
-    output head left out (llama.cpp reads a missing output.weight as tied to token_embd)."""
+    """(GGUF name, fp32 array) of every tensor as llama.cpp stores it: in the llama architecture q and k rows
+    permuted for its RoPE (qwen2 and qwen3 keep HF's layout: llama.cpp rotates their halves as HF does), a tied
+    output head left out."""
     cfg, sd = model.cfg, model.state_dict()
-    for gname, ours in gguf_name_map(cfg.n_layers).items():
-        if ours == "lm_head.weight" and cfg.tie_embeddings:
-            continue
+    llama = family_of(cfg) == "llama"
+    for gname, ours in gguf_name_map(cfg).items():
         a = sd[ours].detach().float().cpu().numpy()
-        if gname.endswith("attn_q.weight"):
+        if llama and gname.endswith("attn_q.weight"):
             a = permute_rope(a, cfg.n_heads)
-        elif gname.endswith("attn_k.weight"):
+        elif llama and gname.endswith("attn_k.weight"):
             a = permute_rope(a, cfg.n_kv_heads)
         yield gname, a
 
 
+def add_model_keys(w: Any, cfg: ModelConfig) -> None:
+    """The model's shape as GGUF metadata, on a `gguf.GGUFWriter` made for the model's architecture."""
+    w.add_block_count(cfg.n_layers)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_feed_forward_length(cfg.ffn_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_key_length(cfg.head_dim)  # a Qwen3 head may be wider than dim / heads
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+
+
 def write_gguf(model: Transformer, tok: Tokenizer, path: str | Path, dtype: str = "f16", name: str = "cakelm"
                ) -> Path:
-    """A llama.cpp GGUF file of the model (architecture `llama`), as llama.cpp's convert_hf_to_gguf.py writes one:
+    """A llama.cpp GGUF file of the model (architecture `llama`, `qwen2` or `qwen3`: `family_of`), as llama.cpp's
+    convert_hf_to_gguf.py writes one:
     `gguf_tensors` with the matrices in `dtype` (GGUF_DTYPES; a q8_0 matrix whose rows are not a multiple of 32 is
     written f16) and norms in f32, and the tokenizer inside (`gguf_vocab`, special token ids, the pre-tokenizer's
     llama.cpp name, the chat template as Jinja). Written to a temporary name, synced and renamed into place: a
     failure leaves no file behind and never a partial one at `path`."""
     import gguf
 
-    cfg = model.cfg
-    if family_of(cfg) != "llama" or cfg.rope_scale != 1 or cfg.head_dim * cfg.n_heads != cfg.dim:
-        raise CakeError(f"GGUF export writes the Llama architecture without RoPE scaling; this model is a "
-                        f"{family_of(cfg)} model{' with llama3 RoPE scaling' if cfg.rope_scale != 1 else ''}, "
-                        "which it does not write yet")
+    cfg, arch = model.cfg, family_of(model.cfg)
+    if cfg.rope_scale != 1:  # llama.cpp stores it as a rope_freqs tensor, which transformers' reader ignores
+        raise CakeError("GGUF export does not write Llama 3.x RoPE scaling yet (export --to hf keeps it)")
     if dtype not in GGUF_DTYPES:
         raise CakeError(f"--dtype {dtype}: GGUF export writes {', '.join(GGUF_DTYPES)}")
+    if tok.kind != BYTE_LEVEL:
+        raise CakeError(f"GGUF export writes byte-level BPE vocabularies; this model's is {tok.kind}-style "
+                        "(`export --to hf` keeps it)")
     pre = pre_tokenizer_name(tok)
     if pre is None:
         raise CakeError("the tokenizer's pre-tokenizer has no llama.cpp name (GGUF export knows "
@@ -451,18 +483,9 @@ def write_gguf(model: Transformer, tok: Tokenizer, path: str | Path, dtype: str 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        w = gguf.GGUFWriter(str(tmp), "llama")
+        w = gguf.GGUFWriter(str(tmp), arch)  # the add_* calls below write keys under the architecture's name
         w.add_name(name)
-        w.add_block_count(cfg.n_layers)
-        w.add_context_length(cfg.max_seq_len)
-        w.add_embedding_length(cfg.dim)
-        w.add_feed_forward_length(cfg.ffn_dim)
-        w.add_head_count(cfg.n_heads)
-        w.add_head_count_kv(cfg.n_kv_heads)
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_layer_norm_rms_eps(cfg.norm_eps)
-        w.add_vocab_size(cfg.vocab_size)
+        add_model_keys(w, cfg)
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(pre)
         w.add_token_list(tokens)
@@ -498,12 +521,13 @@ def write_gguf(model: Transformer, tok: Tokenizer, path: str | Path, dtype: str 
 
 
 def gguf_tokenizer(path: Path, field: Any) -> Tokenizer:
-    """The byte-level BPE tokenizer stored in a GGUF file (tokens, merges, token types, special token ids,
-    pre-tokenizer name, chat template). `field(key, default)` reads the file's metadata."""
+    """The tokenizer stored in a GGUF file (tokens, merges or scores, token types, special token ids, pre-tokenizer
+    name, chat template): byte-level BPE ("gpt2") or SentencePiece BPE ("llama", built as transformers' GGUF loader
+    builds it: Tokenizer.from_sentencepiece). `field(key, default)` reads the file's metadata."""
     kind = field("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise CakeError(f"{path}: unsupported tokenizer {kind!r}: only byte-level BPE ('gpt2') vocabularies can be "
-                        "imported, not SentencePiece ones")
+    if kind not in ("gpt2", "llama"):
+        raise CakeError(f"{path}: unsupported tokenizer {kind!r}: cakelm imports byte-level BPE ('gpt2') and "
+                        "SentencePiece BPE ('llama') vocabularies")
     tokens = field("tokenizer.ggml.tokens")
     types = field("tokenizer.ggml.token_type", [1] * len(tokens))
     specials = [t for t, kind in zip(tokens, types) if kind == _TOKEN_CONTROL]
@@ -519,6 +543,12 @@ def gguf_tokenizer(path: Path, field: Any) -> Tokenizer:
     jinja = field("tokenizer.chat_template", "")
     template = template_from_jinja(jinja, bos, eos, pad, specials) if jinja else ChatTemplate(bos, pad, eos)
     try:
+        if kind == "llama":  # transformers makes the named tokens special too (<unk> is typed 2, unknown)
+            named = [t for t in (bos, eos, token("unknown"), pad) if t is not None and t not in specials]
+            user = [t for t, ty in zip(tokens, types) if ty == _TOKEN_USER]
+            return Tokenizer.from_sentencepiece(tokens, field("tokenizer.ggml.scores", None),
+                                                field("tokenizer.ggml.merges", None), specials + named, user,
+                                                template)
         return Tokenizer.from_bpe(tokens, field("tokenizer.ggml.merges"), specials,
                                   field("tokenizer.ggml.pre", "default"), template)
     except CakeError as e:

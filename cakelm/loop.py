@@ -1,8 +1,9 @@
 """The one training loop every stage runs on.
 
 A stage hands `train()` a model, a batch function and a loss function; the loop owns everything else:
-optimizers and the LR schedule, gradient accumulation, DDP (gradient sync only on the last micro-step),
-autocast, gradient clipping, periodic evaluation, JSONL metrics, a progress bar, checkpoints and exact resume.
+optimizers and the LR schedule, gradient accumulation, DDP (gradient sync only on the last micro-step) or FSDP2
+(--loop.parallel fsdp: `cakelm.parallel`), autocast, gradient clipping, periodic evaluation, JSONL metrics, a
+progress bar, checkpoints and exact resume.
 
 Contracts:
 - `batches.get(step, micro) -> dict` returns this rank's micro-batch `micro` of optimizer step `step` (tensors
@@ -17,9 +18,15 @@ Contracts:
   pair [sum, count] (logged as sum / count over the whole step, e.g. per token when the units are sequences).
 - A batch may carry `"metrics"`: floats describing the whole step (the same on every rank, e.g. the reward of
   RL rollouts), read from micro-batch 0 and averaged over the steps of a logging window.
-- `evaluate(model) -> dict` runs on every rank (it may all-reduce) under no_grad/eval mode.
+- `evaluate(model) -> dict` runs on every rank (it may all-reduce) under no_grad/eval mode; a sharded model
+  (FSDP) holds its whole weights meanwhile, so each rank may run forward passes of its own number and shape.
+  A provider whose `get` runs the model (an RL stage's rollouts) says so with `reads_model(step) -> bool`, the
+  same on every rank, and a sharded model holds its whole weights for those calls too.
 - `save(step, metrics, train_state, final)` is called on rank 0 only; train_state["batches"] holds every rank's
-  batch state (a list by rank).
+  batch state (a list by rank). Under --loop.parallel fsdp the module's parameters read whole on rank 0 during
+  the call, and train_state["optimizer_dir"] names the directory of sharded optimizer state every rank has
+  written (DCP) that the checkpoint must take in (`checkpoint.save_checkpoint(optimizer_dir=...)`); its
+  "optimizer_groups" are the optimizers' hyperparameters, and it holds no "optimizers".
 
 A non-finite step never reaches the weights: when the step's loss (summed over all ranks, so every rank agrees)
 or its gradient norm is NaN or inf, the update is skipped (gradients dropped, optimizer untouched) and the step
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -60,11 +68,23 @@ from cakelm.common import (
     gather_object,
     keep_freed_memory,
     pick_dtype,
+    print0,
     write_text_atomic,
 )
 from cakelm.config import ConfigError, opt
 from cakelm.model import Transformer
 from cakelm.optim import OptimConfig, build_optimizers, lr_multiplier, set_lr
+from cakelm.parallel import (
+    PARALLEL,
+    full_state_dict,
+    full_weights,
+    load_optimizers,
+    non_finite_parameter,
+    replicated,
+    save_optimizers,
+    shard,
+    swapped,
+)
 from cakelm.tracking import Tracker, parse_backends
 
 Batch = dict[str, Any]
@@ -98,6 +118,10 @@ class LoopConfig:
     save_every: int = opt(0, "save a resumable checkpoint every N steps (0 = only at the end)")
     device: str = opt("auto", "device", alias="--device", choices=("auto", "cpu", "cuda", "mps"))
     dtype: str = opt("auto", "autocast dtype: auto = bf16 on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16"))
+    parallel: str = opt("ddp", "how the processes of a torchrun job share the training: ddp (each holds the whole "
+                        "model; gradients are all-reduced) or fsdp (FSDP2: weights, gradients and optimizer state "
+                        "sharded over the processes, for models that do not fit one device; see cakelm/parallel.py)",
+                        choices=PARALLEL)
     compile: bool = opt(False, "torch.compile the model (faster on GPUs; minutes of compiling on a CPU)")
     grad_checkpoint: bool = opt(False, "recompute each block's activations in the backward pass: far less memory "
                                 "for ~1/3 more compute (models of 100M+ parameters, long rows)")
@@ -225,18 +249,37 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
     dtype = pick_dtype(cfg.dtype, device)
     if device.type == "cpu":
         keep_freed_memory()
+    fsdp = cfg.parallel == "fsdp"
+    sharded = fsdp and info.enabled
+    if fsdp and not info.enabled:
+        print0("--loop.parallel fsdp: one process, nothing to shard: training unsharded (the optimizer state is still "
+               "saved sharded, in DCP's format, so the run resumes on any number of processes)", info=info)
+    if sharded:
+        shard(model, dtype)  # before the optimizers are built: they must hold the shards
     optimizers = build_optimizers(model, optim_cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
     start = 0
     if resume_state is not None:
         start = int(resume_state["step"])
+        if ("optimizer_dir" in resume_state) != fsdp:  # (a run saved before --loop.parallel existed was ddp)
+            raise CakeError(f"--resume: {ctx.out} was saved with --loop.parallel "
+                            f"{'fsdp' if 'optimizer_dir' in resume_state else 'ddp'}; resume it with the same")
         if resume_state["world_size"] != info.world_size:
-            raise CakeError(f"--resume: the run was saved with {resume_state['world_size']} process(es) and "
-                            f"this is {info.world_size}; resume with the same number (data order depends on it)")
-        if len(resume_state["optimizers"]) != len(optimizers):
+            # the sharded optimizer state reshards; a stage's batch state (RL rollouts) is by rank and does not
+            if not fsdp or "batches" in resume_state:
+                raise CakeError(f"--resume: the run was saved with {resume_state['world_size']} process(es) and "
+                                f"this is {info.world_size}; resume with the same number (data order depends on it"
+                                + (", and this stage's batch state is by rank)" if fsdp else ")"))
+            print0(f"--resume: the run was saved by {resume_state['world_size']} process(es) and goes on with "
+                   f"{info.world_size}: its weights and optimizer state are resharded; from here on its batches "
+                   "differ from those of an uninterrupted run", info=info)
+        if fsdp:
+            load_optimizers(model, optimizers, resume_state["optimizer_dir"], resume_state["optimizer_groups"])
+        elif len(resume_state["optimizers"]) != len(optimizers):
             raise CakeError("--resume: the saved run used another optimizer (see --optim.name in its meta.json)")
-        for o, s in zip(optimizers, resume_state["optimizers"], strict=True):
-            o.load_state_dict(s)
+        else:
+            for o, s in zip(optimizers, resume_state["optimizers"], strict=True):
+                o.load_state_dict(s)
         torch.set_rng_state(resume_state["rng"]["torch"])
         if "batches" in resume_state:  # each rank's own (its rollouts differ from the others')
             try:
@@ -248,8 +291,9 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
         if isinstance(m, Transformer):
             m.grad_checkpoint = cfg.grad_checkpoint
     fwd: nn.Module = torch.compile(model) if cfg.compile else model
-    if info.enabled:
+    if info.enabled and not sharded:
         fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+    whole = full_weights if sharded else lambda _: nullcontext()  # a sharded model's weights for eval, rollouts
     log = MetricsLog(ctx.out / "metrics.jsonl", start, info.is_main, tracker)
     peak = _gpu_peak(device)
     bar = tqdm(total=cfg.max_steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0,
@@ -267,31 +311,46 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
     model.train()
 
     def save_all(step_done: int, final: bool) -> None:
-        """Every rank hands rank 0 its batch state; rank 0 saves the checkpoint."""
-        # the weights are the same on every rank (DDP), so every rank takes the same decision here
-        bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        """Every rank hands rank 0 its batch state (and under fsdp writes its optimizer shards and sends rank 0 its
+        weights); rank 0 saves the checkpoint."""
+        # the weights are the same on every rank (DDP; FSDP sums each rank's verdict), so all decide alike here
+        bad = non_finite_parameter(model, info, sharded)
         if bad is not None:
             bar.close()
             raise CakeError(f"step {step_done}: parameter {bad} holds NaN or inf; not saving it (the last checkpoint "
                             f"in {ctx.out}, if any, is untouched)")
+        state: dict[str, Any] = {}
+        weights: dict[str, torch.Tensor] = {}
+        if fsdp:  # every rank writes its shards where no reader looks; the checkpoint's save moves them in
+            staged = ctx.out / f".optimizer-staging-step-{step_done}"
+            if info.is_main:
+                shutil.rmtree(staged, ignore_errors=True)  # a save cut off before (same step, same name)
+            barrier(info)
+            state["optimizer_groups"] = save_optimizers(model, optimizers, staged)
+            state["optimizer_dir"] = str(staged)
+            weights = full_state_dict(model) if sharded else {}
         batch_states = gather_object(batches.state_dict(), info) if hasattr(batches, "state_dict") else None
         if not info.is_main:
             return
-        state = {"step": step_done, "tokens_seen": tokens_seen, "world_size": info.world_size,
-                 "optimizers": [o.state_dict() for o in optimizers], "rng": {"torch": torch.get_rng_state()},
-                 "skipped_in_row": skipped_in_row,
-                 "log": {"steps": steps_since_log, "tokens": tokens_since_log, "loss_sum": loss_acc.item(),
-                         "skipped": skipped_since_log, "batch_metrics": dict(batch_metrics)}}
+        state.update({"step": step_done, "tokens_seen": tokens_seen, "world_size": info.world_size,
+                      "rng": {"torch": torch.get_rng_state()}, "skipped_in_row": skipped_in_row,
+                      "log": {"steps": steps_since_log, "tokens": tokens_since_log, "loss_sum": loss_acc.item(),
+                              "skipped": skipped_since_log, "batch_metrics": dict(batch_metrics)}})
+        if not fsdp:
+            state["optimizers"] = [o.state_dict() for o in optimizers]
         if batch_states is not None:
             state["batches"] = batch_states  # by rank
-        save(step_done, last, state, final)
+        with swapped(model, weights) if sharded else nullcontext():
+            save(step_done, last, state, final)
 
     completed = start  # optimizer steps fully applied
     with GracefulStop(announce=info.is_main and cfg.progress) as stop:
         for step in range(start, cfg.max_steps):
             lr = set_lr(optimizers, lr_multiplier(step, cfg.max_steps, optim_cfg))
             try:
-                micro = [batches.get(step, m) for m in range(cfg.grad_accum)]
+                reads = getattr(batches, "reads_model", None)
+                with whole(model) if reads is not None and reads(step) else nullcontext():
+                    micro = [batches.get(step, m) for m in range(cfg.grad_accum)]
             except StopRun as e:
                 if completed == start:
                     raise
@@ -315,21 +374,23 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
             micro_losses = []  # to name the micro-batch whose loss was not finite
             step_extra: dict[str, torch.Tensor] = {}
             for m, batch in enumerate(micro):
-                sync = nullcontext() if not info.enabled or m == cfg.grad_accum - 1 else fwd.no_sync()
+                # FSDP reduce-scatters every micro-step's gradients: its shards accumulate, not whole gradients
+                sync = nullcontext() if not info.enabled or sharded or m == cfg.grad_accum - 1 else fwd.no_sync()
                 with sync:
                     with autocast(device, dtype):
                         loss_sum, extra = loss_fn(fwd, _to(batch, device))
-                    # DDP averages gradients over ranks; scaling by world_size turns that into a sum, so the
-                    # gradient is that of (total loss / total units) over the whole global batch.
+                    # DDP (and FSDP) average gradients over ranks; scaling by world_size turns that into a sum, so
+                    # the gradient is that of (total loss / total units) over the whole global batch.
                     (loss_sum * (info.world_size / max(n_units, 1.0))).backward()
                 step_loss += loss_sum.detach()
                 micro_losses.append(loss_sum.detach().float())
                 for k, v in extra.items():
                     step_extra[k] = step_extra.get(k, 0) + v.detach().float()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, optim_cfg.grad_clip if optim_cfg.grad_clip > 0
-                                                       else float("inf"))
+            grad_norm = replicated(torch.nn.utils.clip_grad_norm_(params, optim_cfg.grad_clip if optim_cfg.grad_clip > 0
+                                                                  else float("inf")))
             step_loss = all_reduce_sum(step_loss, info)  # over all ranks: NaN on every rank if on any
-            # DDP's gradients are all-reduced, so the norm is the same on every rank too: all ranks agree to skip
+            # DDP's gradients are all-reduced (FSDP's norm is summed over the shards), so the norm is the same on
+            # every rank too: all ranks agree to skip
             if bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm)):
                 skipped_in_row = 0
                 for o in optimizers:
@@ -381,7 +442,7 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
             t_pause = time.perf_counter()
             if evaluate and (final or (cfg.eval_every and completed % cfg.eval_every == 0)):
                 model.eval()
-                with torch.no_grad(), autocast(device, dtype):
+                with torch.no_grad(), autocast(device, dtype), whole(model):
                     val = evaluate(model)
                 model.train()
                 row = {"step": completed, **row, **val}

@@ -6,29 +6,26 @@
     html_path, md_path = write_report(Path("runs/default"))
 
 Sections, each from its own file (a missing file gives a "not run" note, so a partial run still gets a report):
-  1. Run: code version, hardware, the pipeline config, stage times and results   RUN/pipeline.json
-  2. Pretraining: loss and bits-per-byte curves                                 RUN/base/metrics.jsonl
-  3. Models: chat loss, task accuracy, end of turn, gold / reward-model reward, KL   RUN/eval.json
-  4. Reward over-optimisation: gold and proxy reward against KL (Gao et al. 2022)   RUN/overopt.json
-  5. Answers side by side                                                        RUN/answers.json
-  6. Transformer vs LSTM (`cakelm compare`)                                        RUN/compare/compare.json
+  1. The cake: each stage's effect on the number it targets, one picture       RUN/eval.json, RUN/base/metrics.jsonl
+  2. Run: code version, hardware, the pipeline config, stage times and results   RUN/pipeline.json
+  3. Pretraining: loss and bits-per-byte curves                                 RUN/base/metrics.jsonl
+  4. Training curves of every other stage: loss, reward, KL, accuracy         RUN/<stage>/metrics.jsonl
+  5. Models: chat loss, task accuracy, end of turn, gold / reward-model reward, KL   RUN/eval.json
+  6. Reward over-optimisation: gold and proxy reward against KL (Gao et al. 2022)   RUN/overopt.json
+  7. RLHF rounds (`cakelm pipeline --with rounds`)                              RUN/rounds.json
+  8. Answers side by side                                                        RUN/answers.json
+  9. Transformer vs LSTM (`cakelm compare`)                                        RUN/compare/compare.json
 
 report.html embeds its images as base64 PNG data URIs and its CSS inline: no network, no JavaScript, one file to
 mail around. report.md links the same images as files in RUN/report_files/. Both are rendered from one list of
-sections (paragraphs, tables, images), so they always say the same thing.
+sections (paragraphs, tables, images; `cakelm.report_render`), so they always say the same thing.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
-import re
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,58 +33,23 @@ import torch
 
 from cakelm.common import CakeError, code_version, hardware_info, pick_device, read_json, write_text_atomic
 from cakelm.config import flatten
-from cakelm.stages.table import MODELS
+from cakelm.report_render import (
+    MISSING,
+    Section,
+    figure_png,
+    fmt,
+    pct,
+    pyplot,
+    render_html,
+    render_markdown,
+)
+from cakelm.stages.table import MODELS, STAGES
 
 MODEL_ORDER = MODELS  # the stage table's model rows, in pipeline order
-MISSING = "—"
-# Questions for the side-by-side answers (section 6): small talk, arithmetic, a word problem, Shakespeare.
+# Questions for the side-by-side answers (section 8): small talk, arithmetic, a word problem, Shakespeare.
 ANSWER_PROMPTS = ["Hello! How are you today?", "What is 17 + 25?",
                   "Tom has 3 apples and buys 4 more. How many apples does he have now?",
                   "Who was Romeo in love with?"]
-
-
-@dataclass
-class Section:
-    """One report section: a title and blocks, each ("p", text) | ("note", text) | ("pre", text) |
-    ("table", headers, rows) | ("img", file name, png bytes, alt text)."""
-
-    title: str
-    blocks: list[tuple] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Formatting helpers
-
-
-def fmt(x: Any, spec: str = ".3f") -> str:
-    """A number for a table cell; a missing value (None, NaN, not a number) is the dash."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-        return MISSING
-    return format(x, spec)
-
-
-def pct(x: Any) -> str:
-    """A rate in [0, 1] as a percentage (the dash when missing)."""
-    return MISSING if fmt(x) == MISSING else f"{100 * x:.1f}%"
-
-
-def _figure_png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _read(path: Path) -> Any | None:
@@ -97,6 +59,140 @@ def _read(path: Path) -> Any | None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sections
+
+
+# The layers of the cake: which stage is which, and the number each one is there to move (as the eval measures it)
+LAYER = {"pretrain": "cake", "sft": "icing", "rlhf": "cherry (RLHF)", "rl": "cherry (RL)"}
+LAYER_COLOR = {"cake": "#b07a45", "icing": "#f2a7c3", "cherry (RLHF)": "#c0392b", "cherry (RL)": "#8e1b10"}
+
+
+def _layer(model: str) -> str:
+    """A model row's layer, from the stage table: pretrain, sft, or the preset group of an RLHF / RL stage."""
+    stage = next(s for s in STAGES if s.model == model)
+    return LAYER.get(stage.name) or LAYER.get(stage.preset_key or "", "cherry (RL)")
+
+
+def _task_accuracy(r: dict[str, Any]) -> tuple[str, float | None]:
+    """(task, held-out accuracy) of the task RL trains on: arithmetic, else the eval's first task."""
+    tasks = r.get("tasks", {})
+    name = "arithmetic" if "arithmetic" in tasks else next(iter(tasks), "")
+    return name, tasks.get(name, {}).get("accuracy")
+
+
+def cake_section(run: Path) -> list[tuple]:
+    """One picture of the recipe's effect: for each stage the number it targets, before -> after. Pretraining
+    lowers bits per byte; SFT makes the model a chat model (held-out chat loss); RLHF (DPO, PPO) raises the gold
+    reward of the rater that stands in for people; RL (GRPO, RLOO) raises held-out task accuracy."""
+    blocks: list[tuple] = []
+    ev = _read(run / "eval.json")
+    models = (ev or {}).get("models", {})
+    names = [m for m in MODEL_ORDER if m in models]
+    if not names:
+        blocks.append(("note", "Not run: no eval.json with models in it."))
+        return blocks
+    path = run / "base" / "metrics.jsonl"
+    bpb = [r["val_bpb"] for r in read_metrics(path) if "val_bpb" in r] if path.is_file() else []
+    panels = [("chat loss, held-out (nats / token, lower is better)", lambda r: r.get("chat", {}).get("loss")),
+              ("gold reward, held-out prompts (rater)", lambda r: r.get("rlhf", {}).get("gold")),
+              (f"{_task_accuracy(models[names[0]])[0]} accuracy, held-out (%)",
+               lambda r: None if _task_accuracy(r)[1] is None else 100 * _task_accuracy(r)[1])]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.4))
+    for ax, (title, get) in zip(axes, panels):
+        shown = [(m, get(models[m])) for m in names if isinstance(get(models[m]), (int, float))]
+        bars = ax.bar([m for m, _ in shown], [v for _, v in shown],
+                      color=[LAYER_COLOR[_layer(m)] for m, _ in shown])
+        ax.bar_label(bars, fmt="%.2f" if "accuracy" not in title else "%.1f", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        if shown:
+            lo, hi = min(v for _, v in shown), max(v for _, v in shown)
+            ax.set_ylim(0 if "accuracy" in title else lo - 0.15 * (hi - lo + 1e-9), hi + 0.15 * (hi - lo + 1e-9))
+        ax.grid(alpha=0.3, axis="y")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in LAYER_COLOR.values()]
+    fig.legend(handles, list(LAYER_COLOR), loc="lower center", ncol=len(LAYER_COLOR), fontsize=9,
+               bbox_to_anchor=(0.5, -0.06))
+    blocks.append(("img", "cake.png", figure_png(fig), "each stage's effect on the number it targets"))
+
+    def change(before: Any, after: Any, spec: str, scale: float = 1.0) -> list[str]:
+        if not all(isinstance(x, (int, float)) for x in (before, after)):
+            return [f"{fmt(before, spec)} -> {fmt(after, spec)}", MISSING]
+        return [f"{fmt(before * scale, spec)} -> {fmt(after * scale, spec)}", fmt((after - before) * scale, "+" + spec)]
+
+    rows = [["pretrain", "cake", "validation bits per byte (first -> last evaluation)",
+             *change(bpb[0] if bpb else None, bpb[-1] if bpb else None, ".3f")]]
+    ref = models.get("sft", {})
+    for m in names:
+        layer, r = _layer(m), models[m]
+        if layer == "icing":
+            rows.append([m, layer, "chat loss (nats / token)", *change(models.get("base", {}).get("chat", {}).get(
+                "loss"), r.get("chat", {}).get("loss"), ".3f")])
+        elif layer == "cherry (RLHF)":
+            rows.append([m, layer, "gold reward (from SFT)", *change(ref.get("rlhf", {}).get("gold"),
+                                                                    r.get("rlhf", {}).get("gold"), ".3f")])
+        elif layer == "cherry (RL)":
+            task, acc = _task_accuracy(r)
+            rows.append([m, layer, f"{task} accuracy, % (from SFT)", *change(_task_accuracy(ref)[1], acc, ".1f",
+                                                                             100.0)])
+    blocks.append(("table", ["stage", "layer", "target", "before -> after", "change"], rows))
+    blocks.append(("p", "The cake is self-supervised pretraining, the icing supervised fine-tuning on dialogues, the "
+                        "cherry reinforcement learning: from preferences (RLHF: DPO, PPO against a reward model) and "
+                        "from verifiable rewards (RL: GRPO, RLOO). Each stage is shown on the number it is there to "
+                        "move; the tables below have every number of every model."))
+    return blocks
+
+
+# Training curves: the panels a stage's metrics.jsonl can fill (training value, and its held-out twin)
+CURVES = (("loss", ("loss", "val_loss")), ("reward", ("reward", "val_reward")), ("gold reward", ("gold", "val_gold")),
+          ("reward margin", ("margin", "val_margin")), ("KL to the reference", ("kl", "val_kl")),
+          ("pair accuracy", ("pair_accuracy", "val_pair_accuracy")), ("accuracy", ("accuracy", "val_accuracy")))
+
+
+def stage_curves(run: Path) -> list[tuple[str, list[tuple[str, list[tuple[str, list[tuple[int, float]]]]]]]]:
+    """[(stage, [(panel title, [(metric, [(step, value)])])])] for every training stage after pretraining (the
+    stage table's, in pipeline order) with a metrics.jsonl: the CURVES panels it has data for."""
+    found = []
+    for s in STAGES:
+        path = run / str(s.out) / "metrics.jsonl"
+        if s.trains and s.name != "pretrain" and path.is_file():
+            rows = read_metrics(path)
+            panels = [(title, [(k, [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))])
+                               for k in keys]) for title, keys in CURVES]
+            panels = [(t, [(k, pts) for k, pts in series if pts]) for t, series in panels]
+            found.append((s.name, [(t, series) for t, series in panels if series]))
+    return [(name, panels) for name, panels in found if panels]
+
+
+def curves_section(run: Path) -> list[tuple]:
+    """The training curves of `stage_curves`, one row of panels per stage."""
+    blocks: list[tuple] = []
+    found = stage_curves(run)
+    if not found:
+        blocks.append(("note", "Not run: no metrics.jsonl of a training stage after pretraining."))
+        return blocks
+    plt = pyplot()
+    cols = max(len(p) for _, p in found)
+    fig, axes = plt.subplots(len(found), cols, figsize=(3.1 * cols, 2.5 * len(found)), squeeze=False)
+    for row, (name, panels) in zip(axes, found):
+        for ax in row[len(panels):]:
+            ax.axis("off")
+        for ax, (title, series) in zip(row, panels):
+            for k, pts in series:
+                held_out = k.startswith("val_")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if held_out else "-", markersize=3,
+                        label="held-out" if held_out else "training", color="tab:red" if held_out else "tab:blue",
+                        alpha=0.9 if held_out else 0.7)
+            ax.set_title(f"{name}: {title}", fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            if len(series) > 1:
+                ax.legend(fontsize=7)
+    blocks.append(("img", "curves.png", figure_png(fig), "training curves of every stage after pretraining"))
+    blocks.append(("p", "Blue: the training metric at each logged step (for RL, of that step's rollouts); red: the "
+                        "held-out evaluation. Pair accuracy: how often the chosen reply out-scores the rejected one "
+                        "(reward model, DPO); accuracy: the share of verifiably correct answers (of RL's rollouts, or "
+                        "on held-out prompts); KL is to the frozen reference (the SFT model)."))
+    return blocks
 
 
 def run_section(run: Path) -> list[tuple]:
@@ -144,7 +240,7 @@ def pretrain_section(run: Path) -> list[tuple]:
         return blocks
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_loss" in r]
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="train")
     a.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color="tab:red", label="validation")
@@ -155,7 +251,7 @@ def pretrain_section(run: Path) -> list[tuple]:
     b.set(xlabel="step", ylabel="bits per byte", title="validation bits per byte")
     for ax in (a, b):
         ax.grid(alpha=0.3)
-    blocks.append(("img", "pretrain.png", _figure_png(fig), "pretraining loss and bits per byte"))
+    blocks.append(("img", "pretrain.png", figure_png(fig), "pretraining loss and bits per byte"))
     last = rows[-1]
     blocks.append(("table", ["steps", "tokens", "train loss", "val loss", "val bits/byte", "tokens/s"], [[
         str(last.get("step", MISSING)), fmt(last.get("tokens"), ",.0f"), fmt(train[-1]["loss"] if train else None),
@@ -208,7 +304,7 @@ def overopt_section(run: Path) -> list[tuple]:
     if not points:
         blocks.append(("note", "Not run: no overopt.json."))
         return blocks
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     runs = list(dict.fromkeys(p["run"] for p in points))
     for i, name in enumerate(runs):
@@ -220,7 +316,7 @@ def overopt_section(run: Path) -> list[tuple]:
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()
-    blocks.append(("img", "overopt.png", _figure_png(fig), "gold and proxy reward against KL"))
+    blocks.append(("img", "overopt.png", figure_png(fig), "gold and proxy reward against KL"))
     blocks.append(("p", "As the policy moves away from the SFT model (KL grows), the proxy (the reward model it "
                      "optimises) keeps rising while the gold reward (what we actually want) rises, then stalls or "
                      "falls: reward over-optimisation (Gao et al. 2022, \"Scaling Laws for Reward Model "
@@ -302,9 +398,10 @@ def compare_section(run: Path) -> list[tuple]:
     return blocks
 
 
-SECTIONS = (("1. Run", run_section), ("2. Pretraining", pretrain_section), ("3. Models", models_section),
-            ("4. Reward over-optimisation", overopt_section), ("5. RLHF rounds", rounds_section),
-            ("6. Answers side by side", answers_section), ("7. Transformer vs LSTM", compare_section))
+SECTIONS = (("1. The cake: what each stage did", cake_section), ("2. Run", run_section),
+            ("3. Pretraining", pretrain_section), ("4. Training curves", curves_section), ("5. Models", models_section),
+            ("6. Reward over-optimisation", overopt_section), ("7. RLHF rounds", rounds_section),
+            ("8. Answers side by side", answers_section), ("9. Transformer vs LSTM", compare_section))
 
 
 def build_sections(run: Path) -> list[Section]:
@@ -318,93 +415,6 @@ def build_sections(run: Path) -> list[Section]:
             blocks = [("note", f"Could not read this section's input: {type(e).__name__}: {e}")]
         out.append(Section(title, blocks))
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Rendering: one list of sections, two formats
-
-CSS = """
-body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px; margin: 2em auto;
-       padding: 0 1em; color: #222; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em;
-       margin-top: 2em; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; white-space: pre-wrap;
-         overflow-wrap: anywhere; max-width: 32em; }
-th { background: #f3f3f3; } tr:nth-child(even) td { background: #fafafa; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-img { max-width: 100%; border: 1px solid #eee; } figure { margin: 1em 0; }
-.note { color: #777; font-style: italic; } .sub { color: #666; }
-"""
-
-
-NUMBER = re.compile(r"[-+]?[\d,]*\.?\d+(%|x| s| MB)?")
-
-
-def _is_num(cell: str) -> bool:
-    """Right-align plain numbers (with a unit at most) in HTML tables."""
-    return NUMBER.fullmatch(cell) is not None
-
-
-def render_html(title: str, sections: Sequence[Section]) -> str:
-    esc = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>{esc(title)}</title><style>{CSS}</style></head><body>", f"<h1>{esc(title)}</h1>"]
-    for s in sections:
-        out.append(f"<section><h2>{esc(s.title)}</h2>")
-        for b in s.blocks:
-            if b[0] in ("p", "note"):
-                out.append(f'<p{" class=note" if b[0] == "note" else ""}>{esc(b[1])}</p>')
-            elif b[0] == "pre":
-                out.append(f"<pre>{esc(b[1])}</pre>")
-            elif b[0] == "table":
-                _, headers, rows = b
-                out.append("<table>")
-                if any(headers):
-                    out.append("<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr></thead>")
-                out.append("<tbody>" + "".join(
-                    "<tr>" + "".join(f'<td{" class=num" if _is_num(c) else ""}>{esc(c)}</td>' for c in row) + "</tr>"
-                    for row in rows) + "</tbody></table>")
-            elif b[0] == "img":
-                _, _, png, alt = b
-                out.append(f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,'
-                           f'{base64.b64encode(png).decode("ascii")}"></figure>')
-        out.append("</section>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
-
-
-def _md_cell(text: str) -> str:
-    # markdown renders raw HTML and a reply may contain some: escape & and < (enough to keep tags inert); pipes and
-    # newlines are kept inside the table cell
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace("|", "\\|").replace("\n", "<br>")
-
-
-def render_markdown(title: str, sections: Sequence[Section], files: Path) -> str:
-    """Markdown; images are written into `files` and linked relative to the markdown file's folder."""
-    out = [f"# {title}", ""]
-    for s in sections:
-        out += [f"## {s.title}", ""]
-        for b in s.blocks:
-            if b[0] == "p":
-                out += [_md_cell(b[1]).replace("<br>", "\n"), ""]
-            elif b[0] == "note":
-                out += [f"*{_md_cell(b[1])}*", ""]
-            elif b[0] == "pre":
-                out += ["```", b[1], "```", ""]
-            elif b[0] == "table":
-                _, headers, rows = b
-                out.append("| " + " | ".join(_md_cell(h) for h in headers) + " |")
-                out.append("|" + "|".join("---" for _ in headers) + "|")
-                out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-                out.append("")
-            elif b[0] == "img":
-                _, name, png, alt = b
-                files.mkdir(parents=True, exist_ok=True)
-                (files / name).write_bytes(png)
-                out += [f"![{_md_cell(alt)}]({files.name}/{name})", ""]
-    return "\n".join(out)
 
 
 def write_report(run: Path) -> tuple[Path, Path]:

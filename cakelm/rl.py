@@ -388,6 +388,10 @@ class RolloutBatches:
         read; the saved config keeps what was asked, so re-runs compare it)."""
         return replace(cfg, grad_accum=self.micro_batches)
 
+    def reads_model(self, step: int) -> bool:
+        """Whether `get(step, ...)` runs the policy (a new phase's rollouts): a sharded policy is gathered for it."""
+        return self.cache is None or self.cache["phase"] != step // self.steps_per_phase
+
     def get(self, step: int, micro: int) -> dict[str, Any]:
         phase, k = divmod(step, self.steps_per_phase)
         if self.cache is None or self.cache["phase"] != phase:

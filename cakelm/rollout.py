@@ -146,23 +146,53 @@ def to_batch(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Tensor
     return {"input": inp, "target": tgt, "old_logp": old, "mask": (tgt != IGNORE_INDEX).float()}
 
 
+HEAD_BUDGET = 2**24  # logits a training forward holds at once in completion_logprobs (64 MB in fp32)
+
+
+def _logprobs(logits: torch.Tensor, target: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of `target` (M,), entropy (M,)) from logits (M, V): log p = logit - logsumexp, one fp32 copy of the
+    logits. The entropy carries no gradient."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logz = torch.logsumexp(logits, dim=-1)  # (M,)
+    picked = logits.gather(-1, target[:, None]).squeeze(-1) - logz  # (M,)
+    with torch.no_grad():
+        entropy = logz - torch.softmax(logits, dim=-1).mul_(logits).sum(-1)  # H = log Z - sum_v p_v x_v
+    return picked, entropy
+
+
+def _head_logprobs(head: torch.nn.Module, h: torch.Tensor, target: torch.Tensor, temperature: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_logprobs` of the output head at hidden states h (M, C): a chunk that activation checkpointing recomputes."""
+    return _logprobs(head(h), target, temperature)
+
+
 def completion_logprobs(model: torch.nn.Module, inp: torch.Tensor, target: torch.Tensor, temperature: float = 1.0
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-prob of each target token under softmax(logits / temperature), entropy of that distribution), both
     (N, T) in fp32 and 0 where target == IGNORE_INDEX. The entropy is a metric and carries no gradient.
 
-    Memory: logits only at the M scored positions (the completions: `only_at`), and log p = logit - logsumexp, so
-    the forward holds one (M, V) copy instead of log_softmax's several (N, T, V) ones."""
+    Memory: the output head is applied only at the M scored positions (the completions: `only_at`), and log p =
+    logit - logsumexp, so the forward holds one (M, V) copy instead of log_softmax's several (N, T, V) ones. When
+    training and M x V passes HEAD_BUDGET (a real vocabulary: 1,536 reply tokens x 49k = 302 MB per copy), the
+    head runs on HEAD_BUDGET-sized row chunks, each recomputed in the backward pass instead of kept (activation
+    checkpointing of the head, as Liger's fused linear cross-entropy does it): the same numbers (tested), a
+    fraction of the logits' memory, one more head matmul per chunk."""
     scored = target != IGNORE_INDEX  # (N, T)
-    logits = model(inp, only_at=scored).float()  # (M, V)
-    if temperature != 1.0:
-        logits = logits / temperature
-    logz = torch.logsumexp(logits, dim=-1)  # (M,)
-    picked = logits.gather(-1, target[scored][:, None]).squeeze(-1) - logz  # (M,)
+    picked_target = target[scored]  # (M,)
+    body = getattr(model, "module", model)  # the Transformer inside a DDP wrapper
+    rows = max(1, HEAD_BUDGET // body.cfg.vocab_size)
+    if not (torch.is_grad_enabled() and len(picked_target) > rows):
+        picked, ent = _logprobs(model(inp, only_at=scored), picked_target, temperature)  # (M, V) logits
+    else:
+        h = model(inp, only_at=scored, hidden=True)  # (M, C)
+        parts = [torch.utils.checkpoint.checkpoint(_head_logprobs, body.lm_head, h[i:i + rows],
+                                                   picked_target[i:i + rows], temperature, use_reentrant=False)
+                 for i in range(0, len(picked_target), rows)]
+        picked, ent = torch.cat([p for p, _ in parts]), torch.cat([e for _, e in parts])
     logp = torch.zeros(scored.shape, dtype=picked.dtype, device=picked.device).masked_scatter(scored, picked)
-    with torch.no_grad():
-        ent = logz - torch.softmax(logits, dim=-1).mul_(logits).sum(-1)  # H = log Z - sum_v p_v x_v
-        entropy = torch.zeros(scored.shape, dtype=ent.dtype, device=ent.device).masked_scatter(scored, ent)
+    entropy = torch.zeros(scored.shape, dtype=ent.dtype, device=ent.device).masked_scatter(scored, ent)
     return logp, entropy
 
 

@@ -49,7 +49,7 @@ from cakelm.checkpoint import load_heads, load_model, load_train_state, resume_p
 from cakelm.common import CakeError, DistInfo, hardware_info, init_distributed, print0, seed_everything
 from cakelm.config import to_dict
 from cakelm.loop import BatchSource, LoopConfig, LoopContext, train
-from cakelm.lora import AdaptersOff, LoraConfig, add_lora, has_lora, lora_config_of
+from cakelm.lora import BASE_DTYPES, AdaptersOff, LoraConfig, add_lora, has_lora, lora_config_of, store_base
 from cakelm.model import Transformer
 from cakelm.rlhf import ScalarModel, load_scalar_model
 from cakelm.rollout import EngineGenerator, Generator, check_exact
@@ -164,13 +164,14 @@ class Run:
 
         def save(step: int, metrics: dict[str, Any], train_state: dict[str, Any], final: bool) -> None:
             assert self.model is not None
+            staged = train_state.pop("optimizer_dir", None)  # --loop.parallel fsdp: the ranks' optimizer shards
             save_checkpoint(self.out, self.model, self.tok, {
                 "stage": self.stage, "step": step, "complete": final, "config": to_dict(cfg), "metrics": metrics,
                 "parent": self.init, "parent_stage": self.parent_stage, "lineage": self.lineage,
                 "chat_format": self.fmt, "world_size": info.world_size,
                 "tokens": train_state["tokens_seen"], "num_params": self.model.num_params(),
                 **({"lora_base": self.lora_base} if self.lora_base else {}), **(meta or {}),
-            }, train_state, heads=heads() if heads else None)
+            }, train_state, heads=heads() if heads else None, optimizer_dir=staged)
 
         model.train()
         loop = loop or cfg.loop
@@ -231,8 +232,9 @@ def start(stage: str, cfg: Any, needs_chat: bool = True, fmt: str = "chat", tok:
     lora_base = None
     if adapt:
         assert model is not None and lora is not None and init
-        if resumed:
+        if resumed:  # the adapters came back with the checkpoint; the base as the run keeps it
             lora_base = meta["lora_base"]
+            store_base(model, BASE_DTYPES[lora.base_dtype])
         else:
             add_lora(model, lora)
             lora_base = {"path": str(Path(init).resolve()), "weights_sha256": weights_digest(init)}

@@ -77,10 +77,49 @@ def test_refusals(ckpt, tmp_path) -> None:
         export_stage.main(export_stage.ExportConfig(ckpt=str(ckpt), out_dir=str(ckpt / "m.gguf"), to="gguf"))
     with pytest.raises(CakeError, match="is a directory"):
         export_stage.main(export_stage.ExportConfig(ckpt=str(ckpt), out_dir=str(tmp_path), to="gguf"))
-    qwen = Transformer(tiny_model_config(qk_norm=True))
-    with pytest.raises(CakeError, match="qwen3 model"):
-        write_gguf(qwen, load_model(ckpt)[1], tmp_path / "q.gguf")
+    llama3 = Transformer(tiny_model_config(rope_scale=8.0))
+    with pytest.raises(CakeError, match="RoPE scaling"):
+        write_gguf(llama3, load_model(ckpt)[1], tmp_path / "q.gguf")
     assert not (tmp_path / "q.gguf").exists()
+
+
+# Families llama.cpp names as architectures of their own. transformers' GGUF reader takes a qwen3 head size from
+# Qwen3Config's default (128; it does not read attention.key_length), so the qwen3 model has 128-wide heads, as
+# the real Qwen3 models do.
+FAMILIES = {"llama-wide-heads": dict(head_dim=16), "qwen2": dict(qkv_bias=True),
+            "qwen2-tied": dict(qkv_bias=True, tie_embeddings=True), "qwen3": dict(qk_norm=True, head_dim=128)}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_families_export_as_their_llama_cpp_architecture(tok_dir, tmp_path, family: str) -> None:
+    """A Qwen2 (q/k/v biases, tied or not) or Qwen3 (q/k norms) model is written as llama.cpp's qwen2 / qwen3
+    architecture (its q/k rows not permuted: llama.cpp rotates qwen heads by halves, as HF does). transformers
+    loads it as the family's class with our logits, and `cakelm import` reads back the same model."""
+    transformers = pytest.importorskip("transformers")
+    import gguf
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_config(**FAMILIES[family])).eval()
+    with torch.no_grad():  # norm gains and biases away from 1 and 0, so a missing or misplaced one shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    write_gguf(model, Tokenizer.load(tok_dir), tmp_path / "m.gguf", "f32")
+    arch = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["general.architecture"].contents()
+    assert arch == family.split("-")[0]
+    cfg, sd, _, _ = read_gguf(tmp_path / "m.gguf")
+    back = Transformer(cfg).eval()
+    back.load_state_dict(sd)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
+    assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                 "qwen3": "Qwen3ForCausalLM"}[arch]
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        want = model(ids)
+        assert cfg == model.cfg and torch.equal(back(ids), want)
+        torch.testing.assert_close(hf(ids).logits, want, rtol=0, atol=1e-5)
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(ckpt, tmp_path, monkeypatch) -> None:

@@ -126,7 +126,37 @@ def test_frozen_logprobs_in_chunks_within_the_logits_budget(chat_model, monkeypa
     assert calls == [3, 3, 1]
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_training_logprobs_with_the_head_in_recomputed_chunks_equal_the_whole(monkeypatch, tied: bool) -> None:
+    """Past HEAD_BUDGET logits, a training forward runs the output head on row chunks that the backward pass
+    recomputes: the same log-probs, entropies and gradients as the head over all rows at once."""
+    import cakelm.rollout as rollout
+
+    inp, tgt, old, adv, mask = _fixed_batch()  # 22 scored positions
+    results = {}
+    for budget in (10**9, 320 * 7):  # everything at once; 7 rows of logits at a time (4 chunks)
+        monkeypatch.setattr(rollout, "HEAD_BUDGET", budget)
+        torch.manual_seed(0)
+        model = Transformer(tiny_model_config(tie_embeddings=tied))
+        calls: list[int] = []
+        model.lm_head.register_forward_hook(lambda m, i, o, calls=calls: calls.append(o.shape[0]))
+        logp, entropy = completion_logprobs(model, inp, tgt, 0.7)
+        loss, units = aggregate(clipped_policy_loss(logp, old, adv)[0], mask, "token_mean", 7)
+        (loss / units).backward()
+        results[budget] = (logp.detach(), entropy, [p.grad for p in model.parameters()], calls)
+    (logp, ent, grads, calls), (logp2, ent2, grads2, calls2) = results.values()
+    # chunked: 4 chunks, then each again in the backward pass (last first)
+    assert calls == [22] and calls2 == [7, 7, 7, 1, 1, 7, 7, 7]
+    torch.testing.assert_close(logp2, logp, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ent2, ent, rtol=0, atol=1e-6)
+    for a, b in zip(grads, grads2, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, results: dict) -> None:
+    import cakelm.rollout as rollout
+
+    rollout.HEAD_BUDGET = 320 * 5  # the output head on chunks of 5 rows, recomputed in the backward pass
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = Transformer(tiny_model_config())
@@ -159,6 +189,8 @@ def _fixed_batch() -> tuple[torch.Tensor, ...]:
 
 
 def test_loss_split_across_two_processes_equals_one(tmp_path) -> None:
+    """Two DDP ranks, each with half the completions (and the output head in recomputed chunks), give one
+    process's gradients on the whole batch."""
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)

@@ -335,9 +335,10 @@ LLAMA_CONFIG = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "inte
     ("hf_gpt2", "unsupported architecture gpt2: cakelm reads llama, mistral, qwen2, qwen3"),
     ("hf_no_weights", "no \\*.safetensors weights"),
     ("gguf_arch", "unsupported GGUF architecture 'gpt2'"),
-    ("gguf_extra", "unsupported Llama variant: unexpected tensor blk.0.attn_q.bias"),
+    ("gguf_extra", "unsupported llama variant: unexpected tensor blk.0.attn_output.bias"),
+    ("gguf_half_bias", "lacks the tensor for layers.0.attn.k.bias"),  # a q bias implies k and v biases (qwen2)
     ("gguf_int_weight", "tensor token_embd.weight has unsupported type I32"),
-    ("gguf_spm", "unsupported tokenizer 'llama'"),
+    ("gguf_wordpiece", "unsupported tokenizer 'bert'"),  # ("llama", SentencePiece: tests/test_sp_tokenizers.py)
     ("gguf_template", "unsupported chat template"),
     ("hub", "could not download cakelm-test/no-such-model"),
     # crafted counts: refused before they divide anything or size an allocation (issue 22)
@@ -359,9 +360,11 @@ def test_bad_sources_are_one_line_errors(case: str, message: str, tmp_path, tok_
         "hf_no_weights": lambda: _hf_dir(tmp_path, LLAMA_CONFIG, weights=False),
         "gguf_arch": lambda: write_gguf(tmp_path / "a.gguf", model, tok, arch="gpt2"),
         "gguf_extra": lambda: write_gguf(tmp_path / "a.gguf", model, tok,
-                                         extra={"blk.0.attn_q.bias": np.zeros(32, np.float32)}),
+                                         extra={"blk.0.attn_output.bias": np.zeros(32, np.float32)}),
+        "gguf_half_bias": lambda: write_gguf(tmp_path / "a.gguf", model, tok,
+                                             extra={"blk.0.attn_q.bias": np.zeros(32, np.float32)}),
         "gguf_int_weight": lambda: _gguf_with_int_embedding(tmp_path / "a.gguf", model, tok),
-        "gguf_spm": lambda: write_gguf(tmp_path / "a.gguf", model, tok, tokenizer_model="llama"),
+        "gguf_wordpiece": lambda: write_gguf(tmp_path / "a.gguf", model, tok, tokenizer_model="bert"),
         "gguf_template": lambda: write_gguf(tmp_path / "a.gguf", model, tok,
                                            template=CHATML_JINJA.replace("message['content']", "message['content'] "
                                                                                                "| upper")),

@@ -30,6 +30,7 @@ from cakelm.lora import (
     lora_config_of,
     lora_layers,
     merge_lora,
+    store_base,
 )
 from cakelm.model import Transformer
 from cakelm.stages import dpo, grpo, ppo, reward, rloo, sft
@@ -115,8 +116,49 @@ def test_sft_trains_only_the_adapters_and_saves_them_in_peft_format(chat_base, d
         assert torch.equal(AdaptersOff(adapted)(ids), load_model(chat_base)[0](ids))  # the reference: the base
 
 
+def test_a_base_kept_in_bf16_is_the_rounded_base_in_fp32_math_at_half_the_memory() -> None:
+    """--lora.base-dtype bf16: the adapted layers' frozen weights are stored in bf16 and computed in fp32, so the
+    model (adapters on or off) is exactly the fp32 model with those weights rounded to bf16; gradients reach only
+    the adapters; merging gives fp32 weights."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_config(qkv_bias=True)).eval()
+    rounded = Transformer(tiny_model_config(qkv_bias=True)).eval()
+    rounded.load_state_dict(model.state_dict())
+    before = sum(p.numel() * p.element_size() for p in model.parameters())
+    add_lora(model, LoraConfig(rank=4, alpha=8.0, targets=["q_proj", "down_proj"], base_dtype="bf16"))
+    add_lora(rounded, LoraConfig(rank=4, alpha=8.0, targets=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for (name, m), r in zip(lora_layers(model).items(), lora_layers(rounded).values(), strict=True):
+            assert m.weight.dtype == torch.bfloat16 and m.bias is None or m.bias.dtype == torch.float32, name
+            r.weight.copy_(r.weight.to(torch.bfloat16).float())  # the same rounding, kept in fp32
+            r.lora_A.copy_(m.lora_A)
+        randomise_adapters(model)
+        for m, r in zip(lora_layers(model).values(), lora_layers(rounded).values()):
+            r.lora_B.copy_(m.lora_B)
+    halved = sum(m.weight.numel() * 2 for m in lora_layers(model).values())  # bytes the bf16 storage saves
+    adapters = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() * p.element_size() for p in model.parameters()) == before - halved + adapters
+    ids = torch.randint(0, 320, (2, 24))
+    out, ref = model(ids), rounded(ids)
+    assert torch.equal(out, ref)
+    with torch.no_grad(), adapters_off(model), adapters_off(rounded):
+        assert torch.equal(model(ids), rounded(ids))  # the reference is the rounded base
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == {
+        n for n, p in model.named_parameters() if p.requires_grad}
+    for (n, p), q in zip(model.named_parameters(), rounded.parameters()):
+        if p.requires_grad:
+            assert torch.equal(p.grad, q.grad), n
+    assert store_base(model, torch.bfloat16) == 0  # already stored so
+    with torch.no_grad():
+        merge_lora(model)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        torch.testing.assert_close(model(ids), ref, rtol=0, atol=1e-5)
+
+
 def test_resume_with_adapters_is_exact(chat_base, digits, tmp_path, monkeypatch) -> None:
-    kw = {"loop.max_steps": 4, "lora.dropout": 0.1}  # dropout: the RNG state must resume too
+    kw = {"loop.max_steps": 4, "lora.dropout": 0.1, "lora.base_dtype": "bf16"}  # dropout: the RNG state too
     straight = run_sft(chat_base, digits, tmp_path / "straight", **kw)
     with ctrl_c_at(monkeypatch, ChatBatches, 2), pytest.raises(SystemExit, match="continue with --resume"):
         run_sft(chat_base, digits, tmp_path / "cut", **kw)

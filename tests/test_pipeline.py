@@ -57,7 +57,7 @@ def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
     html = (out / "report.html").read_text()
     for title, _ in SECTIONS:
         assert f">{title}</h2>" in html, title
-    models_html = html.split(">3. Models</h2>")[1].split("<h2")[0]
+    models_html = html.split(">5. Models</h2>")[1].split("<h2")[0]
     for m in models:
         row = re.search(rf"<tr><td>{m}</td>.*?</tr>", models_html).group(0)
         cells = re.findall(r"<td[^>]*>(.*?)</td>", row)

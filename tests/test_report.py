@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from cakelm.common import write_json_atomic
-from cakelm.report import MISSING, collect_answers, write_report
+from cakelm.report import MISSING, collect_answers, stage_curves, write_report
 from cakelm.stages import compare
 from tests.conftest import tiny_checkpoint
 from tests.serving import CHROMIUM, launch_chromium
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
-HEADINGS = ("1. Run", "2. Pretraining", "3. Models", "4. Reward over-optimisation", "5. RLHF rounds",
-            "6. Answers side by side", "7. Transformer vs LSTM")
+HEADINGS = ("1. The cake: what each stage did", "2. Run", "3. Pretraining", "4. Training curves", "5. Models",
+            "6. Reward over-optimisation", "7. RLHF rounds", "8. Answers side by side", "9. Transformer vs LSTM")
 MODELS = ("base", "sft", "dpo", "ppo", "grpo")
 EVIL = '<script>alert("x")</script> 1 | 2'
 
@@ -58,6 +58,10 @@ def _compare_output(folder: Path) -> None:
     write_json_atomic(folder / "compare.json", result)
 
 
+CURVE_KEYS = {"sft": ["loss", "val_loss", "tok_per_s"], "rm": ["loss", "pair_accuracy", "margin", "val_pair_accuracy"],
+              "dpo": ["loss", "margin", "val_gold", "val_kl"], "grpo": ["loss", "reward", "kl", "accuracy", "gold"]}
+
+
 def make_run(run: Path) -> Path:
     """A complete synthetic run directory: every input the report reads."""
     write_json_atomic(run / "pipeline.json", {
@@ -72,6 +76,11 @@ def make_run(run: Path) -> Path:
         if r["step"] % 50 == 0:
             r.update(val_loss=r["loss"] + 0.1, val_bpb=(r["loss"] + 0.1) / 2.2)
     (run / "base" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for stage, keys in CURVE_KEYS.items():  # the later stages' metrics, as each logs them (held-out every 2nd step)
+        (run / stage).mkdir()
+        (run / stage / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, **{k: 0.1 * s for k in keys if s % 2 == 0 or not k.startswith("val_")}}) + "\n"
+            for s in range(1, 5)) + '{"step": 5, "loss"')  # a torn last line (a crash mid-write) is skipped
     write_json_atomic(run / "eval.json", {"settings": {"limit": 10}, "models": {
         m: _model_eval(i, rlhf=m != "base") for i, m in enumerate(MODELS)}})
     write_json_atomic(run / "overopt.json", {"points": [
@@ -101,17 +110,18 @@ def test_report_has_every_section_and_model(full_report) -> None:
     for h in HEADINGS:
         assert f"<h2>{h}</h2>" in html and f"## {h}" in md
     assert "Not run" not in html and "Could not read" not in html
-    rows = re.findall(r"<tr><td>(\w+)</td>", html.split("<h2>3. Models</h2>")[1].split("<h2>")[0])
+    models = html.split("<h2>5. Models</h2>")[1].split("<h2>")[0]
+    rows = re.findall(r"<tr><td>(\w+)</td>", models)
     assert rows == list(MODELS)  # pipeline order, whatever order eval.json has them in
     for m in MODELS:
         assert re.search(rf"^\| {m} \|", md, re.M)
     # the grpo row: chat loss 2.600, accuracies 40.0% and 20.0%, ends turn (10*0.9+30*0.9)/40, rlhf numbers
-    grpo = re.search(r"<tr><td>grpo</td>(.*?)</tr>", html).group(1)
+    grpo = re.search(r"<tr><td>grpo</td>(.*?)</tr>", models).group(1)
     cells = re.findall(r"<td[^>]*>(.*?)</td>", grpo)
     assert cells == ["2.600", "40.0%", "20.0%", "90.0%", "2.000", "2.000", "3.000"]
-    base = re.findall(r"<td[^>]*>(.*?)</td>", re.search(r"<tr><td>base</td>(.*?)</tr>", html).group(1))
+    base = re.findall(r"<td[^>]*>(.*?)</td>", re.search(r"<tr><td>base</td>(.*?)</tr>", models).group(1))
     assert base[-3:] == [MISSING] * 3  # no RLHF numbers for the base model
-    rounds = html.split("<h2>5. RLHF rounds</h2>")[1].split("<h2>")[0]
+    rounds = html.split("<h2>7. RLHF rounds</h2>")[1].split("<h2>")[0]
     two = re.findall(r"<td[^>]*>(.*?)</td>", re.search(r"<tr><td[^>]*>2</td>(.*?)</tr>", rounds).group(0))
     assert two == ["2", "dpo", "rule", "40", MISSING, "60", "80.0%", "2.700", "0.400", "1.000", "95.0%", "30.0%"]
     assert "<td>0 (SFT)</td>" in rounds and "same 8 held-out prompts" in rounds
@@ -120,22 +130,55 @@ def test_report_has_every_section_and_model(full_report) -> None:
     assert "The Transformer read the numbers." in html and "Second paragraph &amp; &lt;b&gt;escaped" in html
 
 
+def test_the_cake_opens_the_report_with_each_stage_on_its_target(full_report) -> None:
+    """Before the run's metadata: one picture and a table of each stage's effect on the number it targets."""
+    _, html, _ = full_report
+    assert html.index("<h2>1. The cake") < html.index("<h2>2. Run") < html.index("code version")
+    cake = html.split("<h2>1. The cake: what each stage did</h2>")[1].split("<h2>")[0]
+    assert cake.count("data:image/png;base64,") == 1
+    rows = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in re.findall(r"<tr>(<td.*?)</tr>", cake)]
+    # bits per byte: the first and last evaluation of make_run's pretraining, (7 - s/50 + 0.1) / 2.2 at s = 50, 100
+    assert rows == [
+        ["pretrain", "cake", "validation bits per byte (first -&gt; last evaluation)", "2.773 -&gt; 2.318", "-0.455"],
+        ["sft", "icing", "chat loss (nats / token)", "3.000 -&gt; 2.900", "-0.100"],  # base -> sft
+        ["dpo", "cherry (RLHF)", "gold reward (from SFT)", "1.250 -&gt; 1.500", "+0.250"],
+        ["ppo", "cherry (RLHF)", "gold reward (from SFT)", "1.250 -&gt; 1.750", "+0.500"],
+        ["grpo", "cherry (RL)", "arithmetic accuracy, % (from SFT)", "10.0 -&gt; 40.0", "+30.0"]]
+
+
+def test_training_curves_of_every_stage_after_pretraining(full_report) -> None:
+    """One row of panels per training stage, in pipeline order, with the panels its metrics fill: training values
+    at every step, held-out ones where they were measured."""
+    run, html, _ = full_report
+    got = {stage: {title: {k: pts for k, pts in series} for title, series in panels}
+           for stage, panels in stage_curves(run)}
+    assert list(got) == ["sft", "reward", "dpo", "grpo"]  # the stage table's names, pipeline order
+    assert {s: list(p) for s, p in got.items()} == {
+        "sft": ["loss"], "reward": ["loss", "reward margin", "pair accuracy"],
+        "dpo": ["loss", "gold reward", "reward margin", "KL to the reference"],
+        "grpo": ["loss", "reward", "gold reward", "KL to the reference", "accuracy"]}
+    assert got["sft"]["loss"] == {"loss": [(s, 0.1 * s) for s in range(1, 5)],
+                                  "val_loss": [(2, 0.2), (4, 0.4)]}  # the torn step-5 line is skipped
+    curves = html.split("<h2>4. Training curves</h2>")[1].split("<h2>")[0]
+    assert curves.count("data:image/png;base64,") == 1 and "held-out evaluation" in curves
+
+
 def test_report_html_is_self_contained(full_report) -> None:
     run, html, md = full_report
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', html)
-    assert len(images) == 5  # pretraining, over-optimisation, three compare plots
+    assert len(images) == 7  # the cake, pretraining, training curves, over-optimisation, three compare plots
     assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
     assert "http://" not in html and "https://" not in html
     assert "<script" not in html.lower() and "<link" not in html.lower()
     assert re.search(r'src="(?!data:)', html) is None  # nothing is loaded from anywhere
     # markdown: the same images as files next to it
     links = re.findall(r"!\[[^\]]*\]\((report_files/[^)]+\.png)\)", md)
-    assert len(links) == 5 and all((run / link).read_bytes()[:4] == b"\x89PNG" for link in links)
+    assert len(links) == 7 and all((run / link).read_bytes()[:4] == b"\x89PNG" for link in links)
 
 
 def test_report_escapes_answers(full_report) -> None:
     _, html, md = full_report
-    section = html.split("<h2>6. Answers side by side</h2>")[1].split("<h2>")[0]
+    section = html.split("<h2>8. Answers side by side</h2>")[1].split("<h2>")[0]
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; 1 | 2" in section
     assert "<th>base</th><th>sft</th><th>grpo</th>" in section  # pipeline order
     assert "<script>" not in md and "&lt;script>alert" in md and "1 \\| 2" in md  # a pipe cannot split the cell
@@ -147,7 +190,7 @@ def test_partial_run_still_gets_every_section(tmp_path) -> None:
     html = html_path.read_text()
     for h in HEADINGS:
         assert f"<h2>{h}</h2>" in html and f"## {h}" in md_path.read_text()
-    assert html.count("Not run") == 6 and "Stages: not run" in html
+    assert html.count("Not run") == 8 and "Stages: not run" in html
     assert "code version" in html  # the header is there without pipeline.json
 
 
@@ -156,10 +199,12 @@ def test_malformed_input_costs_only_its_section(tmp_path) -> None:
     write_json_atomic(tmp_path / "eval.json", {"models": {"sft": {"tasks": 5}}})
     (tmp_path / "overopt.json").write_text("{not json")
     html = write_report(tmp_path)[0].read_text()
-    models = html.split("<h2>3. Models</h2>")[1].split("<h2>")[0]
-    over = html.split("<h2>4. Reward over-optimisation</h2>")[1].split("<h2>")[0]
+    models = html.split("<h2>5. Models</h2>")[1].split("<h2>")[0]
+    over = html.split("<h2>6. Reward over-optimisation</h2>")[1].split("<h2>")[0]
+    cake = html.split("<h2>1. The cake: what each stage did</h2>")[1].split("<h2>")[0]
     assert "Could not read" in models and "Could not read" in over and "overopt.json" in over
-    assert html.count("data:image/png;base64,") == 4  # the other sections are intact
+    assert "Could not read" in cake  # it reads eval.json too
+    assert html.count("data:image/png;base64,") == 5  # the other sections are intact
 
 
 def test_collect_answers(tok_dir, tmp_path) -> None:

@@ -369,7 +369,8 @@ def test_two_processes_equal_one(stage, chatty, prompts, tmp_path, user_rewards)
     if stage == "rloo":
         common.update({"reward_model": "", "normalize_advantages": True, "kl_coef": 0.1})
     if stage == "grpo-lora":  # DDP over the adapters alone (the frozen weights are no DDP parameters)
-        common.update({"lora.rank": 4, "optim.name": "adamw", "optim.lr": 1e-3, "kl_coef": 0.1})
+        common.update({"lora.rank": 4, "optim.name": "adamw", "optim.lr": 1e-3, "kl_coef": 0.1,
+                       "lora.base_dtype": "bf16"})  # and the frozen base kept in bf16
     stage = stage.removesuffix("-lora")
     main, cls = {"grpo": (grpo.main, grpo.GRPOConfig), "rloo": (rloo.main, rloo.RLOOConfig)}[stage]
     single = main(build_config(cls, ("test", {**common, "out": str(tmp_path / "single")})))

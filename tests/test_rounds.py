@@ -82,7 +82,7 @@ def test_two_rule_rounds(run_dir) -> None:
         rounds.main(round_cfg(run_dir, val_prompts=9))
 
     html = write_report(run_dir)[0].read_text()
-    section = html.split(">5. RLHF rounds</h2>")[1].split("<h2")[0]
+    section = html.split(">7. RLHF rounds</h2>")[1].split("<h2")[0]
     assert "<td>0 (SFT)</td>" in section and re.search(r"<tr><td[^>]*>2</td>", section) and "Not run" not in section
 
 

@@ -2,7 +2,9 @@
 
 On disk a shard is a raw numpy array (`train.bin`, `val.bin`; uint16 when the vocabulary fits, else uint32)
 read back with `np.memmap`, so a corpus larger than memory costs nothing to open. Each document is encoded as
-`<|bos|> text`, and documents are concatenated.
+`<|bos|> text`, and documents are concatenated. A streamed corpus (data/encode.py) is the same format cut into
+fixed-size files (`train-00000.bin`, ...); `open_tokens` reads either as one array of a split's tokens
+(`ShardedTokens`: the files memory-mapped, a window read across a file boundary where it falls on one).
 
 Batches come from `TokenBatches`: the shard is cut into non-overlapping windows of seq_len+1 tokens, and every
 epoch visits the windows in a fresh seeded permutation. Which window lands in which row is a pure function of
@@ -13,6 +15,7 @@ with world_size ranks each rank takes its own rows of the same global batch: 2 r
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -87,10 +90,58 @@ def open_shard(path: str | Path, vocab_size: int, tokens: int | None = None) -> 
     return np.memmap(p, dtype=dtype, mode="r")
 
 
-class TokenBatches:
-    """Deterministic (input, target) batches of shape (batch_size, seq_len) from a token array."""
+class ShardedTokens:
+    """Several memory-mapped shards read as one array of tokens: len() and slices (step 1), which is all that
+    TokenBatches and eval_batches take of it. Only the pages of the windows read are ever loaded."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, grad_accum: int = 1,
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+        self.starts = [0]
+        for p in parts:
+            self.starts.append(self.starts[-1] + len(p))
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        start, stop, step = s.indices(len(self))
+        if step != 1:
+            raise IndexError("ShardedTokens takes slices with step 1")
+        pieces = []
+        while start < stop:
+            i = bisect_right(self.starts, start) - 1
+            end = min(stop, self.starts[i + 1])
+            pieces.append(self.parts[i][start - self.starts[i]:end - self.starts[i]])
+            start = end
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.empty(0, self.dtype)
+
+
+def open_tokens(folder: str | Path, split: str, vocab_size: int) -> np.ndarray | ShardedTokens:
+    """A split's tokens ("train" or "val") in a `cakelm tokenizer` folder: `split.bin`, or the shards its
+    meta.json lists for a streamed corpus (each checked against its recorded token count)."""
+    folder = Path(folder)
+    meta_file = folder / "meta.json"
+    meta = read_json(meta_file, "shard metadata") if meta_file.is_file() else None
+    if not (isinstance(meta, dict) and meta.get("stream")):
+        return open_shard(folder / f"{split}.bin", vocab_size)
+    if not meta.get("complete"):
+        raise CakeError(f"{folder}: the tokenization is not finished (run `cakelm tokenizer` again: it continues)")
+    shards = meta.get(split, {}).get("shards") if isinstance(meta.get(split), dict) else None
+    if not shards:
+        raise CakeError(f"{meta_file}: no {split} shards listed")
+    if meta.get("dtype", str(token_dtype(vocab_size))) != str(token_dtype(vocab_size)):
+        raise CakeError(f"{meta_file}: recorded as {meta['dtype']} tokens but a vocabulary of {vocab_size} needs "
+                        f"{token_dtype(vocab_size)}")
+    parts = [open_shard(folder / s["file"], vocab_size, tokens=s["tokens"]) for s in shards]
+    return parts[0] if len(parts) == 1 else ShardedTokens(parts)
+
+
+class TokenBatches:
+    """Deterministic (input, target) batches of shape (batch_size, seq_len) from a token array (or the shards of
+    a streamed corpus, read lazily: each rank reads only its own rows)."""
+
+    def __init__(self, tokens: np.ndarray | ShardedTokens, seq_len: int, batch_size: int, grad_accum: int = 1,
                  rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.grad_accum, self.rank, self.world_size, self.seed = grad_accum, rank, world_size, seed
@@ -124,7 +175,7 @@ class TokenBatches:
         return step * self.rows_per_step / self.n_windows
 
 
-def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int, rank: int = 0,
+def eval_batches(tokens: np.ndarray | ShardedTokens, seq_len: int, batch_size: int, max_tokens: int, rank: int = 0,
                  world_size: int = 1) -> list[dict[str, torch.Tensor | int]]:
     """The validation set as consecutive windows (the first `max_tokens` tokens; 0 = all), split across ranks by
     window index, batched. Every window is scored exactly once over all ranks."""

@@ -54,7 +54,7 @@ from cakelm.common import (
     write_json_atomic,
 )
 from cakelm.config import ConfigError, describe_differences, differing, nested, opt, to_dict
-from cakelm.data.shards import TokenBatches, eval_batches, open_shard
+from cakelm.data.shards import TokenBatches, eval_batches, open_tokens
 from cakelm.heldout import shard_evaluator
 from cakelm.loop import LoopConfig, LoopContext, train
 from cakelm.losses import bits_per_byte, lm_loss, token_nll
@@ -458,11 +458,11 @@ def main(cfg: CompareConfig) -> Path:
     device = pick_device(cfg.device)
     data, out = Path(cfg.data), Path(cfg.out)
     tok = Tokenizer.load(data / "tokenizer.json")
-    train_tokens = open_shard(data / "train.bin", tok.vocab_size)
-    val_tokens = open_shard(data / "val.bin", tok.vocab_size)
+    train_tokens = open_tokens(data, "train", tok.vocab_size)
+    val_tokens = open_tokens(data, "val", tok.vocab_size)
     seq_len = cfg.model.max_seq_len
     if len(val_tokens) <= seq_len:
-        raise CakeError(f"{data / 'val.bin'}: {len(val_tokens)} tokens, fewer than one window of {seq_len + 1}")
+        raise CakeError(f"{data}: {len(val_tokens)} validation tokens, fewer than one window of {seq_len + 1}")
     contexts = sorted(set(cfg.contexts) | {seq_len})  # the race's own context is always timed
     out.mkdir(parents=True, exist_ok=True)
 

@@ -71,7 +71,7 @@ def main(cfg: ExportConfig) -> Path:
         check_file_target(Path(cfg.ckpt), out, cfg.overwrite)
         model, tok, _ = load_model(cfg.ckpt)
         write_gguf(model, tok, out, cfg.dtype, name=Path(cfg.ckpt).resolve().name)
-        print0(f"export: {cfg.ckpt} -> {out} (GGUF, llama architecture, {cfg.dtype}, "
+        print0(f"export: {cfg.ckpt} -> {out} (GGUF, {family_of(model.cfg)} architecture, {cfg.dtype}, "
                f"{out.stat().st_size / 1e6:.1f} MB)")
         return out
     check_target(Path(cfg.ckpt), out, cfg.overwrite)

