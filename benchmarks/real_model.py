@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--prefs", default="--prompts 200 --samples 4 --max-new-tokens 96",
                     help="options of `cakelm prefs` (the base model's replies, judged by the rater)")
     ap.add_argument("--dpo", default="--lora.rank 16 --lora.alpha 32 --optim.lr 5e-5 --max-steps 40 --batch-size 8 "
-                                     "--loop.eval-every 0 --val-size 20 --loop.grad-checkpoint",
+                                     "--loop.eval-every 0 --val-size 20 --loop.grad-checkpoint --reward-model ''",
                     help="options of the DPO run with LoRA")
     ap.add_argument("--gold-prompts", type=int, default=100, help="held-out prompts for the gold reward")
     ap.add_argument("--parts", nargs="+", default=["grpo", "memory", "gguf", "dpo"],
@@ -142,8 +142,12 @@ def dpo_part(args: argparse.Namespace, out: Path, result: dict) -> None:
 
     result["prefs_options"], result["dpo_options"] = args.prefs, args.dpo
     prefs = out / "prefs"
-    seconds, _ = run(["cakelm", "prefs", "--init", args.base, "--out", str(prefs), *shlex.split(args.prefs)],
-                     out / "prefs.log")
+    seconds = result.get("dpo", {}).get("prefs_seconds")
+    if (prefs / "meta.json").is_file():  # complete pairs from an earlier run (`cakelm prefs` writes it last)
+        print(f"reusing the pairs in {prefs} (delete it to make new ones)", flush=True)
+    else:
+        seconds, _ = run(["cakelm", "prefs", "--init", args.base, "--out", str(prefs), *shlex.split(args.prefs)],
+                         out / "prefs.log")
     pairs = json.loads((prefs / "meta.json").read_text())
     seconds_dpo, peak = run(["cakelm", "dpo", "--init", args.base, "--data", str(prefs), "--out",
                              str(out / "dpo-lora"), "--overwrite", *shlex.split(args.dpo)], out / "dpo-lora.log")
@@ -178,7 +182,8 @@ def report(result: dict, cpu: str) -> None:
                   f"cakelm chat, the same checkpoint: {x['cakelm']!r}")
     if "dpo" in result:
         d = result["dpo"]
-        print(f"\nDPO with LoRA (`{result['dpo_options']}`; prefs {d['prefs_seconds'] / 60:.1f} min, DPO "
+        made = "reused" if d["prefs_seconds"] is None else f"{d['prefs_seconds'] / 60:.1f} min"
+        print(f"\nDPO with LoRA (`{result['dpo_options']}`; prefs {made}, DPO "
               f"{d['dpo_seconds'] / 60:.1f} min, peak {d['dpo_peak_mb']:,.0f} MB), {d['prompts']} held-out prompts "
               "x 2 replies:")
         print("| | gold reward | ends turn | reply tokens | KL to the base |\n|---|---|---|---|---|")
