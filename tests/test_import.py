@@ -93,6 +93,11 @@ def write_gguf(path: Path, model: Transformer, tok: Tokenizer, quantized: bool =
             w.add_tensor(name, a)
     for name, a in (extra or {}).items():
         w.add_tensor(name, a)
+    return finish_gguf(w, path)
+
+
+def finish_gguf(w: gguf.GGUFWriter, path: Path) -> Path:
+    """Write a GGUFWriter's header, metadata and tensors to its file."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

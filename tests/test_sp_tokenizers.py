@@ -28,6 +28,7 @@ from cakelm.model import Transformer
 from cakelm.stages import export as export_stage
 from cakelm.tokenizer import BYTE_LEVEL, SENTENCEPIECE, ChatTemplate, Tokenizer, _merges_from_scores, vocab_kind
 from tests.conftest import tiny_model_config
+from tests.test_import import finish_gguf
 
 transformers = pytest.importorskip("transformers")
 
@@ -299,11 +300,7 @@ def write_sp_gguf(path: Path, hf: HFTokenizer, model: Transformer, merges: bool)
     w.add_chat_template(ZEPHYR_JINJA)
     for name, a in gguf_tensors(model):
         w.add_tensor(name, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return finish_gguf(w, path)
 
 
 def test_merges_recovered_from_scores_are_transformers_own() -> None:
