@@ -1,7 +1,9 @@
-"""Pretraining throughput: ms/step, tokens/s, MFU and peak memory of the cakelm training step.
+"""Pretraining throughput: ms/step, tokens/s, MFU and peak memory of the cakelm training step, against nanoGPT.
 
-    python benchmarks/pretrain_throughput.py                 # both shapes, prints a table
-    python benchmarks/pretrain_throughput.py --shapes a --steps 30
+    git clone https://github.com/karpathy/nanoGPT /tmp/nanoGPT          # once (not part of this repository)
+    python benchmarks/pretrain_throughput.py --nanogpt /tmp/nanoGPT      # nanoGPT's own model.py as the reference
+    python benchmarks/pretrain_throughput.py                             # our GPT-2 reference instead
+    python benchmarks/pretrain_throughput.py --shapes b --dtype auto     # ours with --loop.dtype auto's choice
 
 Shapes (a) and (b) use vocabulary 65 (character level, as in nanoGPT's shakespeare_char):
   (a)  nanoGPT's CPU example: 4 layers, 4 heads, width 128, context 64, batch 12
@@ -12,22 +14,31 @@ MFU is achieved FLOP/s (model.flops_per_token: 6 x matmul params + attention, th
 fp32 matmul peak this script measures on the machine (best of several 2048x2048 matmuls).
 
 Shared cloud CPUs drift in speed from minute to minute, so comparing against numbers measured at another time
-misleads. The script therefore also times a GPT-2-architecture reference written here (nanoGPT's model:
-LayerNorm, GELU MLP, learned positions, tied head, fused qkv, SDPA; AdamW without fused kernels, as nanoGPT
-uses on CPU) at the same shape, interleaving the two in short rounds, and reports the ratio.
+misleads. The script therefore times a reference at the same shape, interleaving the two in short rounds, and
+reports the ratio (speedup > 1: ours is faster). The reference is nanoGPT's own `model.py` when `--nanogpt DIR`
+names a checkout (imported from there, never copied here; its commit is printed): `GPT(GPTConfig(...))` with
+train.py's defaults (bias=False, dropout 0), its `configure_optimizers` (AdamW, not fused on CPU) and train.py's
+step (loss from the model, backward, clip 1.0, step, zero_grad). Without one, a GPT-2-architecture reference
+written here stands in (nanoGPT's model: LayerNorm, GELU MLP, learned positions, tied head, fused qkv, SDPA).
+The reference always trains in fp32; `--dtype` sets ours (auto: what `--loop.dtype auto` picks on this machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cakelm.common import keep_freed_memory, peak_memory_mb
+from cakelm.common import hardware_info, keep_freed_memory, peak_memory_mb, pick_dtype
+from cakelm.loop import BF16_MIN_SPEEDUP, autocast, step_speedup
 from cakelm.losses import lm_loss
 from cakelm.model import ModelConfig, Transformer, flops_per_token
 from cakelm.optim import OptimConfig, build_optimizers
@@ -99,29 +110,85 @@ def ref_flops_per_token(m: RefGPT, L: int, d: int, T: int) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def make_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], x: torch.Tensor, y: torch.Tensor):
+def load_nanogpt(path: Path) -> tuple[object, str]:
+    """nanoGPT's model.py imported from a checkout (data, not code of ours), and what ran: its git commit, or the
+    file's name when the directory is not a git checkout."""
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path / "model.py")
+    if spec is None or not (path / "model.py").is_file():
+        sys.exit(f"--nanogpt {path}: no model.py there (give the directory of a nanoGPT checkout)")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        commit = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "not a git checkout"
+    return module, commit
+
+
+def make_step(forward_loss, params, optimizers: list[torch.optim.Optimizer], dtype: torch.dtype):
+    """One training step as train.py runs it: loss, backward, clip at 1.0, optimizer step, zero grads. Under
+    autocast when dtype is not fp32 (as cakelm's loop does)."""
+    params = list(params)
+
     def step() -> None:
-        loss, n = lm_loss(model(x), y)
-        (loss / n).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = forward_loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         for o in optimizers:
             o.step()
             o.zero_grad(set_to_none=True)
     return step
 
 
-def bench_shape(name: str, steps: int, rounds: int, peak: float, compile: bool) -> dict:
+def bench_shape(name: str, steps: int, rounds: int, peak: float, compile: bool, nanogpt: object | None,
+                dtype_name: str) -> dict:
     s = SHAPES[name]
-    B, T, V = s["batch"], s["max_seq_len"], s["vocab"]
+    B, T, V, L, C = s["batch"], s["max_seq_len"], s["vocab"], s["n_layers"], s["dim"]
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=V, dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"], max_seq_len=T)
-    ours, ref = Transformer(cfg), RefGPT(V, s["dim"], s["n_heads"], s["n_layers"], T)
+    cfg = ModelConfig(vocab_size=V, dim=C, n_layers=L, n_heads=s["n_heads"], max_seq_len=T)
+    ours = Transformer(cfg)
     # the cpu preset trains with Muon; nanoGPT's shapes are compared optimizer for optimizer (AdamW)
     ours_opt = build_optimizers(ours, OptimConfig(name="muon" if name == "cpu" else "adamw"), torch.device("cpu"))
-    ref_opt = [torch.optim.AdamW(ref.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)]
     wrap = torch.compile if compile else (lambda m: m)
-    ours_step = make_step(wrap(ours), ours_opt, torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T)))
-    ref_step = make_step(wrap(ref), ref_opt, torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T)))
+    x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+    ours_c = wrap(ours)
+
+    def ours_loss() -> torch.Tensor:
+        loss, n = lm_loss(ours_c(x), y)
+        return loss / n
+
+    if dtype_name == "auto":  # what --loop.dtype auto would choose: cakelm.loop's probe of this step, its threshold
+        def probe(dt: torch.dtype) -> None:
+            with autocast(torch.device("cpu"), dt):
+                loss = ours_loss()
+            loss.backward()
+            ours.zero_grad(set_to_none=True)
+
+        speedup = step_speedup(probe)
+        dtype = torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else torch.float32
+        dtype_name = f"auto: {'bf16' if dtype == torch.bfloat16 else 'fp32'}, probe {speedup:.2f}x"
+    else:
+        dtype = pick_dtype(dtype_name, torch.device("cpu"))
+    ours_step = make_step(ours_loss, ours.parameters(), ours_opt, dtype)
+    if nanogpt is not None:
+        ref = nanogpt.GPT(nanogpt.GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=s["n_heads"], n_embd=C,
+                                            dropout=0.0, bias=False))
+        ref_opt = [ref.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")]
+        fpt_ref = 6 * ref.get_num_params() + 12 * L * C * T  # nanoGPT's estimate_mfu
+    else:
+        ref = RefGPT(V, C, s["n_heads"], L, T)
+        ref_opt = [torch.optim.AdamW(ref.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)]
+        fpt_ref = ref_flops_per_token(ref, L, C, T)
+    ref_c = wrap(ref)
+
+    def ref_loss() -> torch.Tensor:
+        if nanogpt is not None:
+            return ref_c(x, y)[1]
+        loss, n = lm_loss(ref_c(x), y)
+        return loss / n
+    ref_step = make_step(ref_loss, ref.parameters(), ref_opt, torch.float32)
     for fn in (ours_step, ref_step):
         for _ in range(3):
             fn()
@@ -134,12 +201,12 @@ def bench_shape(name: str, steps: int, rounds: int, peak: float, compile: bool) 
                 times[key].append(time.perf_counter() - t)
     dt_ours, dt_ref = statistics.median(times["ours"]), statistics.median(times["ref"])
     tok = B * T
-    fpt_ours, fpt_ref = flops_per_token(cfg, T), ref_flops_per_token(ref, s["n_layers"], s["dim"], T)
+    fpt_ours = flops_per_token(cfg, T)
     return {
         "shape": name, "params_M": ours.num_params() / 1e6, "ms_per_step": 1000 * dt_ours,
         "tok_per_s": tok / dt_ours, "mfu": fpt_ours * tok / dt_ours / peak,
         "ref_ms_per_step": 1000 * dt_ref, "ref_tok_per_s": tok / dt_ref, "ref_mfu": fpt_ref * tok / dt_ref / peak,
-        "speedup": dt_ref / dt_ours,
+        "speedup": dt_ref / dt_ours, "dtype": dtype_name,
     }
 
 
@@ -150,21 +217,29 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="timed steps per round (default: 20 for a, 3 for b)")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of ours / reference")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--nanogpt", type=Path, default=None, help="a nanoGPT checkout: time its own model.py")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "auto"),
+                    help="our training dtype (auto: --loop.dtype auto's choice for each shape; nanoGPT: fp32)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the training loop does on CPU
+    nanogpt, ref_name = None, "our GPT-2-architecture reference (no --nanogpt given)"
+    if args.nanogpt is not None:
+        nanogpt, commit = load_nanogpt(args.nanogpt)
+        ref_name = f"nanoGPT's own model.py from {args.nanogpt} (commit {commit})"
     peak = matmul_peak()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
-          f"{', torch.compile' if args.compile else ', eager'}")
+    print(f"cpu: {hardware_info(torch.device('cpu'))['cpu']}; torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s{', torch.compile' if args.compile else ', eager'}")
+    print(f"reference (fp32): {ref_name}")
     print(f"{'shape':<6}{'params':>8}{'ms/step':>10}{'tok/s':>10}{'MFU':>7} | {'ref ms':>8}{'ref tok/s':>10}"
-          f"{'ref MFU':>8} | {'speedup':>7}")
+          f"{'ref MFU':>8} | {'speedup':>7}  ours in")
     for name in args.shapes:
         steps = args.steps or {"a": 20, "b": 3, "cpu": 5}[name]
-        r = bench_shape(name, steps, args.rounds, peak, args.compile)
+        r = bench_shape(name, steps, args.rounds, peak, args.compile, nanogpt, args.dtype)
         print(f"{r['shape']:<6}{r['params_M']:>7.2f}M{r['ms_per_step']:>10.1f}{r['tok_per_s']:>10,.0f}"
               f"{r['mfu']:>7.1%} | {r['ref_ms_per_step']:>8.1f}{r['ref_tok_per_s']:>10,.0f}{r['ref_mfu']:>8.1%} | "
-              f"{r['speedup']:>6.2f}x", flush=True)
+              f"{r['speedup']:>6.2f}x  {r['dtype']}", flush=True)
     print(f"peak memory (RSS) {peak_memory_mb():.0f} MB; fp32 matmul peak re-measured "
           f"{matmul_peak() / 1e9:.1f} GFLOP/s")
 

@@ -44,7 +44,9 @@ from cakelm.data import encode, stream
 from cakelm.stages import tokenizer as tokenizer_stage
 from cakelm.tokenizer import Tokenizer
 
-KINDS = ["txt", "jsonl", "jsonl.gz", "jsonl.zst", "parquet"]
+# jsonl first: the first run stops after --max-tokens 500,000, and a .txt file is one long document (so it would
+# hold no validation document)
+KINDS = ["jsonl", "txt", "jsonl.gz", "jsonl.zst", "parquet"]
 WORDS = ("the king queen lord lady love death night day sword crown heart blood fair foul sweet time speak hear see "
          "come go stay die live thou thee thy my your our what why how where when and but not no yes good ill man "
          "woman friend enemy house honour grace fortune heaven earth").split()

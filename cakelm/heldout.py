@@ -5,6 +5,9 @@
 - `chat_loss` / `heldout_loss` / `chat_evaluator`: loss per assistant token of chat batches (the SFT loss mask):
   what `cakelm sft` logs as val_loss (and per source) and `cakelm eval` reports as the chat loss.
 
+- `infill_spans` / `infill_exact_match`: fill-in-the-middle on held-out documents (a model pretrained with
+  --fim-rate): the share of gaps whose greedy middle is exactly the text that was cut out.
+
 Every evaluator splits its data over ranks and all-reduces sums, so a DDP run reports the numbers one process
 would. The loop calls evaluators under no_grad and eval mode.
 
@@ -22,7 +25,9 @@ import torch
 
 from cakelm.common import DistInfo, all_reduce_sum
 from cakelm.data.chat_batches import Seq, fixed_batches
+from cakelm.data.fim import FimIds
 from cakelm.data.shards import eval_batches
+from cakelm.engine import Engine, SamplingParams
 from cakelm.losses import bits_per_byte, lm_loss, token_nll
 from cakelm.tokenizer import Tokenizer
 
@@ -85,3 +90,84 @@ def chat_evaluator(val: dict[str, list[Seq]], pad_id: int, batch_size: int, pack
         return out
 
     return evaluate
+
+
+def infill_spans(tokens: np.ndarray, fim: FimIds, n: int, seed: int = 0, max_middle: int = 3, before: int = 48,
+                 after: int = 24) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Up to `n` (prefix, middle, suffix) token spans cut from held-out documents (seeded, distinct positions, at
+    most 20 n draws): a middle of 1 to max_middle tokens, with up to `before` tokens of its document before it and
+    `after` after; every cut (the prefix's start and the suffix's end included) where a character starts, none
+    across a document's <|bos|>. Draws whose prefix or suffix would be empty are skipped."""
+    rng = np.random.default_rng([seed, 7])
+    out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    high = len(tokens) - after - max_middle - 1  # one token past the suffix is read: does a character start there?
+    if high <= before:
+        return out
+    for a in dict.fromkeys(int(x) for x in rng.integers(before, high, size=20 * n)):  # distinct, in draw order
+        if len(out) == n:
+            break
+        b = a + int(rng.integers(1, max_middle + 1))
+        window = np.asarray(tokens[a - before: b + after + 1]).astype(np.int64)  # + the token after the suffix
+        lo, hi, end = before, before + (b - a), len(window) - 1  # middle [lo, hi); the suffix ends by `end`
+        bos = np.flatnonzero(window == fim.bos)
+        first = int(bos[bos < lo].max()) + 1 if (bos < lo).any() else 0  # this document's start
+        last = min(end, int(bos[bos >= lo].min())) if (bos >= lo).any() else end
+        if last <= hi or not (fim.starts_char[window[lo]] and fim.starts_char[window[hi]]):
+            continue  # the middle crosses a document boundary, or a cut falls inside a character
+        while first < lo and not fim.starts_char[window[first]]:
+            first += 1  # the prefix starts on a whole character
+        while last > hi and not fim.starts_char[window[last]]:
+            last -= 1  # and the suffix ends on one
+        if first < lo and hi < last:
+            out.append((window[first:lo], window[lo:hi], window[hi:last]))
+    return out
+
+
+@torch.no_grad()
+def infill_nll(model: torch.nn.Module, spans: list[tuple[np.ndarray, np.ndarray, np.ndarray]], fim: FimIds
+               ) -> dict[str, float]:
+    """How well the model predicts each cut-out middle, teacher-forced, in nats per token: after the PSM prompt
+    (it sees the suffix), and after <|bos|> prefix alone (left to right: what any model can do). The first lower than
+    the second means the model uses what comes after the gap. Also the nats of ending the middle there (<|bos|>)."""
+    device = next(model.parameters()).device
+    acc = np.zeros(3)  # nats of middles with the suffix, without it, of the ends
+    n_tokens = 0
+    for prefix, middle, suffix in spans:
+        psm = [fim.bos, fim.prefix, *prefix.tolist(), fim.suffix, *suffix.tolist(), fim.middle, *middle.tolist(),
+               fim.bos]
+        l2r = [fim.bos, *prefix.tolist(), *middle.tolist()]
+        for k, (ids, scored) in enumerate(((psm, len(middle) + 1), (l2r, len(middle)))):
+            idx = torch.tensor(ids, device=device)[None]
+            nll = token_nll(model(idx[:, :-1]), idx[:, 1:])[0, -scored:].double().cpu().numpy()  # (scored,)
+            acc[k] += nll[:len(middle)].sum()
+            if k == 0:
+                acc[2] += nll[-1]
+        n_tokens += len(middle)
+    n = max(len(spans), 1)
+    return {"nll_with_suffix": acc[0] / max(n_tokens, 1), "nll_left_to_right": acc[1] / max(n_tokens, 1),
+            "nll_end": acc[2] / n}
+
+
+def infill_exact_match(engine: Engine, spans: list[tuple[np.ndarray, np.ndarray, np.ndarray]], fim: FimIds,
+                       batch_size: int = 32) -> dict[str, Any]:
+    """Greedy middles for `spans` (PSM prompts: <|bos|> <pre> prefix <suf> suffix <mid>, stopping at <|bos|> or
+    a sentinel): the share whose text equals the cut-out middle's, the share that ended by themselves, and a few
+    examples; with `infill_nll`'s numbers."""
+    tok = engine.tok
+    prompts = [[tok.bos_id, fim.prefix, *p.tolist(), fim.suffix, *s.tolist(), fim.middle] for p, _, s in spans]
+    max_mid = max((len(m) for _, m, _ in spans), default=1)
+    params = SamplingParams(max_new_tokens=max_mid + 8, temperature=0.0,
+                            stop_ids=(tok.bos_id, fim.prefix, fim.suffix, fim.middle))
+    right, ended, examples = 0, 0, []
+    for i in range(0, len(prompts), batch_size):
+        for c in engine.generate(prompts[i:i + batch_size], params):
+            prefix, middle, suffix = spans[i + c.prompt_index]
+            want = tok.decode(middle.tolist())
+            right += c.text == want
+            ended += c.finish_reason == "stop"
+            if len(examples) < 5:
+                examples.append({"prefix": tok.decode(prefix.tolist())[-40:], "middle": want, "reply": c.text,
+                                 "suffix": tok.decode(suffix.tolist())[:30]})
+    n = len(spans)
+    return {"n": n, "exact_match": right / n if n else float("nan"), "ended": ended / n if n else float("nan"),
+            **infill_nll(engine.model, spans, fim), "examples": examples}

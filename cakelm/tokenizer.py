@@ -320,6 +320,14 @@ class Tokenizer:
                 raise CakeError(f"{cfg}: not a valid tokenizer config ({e})") from None
         return cls(hf, template)
 
+    def with_special_tokens(self, names: Iterable[str]) -> Tokenizer:
+        """A copy with these special tokens added at the end of the vocabulary (those it already has stay where
+        they are): every existing id keeps its meaning, so data encoded before reads the same."""
+        hf = HFTokenizer.from_str(self.hf.to_str())
+        new = [n for n in names if hf.token_to_id(n) is None]
+        hf.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in new])
+        return Tokenizer(hf, self.template if self.template is not CAKELM_TEMPLATE else None)
+
     def save(self, path: str | Path) -> None:
         from cakelm.common import write_text_atomic
 

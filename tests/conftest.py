@@ -44,6 +44,9 @@ def make_corpus(folder: Path, n_docs: int = 12, words_per_doc: int = 3000, seed:
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CAKELM_HOME", str(tmp_path_factory.getbasetemp() / "cakelm_home"))
+    # --loop.dtype auto probes the machine's speed; tests must not depend on what a timing picks (a test of the
+    # probe itself deletes this)
+    monkeypatch.setenv("CAKELM_AUTO_DTYPE", "fp32")
     torch.manual_seed(0)
 
 

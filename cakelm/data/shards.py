@@ -16,7 +16,7 @@ with world_size ranks each rank takes its own rows of the same global batch: 2 r
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -142,8 +142,12 @@ class TokenBatches:
     a streamed corpus, read lazily: each rank reads only its own rows)."""
 
     def __init__(self, tokens: np.ndarray | ShardedTokens, seq_len: int, batch_size: int, grad_accum: int = 1,
-                 rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
-        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+                 rank: int = 0, world_size: int = 1, seed: int = 0,
+                 transform: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None) -> None:
+        """`transform(row, rng)`, if given, rewrites each window (T+1 ids) before it is cut into input and target
+        (fill-in-the-middle: cakelm.data.fim.fim_row), with a generator seeded by (seed, global row): the same
+        row gets the same rewrite on any rank layout and on resume."""
+        self.tokens, self.seq_len, self.batch_size, self.transform = tokens, seq_len, batch_size, transform
         self.grad_accum, self.rank, self.world_size, self.seed = grad_accum, rank, world_size, seed
         self.n_windows = (len(tokens) - 1) // seq_len
         if self.n_windows < 1:
@@ -167,6 +171,9 @@ class TokenBatches:
         first = step * self.rows_per_step + (micro * self.world_size + self.rank) * self.batch_size
         T = self.seq_len
         rows = [self.tokens[w * T: w * T + T + 1] for w in (self._window(first + i) for i in range(self.batch_size))]
+        if self.transform is not None:
+            rows = [self.transform(np.asarray(r), np.random.default_rng([self.seed, 1, first + i]))
+                    for i, r in enumerate(rows)]
         xy = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
         return {"input": xy[:, :-1], "target": xy[:, 1:], "n": self.batch_size * T}
 

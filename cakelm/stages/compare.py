@@ -48,6 +48,7 @@ from cakelm.common import (
     code_version,
     hardware_info,
     pick_device,
+    pick_dtype,
     print0,
     read_json,
     seed_everything,
@@ -166,8 +167,12 @@ def _no_save(step: int, metrics: dict, train_state: dict, final: bool) -> None:
 
 def _loop(cfg: CompareConfig, batch_size: int, max_steps: int, eval_every: int, log_every: int,
           progress: bool) -> LoopConfig:
+    # both models race in one dtype: `auto` is bf16 on CUDA and fp32 elsewhere here (the loop's CPU probe would time
+    # each model on its own and could pick differently for the two)
+    dtype = cfg.dtype if cfg.dtype != "auto" else \
+        "bf16" if pick_dtype("auto", pick_device(cfg.device)) == torch.bfloat16 else "fp32"
     return LoopConfig(max_steps=max_steps, batch_size=batch_size, eval_every=eval_every, eval_tokens=cfg.eval_tokens,
-                      log_every=log_every, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, progress=progress)
+                      log_every=log_every, device=cfg.device, dtype=dtype, seed=cfg.seed, progress=progress)
 
 
 def speed_test(cfg: CompareConfig, tokens: np.ndarray, vocab_size: int, contexts: list[int], device: torch.device

@@ -16,6 +16,12 @@ follows --shots worked examples from the training problems, so it can pick up th
 `chat`: loss per assistant token (nats) on held-out conversations (the ones `cakelm sft` holds out), in the
 format the model speaks.
 
+`infill` (a model pretrained with --fim-rate): gaps of 1-3 tokens cut from the validation documents of
+--infill-data (a `cakelm tokenizer` folder), each with up to 48 tokens before and 24 after; accuracy is the share
+of greedy middles that are exactly the text cut out, "ends turn" the share that ended by themselves, and the
+row adds the cut-out tokens' loss after the prompt with the suffix and after the prefix alone
+(`cakelm.heldout.infill_exact_match`, `infill_nll`).
+
 Prints a table; --json writes the results (with a few example replies per task).
 """
 
@@ -35,13 +41,15 @@ from cakelm.common import CakeError, pick_device, print0, seed_everything, write
 from cakelm.config import ConfigError, opt
 from cakelm.data.chat import read_chat_jsonl, train_and_heldout
 from cakelm.data.chat_batches import encode_examples, fixed_batches
+from cakelm.data.fim import FimIds
+from cakelm.data.shards import open_tokens
 from cakelm.engine import Engine, SamplingParams
-from cakelm.heldout import heldout_loss
+from cakelm.heldout import heldout_loss, infill_exact_match, infill_spans
 from cakelm.model import Transformer
 from cakelm.tasks import TASKS, is_correct, make_problems
 from cakelm.tokenizer import Tokenizer
 
-EVALS = (*TASKS, "chat")
+EVALS = (*TASKS, "chat", "infill")
 
 
 @dataclass
@@ -52,6 +60,8 @@ class EvalConfig:
     limit: int = opt(200, "held-out problems (or conversations, for chat) per task")
     shots: int = opt(3, "worked examples before each question when the model speaks the playscript")
     chat_data: str = opt("chitchat", "conversations for the chat loss (a chat source, as in `cakelm sft`)")
+    infill_data: str = opt("runs/default/tokenizer", "infill: the `cakelm tokenizer` folder whose validation "
+                           "documents the gaps are cut from")
     max_new_tokens: int = opt(96, "longest reply in tokens")
     batch_size: int = opt(32, "questions generated at once")
     playscript: bool | None = opt(None, "ask as a plain-text playscript (default: from the checkpoint)")
@@ -154,6 +164,19 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     for task in cfg.tasks:
         if task == "chat":
             out["chat"] = chat_heldout_loss(model, tok, fmt, cfg)
+        elif task == "infill":
+            fim = FimIds.of(tok)
+            data_tok = Tokenizer.load(Path(cfg.infill_data) / "tokenizer.json")
+            ours = tok.hf.get_vocab(with_added_tokens=True)
+            if any(ours.get(t) != i for t, i in data_tok.hf.get_vocab(with_added_tokens=True).items()):
+                raise CakeError(f"--infill-data {cfg.infill_data}: encoded with another tokenizer than {cfg.ckpt}'s")
+            val = open_tokens(cfg.infill_data, "val", data_tok.vocab_size)
+            room = engine.context - 16  # 4 special tokens, a middle of up to 3 tokens and its 8 spare
+            spans = infill_spans(val, fim, cfg.limit, cfg.seed, before=min(48, room * 2 // 3), after=min(24, room // 3))
+            r = infill_exact_match(engine, spans, fim, cfg.batch_size)
+            out["tasks"]["infill"] = {"n": r["n"], "too_long": 0, "accuracy": r["exact_match"],
+                                      "end_of_turn": r["ended"], **{k: v for k, v in r.items() if "nll" in k},
+                                      "examples": r["examples"]}
         else:
             out["tasks"][task] = task_accuracy(engine, fmt, task, cfg)
     out["seconds"] = time.time() - t0
@@ -173,7 +196,9 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
             label = label if len(label) <= 24 else "..." + label[-21:]
             lines.append(f"{name:<12} {r['format']:<10} {label:<24} {t['n']:>5} {pct(t['accuracy']):>9} "
                          f"{pct(t['end_of_turn']):>10}" + (f"  ({t['too_long']} too long for the context)"
-                                                            if t["too_long"] else ""))
+                                                            if t["too_long"] else "")
+                         + (f"  (gap tokens: {t['nll_with_suffix']:.3f} nats with the suffix, "
+                            f"{t['nll_left_to_right']:.3f} without)" if "nll_with_suffix" in t else ""))
         if r.get("rlhf"):
             h = r["rlhf"]
             lines.append(f"{name:<12} {r['format']:<10} {'gold / proxy / KL':<24} {h['n']:>5} {h['gold']:>9.3f}  "
