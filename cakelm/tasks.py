@@ -76,6 +76,20 @@ def is_correct(reply: str, answer: str) -> bool:
     return got is not None and got == final_number(answer)
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k (the chance that at least one of k samples is right) from n >= k samples of
+    which c are right: 1 - C(n-c, k) / C(n, k), computed as 1 - prod_{i=n-c+1..n} (1 - k/i) so large n cannot
+    overflow (Chen et al. 2021, "Evaluating Large Language Models Trained on Code", the Codex paper, Fig. 3)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    p = 1.0
+    for i in range(n - c + 1, n + 1):
+        p *= 1.0 - k / i
+    return 1.0 - p
+
+
 def _bucket(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little") % EVAL_BUCKETS
 

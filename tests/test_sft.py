@@ -176,3 +176,57 @@ def test_ddp_two_processes_match_one(base, toy, tmp_path) -> None:
     assert load_meta(tmp_path / "ddp")["world_size"] == 2
     for a, b in zip(losses(single), losses(tmp_path / "ddp"), strict=True):
         assert abs(a - b) < 1e-4
+
+
+def test_pass_at_k_by_hand() -> None:
+    from math import comb
+
+    from cakelm.tasks import pass_at_k
+
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert pass_at_k(5, 2, 3) == pytest.approx(0.9)  # 1 - C(3,3)/C(5,3) = 1 - 1/10
+    assert pass_at_k(10, 0, 5) == 0.0 and pass_at_k(10, 10, 1) == 1.0 and pass_at_k(4, 3, 2) == 1.0
+    assert pass_at_k(200, 1, 100) == pytest.approx(0.5)  # 1 - C(199,100)/C(200,100): no overflow at large n
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 30)
+        c, k = rng.randint(0, n), rng.randint(1, n)
+        assert pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k), abs=1e-12)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+def test_eval_pass_at_k(base, tmp_path, monkeypatch) -> None:
+    """pass@k over sampled replies: the mean of the unbiased estimate per problem, each problem seeded on its own
+    (so the numbers repeat), and off unless asked for."""
+    from types import SimpleNamespace
+
+    from cakelm.tasks import pass_at_k
+
+    right = {0: 0, 1: 1, 2: 3, 3: 4}  # problem -> how many of its 4 samples are right
+
+    class Fake:
+        def generate(self, prompts, params, n, seeds):
+            assert params.temperature == 0.8 and n == 4 and len(seeds) == len(prompts)
+            return [SimpleNamespace(prompt_index=p, text="yes" if s < right[int(prompts[p][0])] else "no")
+                    for p in range(len(prompts)) for s in range(n)]
+
+    cfg = build_config(eval_stage.EvalConfig, ("test", {"ckpt": "x", "pass_k": [1, 4, 2], "batch_size": 8}))
+    monkeypatch.setattr(eval_stage, "is_correct", lambda text, answer: text == "yes")
+    got = eval_stage.sampled_pass_at_k(Fake(), [[p] for p in range(4)], ["a"] * 4,
+                                       eval_stage.SamplingParams(max_new_tokens=5), cfg)
+    assert list(got) == ["1", "2", "4"]
+    for k in (1, 2, 4):
+        assert got[str(k)] == pytest.approx(sum(pass_at_k(4, c, k) for c in right.values()) / 4)
+    monkeypatch.undo()
+    path = tmp_path / "e.json"
+    argv = ["eval", str(base), "--tasks", "arithmetic", "--limit", "6", "--max-new-tokens", "4", "--pass-k", "1", "4",
+            "--json", str(path)]
+    assert cli(argv) == 0
+    first = json.loads(path.read_text())["tasks"]["arithmetic"]["pass_at_k"]
+    assert set(first) == {"1", "4"} and 0 <= first["1"] <= first["4"] <= 1
+    assert cli(argv) == 0 and json.loads(path.read_text())["tasks"]["arithmetic"]["pass_at_k"] == first
+    assert cli(["eval", str(base), "--pass-k", "0"]) == 2

@@ -13,6 +13,9 @@ of conversations, each with an "answer"):
 A chat model is asked directly. A base model speaks the playscript (see `chat_format.py`), and each question
 follows --shots worked examples from the training problems, so it can pick up the answer format.
 
+--pass-k 1 4 16: also max(k) sampled replies per problem (--pass-temperature) and the unbiased pass@k of each k
+(Chen et al. 2021): whether a model can sample right answers that its greedy reply misses.
+
 `chat`: loss per assistant token (nats) on held-out conversations (the ones `cakelm sft` holds out), in the
 format the model speaks.
 
@@ -46,7 +49,7 @@ from cakelm.data.shards import open_tokens
 from cakelm.engine import Engine, SamplingParams
 from cakelm.heldout import heldout_loss, infill_exact_match, infill_spans
 from cakelm.model import Transformer
-from cakelm.tasks import TASKS, is_correct, make_problems
+from cakelm.tasks import TASKS, is_correct, make_problems, pass_at_k
 from cakelm.tokenizer import Tokenizer
 
 EVALS = (*TASKS, "chat", "infill")
@@ -69,6 +72,9 @@ class EvalConfig:
     device: str = opt("auto", "device", choices=("auto", "cpu", "cuda", "mps"))
     seed: int = opt(0, "random seed (which few-shot examples are shown)")
     progress: bool = opt(True, "show a progress bar while generating")
+    pass_k: list[int] = opt([], "also sample max(k) replies per problem at --pass-temperature and report the unbiased "
+                            "pass@k for each k (Chen et al. 2021), e.g. --pass-k 1 4 16; off by default")
+    pass_temperature: float = opt(0.8, "sampling temperature of the pass@k replies")
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in EVALS and not t.endswith(".jsonl")]
@@ -76,6 +82,8 @@ class EvalConfig:
             raise ConfigError(f"--tasks: unknown {', '.join(bad) or '(none given)'} (choose from {', '.join(EVALS)})")
         if self.limit < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.shots < 0:
             raise ConfigError("--limit, --max-new-tokens and --batch-size must be >= 1, --shots >= 0")
+        if any(k < 1 or k > 256 for k in self.pass_k) or self.pass_temperature <= 0:
+            raise ConfigError("--pass-k values must be in 1..256 and --pass-temperature > 0")
 
 
 def load_task(task: str, limit: int) -> list[tuple[list[Message], str]]:
@@ -116,7 +124,7 @@ def task_accuracy(engine: Engine, fmt: str, task: str, cfg: EvalConfig) -> dict[
     stop_ids, stop_strings = stop_rules(tok, fmt)
     params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop_ids=stop_ids, stop_strings=stop_strings)
     correct = ended = reply_tokens = 0
-    examples = []
+    examples: list[dict[str, Any]] = []
     bar = tqdm(total=len(prompts), desc=f"eval {Path(task).name}", unit="q", dynamic_ncols=True, leave=False,
                disable=not cfg.progress)
     for i in range(0, len(prompts), cfg.batch_size):
@@ -132,9 +140,29 @@ def task_accuracy(engine: Engine, fmt: str, task: str, cfg: EvalConfig) -> dict[
                 examples.append({"question": question, "reply": c.text.strip(), "answer": answer, "correct": ok})
     bar.close()
     n = len(kept)
-    return {"n": n, "too_long": len(problems) - n, "accuracy": correct / n if n else float("nan"),
-            "end_of_turn": ended / n if n else float("nan"), "reply_tokens": reply_tokens / n if n else float("nan"),
-            "shots": len(shots), "examples": examples}
+    out = {"n": n, "too_long": len(problems) - n, "accuracy": correct / n if n else float("nan"),
+           "end_of_turn": ended / n if n else float("nan"), "reply_tokens": reply_tokens / n if n else float("nan"),
+           "shots": len(shots), "examples": examples}
+    if cfg.pass_k and n:
+        out["pass_at_k"] = sampled_pass_at_k(engine, prompts, [a for _, a in kept], params, cfg)
+    return out
+
+
+def sampled_pass_at_k(engine: Engine, prompts: list[list[int]], answers: list[str], greedy: SamplingParams,
+                      cfg: EvalConfig) -> dict[str, float]:
+    """max(k) replies per problem at cfg.pass_temperature (each problem seeded on its own), and the mean over the
+    problems of the unbiased pass@k for each k in cfg.pass_k (`cakelm.tasks.pass_at_k`)."""
+    samples = max(cfg.pass_k)
+    params = SamplingParams(max_new_tokens=greedy.max_new_tokens, temperature=cfg.pass_temperature,
+                            stop_ids=greedy.stop_ids, stop_strings=greedy.stop_strings)
+    right = [0] * len(prompts)
+    per_batch = max(1, cfg.batch_size // samples)
+    for i in range(0, len(prompts), per_batch):
+        batch = prompts[i:i + per_batch]
+        seeds = [cfg.seed * 1_000_003 + i + j for j in range(len(batch))]
+        for c in engine.generate(batch, params, n=samples, seeds=seeds):
+            right[i + c.prompt_index] += is_correct(c.text, answers[i + c.prompt_index])
+    return {str(k): sum(pass_at_k(samples, c, k) for c in right) / len(right) for k in sorted(set(cfg.pass_k))}
 
 
 def chat_heldout_loss(model: Transformer, tok: Tokenizer, fmt: str, cfg: EvalConfig) -> dict[str, Any]:
@@ -198,7 +226,9 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
                          f"{pct(t['end_of_turn']):>10}" + (f"  ({t['too_long']} too long for the context)"
                                                             if t["too_long"] else "")
                          + (f"  (gap tokens: {t['nll_with_suffix']:.3f} nats with the suffix, "
-                            f"{t['nll_left_to_right']:.3f} without)" if "nll_with_suffix" in t else ""))
+                            f"{t['nll_left_to_right']:.3f} without)" if "nll_with_suffix" in t else "")
+                         + ("  " + ", ".join(f"pass@{k} {pct(v)}" for k, v in t["pass_at_k"].items())
+                            if "pass_at_k" in t else ""))
         if r.get("rlhf"):
             h = r["rlhf"]
             lines.append(f"{name:<12} {r['format']:<10} {'gold / proxy / KL':<24} {h['n']:>5} {h['gold']:>9.3f}  "
