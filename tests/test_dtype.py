@@ -121,3 +121,18 @@ def test_gpu_throughput_script_runs_on_cpu() -> None:
     row = next(line for line in run.stdout.splitlines() if line.startswith("eager"))
     first, last = (float(x) for x in re.search(r"(\d+\.\d+) -> (\d+\.\d+)", row).groups())
     assert last < first and "True" in row  # fused AdamW on CPU too
+
+
+def test_the_probe_stops_early_where_bf16_is_emulated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU without bf16 units (bf16 ~25x slower), one warm-up pass of each is enough to say no."""
+    calls = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock) * 1.0)
+
+    def step(dtype):  # fp32 passes take 1 tick, bf16 passes 25
+        calls.append(dtype)
+        for _ in range(24 if dtype == torch.bfloat16 else 0):
+            next(clock)
+
+    assert step_speedup(step) == pytest.approx(1 / 25)
+    assert calls == [torch.float32, torch.bfloat16]
