@@ -93,6 +93,12 @@ def worker(rank: int, world: int, mode: str, cfg: ModelConfig, optim: str, batch
                     o.zero_grad(set_to_none=True)
         row = measure(model, optimizers)
         torch.save(row, Path(results) / f"{mode}-{rank}.pt")
+        dist.barrier()  # every collective of every rank done
+        # DDP's reducer holds the process group: dropped here, while the group is still registered, it leaves the
+        # group's destruction to destroy_process_group. Dropped last, at the function's exit, it destroyed the
+        # group itself, joining gloo's worker thread while holding the GIL that thread was waiting for (a hang
+        # seen once in CI: ProcessGroupGloo::~ProcessGroupGloo in Reducer::~Reducer).
+        del fwd, model, optimizers
     finally:
         dist.destroy_process_group()
 
