@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cakelm.common import hardware_info, keep_freed_memory, peak_memory_mb, pick_dtype
-from cakelm.loop import BF16_MIN_SPEEDUP, autocast, step_speedup
+from cakelm.loop import BF16_MIN_SPEEDUP, autocast, probe_step, step_speedup
 from cakelm.losses import lm_loss
 from cakelm.model import ModelConfig, Transformer, flops_per_token
 from cakelm.optim import OptimConfig, build_optimizers
@@ -132,7 +132,7 @@ def make_step(forward_loss, params, optimizers: list[torch.optim.Optimizer], dty
     params = list(params)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with autocast(torch.device("cpu"), dtype):
             loss = forward_loss()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -160,13 +160,7 @@ def bench_shape(name: str, steps: int, rounds: int, peak: float, compile: bool, 
         return loss / n
 
     if dtype_name == "auto":  # what --loop.dtype auto would choose: cakelm.loop's probe of this step, its threshold
-        def probe(dt: torch.dtype) -> None:
-            with autocast(torch.device("cpu"), dt):
-                loss = ours_loss()
-            loss.backward()
-            ours.zero_grad(set_to_none=True)
-
-        speedup = step_speedup(probe)
+        speedup = step_speedup(probe_step(ours, ours_loss, torch.device("cpu")))
         dtype = torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else torch.float32
         dtype_name = f"auto: {'bf16' if dtype == torch.bfloat16 else 'fp32'}, probe {speedup:.2f}x"
     else:

@@ -195,6 +195,18 @@ def step_speedup(step: Callable[[torch.dtype], None], repeats: int = 3) -> float
     return best[torch.float32] / best[torch.bfloat16]
 
 
+def probe_step(model: nn.Module, loss_of: Callable[[], torch.Tensor], device: torch.device
+               ) -> Callable[[torch.dtype], None]:
+    """What `step_speedup` times: the loss `loss_of()` under autocast to the given dtype, its backward, and the
+    gradients dropped (nothing of the probe reaches training)."""
+    def step(dtype: torch.dtype) -> None:
+        with autocast(device, dtype):
+            loss = loss_of()
+        loss.float().backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
 def train_dtype(cfg: LoopConfig, device: torch.device, info: DistInfo, resume_state: dict[str, Any] | None,
                 step: Callable[[torch.dtype], None] | None) -> torch.dtype:
     """The autocast dtype of this run, said once. fp32/bf16 as asked; `auto`: the dtype of the run being resumed
@@ -324,12 +336,7 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
     start_step = int(resume_state["step"]) if resume_state is not None else 0
     probe = None  # this stage's step on its first batch, when the batches are a pure function of (step, micro)
     if not sharded and not hasattr(batches, "state_dict") and getattr(batches, "reads_model", None) is None:
-        def probe(dt: torch.dtype) -> None:
-            with autocast(device, dt):
-                loss_sum, _ = loss_fn(model, _to(batches.get(start_step, 0), device))
-            loss_sum.float().backward()
-            model.zero_grad(set_to_none=True)
-
+        probe = probe_step(model, lambda: loss_fn(model, _to(batches.get(start_step, 0), device))[0], device)
     dtype = train_dtype(cfg, device, info, resume_state, probe)
     if fsdp and not info.enabled:
         print0("--loop.parallel fsdp: one process, nothing to shard: training unsharded (the optimizer state is still "
