@@ -17,6 +17,7 @@ from cakelm.data.fim import FIM_TOKENS, FimIds, cut_points, fim_permute, fim_row
 from cakelm.data.shards import TokenBatches
 from cakelm.heldout import infill_exact_match, infill_spans
 from cakelm.model import ModelConfig, Transformer
+from cakelm.stages import eval as eval_stage
 from cakelm.stages import pretrain, sample
 from cakelm.tokenizer import Tokenizer
 from tests.test_loop import MICRO
@@ -140,6 +141,13 @@ def test_pretrain_with_fim_and_fill_the_middle(tok_dir, tmp_path) -> None:
     with pytest.raises(CakeError, match="has none: pretrain from scratch"):
         pretrain.main(build_config(pretrain.PretrainConfig, ("test", {
             **MICRO, "data": str(tok_dir), "out": str(tmp_path / "cont"), "init": str(plain), "fim_rate": 0.5})))
+    # gaps cut from data another tokenizer encoded would be other text: refused before anything runs
+    other = tmp_path / "other"
+    other.mkdir()
+    Tokenizer.train(["a b c d e f"] * 50, vocab_size=300).save(other / "tokenizer.json")
+    with pytest.raises(CakeError, match="encoded with another tokenizer"):
+        eval_stage.evaluate_checkpoint(build_config(eval_stage.EvalConfig, ("test", {
+            "ckpt": str(out), "tasks": ["infill"], "infill_data": str(other), "progress": False})))
     with pytest.raises(ConfigError, match="fim-rate must be in"):
         build_config(pretrain.PretrainConfig, ("test", {"fim_rate": 1.5}))
     with pytest.raises(ConfigError, match="one or the other"):

@@ -157,11 +157,15 @@ def sampled_pass_at_k(engine: Engine, prompts: list[list[int]], answers: list[st
                             stop_ids=greedy.stop_ids, stop_strings=greedy.stop_strings)
     right = [0] * len(prompts)
     per_batch = max(1, cfg.batch_size // samples)
+    bar = tqdm(total=len(prompts), desc=f"pass@k, {samples} samples each", unit="q", dynamic_ncols=True, leave=False,
+               disable=not cfg.progress)
     for i in range(0, len(prompts), per_batch):
         batch = prompts[i:i + per_batch]
         seeds = [cfg.seed * 1_000_003 + i + j for j in range(len(batch))]
         for c in engine.generate(batch, params, n=samples, seeds=seeds):
             right[i + c.prompt_index] += is_correct(c.text, answers[i + c.prompt_index])
+        bar.update(len(batch))
+    bar.close()
     return {str(k): sum(pass_at_k(samples, c, k) for c in right) / len(right) for k in sorted(set(cfg.pass_k))}
 
 
