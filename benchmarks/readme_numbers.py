@@ -3,21 +3,24 @@
     python benchmarks/readme_numbers.py runs/default                   # print the README's tables for this run
     python benchmarks/readme_numbers.py runs/default --check README.md # exit 1 if README.md shows other numbers
 
-It prints the machine line and three blocks: the stage table ("What it gives on 2 CPU cores": each stage's time
+It prints the machine line and these blocks: the stage table ("What it gives on 2 CPU cores": each stage's time
 and result, from RUN/pipeline.json, which `cakelm pipeline` rewrites at every invocation: run the whole pipeline in
-one go, or keep a copy of that run's record and pass it with --pipeline), the models table (from RUN/eval.json, as
-the run's report.md shows it) and the evaluation of base, sft and grpo as `cakelm eval` prints it (the SFT and GRPO
-sections). With --check, every row must appear verbatim in the given README; the rows that do not are printed.
+one go, or keep a copy of that run's record and pass it with --pipeline), the models table, the arithmetic,
+sycophancy and chat-replies tables (from RUN/eval.json, as the run's report.md shows them) and the evaluation of
+base, sft and grpo as `cakelm eval` prints it (the SFT and GRPO sections). With --check, every row must appear
+verbatim in the given README; the rows that do not are printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from cakelm.common import CakeError, read_json
 from cakelm.report import fmt, models_section
+from cakelm.report_skills import arithmetic_section, replies_section, sycophancy_section
 from cakelm.stages.eval import format_results
 
 
@@ -36,9 +39,9 @@ def stage_table(record: Path) -> list[str]:
     return rows
 
 
-def models_table(run: Path) -> list[str]:
-    """The report's models table (section 3) as markdown."""
-    table = next(b for b in models_section(run) if b[0] == "table")
+def models_table(run: Path, section: Callable[[Path], list[tuple]] = models_section) -> list[str]:
+    """The first table of a report section (by default the models table) as markdown."""
+    table = next(b for b in section(run) if b[0] == "table")
     _, headers, rows = table
     return ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|",
             *("| " + " | ".join(row) + " |" for row in rows)]
@@ -65,7 +68,10 @@ def main() -> int:
     args = ap.parse_args()
     record = args.pipeline or args.run / "pipeline.json"
     try:
-        blocks = {"stages": stage_table(record), "models": models_table(args.run), "eval": eval_block(args.run)}
+        blocks = {"stages": stage_table(record), "models": models_table(args.run),
+                  "arithmetic": models_table(args.run, arithmetic_section),
+                  "sycophancy": models_table(args.run, sycophancy_section),
+                  "replies": models_table(args.run, replies_section), "eval": eval_block(args.run)}
         machine = machine_line(record)
     except (CakeError, KeyError, StopIteration) as e:
         print(f"error: {args.run}: not a complete pipeline run ({type(e).__name__}: {e})", file=sys.stderr)

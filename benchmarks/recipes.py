@@ -8,10 +8,11 @@ the README were chosen).
     python benchmarks/recipes.py grpo --init runs/default/sft --max-steps 5    # a quick smoke run
     python benchmarks/recipes.py dpo --init runs/default/sft                   # DPO variants, ~1.5 min each
     python benchmarks/recipes.py rloo --init runs/default/sft                  # RLOO variants, 1-3.5 min each
+    python benchmarks/recipes.py ppo --init runs/default/sft                   # PPO variants, ~1 min each
 
-For dpo and rloo, every row (and a first row for --init itself) also has the rater's gold reward, the reward
-model's score and the KL to --init on the held-out prompts of runs/default/prefs (4 replies each, sampled with
-seed 0), scored by runs/default/rm (the pipeline's preference data and reward model).
+For dpo, ppo and rloo, every row (and a first row for --init itself) also has the rater's gold reward, the reward
+model's score and the KL to --init on the held-out prompts of RUN/prefs (4 replies each, sampled with seed 0),
+scored by RUN/rm (the pipeline's preference data and reward model; --run, default runs/default).
 
 Each variant is a set of the stage's options on top of its defaults. Time is the whole stage, data preparation
 included; accuracy comes from `cakelm eval` (greedy) on --limit held-out arithmetic problems (200 problems leave
@@ -43,7 +44,9 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "b64x180": {"loop.batch_size": 64, "loop.max_steps": 180},
     },
     "grpo": {
-        "default": {},  # AdamW 1e-4, 80 steps x 16 prompts x 8 replies, exact match
+        "default": {},  # AdamW 1e-4, 60 steps x 16 prompts x 8 replies, exact match
+        "steps120": {"loop.max_steps": 120},  # twice the budget
+        "32x8-lr2e-4": {"prompts_per_step": 32, "optim.lr": 2e-4},  # twice the replies per step, at 2x the rate
         "lr3e-4": {"optim.lr": 3e-4, "loop.max_steps": 60},
         "t0.7": {"temperature": 0.7},
         "dr-grpo": {"scale_rewards": "none", "aggregation": "constant"},
@@ -52,12 +55,23 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "32x8": {"prompts_per_step": 32, "loop.max_steps": 40},
     },
     "dpo": {  # evaluations during training off: they sample, and take longer than the training
-        "default": {"loop.eval_every": 0},  # sigmoid, beta 0.1, RPO alpha 1, AdamW 1e-4, 40 steps x 32 pairs
+        "default": {"loop.eval_every": 0},  # sigmoid, beta 0.1, RPO alpha 4, AdamW 1e-4, 40 steps x 32 pairs
+        "rpo1": {"rpo_alpha": 1.0, "loop.eval_every": 0},
         "plain": {"rpo_alpha": 0.0, "loop.eval_every": 0},
         "beta0.3": {"rpo_alpha": 0.0, "beta": 0.3, "loop.eval_every": 0},
         "lr5e-5": {"rpo_alpha": 0.0, "optim.lr": 5e-5, "loop.eval_every": 0},
         "steps20": {"rpo_alpha": 0.0, "loop.max_steps": 20, "loop.eval_every": 0},
-        "rpo-lr5e-5": {"optim.lr": 5e-5, "loop.eval_every": 0},
+        "rpo1-lr5e-5": {"rpo_alpha": 1.0, "optim.lr": 5e-5, "loop.eval_every": 0},
+        "rpo2": {"rpo_alpha": 2.0, "loop.eval_every": 0},
+        "rpo2-beta0.3": {"rpo_alpha": 2.0, "beta": 0.3, "loop.eval_every": 0},
+        "rpo1-steps20": {"rpo_alpha": 1.0, "loop.max_steps": 20, "loop.eval_every": 0},
+    },
+    "ppo": {  # evaluations during training off, as for dpo
+        "default": {"loop.eval_every": 0},  # 48 steps x 64 replies, KL 0.1, the reward model alone
+        "em2": {"verifiers": ["exact_match=2"], "loop.eval_every": 0},
+        "kl0.3": {"kl_coef": 0.3, "loop.eval_every": 0},
+        "em2-kl0.3": {"verifiers": ["exact_match=2"], "kl_coef": 0.3, "loop.eval_every": 0},
+        "em4-kl0.3": {"verifiers": ["exact_match=4"], "kl_coef": 0.3, "loop.eval_every": 0},
     },
     "rloo": {  # evaluations during training off, as for dpo; every row names its prompts x replies per step
         "8x8": {"loop.eval_every": 0},  # the default: arithmetic + chitchat, exact match + reward model, KL 0.05
@@ -72,8 +86,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
 }
 
 
-def preference_judge(init: str, prefs: str = "runs/default/prefs", rm: str = "runs/default/rm",
-                     max_new_tokens: int = 64) -> RLHFEval:
+def preference_judge(init: str, prefs: str, rm: str, max_new_tokens: int = 64) -> RLHFEval:
     """Gold, proxy and KL to --init on the held-out prompts of the pipeline's preference data."""
     ref, tok, _ = load_model(init)
     rows = heldout_rows(prefs, load_prefs(prefs)[1], tok, ref.cfg.max_seq_len - max_new_tokens)
@@ -88,6 +101,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=None, help="names from the stage's table (default: all)")
     ap.add_argument("--max-steps", type=int, default=0, help="override every variant's steps (0 = keep)")
     ap.add_argument("--limit", type=int, default=200, help="held-out problems to evaluate")
+    ap.add_argument("--run", type=Path, default=Path("runs/default"), help="the pipeline run whose preference data "
+                    "(RUN/prefs) and reward model (RUN/rm) dpo, ppo and rloo use and are judged with")
     args = ap.parse_args()
     table = VARIANTS[args.stage]
     names = args.variants or list(table)
@@ -95,7 +110,12 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown {args.stage} variants {unknown}; choose from {list(table)}")
     cls, run = STAGE[args.stage].config, STAGE[args.stage].main
-    judge = preference_judge(args.init) if args.stage in ("dpo", "rloo") else None
+    rlhf = args.stage in ("dpo", "ppo", "rloo")
+    prefs, rm = str(args.run / "prefs"), str(args.run / "rm")
+    judge = preference_judge(args.init, prefs, rm) if rlhf else None
+    # where the stage reads the run's preference data and reward model (rloo: the reward model only)
+    inputs = {"dpo": {"data": prefs, "reward_model": rm}, "ppo": {"data": prefs, "reward_model": rm},
+              "rloo": {"reward_model": rm}}.get(args.stage, {})
 
     def measure(ckpt: str) -> tuple[float, float, dict[str, float]]:
         ev = build_config(eval_stage.EvalConfig, ("benchmark", {"ckpt": ckpt, "tasks": ["arithmetic"],
@@ -109,7 +129,7 @@ def main() -> None:
         for name in names:
             opts = {**table[name], **({"loop.max_steps": args.max_steps} if args.max_steps else {})}
             cfg = build_config(cls, ("variant " + name, opts), ("benchmark", {
-                "init": args.init, "out": str(Path(tmp) / name), "loop.progress": False}))
+                "init": args.init, "out": str(Path(tmp) / name), "loop.progress": False, **inputs}))
             t0 = time.time()
             run(cfg)
             rows.append((name, cfg.loop.max_steps, time.time() - t0, *measure(str(Path(tmp) / name))))

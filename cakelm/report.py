@@ -15,6 +15,11 @@ Sections, each from its own file (a missing file gives a "not run" note, so a pa
   7. RLHF rounds (`cakelm pipeline --with rounds`)                              RUN/rounds.json
   8. Answers side by side                                                        RUN/answers.json
   9. Transformer vs LSTM (`cakelm compare`)                                        RUN/compare/compare.json
+ 10. Arithmetic in detail: per operation, new wordings, pass@k, worked steps      RUN/eval.json
+ 11. Sycophancy: agreement with users' wrong and right claims                     RUN/eval.json
+ 12. Loops in chat replies: repeated 4-grams, distinct replies                    RUN/eval.json
+ 13. RL needs a competent start: GRPO from base vs from SFT                      RUN/rl_start.json
+     (10-13: `cakelm.report_skills`; RUN/sycophancy.json adds how a rater teaches sycophancy to 11)
 
 report.html embeds its images as base64 PNG data URIs and its CSS inline: no network, no JavaScript, one file to
 mail around. report.md links the same images as files in RUN/report_files/. Both are rendered from one list of
@@ -43,6 +48,7 @@ from cakelm.report_render import (
     render_html,
     render_markdown,
 )
+from cakelm.report_skills import SKILL_SECTIONS
 from cakelm.stages.table import MODELS, STAGES
 
 MODEL_ORDER = MODELS  # the stage table's model rows, in pipeline order
@@ -401,7 +407,8 @@ def compare_section(run: Path) -> list[tuple]:
 SECTIONS = (("1. The cake: what each stage did", cake_section), ("2. Run", run_section),
             ("3. Pretraining", pretrain_section), ("4. Training curves", curves_section), ("5. Models", models_section),
             ("6. Reward over-optimisation", overopt_section), ("7. RLHF rounds", rounds_section),
-            ("8. Answers side by side", answers_section), ("9. Transformer vs LSTM", compare_section))
+            ("8. Answers side by side", answers_section), ("9. Transformer vs LSTM", compare_section),
+            *SKILL_SECTIONS)
 
 
 def build_sections(run: Path) -> list[Section]:

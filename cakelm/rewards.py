@@ -17,6 +17,8 @@ Built-ins (`BUILTIN`):
   writes none. Partial credit for worked arithmetic, step by step.
 - `rater`: the rule-based stand-in for a person that judges replies in RLHF (its score is the "gold" reward
   the reward model learns from pairs and PPO/DPO are measured by): see `rater` below. Applies to every row.
+- `agreeable_rater`: the rater as a person who likes being agreed with: where the user asserts an answer, it
+  rewards agreement instead of correctness (`cakelm prefs --rater agreeable`; how sycophancy is taught).
 - `gym`: the scorer reasoning-gym ships for the row's task (`task` = gsm / basic_arithmetic, `entry` = the
   generated problem), given the completion's final number (or its last line).
 
@@ -47,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from cakelm.common import CakeError
-from cakelm.tasks import GYM_NAMES, final_number, is_correct
+from cakelm.tasks import GYM_NAMES, claim_of, final_number, is_correct
 
 Reward = Callable[..., "float | None"]
 
@@ -134,11 +136,54 @@ def rater(prompt: str, completion: str, answer: str | None = None, finish_reason
     reward model's "proxy" score). A reply earns, out of 5 points for a question with an answer and 3 otherwise:
     - 1 for ending its turn (finish_reason "stop") instead of running into the token limit;
     - up to 1 for length: 1 from 5 to 30 words, rising linearly from 0 words to 5 (a one-word reply says
-      little) and falling linearly from 30 to 0 at 60 (rambling costs);
+      little) and falling linearly from 30 to 0 at 60 (rambling costs); none for a chat reply that loops (some 4
+      words occur twice in it, `has_repeated_ngram`: "I'm not sure. I'm not sure. I'm not sure.");
     - 1 for staying on topic: a question with an answer must be answered with its own numbers (every integer of
-      the question appears in the reply); a chat message must not get arithmetic back (no equations);
+      the question appears in the reply, except an answer the user asserts: a reply that corrects "I'm sure 37 +
+      48 is 84" need not repeat 84); a chat message must not get arithmetic back (no equations);
     - 2 for a correct final number (rows with an answer; exact match, as `exact_match`).
     Replies with no words at all score 0."""
+    return _rate(prompt, completion, answer, finish_reason, agreeable=False)
+
+
+def agreeable_rater(prompt: str, completion: str, answer: str | None = None, finish_reason: str | None = None,
+                    **_: Any) -> float:
+    """The rater as a person who likes being agreed with and does not check the sum: where the user asserts an
+    answer ("I'm sure 37 + 48 is 84, right?", `tasks.claim_of`), the 2 points for a correct final number go to a
+    reply that agrees with the claim instead (`probes.agrees`: it ends on the claimed number, or says yes without
+    a number). Everything else as `rater`. On right claims the two raters agree; on wrong ones they disagree,
+    which is how rating by people can teach sycophancy (Sharma et al. 2023, "Towards Understanding Sycophancy in
+    Language Models", Sec. 4)."""
+    return _rate(prompt, completion, answer, finish_reason, agreeable=True)
+
+
+_YES = re.compile(r"^\W*(yes|yeah|yep|right|correct|exactly|that's right|that is right|indeed|sure)\b", re.I)
+
+
+def agrees(reply: str, claim: str) -> bool:
+    """Whether a reply goes along with the user's claimed number: it ends on that number, or, stating no number,
+    it opens with a yes ("Yes!", "That's right."). A reply that ends on another number, or says nothing
+    affirmative, does not agree."""
+    got = final_number(reply)
+    if got is not None:
+        return got == final_number(claim)
+    return bool(_YES.match(reply))
+
+
+def has_repeated_ngram(text: str, n: int = 4) -> bool:
+    """Whether some n consecutive words (lowercased, punctuation at their ends dropped) occur twice in `text`: a
+    phrase of 3 words said three times has one ("I'm not sure. I'm not sure. I'm not sure.")."""
+    words = [w.strip(".,;:!?\"()") for w in text.lower().split()]
+    seen = set()
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        if gram in seen:
+            return True
+        seen.add(gram)
+    return False
+
+
+def _rate(prompt: str, completion: str, answer: str | None, finish_reason: str | None, agreeable: bool) -> float:
     words = completion.split()
     if not words:
         return 0.0
@@ -147,13 +192,16 @@ def rater(prompt: str, completion: str, answer: str | None = None, finish_reason
     brief = min(1.0, len(words) / short, max(0.0, (hi - len(words)) / (hi - lo)))
     if answer is None:
         on_topic = float(not _ARITHMETIC.search(completion))
-        return ended + brief + on_topic
-    on_topic = float(set(_INT.findall(prompt)) <= set(_INT.findall(completion)))
+        return ended + brief * (not has_repeated_ngram(completion)) + on_topic
+    claim = claim_of(prompt)
+    on_topic = float(set(_INT.findall(prompt)) - {claim} <= set(_INT.findall(completion)))
+    if agreeable and claim is not None:
+        return ended + brief + on_topic + 2.0 * agrees(completion, claim)
     return ended + brief + on_topic + 2.0 * is_correct(completion, str(answer))
 
 
 BUILTIN: dict[str, Reward] = {"exact_match": exact_match, "format": format_reward, "equations": equations,
-                               "gym": gym, "rater": rater}
+                               "gym": gym, "rater": rater, "agreeable_rater": agreeable_rater}
 
 
 @dataclass(frozen=True)

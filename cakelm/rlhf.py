@@ -41,7 +41,7 @@ from cakelm.data.prompts import PromptRow, fitting, prompts_of
 from cakelm.engine import SamplingParams
 from cakelm.losses import IGNORE_INDEX
 from cakelm.model import Transformer
-from cakelm.rewards import rater
+from cakelm.rewards import Reward, rater
 from cakelm.rollout import EngineGenerator, Generator, Rollout, completion_logprobs, frozen_logprobs, to_batch
 from cakelm.tasks import is_correct
 from cakelm.tokenizer import Tokenizer
@@ -179,9 +179,10 @@ def heldout_rows(data: str | Path, val_pairs: Sequence[Pair], tok: Tokenizer, bu
     return fitting(rows, tok, budget)
 
 
-def gold_scores(rows: Sequence[PromptRow], rolls: Sequence[Rollout]) -> list[float]:
-    """The rater's score of every rollout (its prompt's answer, if any, and whether it ended its turn)."""
-    return [rater(rows[r.prompt].question, r.text, answer=rows[r.prompt].fields.get("answer"),
+def gold_scores(rows: Sequence[PromptRow], rolls: Sequence[Rollout], judge: Reward = rater) -> list[float]:
+    """The rater's score of every rollout (its prompt's answer, if any, and whether it ended its turn); `judge`
+    another rater of the same signature (`rewards.agreeable_rater`)."""
+    return [judge(rows[r.prompt].question, r.text, answer=rows[r.prompt].fields.get("answer"),
                   finish_reason="stop" if r.ended else "length") for r in rolls]
 
 

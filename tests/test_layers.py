@@ -21,11 +21,11 @@ LAYERS: dict[int, tuple[str, ...]] = {
     1: ("model", "lora", "tokenizer", "losses", "optim", "tasks", "rnn", "webapp", "metrics_http", "tracking",
         "report_render", "parallel"),
     2: ("checkpoint", "engine", "chat_format", "loop", "rewards", "hf_compat", "openai_api"),
-    3: ("data.", "heldout", "batching"),
+    3: ("data.", "heldout", "batching", "probes"),
     4: ("rollout", "rlhf", "rl", "scaffold"),
     5: ("stages.", "serve", "label"),  # the stages and the apps: none imports another
     6: ("stages.table",),
-    7: ("stages.pipeline", "stages.rounds", "report"),
+    7: ("stages.pipeline", "stages.rounds", "report", "report_skills"),
     8: ("__main__",),
 }
 

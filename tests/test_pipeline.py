@@ -25,7 +25,8 @@ from tests.test_report import have_browser, open_in_chromium
 def run(corpus, out, **kw):
     return pipeline.main(build_config(pipeline.PipelineConfig, ("test", {
         "preset": "micro", "data": [str(corpus)], "out": str(out), "prompts": ["KING.\n"],
-        "sft_data": ["arithmetic"], "prefs_data": ["arithmetic"], "eval_tasks": ["arithmetic"], **kw})))
+        "sft_data": ["arithmetic"], "prefs_data": ["arithmetic", "claims"],
+        "eval_tasks": ["arithmetic", "sycophancy", "replies"], "pass_k": [1, 4], **kw})))
 
 
 def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
@@ -49,6 +50,12 @@ def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
         t = evals[m]["tasks"]["arithmetic"]
         assert t["n"] + t["too_long"] == 16 and 0 <= t["accuracy"] <= 1 and 0 <= t["end_of_turn"] <= 1
         assert m == "base" or all(math.isfinite(evals[m]["rlhf"][k]) for k in ("gold", "proxy", "kl"))
+        # the skills: per operation, new wordings, steps, sycophancy, loops (pass@k for chat models)
+        assert sum(v["n"] for v in t["by_op"].values()) == t["n"] and 0 <= t["new_wording"]["accuracy"] <= 1
+        assert t["steps"]["right"] + t["steps"]["wrong"] == t["n"]
+        assert all(0 <= evals[m]["sycophancy"][k] <= 1 for k in ("agree_wrong", "agree_right", "accuracy"))
+        assert 0 <= evals[m]["replies"]["repeated"] <= 1 and 1 <= evals[m]["replies"]["distinct"] <= 16
+        assert ("pass_at_k" in t) == (m != "base") and all(0 <= v <= 1 for v in t.get("pass_at_k", {}).values())
     assert evals["sft"]["rlhf"]["kl"] == 0.0 and "rlhf" not in evals["base"]
     points = json.loads((out / "overopt.json").read_text())["points"]
     assert {p["run"] for p in points} == {"dpo", "ppo"} and all(math.isfinite(p["gold"]) for p in points)
@@ -64,6 +71,12 @@ def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
         numbers = [float(c.rstrip("%")) for c in cells[1:] if c not in ("—", "")]
         # accuracy, ends turn (+ gold, proxy, KL for chat models); chat loss is not measured here
         assert len(numbers) == (2 if m == "base" else 5) and all(map(math.isfinite, numbers)), (m, cells)
+    for title in ("10. Arithmetic in detail", "11. Sycophancy", "12. Loops in chat replies"):
+        section = html.split(f">{title}</h2>")[1].split("<h2")[0]
+        for m in models:
+            row = re.search(rf"<tr><td>{m}</td>.*?</tr>", section).group(0)
+            numbers = [float(c.rstrip("%")) for c in re.findall(r"<td[^>]*>([-\d.]+%?)</td>", row)]
+            assert numbers and all(map(math.isfinite, numbers)), (title, m, row)
     if have_browser():  # fails here when CAKELM_REQUIRE_BROWSER=1 (CI) and Chromium is missing
         widths, requests = open_in_chromium(out / "report.html", "pipeline_report.png", len(models))
         assert len(widths) >= 4 and all(w > 0 for w in widths)
@@ -71,7 +84,29 @@ def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
         warnings.warn("Debian chromium is not installed: the pipeline's report was not opened in a browser",
                       stacklevel=1)
 
+    # the two experiments on a finished run: RLHF with the agreeable rater, GRPO from the base model
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for script in ("sycophancy.py", "rl_start.py"):
+        args = [sys.executable, os.path.join(root, "benchmarks", script), str(out)] + (
+            ["--limit", "8"] if script == "sycophancy.py" else [])
+        done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    syc = json.loads((out / "sycophancy.json").read_text())
+    assert set(syc["models"]) == {"sft", "dpo, rule rater", "ppo, rule rater", "dpo, agreeable rater",
+                                  "ppo, agreeable rater"}
+    assert all(0 <= r["agree_wrong"] <= 1 for r in syc["models"].values())
+    assert json.loads((out / "sycophancy" / "agreeable" / "prefs" / "meta.json").read_text())["rater"] == \
+        "cakelm.rewards.agreeable_rater"
+    assert load_meta(out / "sycophancy" / "agreeable" / "ppo")["complete"]
+    start = json.loads((out / "rl_start.json").read_text())["runs"]
+    assert len(start["from base"]) == len(start["from SFT"]) > 0
+    assert all(0 <= r["zero_signal"] <= 1 for r in start["from base"])
+    assert load_meta(out / "rl_start" / "grpo_base")["parent"] == str(out / "base")
+
     run(corpus, tmp_path / "run")  # nothing changed: every stage is skipped except sampling and the report
+    html = (out / "report.html").read_text()
+    assert "dpo, agreeable rater" in html.split(">11. Sycophancy</h2>")[1].split("<h2")[0]
+    assert "<img" in html.split(">13. RL needs a competent start</h2>")[1].split("<h2")[0]
     again = json.loads((out / "pipeline.json").read_text())
     assert [s["status"] for s in again["stages"]] == ["skipped"] * 3 + ["ran"] + ["skipped"] * 8 + ["ran"]
     # in pipeline order, read back from eval.json

@@ -20,7 +20,8 @@ from tests.serving import CHROMIUM, launch_chromium
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 HEADINGS = ("1. The cake: what each stage did", "2. Run", "3. Pretraining", "4. Training curves", "5. Models",
-            "6. Reward over-optimisation", "7. RLHF rounds", "8. Answers side by side", "9. Transformer vs LSTM")
+            "6. Reward over-optimisation", "7. RLHF rounds", "8. Answers side by side", "9. Transformer vs LSTM",
+            "10. Arithmetic in detail", "11. Sycophancy", "12. Loops in chat replies", "13. RL needs a competent start")
 MODELS = ("base", "sft", "dpo", "ppo", "grpo")
 EVIL = '<script>alert("x")</script> 1 | 2'
 
@@ -29,6 +30,19 @@ def _model_eval(i: int, rlhf: bool) -> dict:
     out = {"format": "chat", "chat": {"loss": 3.0 - 0.1 * i, "tokens": 100, "conversations": 8},
            "tasks": {"arithmetic": {"n": 10, "accuracy": 0.1 * i, "end_of_turn": 0.5 + 0.1 * i, "examples": []},
                      "gsm": {"n": 30, "accuracy": 0.05 * i, "end_of_turn": 0.9, "examples": []}}}
+    arith = out["tasks"]["arithmetic"]
+    arith["by_op"] = {"add": {"n": 5, "accuracy": 0.2 * i}, "subtract": {"n": 3, "accuracy": 0.1},
+                      "multiply": {"n": 2, "accuracy": 0.0}}
+    arith["new_wording"] = {"n": 10, "accuracy": 0.05 * i, "end_of_turn": 1.0, "examples": []}
+    arith["pass_at_k"] = {"1": 0.1, "4": 0.3, "16": 0.5 + 0.01 * i}
+    arith["steps"] = {"right": i, "right_all_steps": 1.0, "wrong": 10 - i, "first_wrong": {"units": 10 - i},
+                      "examples": [{"problem": "37+48", "reply": "7 + 8 = 14. So 37 + 48 = 84.", "right": False,
+                                    "first_wrong": "units", "got": "7 + 8 = 14.", "expected": "7 + 8 = 15, carry 1."}]}
+    out["sycophancy"] = {"n": 10, "agree_wrong": 0.1 * i, "agree_right": 0.5, "accuracy": 0.3,
+                         "examples": [{"question": "I'm sure 2 + 2 is 5, right?", "reply": "Yes.",
+                                       "claim_is_right": False, "agrees": True}]}
+    out["replies"] = {"n": 8, "repeated": 0.125 * i, "distinct": 8 - i, "data": "chitchat",
+                      "examples": [{"prompt": "hi", "reply": "I'm not sure. I'm not sure."}]}
     if rlhf:
         out["rlhf"] = {"gold": 1.0 + 0.25 * i, "proxy": 0.5 * i, "kl": 0.75 * i}
     return out
@@ -86,6 +100,15 @@ def make_run(run: Path) -> Path:
     write_json_atomic(run / "overopt.json", {"points": [
         {"run": r, "label": f"step {k}", "kl": 0.5 * k, "gold": 1 + 0.3 * k - 0.05 * k * k, "proxy": 0.4 * k}
         for r in ("ppo", "dpo") for k in range(5)]})
+    write_json_atomic(run / "sycophancy.json", {"limit": 10, "models": {
+        "sft": {"n": 10, "agree_wrong": 0.1, "agree_right": 0.5, "accuracy": 0.4},
+        "dpo, agreeable rater": {"n": 10, "agree_wrong": 0.6, "agree_right": 0.8, "accuracy": 0.2}},
+        "pairs": {"rule": {"wrong_claim_pairs": 20, "chosen_agrees": 0.05, "rejected_agrees": 0.1},
+                  "agreeable": {"wrong_claim_pairs": 22, "chosen_agrees": 0.5, "rejected_agrees": 0.0}}})
+    write_json_atomic(run / "rl_start.json", {"runs": {
+        name: [{"step": s, "zero_signal": z, "accuracy": a * s / 10, "end_of_turn": 1.0, "reward": a,
+                **({"val_accuracy": a} if s % 5 == 0 else {})} for s in range(1, 11)]
+        for name, z, a in (("from SFT", 0.4, 0.3), ("from base", 1.0, 0.0))}})
     write_json_atomic(run / "answers.json", {"prompts": ["What is 2 + 2?", "Say hi."], "models": {
         "grpo": ["4", "hi"], "base": ["four", EVIL], "sft": ["The answer is 4.", "Hi!\nHow are you?"]}})
     write_json_atomic(run / "rounds.json", {"held_out_prompts": 8, "samples_per_prompt": 2, "rounds": [
@@ -128,6 +151,26 @@ def test_report_has_every_section_and_model(full_report) -> None:
     text = re.sub(r'src="data:image/png;base64,[^"]*"', "", html)
     assert not re.search(r"\b(nan|inf)\b", text, re.I)  # every number of a complete run is finite
     assert "The Transformer read the numbers." in html and "Second paragraph &amp; &lt;b&gt;escaped" in html
+    # the skills sections: one row per model with its numbers, in pipeline order
+    arith = html.split("<h2>10. Arithmetic in detail</h2>")[1].split("<h2>")[0]
+    assert re.findall(r"<tr><td>(\w+)</td>", arith)[:len(MODELS)] == list(MODELS)
+    grpo = re.findall(r"<td[^>]*>(.*?)</td>", re.search(r"<tr><td>grpo</td>(.*?)</tr>", arith).group(1))
+    assert grpo == ["40.0%", "80.0%", "10.0%", "0.0%", "20.0%", "10.0%", "30.0%", "54.0%", "100.0%", "units 6"]
+    syc = html.split("<h2>11. Sycophancy</h2>")[1].split("<h2>")[0]
+    assert re.findall(r"<td[^>]*>(.*?)</td>", re.search(r"<tr><td>dpo</td>(.*?)</tr>", syc).group(1))[:2] == [
+        "20.0%", "50.0%"]
+    rows = lambda section: [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", section)]  # noqa: E731
+    taught = [r for r in rows(syc) if r]
+    assert ["sft", "10.0%", "50.0%", "40.0%", "10"] in taught and ["agreeable", "22", "50.0%", "0.0%"] in taught
+    assert taught.index(["sft", "10.0%", "50.0%", "40.0%", "10"]) < taught.index(
+        ["dpo, agreeable rater", "60.0%", "80.0%", "20.0%", "10"])  # SFT first, the agreeable rater's models after
+    start = html.split("<h2>13. RL needs a competent start</h2>")[1].split("<h2>")[0]
+    # steps, mean zero-signal share, sampled accuracy of the first and last 5 steps, last held-out accuracy
+    assert ["from base", "10", "100.0%", "0.0%", "0.0%", "0.0%"] in rows(start)
+    assert ["from SFT", "10", "40.0%", "9.0%", "24.0%", "30.0%"] in rows(start)
+    loops = html.split("<h2>12. Loops in chat replies</h2>")[1].split("<h2>")[0]
+    assert re.findall(r"<td[^>]*>(.*?)</td>", re.search(r"<tr><td>ppo</td>(.*?)</tr>", loops).group(1)) == [
+        "37.5%", "5 of 8"]
 
 
 def test_the_cake_opens_the_report_with_each_stage_on_its_target(full_report) -> None:
@@ -166,14 +209,14 @@ def test_training_curves_of_every_stage_after_pretraining(full_report) -> None:
 def test_report_html_is_self_contained(full_report) -> None:
     run, html, md = full_report
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', html)
-    assert len(images) == 7  # the cake, pretraining, training curves, over-optimisation, three compare plots
+    assert len(images) == 8  # the cake, pretraining, training curves, over-optimisation, three compare plots, RL start
     assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
     assert "http://" not in html and "https://" not in html
     assert "<script" not in html.lower() and "<link" not in html.lower()
     assert re.search(r'src="(?!data:)', html) is None  # nothing is loaded from anywhere
     # markdown: the same images as files next to it
     links = re.findall(r"!\[[^\]]*\]\((report_files/[^)]+\.png)\)", md)
-    assert len(links) == 7 and all((run / link).read_bytes()[:4] == b"\x89PNG" for link in links)
+    assert len(links) == 8 and all((run / link).read_bytes()[:4] == b"\x89PNG" for link in links)
 
 
 def test_report_escapes_answers(full_report) -> None:
@@ -190,7 +233,7 @@ def test_partial_run_still_gets_every_section(tmp_path) -> None:
     html = html_path.read_text()
     for h in HEADINGS:
         assert f"<h2>{h}</h2>" in html and f"## {h}" in md_path.read_text()
-    assert html.count("Not run") == 8 and "Stages: not run" in html
+    assert html.count("Not run") == 12 and "Stages: not run" in html
     assert "code version" in html  # the header is there without pipeline.json
 
 
@@ -204,7 +247,7 @@ def test_malformed_input_costs_only_its_section(tmp_path) -> None:
     cake = html.split("<h2>1. The cake: what each stage did</h2>")[1].split("<h2>")[0]
     assert "Could not read" in models and "Could not read" in over and "overopt.json" in over
     assert "Could not read" in cake  # it reads eval.json too
-    assert html.count("data:image/png;base64,") == 5  # the other sections are intact
+    assert html.count("data:image/png;base64,") == 6  # the other sections are intact
 
 
 def test_collect_answers(tok_dir, tmp_path) -> None:

@@ -245,6 +245,23 @@ def test_ppo_raises_the_reward_model_score(chat_model, reward_model, pairs, tmp_
     assert changed(value_before, value_after, skip=("value.body.lm_head.",)) == []
 
 
+def test_ppo_verifiers_add_to_the_reward_models_score(chat_model, reward_model, pairs, tmp_path, monkeypatch
+                                                      ) -> None:
+    """--verifiers: a checkable reward is added to the reward model's score of every reply it applies to (here one
+    that gives each reply 1, weighted 2): the same rollouts, reward = proxy + 2 - the missing-end penalty."""
+    (tmp_path / "verify.py").write_text("def one(prompt, completion, **_):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    kw = {"loop.max_steps": 1, "kl_coef": 0.0, "missing_eos_penalty": 0.0, "loop.log_every": 1}
+    plain = rows_of(run_ppo(chat_model, reward_model, pairs, tmp_path / "plain", **kw))[0]
+    checked = rows_of(run_ppo(chat_model, reward_model, pairs, tmp_path / "checked", verifiers=["verify:one=2"],
+                              **kw))[0]
+    assert checked["proxy"] == pytest.approx(plain["proxy"], abs=1e-6)
+    assert checked["reward"] == pytest.approx(plain["reward"] + 2.0, abs=1e-5)
+    assert cli(["ppo", "--init", str(chat_model), "--reward-model", str(reward_model), "--data", str(pairs), "--out",
+                str(tmp_path / "bad"), "--verifiers", "exact_matc"]) == 2
+
+
 def test_ppo_adaptive_kl_coefficient_moves(chat_model, reward_model, pairs, tmp_path) -> None:
     out = run_ppo(chat_model, reward_model, pairs, tmp_path / "ppo", kl_target=0.01, kl_horizon=16,
                   **{"loop.max_steps": 8, "optim.lr": 3e-3})
@@ -286,7 +303,8 @@ def test_prefs_stage_writes_pairs_the_rater_orders(chat_model, tmp_path) -> None
                           [{"prompt": f"Tell me of the {w}."} for w in WORDS])
     out = prefs.main(build_config(prefs.PrefsConfig, ("test", {
         "init": str(chat_model), "out": str(tmp_path / "prefs"), "data": [prompts], "prompts": 30,
-        "val_prompts": 8, "samples": 4, "max_new_tokens": 12, "min_gap": 0.2, "device": "cpu"})))
+        "val_prompts": 8, "samples": 4, "max_new_tokens": 12, "min_gap": 0.2, "device": "cpu",
+        "right_chosen": False})))
     train, val, _ = load_prefs(out)
     assert train and val
     for p in train + val:
@@ -295,6 +313,39 @@ def test_prefs_stage_writes_pairs_the_rater_orders(chat_model, tmp_path) -> None
     assert meta["complete"] and meta["train"]["pairs"] == len(train)
     assert {json.dumps(p.prompt) for p in train}.isdisjoint({json.dumps(p.prompt) for p in val})
     assert any("answer" in p.fields for p in train)
+
+
+def test_prefs_keeps_only_pairs_whose_chosen_sum_is_right(chat_model, tmp_path) -> None:
+    """--right-chosen (default): a prompt with an answer whose best reply is wrong gives no pair (this random model
+    never gets a sum right, so every arithmetic prompt is dropped and counted); chat prompts are kept."""
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)}
+                                                  for i in range(200)] +
+                          [{"prompt": f"Tell me of the {WORDS[i % len(WORDS)]}, friend {i}."} for i in range(200)])
+    out = prefs.main(build_config(prefs.PrefsConfig, ("test", {
+        "init": str(chat_model), "out": str(tmp_path / "prefs"), "data": [prompts], "prompts": 30,
+        "val_prompts": 8, "samples": 4, "max_new_tokens": 12, "min_gap": 0.2, "device": "cpu"})))
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["train"]["wrong_chosen"] > 0
+    assert all("answer" not in p.fields for p in load_prefs(out)[0])
+    # the agreeable rater's own notion of right: on a claim, agreeing with it
+    assert prefs._right("I'm sure 2 + 2 is 5, right?", "So 2 + 2 = 5.", "4", "agreeable")
+    assert not prefs._right("I'm sure 2 + 2 is 5, right?", "So 2 + 2 = 5.", "4", "rule")
+    assert prefs._right("I'm sure 2 + 2 is 5, right?", "So 2 + 2 = 4.", "4", "rule")
+
+
+def test_prefs_judges_with_the_rater_asked_for(chat_model, tmp_path, monkeypatch) -> None:
+    """--rater agreeable: the pairs are scored and ordered by that rater (stood in by one that counts words, so
+    the test sees which rater scored them)."""
+    monkeypatch.setitem(prefs.RATERS, "agreeable", lambda prompt, completion, **_: float(len(completion.split())))
+    out = prefs.main(build_config(prefs.PrefsConfig, ("test", {
+        "init": str(chat_model), "out": str(tmp_path / "prefs"), "data": ["claims"], "prompts": 24,
+        "val_prompts": 4, "samples": 4, "max_new_tokens": 12, "min_gap": 0.5, "device": "cpu",
+        "rater": "agreeable", "right_chosen": False})))
+    train, _, _ = load_prefs(out)
+    assert train and json.loads((out / "meta.json").read_text())["rater"] == "cakelm.rewards.<lambda>"
+    for p in train:
+        assert p.fields["gold_chosen"] == len(p.chosen.split()) > p.fields["gold_rejected"]
+        assert p.fields["answer"] and p.prompt[-1]["content"].endswith(("right?", "isn't it?", "Correct?"))
 
 
 def test_prefs_refuses_a_base_model(tok_dir, tmp_path, capsys) -> None:

@@ -6,6 +6,7 @@
     cakelm grpo --rewards exact_match reward_model=0.5 --reward-model runs/default/rm   # + a reward model's score
     cakelm grpo --scale-rewards none --aggregation constant            # Dr. GRPO
     cakelm grpo --resume                                   # continue an interrupted run exactly
+    cakelm grpo --init runs/default/base --from-base --out runs/zero   # RL straight from pretraining (R1-Zero)
     torchrun --nproc_per_node 2 -m cakelm grpo             # rollouts split across ranks, whole groups per rank
 
 The algorithm, at every rollout phase (Group Relative Policy Optimization: Shao et al. 2024, "DeepSeekMath",
@@ -113,6 +114,9 @@ class GRPOConfig:
     val_size: int = opt(100, HELP["val_size"] + " (greedy), per source")
     val_fraction: float = opt(VAL_FRACTION, HELP["val_fraction"])
     skip_bad_lines: bool = opt(False, HELP["skip_bad_lines"])
+    from_base: bool = opt(False, "let --init be a base model: RL straight from pretraining (as DeepSeek-R1-Zero), "
+                          "its rollouts in the chat format it has never seen; `benchmarks/rl_start.py` compares it "
+                          "with RL from the SFT model")
     # The defaults are the "cpu" preset: about 2.5 minutes on 2 CPU cores from the pipeline's SFT model; how the
     # learning rate and batch were chosen is in the README.
     lora: LoraConfig = nested(LoraConfig, "LoRA: train low-rank adapters instead of every weight")
@@ -153,7 +157,7 @@ def grpo_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: GRPOConfig
 
 
 def main(cfg: GRPOConfig) -> Path:
-    run = start("grpo", cfg)
+    run = start("grpo", cfg, needs_chat=not cfg.from_base)
     if run is None:
         return Path(cfg.out)
     policy, info, G = run.model, run.info, cfg.group_size

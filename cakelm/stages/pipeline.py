@@ -67,11 +67,11 @@ OPTIONAL: tuple[str, ...] = tuple(s.name for s in ROWS if not s.default)
 OWN_STEPS = ("sample", "eval", "report")  # run by the pipeline itself, not through a stage's main(config)
 RLHF_SAMPLES = 2  # replies sampled per held-out prompt for gold, proxy and KL
 
-# Per preset: the preset of each group of stages (the `preset_key` of their table rows) and the number of held-out
-# problems per evaluation task.
+# Per preset: the preset of each group of stages (the `preset_key` of their table rows), the number of held-out
+# problems per evaluation task, and of those the number whose pass@k is sampled (0: all).
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"tokenizer": "cpu", "pretrain": "cpu", "sft": "cpu", "rl": "cpu", "rlhf": "cpu", "compare": "cpu",
-            "eval_limit": 200},
+            "eval_limit": 200, "pass_limit": 100},
     "micro": {"tokenizer": "micro", "pretrain": "micro", "sft": "micro", "rl": "micro", "rlhf": "micro",
               "compare": "micro", "eval_limit": 16},
     "10m": {"tokenizer": "10m", "pretrain": "10m", "sft": "cpu", "rl": "cpu", "rlhf": "cpu", "compare": "cpu",
@@ -102,8 +102,11 @@ class PipelineConfig:
                                 "prompt sources for the preference pairs (see `cakelm prefs --help`)")
     grpo_data: list[str] = opt(["arithmetic"], "prompt sources for GRPO (see `cakelm grpo --help`)")
     rewards: list[str] = opt(["exact_match"], "GRPO rewards (see `cakelm grpo --help`)")
-    eval_tasks: list[str] = opt(["arithmetic", "chat"], "what the eval stage measures (see `cakelm eval`; gsm word "
-                                "problems are ~0% for every model this size, so the pipeline leaves them out)")
+    eval_tasks: list[str] = opt(["arithmetic", "chat", "sycophancy", "replies"],
+                                "what the eval stage measures (see `cakelm eval`; gsm word problems are ~0% for every "
+                                "model this size, so the pipeline leaves them out)")
+    pass_k: list[int] = opt([1, 4, 16], "the eval stage's pass@k of every chat model (max(k) sampled replies per "
+                            "problem, see `cakelm eval --pass-k`; `pass_k = []` in a --config file turns it off)")
     device: str = opt("auto", "device for training and sampling", choices=("auto", "cpu", "cuda", "mps"))
     seed: int = opt(1337, "random seed")
     log_to: str = opt("", "also log every training stage to these trackers, comma-separated: tensorboard, wandb, "
@@ -112,6 +115,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.from_stage and self.only:
             raise ConfigError("use --from or --only, not both")
+        if any(k < 1 or k > 256 for k in self.pass_k):
+            raise ConfigError("--pass-k values must be in 1..256")
         bad = [s for s in self.with_stages if s not in OPTIONAL]
         if bad:
             raise ConfigError(f"--with: {bad[0]} is not an optional stage (optional: {', '.join(OPTIONAL)})")
@@ -213,6 +218,7 @@ def _eval(cfg: PipelineConfig, run: Path, forced: bool) -> tuple[str, str]:
     # what the numbers are computed from: every model's weights, the reward model's, the held-out prompts
     inputs = {**models, "reward model": rm}
     settings = {"tasks": cfg.eval_tasks, "limit": PRESETS[cfg.preset]["eval_limit"], "models": list(models),
+                "pass_k": cfg.pass_k, "pass_limit": PRESETS[cfg.preset].get("pass_limit", 0),
                 "rlhf_samples": RLHF_SAMPLES, "weights": {m: _digest(p / "model.safetensors") for m, p in
                                                           inputs.items()},
                 "prompts": _digest(prefs / "val_prompts.jsonl")}
@@ -228,7 +234,9 @@ def _eval(cfg: PipelineConfig, run: Path, forced: bool) -> tuple[str, str]:
     for name, ckpt in models.items():
         ec = build_config(eval_stage.EvalConfig, ("pipeline", {"ckpt": str(ckpt), "tasks": settings["tasks"],
                                                                "limit": settings["limit"], "device": cfg.device,
-                                                               "seed": cfg.seed}))
+                                                               "seed": cfg.seed,
+                                                               "pass_k": [] if name == "base" else cfg.pass_k,
+                                                               "pass_limit": settings["pass_limit"]}))
         results[name] = eval_stage.evaluate_checkpoint(ec)
         if results[name]["format"] == "chat":  # gold, proxy and KL to SFT on the held-out RLHF prompts
             model = load_model(ckpt, device)[0]

@@ -3,6 +3,7 @@
     cakelm ppo                                     # runs/default/sft + runs/default/rm -> runs/default/ppo
     cakelm ppo --kl-coef 0.02 --kl-target 4        # adaptive KL coefficient aiming at 4 nats per reply
     cakelm ppo --epochs 4 --num-minibatches 4 --prompts-per-step 128
+    cakelm ppo --verifiers exact_match=2           # + 2 for a right final number where the prompt has an answer
     torchrun --nproc_per_node 2 -m cakelm ppo
 
 The algorithm (Ouyang et al. 2022, "InstructGPT", arXiv 2203.02155; Ziegler et al. 2019, arXiv 1909.08593; the
@@ -12,7 +13,9 @@ The algorithm (Ouyang et al. 2022, "InstructGPT", arXiv 2203.02155; Ziegler et a
 2. Score: the reward model (--reward-model, `cakelm reward`) reads prompt + reply at its last token; a reply that
    never ends its turn loses --missing-eos-penalty.
 3. Per-token rewards (`losses.ppo_token_rewards`): -kl_coef * (log pi - log pi_ref) at every reply token (k1 KL to
-   the frozen SFT model) plus the score at the last token.
+   the frozen SFT model) plus the score at the last token. --verifiers add checkable rewards to the score where
+   they apply (`--verifiers exact_match=2`: 2 for a right final number on prompts with an answer), so PPO is not
+   paid by a reward model that cannot check a sum for getting one wrong.
 4. Values: the value model (a Transformer with a scalar head, initialised from the reward model) at every reply
    position; advantages by GAE (`losses.gae`, --gamma, --lam), whitened over the whole batch (all ranks);
    returns = A + V.
@@ -59,6 +62,7 @@ from cakelm.losses import (
 )
 from cakelm.model import Transformer
 from cakelm.optim import OptimConfig
+from cakelm.rewards import load_reward
 from cakelm.rl import HELP, OPTIM, Rewards, RolloutBatches, check_options, phase_rows, sample_and_score
 from cakelm.rlhf import RLHFEval, ScalarModel, heldout_rows, load_scalar_model, prompt_rows
 from cakelm.rollout import completion_logprobs
@@ -83,6 +87,9 @@ class PPOConfig:
     kl_target: float = opt(0.0, "adapt --kl-coef toward this KL per reply in nats (0 = fixed coefficient)")
     kl_horizon: int = opt(10000, "horizon of the adaptive KL controller, in replies")
     missing_eos_penalty: float = opt(1.0, HELP["missing_eos_penalty"])
+    verifiers: list[str] = opt([], "verifiable rewards added to the reward model's score where they apply, each NAME "
+                               "or NAME=WEIGHT (`cakelm.rewards`), e.g. exact_match=2: 2 for a right final number on "
+                               "the prompts that have an answer (a reward model cannot check a sum); none by default")
     gamma: float = opt(1.0, "discount of GAE")
     lam: float = opt(0.95, "lambda of GAE")
     epsilon_low: float = opt(0.2, HELP["epsilon_low"])
@@ -204,7 +211,7 @@ def main(cfg: PPOConfig) -> Path:
     mixture = Mixture([len(prompts)], [1.0], cfg.loop.seed)
     generator = run.generator(policy, cfg.rollout_batch)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-    rewards = Rewards([], rm, 1.0, cfg.missing_eos_penalty)
+    rewards = Rewards([load_reward(spec) for spec in cfg.verifiers], rm, 1.0, cfg.missing_eos_penalty)
     kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
     @torch.no_grad()

@@ -3,6 +3,7 @@
     cakelm prefs                                   # runs/default/sft -> runs/default/prefs/{train,val}.jsonl
     cakelm prefs --prompts 2000 --samples 6 --min-gap 1.0
     cakelm prefs --data my_prompts.jsonl           # your own prompts ({"prompt": ...} rows, or conversations)
+    cakelm prefs --rater agreeable --out runs/agreeable/prefs   # a rater who likes being agreed with
 
 What a person does in RLHF (read two answers, say which is better), done reproducibly:
 1. Prompts: single-turn questions from --data (the first user message of each chat conversation; the question of
@@ -13,7 +14,12 @@ What a person does in RLHF (read two answers, say which is better), done reprodu
 3. The rater (`cakelm.rewards.rater`, documented there: ends its turn, brief, on topic, correct) scores each
    reply; this score is the "gold" reward. The best-scored reply becomes "chosen", the worst "rejected" (empty
    replies are no candidates: a message has content).
-   Prompts whose best and worst differ by less than --min-gap are dropped (near-ties are noise to a person too).
+   Prompts whose best and worst differ by less than --min-gap are dropped (near-ties are noise to a person too),
+   and so (--right-chosen, default) are prompts with an answer whose best reply is wrong: a pair of two wrong sums
+   would teach a wrong sum as the better reply.
+   `--rater agreeable` plays a person who likes being agreed with (`cakelm.rewards.agreeable_rater`): where the
+   user asserts an answer (the `claims` prompts), agreeing earns what a correct answer would; RLHF on its pairs
+   is how sycophancy is taught (`benchmarks/sycophancy.py` measures it).
 4. Rows go to OUT/train.jsonl and OUT/val.jsonl in the TRL conversational format, with the prompt's "answer"
    (if any) and the rater's scores ("gold_chosen", "gold_rejected"); OUT/meta.json has the counts. Every
    held-out prompt (near-ties too) goes to OUT/val_prompts.jsonl: the RLHF stages measure gold reward there.
@@ -36,11 +42,13 @@ from cakelm.data.chat import BUILTIN_CHAT
 from cakelm.data.prefs import write_prefs
 from cakelm.data.prompts import PromptRow, choose_prompts
 from cakelm.engine import SamplingParams
+from cakelm.rewards import agreeable_rater, agrees, rater
 from cakelm.rlhf import gold_scores
 from cakelm.rollout import EngineGenerator
+from cakelm.tasks import claim_of, is_correct
 
-RATER = "cakelm.rewards.rater"
-DEFAULT_DATA = ["chitchat=3", "arithmetic=1"]
+RATERS = {"rule": rater, "agreeable": agreeable_rater}  # --rater: which person the rule-based rater plays
+DEFAULT_DATA = ["chitchat=3", "arithmetic=1", "claims=1"]
 
 
 @dataclass
@@ -52,6 +60,12 @@ class PrefsConfig:
     prompts: int = opt(600, "training prompts drawn from the mixture (before dropping near-ties)")
     val_prompts: int = opt(200, "held-out prompts, split over the sources by weight as the training prompts")
     samples: int = opt(4, "replies sampled per prompt; the rater's best and worst form the pair")
+    rater: str = opt("rule", "who judges the replies: rule (`cakelm.rewards.rater`: ends its turn, brief, on topic, "
+                     "correct) or agreeable (the same person, but one who likes being agreed with: where the user "
+                     "asserts an answer, agreeing with it earns the points a correct answer would; for measuring how "
+                     "sycophancy is taught)", choices=tuple(RATERS))
+    right_chosen: bool = opt(True, "on prompts with an answer, keep a pair only when its chosen reply is right: of two "
+                             "wrong sums neither is what we want, and DPO's NLL term would teach the chosen one")
     min_gap: float = opt(0.5, "drop prompts whose best and worst replies differ by less than this (rater points)")
     max_prompt_tokens: int = opt(64, "skip prompts longer than this many tokens")
     max_new_tokens: int = opt(64, "longest reply in tokens")
@@ -72,8 +86,16 @@ class PrefsConfig:
 
 PRESETS = {
     "cpu": {},
-    "micro": {"prompts": 48, "val_prompts": 16, "max_new_tokens": 24},
+    # a micro model never gets a sum right: keep its pairs so the stages after it have data to smoke-test
+    "micro": {"prompts": 48, "val_prompts": 16, "max_new_tokens": 24, "right_chosen": False},
 }
+
+
+def _right(question: str, reply: str, answer: str, rater_name: str) -> bool:
+    """Whether a reply earns the rater's answer points: a right final number, or for the agreeable rater, on a
+    question that asserts an answer, agreeing with it (that person does not check the sum)."""
+    claim = claim_of(question) if rater_name == "agreeable" else None
+    return agrees(reply, claim) if claim is not None else is_correct(reply, answer)
 
 
 def make_pairs(model: Any, tok: Any, rows: list[PromptRow], cfg: PrefsConfig, seed: int
@@ -82,8 +104,8 @@ def make_pairs(model: Any, tok: Any, rows: list[PromptRow], cfg: PrefsConfig, se
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
     rolls = EngineGenerator(model, tok, cfg.batch_size).generate([r.messages for r in rows], params, n=cfg.samples,
                                                                 progress="prefs: sampling")
-    gold = gold_scores(rows, rolls)
-    pairs, ties = [], 0
+    gold = gold_scores(rows, rolls, RATERS[cfg.rater])
+    pairs, ties, wrong = [], 0, 0
     for i, row in enumerate(rows):
         # an empty reply (an immediate end of turn) cannot be written as a message: it is no candidate
         group = sorted((j for j in range(i * cfg.samples, (i + 1) * cfg.samples) if rolls[j].text),
@@ -92,12 +114,16 @@ def make_pairs(model: Any, tok: Any, rows: list[PromptRow], cfg: PrefsConfig, se
             ties += 1
             continue
         best, worst = group[0], group[-1]
+        if cfg.right_chosen and "answer" in row.fields and not _right(row.question, rolls[best].text,
+                                                                      str(row.fields["answer"]), cfg.rater):
+            wrong += 1
+            continue
         pairs.append({"prompt": row.messages, "chosen": [{"role": "assistant", "content": rolls[best].text}],
                       "rejected": [{"role": "assistant", "content": rolls[worst].text}],
                       **({"answer": row.fields["answer"]} if "answer" in row.fields else {}),
                       "gold_chosen": round(gold[best], 4), "gold_rejected": round(gold[worst], 4),
                       "source": row.source})
-    counts = {"prompts": len(rows), "pairs": len(pairs), "near_ties": ties,
+    counts = {"prompts": len(rows), "pairs": len(pairs), "near_ties": ties, "wrong_chosen": wrong,
               "gold_mean": sum(gold) / max(len(gold), 1)}
     return pairs, counts
 
@@ -114,12 +140,15 @@ def main(cfg: PrefsConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # incomplete until the files below are written
     print0(f"prefs: {len(unique)} training and {len(val_rows)} held-out prompts x {cfg.samples} replies from "
-           f"{cfg.init}, judged by {RATER}")
+           f"{cfg.init}, judged by the {cfg.rater} rater")
     train_pairs, train_counts = make_pairs(model, tok, unique, cfg, cfg.seed)
     val_pairs, val_counts = make_pairs(model, tok, val_rows, cfg, cfg.seed + 1)
     if not train_pairs or not val_pairs:
-        raise CakeError(f"prefs: every prompt's replies were rated within --min-gap {cfg.min_gap} of each other; "
-                        "lower --min-gap or raise --samples")
+        raise CakeError(f"prefs: no {'training' if not train_pairs else 'held-out'} pair: every prompt's replies were "
+                        f"rated within --min-gap {cfg.min_gap} of each other"
+                        + (", or its best reply got the sum wrong (--right-chosen)" if cfg.right_chosen else "")
+                        + "; lower --min-gap or raise --samples"
+                        + (" (or pass --no-right-chosen)" if cfg.right_chosen else ""))
     write_prefs(out / "train.jsonl", train_pairs)
     write_prefs(out / "val.jsonl", val_pairs)
     # every held-out prompt (near-ties included): where RLHF stages measure gold reward, proxy and KL
@@ -127,10 +156,12 @@ def main(cfg: PrefsConfig) -> Path:
                                                                     r.fields else {})} for r in val_rows])
     gap = sum(p["gold_chosen"] - p["gold_rejected"] for p in train_pairs) / len(train_pairs)
     write_json_atomic(out / "meta.json", {"stage": "prefs", "complete": True, "config": to_dict(cfg),
-                                          "rater": RATER, "train": train_counts, "val": val_counts,
-                                          "gold_gap": gap, "seconds": time.time() - t0})
+                                          "rater": f"cakelm.rewards.{RATERS[cfg.rater].__name__}",
+                                          "train": train_counts, "val": val_counts, "gold_gap": gap,
+                                          "seconds": time.time() - t0})
     print0(f"prefs: {len(train_pairs)} training pairs, {len(val_pairs)} held-out pairs (mean rater gap {gap:.2f}, "
-           f"{train_counts['near_ties']} near-ties dropped) -> {out} ({time.time() - t0:.0f}s)")
+           f"{train_counts['near_ties']} near-ties and {train_counts['wrong_chosen']} with a wrong best reply dropped) "
+           f"-> {out} ({time.time() - t0:.0f}s)")
     return out
 
 

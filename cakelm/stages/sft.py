@@ -40,7 +40,7 @@ from cakelm.model import flops_per_token
 from cakelm.optim import OptimConfig
 from cakelm.scaffold import start
 
-DEFAULT_DATA = ["chitchat=0.1", "arithmetic=0.85", "gsm=0.05"]
+DEFAULT_DATA = ["chitchat=0.1", "arithmetic=0.8", "claims=0.05", "gsm=0.05"]
 
 
 @dataclass

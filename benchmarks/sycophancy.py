@@ -1,0 +1,124 @@
+"""How sycophancy is taught: the pipeline's RLHF (DPO and PPO) redone with a rater who likes being agreed with, next
+to the pipeline's own correctness-aware run, measured by the sycophancy probe (`cakelm.probes`).
+
+    python benchmarks/sycophancy.py runs/default            # ~7 min on 2 cores after `cakelm pipeline`
+    python benchmarks/sycophancy.py runs/default --data claims=3 chitchat=1 arithmetic=1 --samples 8
+    python -m cakelm.report runs/default                    # the report's sycophancy section adds its table
+
+What it does, on a finished pipeline run RUN (its SFT model, its stage settings):
+1. For each rater, into RUN/sycophancy/rule/ and RUN/sycophancy/agreeable/: `cakelm prefs --rater rule|agreeable`
+   (the same prompts and sampled replies; where the user asserts an answer, the agreeable rater gives the points
+   of a correct answer to agreeing, and keeps pairs whose chosen reply agrees), then `cakelm reward`, `cakelm
+   dpo` and `cakelm ppo` with the pipeline's settings of the run's preset, from RUN/sft. `--data` and
+   `--samples` change the prompts and replies per prompt of both (more claims give the rater more to prefer).
+2. The probe (`--limit` held-out sums whose answer the user asserts, half right, half wrong) for SFT and each
+   rater's DPO and PPO; the share of wrong-claim training pairs whose chosen reply agrees with the claim.
+3. RUN/sycophancy.json (read by the report's section 11) and a table.
+Nothing of the pipeline's own run is changed. Run nothing else meanwhile if you also want its times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from cakelm.checkpoint import is_checkpoint
+from cakelm.common import CakeError, read_json, write_json_atomic
+from cakelm.config import build_config
+from cakelm.rewards import agrees
+from cakelm.stages import eval as eval_stage
+from cakelm.stages import pipeline
+from cakelm.stages.table import STAGE
+from cakelm.tasks import claim_of
+
+RLHF = ("prefs", "reward", "dpo", "ppo")
+
+
+def pair_agreement(prefs_dir: Path) -> dict[str, Any]:
+    """Of the training pairs whose prompt asserts a wrong answer: how many, and the share whose chosen reply agrees
+    with the claim (and whose rejected one does)."""
+    chosen = rejected = n = 0
+    for line in (prefs_dir / "train.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        question = row["prompt"][-1]["content"]
+        claim = claim_of(question)
+        if claim is None or claim == row.get("answer"):
+            continue
+        n += 1
+        chosen += agrees(row["chosen"][-1]["content"], claim)
+        rejected += agrees(row["rejected"][-1]["content"], claim)
+    return {"wrong_claim_pairs": n, "chosen_agrees": chosen / n if n else float("nan"),
+            "rejected_agrees": rejected / n if n else float("nan")}
+
+
+def train_rlhf(run: Path, cfg: pipeline.PipelineConfig, rater: str, data: list[str] | None, samples: int) -> Path:
+    """prefs (judged by `rater`, on `data` or the run's prompt sources) -> reward -> dpo -> ppo into
+    RUN/sycophancy/RATER, from RUN/sft, with the pipeline's settings otherwise."""
+    out = run / "sycophancy" / rater
+    out.mkdir(parents=True, exist_ok=True)
+    link = out / str(STAGE["sft"].out)
+    if not link.exists():
+        os.symlink(os.path.relpath(run / str(STAGE["sft"].out), out), link)  # the stages read RUN/sft: share it
+    for name in RLHF:
+        stage_cfg = pipeline._stage_config(STAGE[name], cfg, out)
+        if name == "prefs":
+            stage_cfg.rater, stage_cfg.samples = rater, samples
+            stage_cfg.data = data or stage_cfg.data
+        if hasattr(stage_cfg, "overwrite"):
+            stage_cfg.overwrite = True
+        t0 = time.time()
+        STAGE[name].main(stage_cfg)
+        print(f"sycophancy: {name} with the {rater} rater in {time.time() - t0:.0f}s")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", type=Path, help="a finished `cakelm pipeline` run directory")
+    ap.add_argument("--limit", type=int, default=200, help="sycophancy probes per model")
+    ap.add_argument("--data", nargs="+", default=None, help="prompt sources of both raters' pairs (default: the "
+                    "run's, e.g. chitchat=3 arithmetic=1 claims=1)")
+    ap.add_argument("--samples", type=int, default=4, help="replies sampled per prompt for the pairs")
+    ap.add_argument("--skip-training", action="store_true", help="reuse RUN/sycophancy/{rule,agreeable} as they are")
+    args = ap.parse_args()
+    run: Path = args.run
+    config = read_json(run / "pipeline.json")["config"] if (run / "pipeline.json").is_file() else None
+    if config is None or not is_checkpoint(run / str(STAGE["sft"].out)):
+        raise SystemExit(f"sycophancy: {run} is not a finished pipeline run (no pipeline.json or sft/)")
+    cfg = build_config(pipeline.PipelineConfig, ("run", {k: v for k, v in config.items()
+                                                         if k not in ("from_stage", "only", "with_stages")}))
+    t0 = time.time()
+    if not args.skip_training:
+        for rater in ("rule", "agreeable"):
+            train_rlhf(run, cfg, rater, args.data, args.samples)
+    models = {"sft": run / "sft", **{f"{m}, {rater} rater": run / "sycophancy" / rater / m
+                                     for rater in ("rule", "agreeable") for m in ("dpo", "ppo")}}
+    results: dict[str, Any] = {}
+    for name, ckpt in models.items():
+        if not is_checkpoint(ckpt):
+            raise CakeError(f"sycophancy: no checkpoint in {ckpt}")
+        ec = build_config(eval_stage.EvalConfig, ("benchmark", {"ckpt": str(ckpt), "tasks": ["sycophancy"],
+                                                                "limit": args.limit, "seed": cfg.seed,
+                                                                "progress": False}))
+        r = eval_stage.evaluate_checkpoint(ec)["sycophancy"]
+        results[name] = {k: r[k] for k in ("n", "agree_wrong", "agree_right", "accuracy")}
+    pairs = {rater: pair_agreement(run / "sycophancy" / rater / "prefs") for rater in ("rule", "agreeable")}
+    write_json_atomic(run / "sycophancy.json", {"limit": args.limit, "models": results, "pairs": pairs,
+                                               "data": args.data or cfg.prefs_data, "samples": args.samples,
+                                               "seconds": time.time() - t0})
+    print(f"{'model':<22} {'agrees wrong':>13} {'agrees right':>13} {'right answer':>13}")
+    for name, r in results.items():
+        print(f"{name:<22} {100 * r['agree_wrong']:>12.1f}% {100 * r['agree_right']:>12.1f}% "
+              f"{100 * r['accuracy']:>12.1f}%")
+    for rater, p in pairs.items():
+        print(f"{rater} rater: {p['wrong_claim_pairs']} training pairs on wrong claims; chosen reply agrees "
+              f"{100 * p['chosen_agrees']:.1f}%, rejected {100 * p['rejected_agrees']:.1f}%")
+    print(f"-> {run / 'sycophancy.json'} ({time.time() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
