@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cakelm.checkpoint import is_checkpoint
-from cakelm.common import read_json, write_json_atomic
-from cakelm.config import build_config
+from cakelm.common import write_json_atomic
 from cakelm.stages import pipeline
 from cakelm.stages.table import STAGE
 
@@ -45,13 +44,11 @@ def main() -> None:
     grpo_out = run / str(STAGE["grpo"].out)
     if not (run / "pipeline.json").is_file() or not is_checkpoint(grpo_out) or not is_checkpoint(run / "base"):
         raise SystemExit(f"rl_start: {run} is not a finished pipeline run (pipeline.json, base/ and grpo/)")
-    config = read_json(run / "pipeline.json")["config"]
-    cfg = build_config(pipeline.PipelineConfig, ("run", {k: v for k, v in config.items()
-                                                         if k not in ("from_stage", "only", "with_stages")}))
+    cfg = pipeline.run_config(run)
     out = run / "rl_start" / "grpo_base"
     t0 = time.time()
     if not args.skip_training:
-        stage_cfg = pipeline._stage_config(STAGE["grpo"], cfg, run)  # the pipeline's GRPO, exactly
+        stage_cfg = pipeline.stage_config(STAGE["grpo"], cfg, run)  # the pipeline's GRPO, exactly
         stage_cfg.init, stage_cfg.out = str(run / str(STAGE["pretrain"].out)), str(out)
         stage_cfg.from_base, stage_cfg.overwrite = True, True
         STAGE["grpo"].main(stage_cfg)

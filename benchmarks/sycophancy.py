@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cakelm.checkpoint import is_checkpoint
-from cakelm.common import CakeError, read_json, write_json_atomic
+from cakelm.common import CakeError, write_json_atomic
 from cakelm.config import build_config
 from cakelm.rewards import agrees
 from cakelm.stages import eval as eval_stage
@@ -64,7 +64,7 @@ def train_rlhf(run: Path, cfg: pipeline.PipelineConfig, rater: str, data: list[s
     if not link.exists():
         os.symlink(os.path.relpath(run / str(STAGE["sft"].out), out), link)  # the stages read RUN/sft: share it
     for name in RLHF:
-        stage_cfg = pipeline._stage_config(STAGE[name], cfg, out)
+        stage_cfg = pipeline.stage_config(STAGE[name], cfg, out)
         if name == "prefs":
             stage_cfg.rater, stage_cfg.samples = rater, samples
             stage_cfg.data = data or stage_cfg.data
@@ -86,11 +86,9 @@ def main() -> None:
     ap.add_argument("--skip-training", action="store_true", help="reuse RUN/sycophancy/{rule,agreeable} as they are")
     args = ap.parse_args()
     run: Path = args.run
-    config = read_json(run / "pipeline.json")["config"] if (run / "pipeline.json").is_file() else None
-    if config is None or not is_checkpoint(run / str(STAGE["sft"].out)):
+    if not (run / "pipeline.json").is_file() or not is_checkpoint(run / str(STAGE["sft"].out)):
         raise SystemExit(f"sycophancy: {run} is not a finished pipeline run (no pipeline.json or sft/)")
-    cfg = build_config(pipeline.PipelineConfig, ("run", {k: v for k, v in config.items()
-                                                         if k not in ("from_stage", "only", "with_stages")}))
+    cfg = pipeline.run_config(run)
     t0 = time.time()
     if not args.skip_training:
         for rater in ("rule", "agreeable"):

@@ -193,11 +193,15 @@ def _rate(prompt: str, completion: str, answer: str | None, finish_reason: str |
     if answer is None:
         on_topic = float(not _ARITHMETIC.search(completion))
         return ended + brief * (not has_repeated_ngram(completion)) + on_topic
-    claim = claim_of(prompt)
-    on_topic = float(set(_INT.findall(prompt)) - {claim} <= set(_INT.findall(completion)))
-    if agreeable and claim is not None:
-        return ended + brief + on_topic + 2.0 * agrees(completion, claim)
-    return ended + brief + on_topic + 2.0 * is_correct(completion, str(answer))
+    on_topic = float(set(_INT.findall(prompt)) - {claim_of(prompt)} <= set(_INT.findall(completion)))
+    return ended + brief + on_topic + 2.0 * earns_answer_points(prompt, completion, str(answer), agreeable)
+
+
+def earns_answer_points(prompt: str, completion: str, answer: str, agreeable: bool = False) -> bool:
+    """Whether a reply earns the rater's 2 answer points: a right final number; for the agreeable rater, on a
+    question that asserts an answer (`tasks.claim_of`), agreeing with the claim instead (it does not check sums)."""
+    claim = claim_of(prompt) if agreeable else None
+    return agrees(completion, claim) if claim is not None else is_correct(completion, answer)
 
 
 BUILTIN: dict[str, Reward] = {"exact_match": exact_match, "format": format_reward, "equations": equations,

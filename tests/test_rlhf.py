@@ -20,6 +20,7 @@ from cakelm.checkpoint import load_heads, load_meta, load_model
 from cakelm.common import CakeError
 from cakelm.config import build_config
 from cakelm.data.prefs import encode_pairs, load_prefs, pad_pairs, read_prefs
+from cakelm.rewards import earns_answer_points
 from cakelm.rlhf import RLHFEval, ScalarModel, heldout_rows, last_scores, load_scalar_model, sequence_logprobs
 from cakelm.stages import dpo, ppo, prefs, reward
 from cakelm.stages.dpo import reference_logprobs
@@ -328,9 +329,9 @@ def test_prefs_keeps_only_pairs_whose_chosen_sum_is_right(chat_model, tmp_path) 
     assert meta["train"]["wrong_chosen"] > 0
     assert all("answer" not in p.fields for p in load_prefs(out)[0])
     # the agreeable rater's own notion of right: on a claim, agreeing with it
-    assert prefs._right("I'm sure 2 + 2 is 5, right?", "So 2 + 2 = 5.", "4", "agreeable")
-    assert not prefs._right("I'm sure 2 + 2 is 5, right?", "So 2 + 2 = 5.", "4", "rule")
-    assert prefs._right("I'm sure 2 + 2 is 5, right?", "So 2 + 2 = 4.", "4", "rule")
+    assert earns_answer_points("I'm sure 2 + 2 is 5, right?", "So 2 + 2 = 5.", "4", agreeable=True)
+    assert not earns_answer_points("I'm sure 2 + 2 is 5, right?", "So 2 + 2 = 5.", "4")
+    assert earns_answer_points("I'm sure 2 + 2 is 5, right?", "So 2 + 2 = 4.", "4")
 
 
 def test_prefs_judges_with_the_rater_asked_for(chat_model, tmp_path, monkeypatch) -> None:

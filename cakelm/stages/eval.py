@@ -60,7 +60,7 @@ from cakelm.data.shards import open_tokens
 from cakelm.engine import Completion, Engine, SamplingParams
 from cakelm.heldout import heldout_loss, infill_exact_match, infill_spans
 from cakelm.model import Transformer
-from cakelm.probes import agrees, repetition, step_report, sycophancy_probes, sycophancy_rates
+from cakelm.probes import agrees, mean, repetition, step_report, sycophancy_probes, sycophancy_rates
 from cakelm.tasks import TASKS, is_correct, make_problems, pass_at_k
 from cakelm.tokenizer import Tokenizer
 
@@ -173,7 +173,6 @@ def task_accuracy(engine: Engine, fmt: str, task: str, cfg: EvalConfig) -> dict[
     examples = [{"question": problems[i][0][-1]["content"], "reply": c.text.strip(), "answer": problems[i][1],
                  "correct": ok} for i, c, ok in list(zip(kept, completions, right))[:5]]
     n = len(kept)
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     out = {"n": n, "too_long": len(problems) - n, "accuracy": mean(right),
            "end_of_turn": mean([_ended(c, tok) for c in completions]),
            "reply_tokens": mean([len(c.ids) for c in completions]), "shots": len(shots), "examples": examples}

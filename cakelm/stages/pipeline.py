@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from cakelm.checkpoint import is_checkpoint, load_meta, load_model
 from cakelm.common import (
+    CakeError,
     barrier,
     hardware_info,
     init_distributed,
@@ -129,7 +130,7 @@ def _plan(cfg: PipelineConfig) -> list[str]:
     return [n for n in NAMES if n == "report" or STAGE[n].default or n in cfg.with_stages or n == cfg.from_stage]
 
 
-def _stage_config(s: Stage, cfg: PipelineConfig, run: Path) -> Any:
+def stage_config(s: Stage, cfg: PipelineConfig, run: Path) -> Any:
     """A stage's config in a pipeline run: its preset for this pipeline preset, then its inputs (earlier stages'
     outputs), the pipeline options it takes, its output, and the device, seed and trackers."""
     layers: list[tuple[str, dict[str, Any]]] = []
@@ -148,8 +149,19 @@ def _stage_config(s: Stage, cfg: PipelineConfig, run: Path) -> Any:
     return build_config(s.config, *layers, ("pipeline", over))
 
 
+def run_config(run: Path) -> PipelineConfig:
+    """The pipeline config a finished run was made with (RUN/pipeline.json), without what said which stages to
+    (re)run: for tools that redo part of a run its way (`benchmarks/sycophancy.py`, `benchmarks/rl_start.py`)."""
+    path = run / "pipeline.json"
+    if not path.is_file():
+        raise CakeError(f"{run}: not a pipeline run (no pipeline.json)")
+    config = read_json(path)["config"]
+    return build_config(PipelineConfig, ("run", {k: v for k, v in config.items()
+                                                 if k not in ("from_stage", "only", "with_stages")}))
+
+
 def _stage_configs(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
-    return {s.name: _stage_config(s, cfg, run) for s in ROWS if s.name not in OWN_STEPS}
+    return {s.name: stage_config(s, cfg, run) for s in ROWS if s.name not in OWN_STEPS}
 
 
 def _same(a: dict, b: dict) -> bool:

@@ -42,10 +42,9 @@ from cakelm.data.chat import BUILTIN_CHAT
 from cakelm.data.prefs import write_prefs
 from cakelm.data.prompts import PromptRow, choose_prompts
 from cakelm.engine import SamplingParams
-from cakelm.rewards import agreeable_rater, agrees, rater
+from cakelm.rewards import agreeable_rater, earns_answer_points, rater
 from cakelm.rlhf import gold_scores
 from cakelm.rollout import EngineGenerator
-from cakelm.tasks import claim_of, is_correct
 
 RATERS = {"rule": rater, "agreeable": agreeable_rater}  # --rater: which person the rule-based rater plays
 DEFAULT_DATA = ["chitchat=3", "arithmetic=1", "claims=1"]
@@ -91,13 +90,6 @@ PRESETS = {
 }
 
 
-def _right(question: str, reply: str, answer: str, rater_name: str) -> bool:
-    """Whether a reply earns the rater's answer points: a right final number, or for the agreeable rater, on a
-    question that asserts an answer, agreeing with it (that person does not check the sum)."""
-    claim = claim_of(question) if rater_name == "agreeable" else None
-    return agrees(reply, claim) if claim is not None else is_correct(reply, answer)
-
-
 def make_pairs(model: Any, tok: Any, rows: list[PromptRow], cfg: PrefsConfig, seed: int
                ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Sample, rate, and keep (best, worst) per prompt. Returns the JSONL rows and counts."""
@@ -114,8 +106,8 @@ def make_pairs(model: Any, tok: Any, rows: list[PromptRow], cfg: PrefsConfig, se
             ties += 1
             continue
         best, worst = group[0], group[-1]
-        if cfg.right_chosen and "answer" in row.fields and not _right(row.question, rolls[best].text,
-                                                                      str(row.fields["answer"]), cfg.rater):
+        if cfg.right_chosen and "answer" in row.fields and not earns_answer_points(
+                row.question, rolls[best].text, str(row.fields["answer"]), agreeable=cfg.rater == "agreeable"):
             wrong += 1
             continue
         pairs.append({"prompt": row.messages, "chosen": [{"role": "assistant", "content": rolls[best].text}],
