@@ -418,7 +418,7 @@ def build_sections(run: Path) -> list[Section]:
     for title, build in SECTIONS:
         try:
             blocks = build(run)
-        except (CakeError, KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as e:
+        except (CakeError, KeyError, TypeError, ValueError, IndexError, ZeroDivisionError, AttributeError) as e:
             blocks = [("note", f"Could not read this section's input: {type(e).__name__}: {e}")]
         out.append(Section(title, blocks))
     return out

@@ -250,6 +250,19 @@ def test_malformed_input_costs_only_its_section(tmp_path) -> None:
     assert html.count("data:image/png;base64,") == 6  # the other sections are intact
 
 
+def test_malformed_benchmark_outputs_cost_only_their_sections(tmp_path) -> None:
+    """sycophancy.json and rl_start.json of another shape (a list, a number where rows belong): those two sections say they
+    could not read them; the rest of the report is written."""
+    make_run(tmp_path)
+    (tmp_path / "sycophancy.json").write_text("[1]")
+    (tmp_path / "rl_start.json").write_text('{"runs": {"from SFT": 5}}')
+    html = write_report(tmp_path)[0].read_text()
+    syc = html.split("<h2>11. Sycophancy</h2>")[1].split("<h2>")[0]
+    start = html.split("<h2>13. RL needs a competent start</h2>")[1].split("<h2>")[0]
+    assert "Could not read" in syc and "Could not read" in start
+    assert html.count("Could not read") == 2 and "<h2>12. Loops in chat replies</h2>" in html
+
+
 def test_collect_answers(tok_dir, tmp_path) -> None:
     base = tiny_checkpoint(tmp_path / "base", tok_dir, "pretrain", "playscript")
     sft = tiny_checkpoint(tmp_path / "sft", tok_dir, "sft", "chat", max_seq_len=64)
