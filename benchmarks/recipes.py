@@ -16,8 +16,9 @@ scored by RUN/rm (the pipeline's preference data and reward model; --run, defaul
 
 Each variant is a set of the stage's options on top of its defaults. Time is the whole stage, data preparation
 included; accuracy comes from `cakelm eval` (greedy) on --limit held-out arithmetic problems (200 problems leave
-about +-3.5 points of noise; 800 about +-1.7). This machine's speed drifts by tens of percent, so run nothing else
-meanwhile and compare variants of one run.
+about +-3.5 points of noise; 800 about +-1.7), loops from its `replies` task (the share of greedy replies to
+held-out chat openings with a repeated 4-gram); the first row is --init itself. This machine's speed drifts by
+tens of percent, so run nothing else meanwhile and compare variants of one run.
 """
 
 from __future__ import annotations
@@ -53,6 +54,16 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "kl0.04": {"kl_coef": 0.04, "optim.lr": 3e-4, "loop.max_steps": 60},
         "equations": {"rewards": ["exact_match", "equations=0.5"]},
         "32x8": {"prompts_per_step": 32, "loop.max_steps": 40},
+        "dyn2": {"oversample": 2},  # DAPO dynamic sampling: 32 prompts sampled, the first 16 with signal trained
+        "dyn2-40": {"oversample": 2, "loop.max_steps": 40},  # about the default's rollouts
+        "dyn3-40": {"oversample": 3, "loop.max_steps": 40},
+        "dyn2-lr2e-4": {"oversample": 2, "optim.lr": 2e-4},
+        "epochs2": {"epochs": 2, "loop.max_steps": 120},  # each phase's rollouts trained on twice (the clip matters)
+        "mb2": {"num_minibatches": 2, "loop.max_steps": 120},  # two optimizer steps per phase, half the rollouts each
+        "mb4": {"num_minibatches": 4, "loop.max_steps": 240},
+        "mb2-dyn2": {"num_minibatches": 2, "loop.max_steps": 120, "oversample": 2},
+        # a quarter of the questions chat openings judged by the rater (which gives a looping reply no length point)
+        "chat": {"data": ["arithmetic", "chitchat=0.25"], "rewards": ["exact_match", "rater=0.25"]},
     },
     "dpo": {  # evaluations during training off: they sample, and take longer than the training
         "default": {"loop.eval_every": 0},  # sigmoid, beta 0.1, RPO alpha 4, AdamW 1e-4, 40 steps x 32 pairs
@@ -118,13 +129,14 @@ def main() -> None:
               "rloo": {"reward_model": rm}}.get(args.stage, {})
 
     def measure(ckpt: str) -> tuple[float, float, dict[str, float]]:
-        ev = build_config(eval_stage.EvalConfig, ("benchmark", {"ckpt": ckpt, "tasks": ["arithmetic"],
+        ev = build_config(eval_stage.EvalConfig, ("benchmark", {"ckpt": ckpt, "tasks": ["arithmetic", "replies"],
                                                                  "limit": args.limit, "progress": False}))
-        task = eval_stage.evaluate_checkpoint(ev)["tasks"]["arithmetic"]
+        result = eval_stage.evaluate_checkpoint(ev)
+        task = result["tasks"]["arithmetic"]
         prefs = judge(load_model(ckpt)[0].eval()) if judge else {}
-        return task["accuracy"], task["end_of_turn"], prefs
+        return task["accuracy"], task["end_of_turn"], result["replies"]["repeated"], prefs
 
-    rows = [("(init)", 0, 0.0, *measure(args.init))] if judge else []
+    rows = [("(init)", 0, 0.0, *measure(args.init))]
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             opts = {**table[name], **({"loop.max_steps": args.max_steps} if args.max_steps else {})}
@@ -135,10 +147,10 @@ def main() -> None:
             rows.append((name, cfg.loop.max_steps, time.time() - t0, *measure(str(Path(tmp) / name))))
     print(f"\n{args.stage} from {args.init}, {args.limit} held-out problems"
           + (f"; gold, proxy and KL on {len(judge.rows)} held-out prompts x 4 replies" if judge else ""))
-    print(f"{'variant':<10} {'steps':>6} {'time':>8} {'accuracy':>9} {'ends turn':>10}"
+    print(f"{'variant':<10} {'steps':>6} {'time':>8} {'accuracy':>9} {'ends turn':>10} {'loops':>6}"
           + (f" {'gold':>7} {'proxy':>7} {'KL':>6}" if judge else ""))
-    for name, steps, seconds, acc, eot, prefs in rows:
-        print(f"{name:<10} {steps:>6} {seconds:>7.1f}s {100 * acc:>8.1f}% {100 * eot:>9.1f}%"
+    for name, steps, seconds, acc, eot, loops, prefs in rows:
+        print(f"{name:<10} {steps:>6} {seconds:>7.1f}s {100 * acc:>8.1f}% {100 * eot:>9.1f}% {100 * loops:>5.1f}%"
               + (f" {prefs['gold']:>7.3f} {prefs['proxy']:>7.3f} {prefs['kl']:>6.2f}" if prefs else ""))
     print(f"peak memory {peak_memory_mb():.0f} MB")
 

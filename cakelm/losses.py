@@ -75,6 +75,24 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     return centred.reshape(-1), zero_signal
 
 
+def dynamic_sampling_rows(rewards: torch.Tensor, group_size: int, keep: int) -> torch.Tensor:
+    """The row indices of the `keep` groups to train on out of N = P * G rewards (each prompt's G completions
+    consecutive, keep <= P): the first `keep` groups whose rewards differ, in order; when fewer than `keep` differ,
+    the first groups whose rewards are all equal fill the rest (they carry no signal, but keep the batch's size).
+
+    DAPO's dynamic sampling (Yu et al. 2025, arXiv 2503.14476, section 3.2: "over-sample and filter out prompts
+    with the accuracy equal to 1 and 0"), as one over-sampled draw instead of repeated draws until the batch is
+    full, so every phase costs the same and the run stays reproducible."""
+    if group_size < 2 or rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"need a 1-d tensor of groups of {group_size} >= 2 rewards, got shape {tuple(rewards.shape)}")
+    groups = rewards.view(-1, group_size)  # (P, G)
+    if not 0 < keep <= groups.size(0):
+        raise ValueError(f"keep must be in [1, {groups.size(0)}], got {keep}")
+    differ = groups.amax(dim=1) != groups.amin(dim=1)  # (P,)
+    order = torch.cat([differ.nonzero().flatten(), (~differ).nonzero().flatten()])[:keep].sort().values
+    return (order[:, None] * group_size + torch.arange(group_size)).flatten()  # (keep * G,)
+
+
 def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
     """RLOO's advantages of N = P * G rewards (each prompt's G completions consecutive), and the number of groups
     whose rewards are all equal (no signal). Each completion's baseline is the mean reward of the other G - 1:

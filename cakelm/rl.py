@@ -269,19 +269,19 @@ def report_failures(failures: list[str], calls: int, info: DistInfo, where: str)
 # One rollout phase
 
 
-def group_prompts(cfg: Any, info: DistInfo, tok: Tokenizer, context: int, meta: dict[str, Any] | None
-                  ) -> PromptSources:
+def group_prompts(cfg: Any, info: DistInfo, tok: Tokenizer, context: int, meta: dict[str, Any] | None,
+                  per_phase: int = 0) -> PromptSources:
     """The prompts of a group RL stage (grpo, rloo): --data's prompts that leave --max-new-tokens of the model's
-    `context` for the reply, with enough generated task problems for the run (those of `meta`, the resumed
-    checkpoint's meta.json, when given), and its held-out prompts. Each rank rolls out whole groups, so
-    --prompts-per-step must split evenly over the ranks."""
+    `context` for the reply, with enough generated task problems for the run (per_phase prompts per rollout phase,
+    default --prompts-per-step; those of `meta`, the resumed checkpoint's meta.json, when given), and its held-out
+    prompts. Each rank rolls out whole groups, so --prompts-per-step must split evenly over the ranks."""
     if cfg.prompts_per_step % info.world_size:
         raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the {info.world_size} "
                           "ranks (each rank rolls out whole groups)")
     saved = {s: c["task_size"] for s, c in meta.get("data", {}).items() if c.get("task_size")} if meta else None
     phases = math.ceil(cfg.loop.max_steps / (cfg.epochs * cfg.num_minibatches))
-    prompts = rl_prompts(cfg.data, phases * cfg.prompts_per_step, cfg.task_size, cfg.val_fraction, cfg.val_size,
-                         cfg.loop.seed, cfg.skip_bad_lines, tok, context - cfg.max_new_tokens, saved)
+    prompts = rl_prompts(cfg.data, phases * (per_phase or cfg.prompts_per_step), cfg.task_size, cfg.val_fraction,
+                         cfg.val_size, cfg.loop.seed, cfg.skip_bad_lines, tok, context - cfg.max_new_tokens, saved)
     if not prompts.val:
         raise CakeError(f"--data {' '.join(cfg.data)}: no held-out prompt leaves room for --max-new-tokens "
                         f"{cfg.max_new_tokens} in the context of {context} (raise --val-fraction, or use a larger "

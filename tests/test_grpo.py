@@ -44,6 +44,10 @@ def e_share(prompt, completion, **fields):
 
 def broken(prompt, completion, **fields):
     raise KeyError("no such field")
+
+def royal_e(prompt, completion, topic=None, **fields):
+    # signal only for half the prompts: the others' groups all score 0
+    return float(completion.count("e")) if topic in ("king", "queen", "lord") else 0.0
 '''
 
 
@@ -223,6 +227,18 @@ def test_grpo_raises_the_reward(chat_model, prompts, tmp_path, user_rewards) -> 
     assert meta["rewards"] == ["my_rewards:e_share"] and "val_reward" in meta["metrics"]
 
 
+def test_dynamic_sampling_trains_on_groups_with_signal(chat_model, prompts, tmp_path, user_rewards) -> None:
+    """--oversample 4: 8 prompts sampled per phase, some with signal; the 2 trained on are groups whose rewards
+    differ, so the trained batch has a zero-signal group only when fewer than 2 of the 8 differ."""
+    kw = {"rewards": ["my_rewards:royal_e"], "group_size": 4, "prompts_per_step": 2, "loop.max_steps": 4}
+    r = rows(run_grpo(chat_model, [prompts], tmp_path / "dyn", oversample=4, **kw))
+    pool, trained = [x["zero_signal"] for x in r], [x["trained_zero_signal"] for x in r]
+    assert sum(pool) / len(pool) > 0.25, pool
+    assert trained == [max(0, 2 - round(8 * (1 - p))) / 2 for p in pool] and min(trained) == 0.0, (pool, trained)
+    plain = rows(run_grpo(chat_model, [prompts], tmp_path / "plain", **kw))
+    assert "trained_zero_signal" not in plain[0] and plain[0]["zero_signal"] in (0.0, 0.5, 1.0)
+
+
 def test_resume_inside_a_rollout_window_is_exact(chat_model, prompts, tmp_path, monkeypatch) -> None:
     kw = {"epochs": 2, "loop.max_steps": 6, "rewards": ["exact_match", "format=0.5"]}
     straight = run_grpo(chat_model, [prompts], tmp_path / "straight", **kw)
@@ -284,6 +300,7 @@ def test_rewards_none_and_mask_truncated(chat_model, tok_dir) -> None:
 @pytest.mark.parametrize("args,message", [
     (["--group-size", "1"], "--group-size must be >= 2"),
     (["--temperature", "0"], "need --temperature > 0"),
+    (["--oversample", "0"], "--oversample must be >= 1"),
     (["--rewards", "nope"], "not a built-in reward"),
     (["--rewards", "my_rewards:missing"], "my_rewards has no function missing"),
     (["--rewards", "my_rewards:broken"], "every reward call of the first rollout phase failed (16): reward "

@@ -75,6 +75,23 @@ def test_group_advantages_hand_computed() -> None:
     assert zero == 1 and torch.equal(adv, torch.zeros(7))
 
 
+def test_dynamic_sampling_rows_hand_computed() -> None:
+    from cakelm.losses import dynamic_sampling_rows
+
+    # 5 groups of 2: all right, mixed, all wrong, mixed, mixed
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.5, 0.0])
+    assert dynamic_sampling_rows(rewards, 2, 2).tolist() == [2, 3, 6, 7]  # the first two mixed groups
+    assert dynamic_sampling_rows(rewards, 2, 3).tolist() == [2, 3, 6, 7, 8, 9]
+    # only 3 groups differ: the first flat group (group 0) fills the fourth place, the batch keeps its order
+    assert dynamic_sampling_rows(rewards, 2, 4).tolist() == [0, 1, 2, 3, 6, 7, 8, 9]
+    assert dynamic_sampling_rows(torch.zeros(6), 3, 1).tolist() == [0, 1, 2]  # no signal anywhere: still a batch
+    for bad in (0, 6):
+        with pytest.raises(ValueError):
+            dynamic_sampling_rows(rewards, 2, bad)
+    with pytest.raises(ValueError):
+        dynamic_sampling_rows(rewards, 3, 1)
+
+
 def test_clipped_policy_loss_hand_computed() -> None:
     from cakelm.losses import clipped_policy_loss
 

@@ -251,8 +251,8 @@ def test_malformed_input_costs_only_its_section(tmp_path) -> None:
 
 
 def test_malformed_benchmark_outputs_cost_only_their_sections(tmp_path) -> None:
-    """sycophancy.json and rl_start.json of another shape (a list, a number where rows belong): those two sections say they
-    could not read them; the rest of the report is written."""
+    """sycophancy.json and rl_start.json of another shape (a list, a number where rows belong): those two sections
+    say they could not read them; the rest of the report is written."""
     make_run(tmp_path)
     (tmp_path / "sycophancy.json").write_text("[1]")
     (tmp_path / "rl_start.json").write_text('{"runs": {"from SFT": 5}}')

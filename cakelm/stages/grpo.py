@@ -14,7 +14,9 @@ arXiv 2402.03300, with the corrections of DAPO, Yu et al. 2025, arXiv 2503.14476
 2025, arXiv 2503.20783):
 1. Rollouts: the next --prompts-per-step questions of the --data mixture; the current policy samples
    --group-size completions of each through the rollout generator (--temperature, --top-p, --max-new-tokens),
-   keeping the log-probability of every sampled token.
+   keeping the log-probability of every sampled token. With --oversample K (DAPO's dynamic sampling) it samples
+   K x --prompts-per-step questions and trains on the first --prompts-per-step groups whose rewards differ
+   (`losses.dynamic_sampling_rows`; groups that are all right or all wrong fill the batch only when too few differ).
 2. Rewards: every completion is scored by the --rewards (Python functions, see `cakelm.rewards`, and the reward
    model's score as `reward_model`), weighted and summed (`cakelm.rl.Rewards`). A completion that no reward
    applies to gets its group's mean (advantage 0). A reward call that raises, runs past --reward-timeout or
@@ -59,7 +61,15 @@ from cakelm.data.chat import BUILTIN_CHAT, VAL_FRACTION
 from cakelm.engine import SamplingParams
 from cakelm.loop import LoopConfig
 from cakelm.lora import LoraConfig
-from cakelm.losses import ADVANTAGE_SCALES, AGGREGATIONS, aggregate, clipped_policy_loss, group_advantages, kl_k3
+from cakelm.losses import (
+    ADVANTAGE_SCALES,
+    AGGREGATIONS,
+    aggregate,
+    clipped_policy_loss,
+    dynamic_sampling_rows,
+    group_advantages,
+    kl_k3,
+)
 from cakelm.optim import OptimConfig
 from cakelm.rl import (
     HELP,
@@ -69,6 +79,7 @@ from cakelm.rl import (
     RolloutBatches,
     check_options,
     check_scorable,
+    gather_rows,
     group_prompts,
     make_rewards,
     phase_rows,
@@ -95,6 +106,8 @@ class GRPOConfig:
     reward_errors: str = opt("score", HELP["reward_errors"], choices=REWARD_ERRORS)
     group_size: int = opt(8, HELP["group_size"])
     prompts_per_step: int = opt(16, HELP["prompts_per_step"])
+    oversample: int = opt(1, "DAPO's dynamic sampling: roll out this many times --prompts-per-step prompts per phase "
+                          "and train on the first --prompts-per-step groups whose rewards differ (1 = off)")
     epochs: int = opt(1, HELP["epochs"])
     num_minibatches: int = opt(1, HELP["num_minibatches"])
     temperature: float = opt(1.0, HELP["temperature"])
@@ -125,6 +138,8 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.oversample < 1:
+            raise ConfigError(f"--oversample must be >= 1, got {self.oversample}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"need --top-p in (0, 1], got {self.top_p}")
 
@@ -164,7 +179,8 @@ def main(cfg: GRPOConfig) -> Path:
     assert policy is not None
     rewards = make_rewards(cfg.rewards, cfg.reward_model, cfg.missing_eos_penalty, run.reward_model,
                            cfg.reward_timeout, cfg.reward_errors, info)
-    prompts = group_prompts(cfg, info, run.tok, policy.cfg.max_seq_len, run.meta if run.resumed else None)
+    pool = cfg.prompts_per_step * cfg.oversample  # prompts sampled per phase
+    prompts = group_prompts(cfg, info, run.tok, policy.cfg.max_seq_len, run.meta if run.resumed else None, pool)
     check_scorable(rewards, prompts.train, cfg.data)
     ref = run.reference() if cfg.kl_coef > 0 or cfg.log_kl else None
     mixture = prompts.mixture(cfg.loop.seed)
@@ -172,16 +188,25 @@ def main(cfg: GRPOConfig) -> Path:
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
 
     def roll_out(phase: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        rows, slots = phase_rows(prompts.train, mixture, phase, cfg.prompts_per_step, info)
+        rows, slots = phase_rows(prompts.train, mixture, phase, pool, info)
         s = sample_and_score(generator, rows, slots, params, G, cfg.loop.seed, rewards, ref, info, run.device,
                              phase=phase)
+        _, zero = group_advantages(s.all_rewards.float(), G, cfg.scale_rewards)
+        metrics = {**s.metrics, "zero_signal": zero / (len(s.all_rewards) // G)}  # of every sampled group
+        data, kept, rolls = {**s.batch, "rewards": s.rewards}, s.all_rewards, s.rolls
+        if cfg.oversample > 1:  # each rank keeps its own groups with signal (whole groups per rank)
+            keep = dynamic_sampling_rows(s.rewards, G, cfg.prompts_per_step // info.world_size)
+            data, rolls = {k: v[keep] for k, v in data.items()}, [s.rolls[i] for i in keep.tolist()]
+            kept = gather_rows(data["rewards"], info, run.device)
         # group statistics over the whole batch (every rank's rewards; whole groups per rank)
-        adv, zero = group_advantages(s.all_rewards.float(), G, cfg.scale_rewards)
-        n = len(s.rolls)
-        data = {**s.batch, "rewards": s.rewards, "adv": adv[info.rank * n:(info.rank + 1) * n]}
+        adv, zero_kept = group_advantages(kept.float(), G, cfg.scale_rewards)
+        n = len(rolls)
+        data["adv"] = adv[info.rank * n:(info.rank + 1) * n]
+        if cfg.oversample > 1:
+            metrics["trained_zero_signal"] = zero_kept / (len(kept) // G)
         if cfg.mask_truncated:
-            data["mask"] = data["mask"] * torch.tensor([float(r.ended) for r in s.rolls])[:, None]
-        return data, {**s.metrics, "zero_signal": zero / (len(s.all_rewards) // G)}
+            data["mask"] = data["mask"] * torch.tensor([float(r.ended) for r in rolls])[:, None]
+        return data, metrics
 
     local = cfg.prompts_per_step // info.world_size * G  # completions per rank and phase
     batches = RolloutBatches(roll_out, local, cfg.epochs, cfg.num_minibatches, cfg.loop.batch_size,
@@ -189,8 +214,9 @@ def main(cfg: GRPOConfig) -> Path:
                                                  cfg.max_new_tokens)[1], cfg.loop.seed, info)
     evaluate = RewardEval(prompts.val, rewards, cfg.max_new_tokens, info, run.device,
                           lambda m: run.generator(m, cfg.rollout_batch))
-    run.announce(f"{cfg.prompts_per_step} prompts x {G} completions per phase, {cfg.epochs} epoch(s) x "
-                 f"{cfg.num_minibatches} minibatch(es); rewards {', '.join(rewards.names)}"
+    run.announce(f"{cfg.prompts_per_step} prompts x {G} completions per phase"
+                 + (f" (of {pool} sampled, dynamic sampling)" if cfg.oversample > 1 else "")
+                 + f", {cfg.epochs} epoch(s) x {cfg.num_minibatches} minibatch(es); rewards {', '.join(rewards.names)}"
                  + (f"; skipped {prompts.skipped} bad lines" if prompts.skipped else ""))
     metrics = run.train(policy, batches, lambda m, b: grpo_loss(m, b, cfg), evaluate,
                         meta={"data": prompts.counts, "rewards": cfg.rewards, "skipped_lines": prompts.skipped},
