@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cakelm.common import hardware_info, keep_freed_memory, peak_memory_mb, pick_dtype
+from cakelm.common import cpu_has_bf16_matrix_units, hardware_info, keep_freed_memory, peak_memory_mb, pick_dtype
 from cakelm.loop import BF16_MIN_SPEEDUP, autocast, probe_step, step_speedup
 from cakelm.losses import lm_loss
 from cakelm.model import ModelConfig, Transformer, flops_per_token
@@ -159,7 +159,9 @@ def bench_shape(name: str, steps: int, rounds: int, peak: float, compile: bool, 
         loss, n = lm_loss(ours_c(x), y)
         return loss / n
 
-    if dtype_name == "auto":  # what --loop.dtype auto would choose: cakelm.loop's probe of this step, its threshold
+    if dtype_name == "auto" and cpu_has_bf16_matrix_units() is False:  # what --loop.dtype auto does here
+        dtype, dtype_name = torch.float32, "auto: fp32, no bf16 matrix units"
+    elif dtype_name == "auto":  # what --loop.dtype auto would choose: cakelm.loop's probe of this step, its threshold
         speedup = step_speedup(probe_step(ours, ours_loss, torch.device("cpu")))
         dtype = torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else torch.float32
         dtype_name = f"auto: {'bf16' if dtype == torch.bfloat16 else 'fp32'}, probe {speedup:.2f}x"

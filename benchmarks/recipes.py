@@ -62,6 +62,8 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "mb2": {"num_minibatches": 2, "loop.max_steps": 120},  # two optimizer steps per phase, half the rollouts each
         "mb4": {"num_minibatches": 4, "loop.max_steps": 240},
         "mb2-dyn2": {"num_minibatches": 2, "loop.max_steps": 120, "oversample": 2},
+        "seed1": {"loop.seed": 1},  # the default with other rollouts and prompt order: run-to-run spread
+        "seed2": {"loop.seed": 2},
         # a quarter of the questions chat openings judged by the rater (which gives a looping reply no length point)
         "chat": {"data": ["arithmetic", "chitchat=0.25"], "rewards": ["exact_match", "rater=0.25"]},
     },

@@ -239,6 +239,20 @@ def peak_memory_mb() -> float:
         return float("nan")
 
 
+def cpu_has_bf16_matrix_units() -> bool | None:
+    """Whether this CPU has bf16 matrix units (Intel AMX: the `amx_bf16` flag in /proc/cpuinfo), or None where the
+    flags cannot be read (not Linux, or a CPU that lists "Features" instead). AVX512-BF16 (Zen 4) is a vector dot
+    product, not a matrix unit."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return "amx_bf16" in line.split(":", 1)[-1].split()
+    return None
+
+
 def hardware_info(device: torch.device | None = None) -> dict[str, Any]:
     """What a measurement ran on, for reports: CPU model, cores, torch version and threads, device (and GPU)."""
     cpu = platform.processor() or platform.machine()

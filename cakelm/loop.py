@@ -66,6 +66,7 @@ from cakelm.common import (
     DistInfo,
     all_reduce_sum,
     barrier,
+    cpu_has_bf16_matrix_units,
     finite_json,
     gather_object,
     keep_freed_memory,
@@ -119,8 +120,8 @@ class LoopConfig:
     log_every: int = opt(10, "write a metrics line every N steps")
     save_every: int = opt(0, "save a resumable checkpoint every N steps (0 = only at the end)")
     device: str = opt("auto", "device", alias="--device", choices=("auto", "cpu", "cuda", "mps"))
-    dtype: str = opt("auto", "autocast dtype: auto = bf16 on CUDA; on a CPU bf16 when a start-up probe finds this "
-                     "stage's training step at least 1.5x faster in bf16 than in fp32 (CPUs with bf16 matrix units), "
+    dtype: str = opt("auto", "autocast dtype: auto = bf16 on CUDA; on a CPU with bf16 matrix units (AMX) bf16 when a "
+                     "start-up probe finds this stage's training step at least 1.5x faster in bf16 than in fp32, "
                      "else fp32", choices=("auto", "fp32", "bf16"))
     parallel: str = opt("ddp", "how the processes of a torchrun job share the training: ddp (each holds the whole "
                         "model; gradients are all-reduced) or fsdp (FSDP2: weights, gradients and optimizer state "
@@ -164,11 +165,11 @@ def autocast(device: torch.device, dtype: torch.dtype) -> Any:
 
 
 AUTO_DTYPE_ENV = "CAKELM_AUTO_DTYPE"  # fp32 or bf16: what --loop.dtype auto means on a CPU, without probing
-# bf16 must beat fp32 by this much on the step, measured at start-up. Its rounding costs a little, and a choice
-# near the threshold would flip from run to run with the machine's noise. On a Zen 4 EPYC (AVX512-BF16, no AMX) the
-# default pipeline's pretraining probed at 1.32-1.46x (100 s instead of 132 s, val bpb 2.304 instead of 2.299) and
-# its SFT at 1.18-1.24x (no less wall time, val loss 3.344 instead of 3.326): not worth it. CPUs with AMX run bf16
-# matmuls 7-10x faster than fp32 ones, far above it.
+# bf16 must beat fp32 by this much on the step, measured at start-up, on a CPU with bf16 matrix units (AMX: bf16
+# matmuls 7-10x faster than fp32 ones, far above it). CPUs without them stay fp32 unprobed: on Zen 4 EPYCs
+# (AVX512-BF16, no AMX) the default pipeline's pretraining probed at 1.31-1.81x and its SFT at 1.18-1.71x, on
+# two VMs of the same model name, so the choice flipped between runs of one command, and so did the models (SFT
+# models of one command answered 44.5% and 37.2% of 800 held-out problems): a run must repeat on its machine.
 BF16_MIN_SPEEDUP = 1.5
 
 
@@ -210,8 +211,9 @@ def probe_step(model: nn.Module, loss_of: Callable[[], torch.Tensor], device: to
 def train_dtype(cfg: LoopConfig, device: torch.device, info: DistInfo, resume_state: dict[str, Any] | None,
                 step: Callable[[torch.dtype], None] | None) -> torch.dtype:
     """The autocast dtype of this run, said once. fp32/bf16 as asked; `auto`: the dtype of the run being resumed
-    (so a resume is exact), bf16 on CUDA GPUs with bf16, on a CPU bf16 if `step_speedup(step)` (this stage's own
-    training step on its first batch) finds it at least BF16_MIN_SPEEDUP x faster on every rank, else fp32;
+    (so a resume is exact), bf16 on CUDA GPUs with bf16, on a CPU with bf16 matrix units (AMX;
+    `cpu_has_bf16_matrix_units`, not known: probed too) bf16 if `step_speedup(step)` (this stage's own training
+    step on its first batch) finds it at least BF16_MIN_SPEEDUP x faster on every rank, else fp32;
     $CAKELM_AUTO_DTYPE pins the CPU's choice; fp32 on a CPU when there is no step to time (an RL stage, whose
     batches come from rollouts; a model to be sharded, too big to run whole on each rank) and elsewhere. Loss,
     reductions and optimizer state stay fp32 either way (autocast casts only the matmuls' inputs)."""
@@ -231,6 +233,10 @@ def train_dtype(cfg: LoopConfig, device: torch.device, info: DistInfo, resume_st
     if step is None:
         print0("--loop.dtype auto: fp32 (no step to time before training: this stage's batches come from rollouts, "
                "or the model is to be sharded)", info=info)
+        return torch.float32
+    if cpu_has_bf16_matrix_units() is False:
+        print0("--loop.dtype auto: fp32 (this CPU has no bf16 matrix units, AMX; on its vector units bf16 gains too "
+               f"little and too unsteadily to choose by a probe; ${AUTO_DTYPE_ENV}=bf16 forces it)", info=info)
         return torch.float32
     speedup = torch.tensor(step_speedup(step))
     if info.enabled:  # every rank must choose alike: the slowest rank's view decides

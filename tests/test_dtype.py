@@ -39,6 +39,7 @@ def test_bf16_training_follows_the_fp32_curve(tok_dir, tmp_path) -> None:
 
 def test_auto_decides_by_the_probe(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     monkeypatch.delenv("CAKELM_AUTO_DTYPE")
+    monkeypatch.setattr(loop, "cpu_has_bf16_matrix_units", lambda: True)  # an AMX Xeon
     auto, step = LoopConfig(dtype="auto"), lambda dtype: None
     for speedup, want in ((1.6, torch.bfloat16), (1.05, torch.float32), (0.04, torch.float32)):
         monkeypatch.setattr(loop, "step_speedup", lambda *a, s=speedup, **k: s)
@@ -54,8 +55,16 @@ def test_auto_decides_by_the_probe(monkeypatch: pytest.MonkeyPatch, capsys: pyte
     assert train_dtype(auto, CPU, ONE, {"step": 3}, step) == torch.float32  # saved before the choice was recorded
     assert train_dtype(auto, CPU, ONE, None, None) == torch.float32
     assert "rollouts" in capsys.readouterr().out
-    monkeypatch.setenv("CAKELM_AUTO_DTYPE", "bf16")
+    # no matrix units (a Zen 4 EPYC): fp32 without a probe, said why; unknown (not Linux): the probe decides
+    monkeypatch.setattr(loop, "cpu_has_bf16_matrix_units", lambda: False)
+    assert train_dtype(auto, CPU, ONE, None, step) == torch.float32
+    assert "no bf16 matrix units" in capsys.readouterr().out
+    monkeypatch.setattr(loop, "cpu_has_bf16_matrix_units", lambda: None)
+    monkeypatch.setattr(loop, "step_speedup", lambda *a, **k: 1.6)
     assert train_dtype(auto, CPU, ONE, None, step) == torch.bfloat16
+    monkeypatch.setenv("CAKELM_AUTO_DTYPE", "bf16")
+    monkeypatch.setattr(loop, "cpu_has_bf16_matrix_units", lambda: False)
+    assert train_dtype(auto, CPU, ONE, None, step) == torch.bfloat16  # pinned wins
     assert "(CAKELM_AUTO_DTYPE)" in capsys.readouterr().out.replace("$", "")
     monkeypatch.setenv("CAKELM_AUTO_DTYPE", "fp16")
     with pytest.raises(CakeError, match="must be fp32 or bf16, got 'fp16'"):
@@ -66,6 +75,7 @@ def test_the_probe_times_the_stage_step_and_leaves_no_trace(tok_dir, tmp_path, m
     """The loop hands the probe this stage's own step on its first batch (both dtypes run, gradients dropped, the
     random state untouched), and the run trains in what the probe chose (saved for resume)."""
     monkeypatch.delenv("CAKELM_AUTO_DTYPE")
+    monkeypatch.setattr(loop, "cpu_has_bf16_matrix_units", lambda: True)
     seen = {}
 
     def fake_speedup(step, repeats=3):
@@ -91,6 +101,31 @@ def test_the_probe_times_the_stage_step_and_leaves_no_trace(tok_dir, tmp_path, m
     speedup = step_speedup(step, repeats=1)
     assert math.isfinite(speedup) and speedup > 0
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_cpu_matrix_units_read_from_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cakelm import common
+
+    def with_cpuinfo(text: str | None) -> bool | None:
+        real = Path.read_text
+
+        def fake(self, *a, **k):
+            if str(self) == "/proc/cpuinfo":
+                if text is None:
+                    raise FileNotFoundError(self)
+                return text
+            return real(self, *a, **k)
+        monkeypatch.setattr(Path, "read_text", fake)
+        try:
+            return common.cpu_has_bf16_matrix_units()
+        finally:
+            monkeypatch.setattr(Path, "read_text", real)
+
+    xeon = "model name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+    epyc = "model name\t: AMD EPYC 9B14\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    assert with_cpuinfo(xeon) is True and with_cpuinfo(epyc) is False
+    assert with_cpuinfo("processor\t: 0\nFeatures\t: fp asimd bf16\n") is None  # an ARM listing: unknown
+    assert with_cpuinfo(None) is None  # no /proc (macOS, Windows)
 
 
 def test_resume_keeps_the_dtype_the_run_started_with(tok_dir, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
