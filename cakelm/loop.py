@@ -235,8 +235,8 @@ def train_dtype(cfg: LoopConfig, device: torch.device, info: DistInfo, resume_st
                "or the model is to be sharded)", info=info)
         return torch.float32
     if cpu_has_bf16_matrix_units() is False:
-        print0("--loop.dtype auto: fp32 (this CPU has no bf16 matrix units, AMX; on its vector units bf16 gains too "
-               f"little and too unsteadily to choose by a probe; ${AUTO_DTYPE_ENV}=bf16 forces it)", info=info)
+        print0("--loop.dtype auto: fp32 (this CPU has no bf16 matrix units (AMX), and on its vector units bf16 gains "
+               f"too little and too unsteadily to choose by a probe; ${AUTO_DTYPE_ENV}=bf16 forces it)", info=info)
         return torch.float32
     speedup = torch.tensor(step_speedup(step))
     if info.enabled:  # every rank must choose alike: the slowest rank's view decides
