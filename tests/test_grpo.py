@@ -239,8 +239,11 @@ def test_dynamic_sampling_trains_on_groups_with_signal(chat_model, prompts, tmp_
     assert "trained_zero_signal" not in plain[0] and plain[0]["zero_signal"] in (0.0, 0.5, 1.0)
 
 
-def test_resume_inside_a_rollout_window_is_exact(chat_model, prompts, tmp_path, monkeypatch) -> None:
-    kw = {"epochs": 2, "loop.max_steps": 6, "rewards": ["exact_match", "format=0.5"]}
+@pytest.mark.parametrize("oversample", [1, 2])
+def test_resume_inside_a_rollout_window_is_exact(chat_model, prompts, tmp_path, monkeypatch, oversample) -> None:
+    """Also with dynamic sampling (--oversample 2): which questions a phase samples follows from its number, so a
+    resumed run draws the same pool and keeps the same groups."""
+    kw = {"epochs": 2, "loop.max_steps": 6, "rewards": ["exact_match", "format=0.5"], "oversample": oversample}
     straight = run_grpo(chat_model, [prompts], tmp_path / "straight", **kw)
     # Ctrl-C during step 3: steps 0-2 saved, step 3 reuses step 2's rollouts
     with ctrl_c_at(monkeypatch, RolloutBatches, 3, micro=0), \
