@@ -98,14 +98,12 @@ def step_report(items: list[tuple[str, str, bool]], keep: int = 3) -> dict[str, 
         if ok:
             right_total += 1
             right_clean += check.all_right
-            if not check.all_right and sum(not e["right"] for e in examples) < keep:
-                examples.append({"problem": key, "reply": reply, "right": True, "first_wrong": check.first_wrong,
-                                 "got": check.got, "expected": check.expected})
-            continue
-        name = check.first_wrong or "none"
-        first[name] = first.get(name, 0) + 1
-        if sum(e["right"] is False for e in examples) < keep:
-            examples.append({"problem": key, "reply": reply, "right": False, "first_wrong": check.first_wrong,
+        else:
+            name = check.first_wrong or "none"
+            first[name] = first.get(name, 0) + 1
+        # examples: right answers reached through a wrong step, and wrong answers; up to `keep` of each
+        if not (ok and check.all_right) and sum(e["right"] == ok for e in examples) < keep:
+            examples.append({"problem": key, "reply": reply, "right": ok, "first_wrong": check.first_wrong,
                              "got": check.got, "expected": check.expected})
     wrong_total = len(items) - right_total
     return {"right": right_total, "right_all_steps": right_clean / right_total if right_total else float("nan"),

@@ -151,6 +151,9 @@ def test_step_report_counts_by_hand() -> None:
     assert r["first_wrong"] == {"units": 2, "tens": 1}
     assert [e["right"] for e in r["examples"]] == [True, False, False, False]
     assert math.isnan(step_report([("3+4", "So 3 + 4 = 8.", False)])["right_all_steps"])
+    # at most `keep` examples of each kind, however many right answers went through a wrong step
+    slips = [("37+48", "7 + 8 = 14. 3 + 4 + 1 = 8. So 37 + 48 = 85.", True)] * 5
+    assert [e["right"] for e in step_report(slips + items[2:], keep=2)["examples"]] == [True, True, False, False]
 
 
 @pytest.mark.parametrize("text,expected", [
