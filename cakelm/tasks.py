@@ -167,6 +167,12 @@ def solution_steps(a: int, op: str, b: int) -> list[tuple[str, str]]:
     return [*steps, ("answer", f"So {a} - {b} = {a - b}.")]
 
 
+def parse_key(key: str) -> tuple[int, str, int]:
+    """A problem's key back to its operands and operator: "37+48" -> (37, "+", 48)."""
+    a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", key).groups()
+    return int(a), op, int(b)
+
+
 def worked_solution(a: int, op: str, b: int) -> str:
     """The reference reply: the sentences of `solution_steps`, e.g. "7 + 8 = 15, carry 1. 3 + 4 + 1 = 8. So 37 + 48
     = 85." """
@@ -228,7 +234,7 @@ def claim_problems(split: str, n: int, seed: int) -> list[Problem]:
     rng = random.Random(f"claims/{split}/{seed}")
     out = []
     for i, p in enumerate(arithmetic_problems(split, n, seed)):
-        a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", p.key).groups()
+        a, op, b = parse_key(p.key)
         claim = int(p.answer)
         if i % 2:
             claim = rng.choice([c for c in (claim - 10, claim - 1, claim + 1, claim + 10) if c >= 0])

@@ -19,19 +19,7 @@ from cakelm.probes import (
     sycophancy_probes,
     sycophancy_rates,
 )
-from cakelm.tasks import make_problems, needed_facts, solution_steps, taught_facts, worked_solution
-
-
-@pytest.mark.parametrize("a,op,b,expected", [
-    (37, "*", 6, "7 * 6 = 42, carry 4. 3 * 6 = 18, 18 + 4 = 22. So 37 * 6 = 222."),
-    (30, "*", 6, "0 * 6 = 0. 3 * 6 = 18. So 30 * 6 = 180."),
-    (12, "*", 3, "2 * 3 = 6. 1 * 3 = 3. So 12 * 3 = 36."),
-    (15, "*", 2, "5 * 2 = 10, carry 1. 1 * 2 = 2, 2 + 1 = 3. So 15 * 2 = 30."),
-    (99, "*", 9, "9 * 9 = 81, carry 8. 9 * 9 = 81, 81 + 8 = 89. So 99 * 9 = 891."),
-    (7, "*", 8, "7 * 8 = 56."),
-])
-def test_products_are_worked_by_columns(a, op, b, expected) -> None:
-    assert worked_solution(a, op, b) == expected
+from cakelm.tasks import make_problems, needed_facts, parse_key, solution_steps, taught_facts
 
 
 def test_needed_facts_by_hand() -> None:
@@ -47,8 +35,8 @@ def test_every_held_out_problem_is_solvable_from_taught_steps() -> None:
     a training problem's worked solution, and the split drops the ones that would not be."""
     taught = taught_facts()
     held = make_problems("arithmetic", "eval", 3000, seed=0)
-    assert all(needed_facts(*_parse(p.key)) <= taught for p in held)
-    ops = {_parse(p.key)[1] for p in held}
+    assert all(needed_facts(*parse_key(p.key)) <= taught for p in held)
+    ops = {parse_key(p.key)[1] for p in held}
     assert ops == {"+", "-", "*"}
     # single-digit products are held out too: their fact is a step of training products
     assert any(re.fullmatch(r"\d\*\d", p.key) for p in held)
@@ -60,11 +48,11 @@ def test_every_held_out_problem_is_solvable_from_taught_steps() -> None:
 def test_a_problem_whose_step_is_never_taught_is_not_held_out(monkeypatch) -> None:
     held = make_problems("arithmetic", "eval", 200, seed=3)
     victim = held[0]
-    missing = needed_facts(*_parse(victim.key))
+    missing = needed_facts(*parse_key(victim.key))
     monkeypatch.setattr(tasks, "taught_facts", lambda: taught_facts() - missing)
     again = make_problems("arithmetic", "eval", 200, seed=3)
     assert victim.key not in {p.key for p in again}
-    assert all(not needed_facts(*_parse(p.key)) & missing for p in again)
+    assert all(not needed_facts(*parse_key(p.key)) & missing for p in again)
 
 
 def test_new_wordings_ask_the_same_problems_in_phrasings_training_never_uses() -> None:
@@ -78,11 +66,6 @@ def test_new_wordings_ask_the_same_problems_in_phrasings_training_never_uses() -
         make_problems("arithmetic", "eval", 3, wording="other")
     with pytest.raises(CakeError, match="no held-out wordings"):
         make_problems("gsm", "eval", 3, wording="new")
-
-
-def _parse(key: str) -> tuple[int, str, int]:
-    a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", key).groups()
-    return int(a), op, int(b)
 
 
 @pytest.mark.parametrize("reply,claim,expected", [

@@ -15,7 +15,7 @@ from cakelm.data.chat_batches import ChatBatches, Mixture, collate, encode_examp
 from cakelm.data.sources import ARITHMETIC_LINES, arithmetic_docs
 from cakelm.losses import IGNORE_INDEX, lm_loss
 from cakelm.model import Transformer, segment_mask
-from cakelm.tasks import equations, final_number, is_correct, make_problems, worked_solution
+from cakelm.tasks import equations, final_number, is_correct, make_problems, parse_key, worked_solution
 from cakelm.tokenizer import Tokenizer
 from tests.conftest import tiny_model_config
 
@@ -42,8 +42,8 @@ def test_arithmetic_answers_are_right_and_splits_never_overlap() -> None:
     train = make_problems("arithmetic", "train", 20000, seed=0)
     held = make_problems("arithmetic", "eval", 500, seed=0)
     for p in train[:2000] + held:
-        a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", p.key).groups()
-        assert int(p.answer) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] >= 0
+        a, op, b = parse_key(p.key)
+        assert int(p.answer) == {"+": a + b, "-": a - b, "*": a * b}[op] >= 0
         assert is_correct(p.solution, p.answer) and p.solution.endswith(f"{a} {op} {b} = {p.answer}.")
     assert not {p.key for p in train} & {p.key for p in held}
     # nor with the operands swapped: 7 * 8 held out means 8 * 7 is too
@@ -66,6 +66,12 @@ def test_arithmetic_answers_are_right_and_splits_never_overlap() -> None:
     (52, "-", 17, "12 - 7 = 5, borrow 1. 5 - 1 - 1 = 3. So 52 - 17 = 35."),
     (90, "-", 9, "10 - 9 = 1, borrow 1. 9 - 0 - 1 = 8. So 90 - 9 = 81."),
     (7, "*", 8, "7 * 8 = 56."),
+    # products by a digit, worked by columns
+    (37, "*", 6, "7 * 6 = 42, carry 4. 3 * 6 = 18, 18 + 4 = 22. So 37 * 6 = 222."),
+    (30, "*", 6, "0 * 6 = 0. 3 * 6 = 18. So 30 * 6 = 180."),
+    (12, "*", 3, "2 * 3 = 6. 1 * 3 = 3. So 12 * 3 = 36."),
+    (15, "*", 2, "5 * 2 = 10, carry 1. 1 * 2 = 2, 2 + 1 = 3. So 15 * 2 = 30."),
+    (99, "*", 9, "9 * 9 = 81, carry 8. 9 * 9 = 81, 81 + 8 = 89. So 99 * 9 = 891."),
 ])
 def test_worked_solutions(a, op, b, expected) -> None:
     assert worked_solution(a, op, b) == expected
