@@ -1,11 +1,14 @@
-"""Bulk generation: today's static batches (`Engine.generate`, 32 prompts at a time, each batch running until its
-longest row is done) against continuous batching (`Batcher.generate`, 32 rows, a finished row's slot taking the
-next prompt at once), on the two bulk jobs of the pipeline: eval's greedy answers to the held-out arithmetic
-problems, and RL rollouts (32 prompts x 8 samples at temperature 1, seeded per prompt).
+"""Bulk generation three ways: static batches computed to the end (each batch running until its longest row is
+done, finished rows computed and ignored: `Engine(drop_finished=False)`), static batches that drop finished rows
+(`Engine.generate`, the default), and continuous batching (`Batcher.generate`: a finished row's slot takes the
+next prompt at once), on the pipeline's bulk jobs: eval's greedy answers to the held-out arithmetic problems (32
+rows), its pass@k replies (8 problems x 16 at temperature 1) and a GRPO phase's rollouts (16 prompts x 8 at
+temperature 1, seeded per prompt).
 
     python benchmarks/bulk.py --ckpt runs/default/sft          # a chat checkpoint (the pipeline's SFT model)
 
-Both ways give the same completions (checked and printed); times are medians of interleaved rounds.
+Prints, per job, each way's sampled tokens/s, the speed-up over static batches computed to the end, and whether
+its completions equal theirs; times are medians of interleaved rounds.
 """
 
 from __future__ import annotations
@@ -34,34 +37,39 @@ def main() -> None:
     print(hardware_info(torch.device("cpu"))["cpu"])
     model, tok, _ = load_model(args.ckpt)
     engine = Engine(model, tok)
-    prompts = [render_prompt(m, tok, "chat") for m, _ in load_task("arithmetic", args.questions)]
+    prompts = [render_prompt(m, tok, "chat") for m, *_ in load_task("arithmetic", args.questions)]
     stop_ids, stop_strings = stop_rules(tok, "chat")
-    jobs = {
-        f"eval: {len(prompts)} questions, greedy": (prompts, SamplingParams(
-            max_new_tokens=64, temperature=0, stop_ids=stop_ids, stop_strings=stop_strings), 1),
-        f"rollouts: {args.batch} prompts x 8, temperature 1": (prompts[:args.batch], SamplingParams(
-            max_new_tokens=64, temperature=1.0, stop_ids=stop_ids, logprobs=True), 8),
+    greedy = SamplingParams(max_new_tokens=64, temperature=0, stop_ids=stop_ids, stop_strings=stop_strings)
+    sampled = SamplingParams(max_new_tokens=64, temperature=1.0, stop_ids=stop_ids, logprobs=True)
+    jobs = {  # name: (prompts, params, samples per prompt, rows at once)
+        f"eval: {len(prompts)} questions, greedy": (prompts, greedy, 1, args.batch),
+        "eval pass@k: 32 questions x 16, temperature 1": (prompts[:32], sampled, 16, 128),
+        "GRPO rollouts: 32 prompts x 8, temperature 1": (prompts[:32], sampled, 8, 128),
     }
-    for name, (ps, params, n) in jobs.items():
+    ways = {"to the end": Engine(model, tok, drop_finished=False), "dropped": engine, "continuous": engine}
+    for name, (ps, params, n, rows) in jobs.items():
         seeds = list(range(len(ps)))
-        times: dict[str, list[float]] = {"static": [], "continuous": []}
+        times: dict[str, list[float]] = {way: [] for way in ways}
         outs = {}
         for _ in range(args.repeats):
-            for label in times:
+            for way, eng in ways.items():
                 t = time.perf_counter()
-                outs[label] = run(engine, label, ps, params, n, seeds, args.batch)
-                times[label].append(time.perf_counter() - t)
-        same = [c.ids for c in outs["static"]] == [c.ids for c in outs["continuous"]]
-        tokens = sum(len(c.ids) for c in outs["static"])
-        s, c = statistics.median(times["static"]), statistics.median(times["continuous"])
-        print(f"{name}: static batches {tokens / s:,.0f} tok/s, continuous {tokens / c:,.0f} tok/s = {s / c:.2f}x "
-              f"({tokens} tokens; the same completions: {same})")
+                outs[way] = run(eng, way == "continuous", ps, params, n, seeds, rows)
+                times[way].append(time.perf_counter() - t)
+        tokens = sum(len(c.ids) for c in outs["to the end"])
+        base = statistics.median(times["to the end"])
+        cells = [f"static to the end {tokens / base:,.0f} tok/s"]
+        for way in ("dropped", "continuous"):
+            t = statistics.median(times[way])
+            same = [c.ids for c in outs[way]] == [c.ids for c in outs["to the end"]]
+            cells.append(f"{way} {tokens / t:,.0f} tok/s = {base / t:.2f}x (same completions: {same})")
+        print(f"{name}, {rows} rows: " + ", ".join(cells) + f"; {tokens} tokens")
 
 
-def run(engine: Engine, how: str, prompts: list[list[int]], params: SamplingParams, n: int, seeds: list[int],
-        rows: int) -> list[Completion]:
+def run(engine: Engine, continuous: bool, prompts: list[list[int]], params: SamplingParams, n: int,
+        seeds: list[int], rows: int) -> list[Completion]:
     """All completions, in static batches of `rows` rows or continuously in `rows` rows."""
-    if how == "continuous":
+    if continuous:
         # a prefill budget of 64 tokens a row: bulk work wants whole batches of prompts in, not streams kept flowing
         batcher = Batcher(engine, slots=rows, max_queued=len(prompts), chunk=64 * rows)
         return batcher.generate(prompts, params, n=n, seeds=seeds)

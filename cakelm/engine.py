@@ -5,6 +5,9 @@
 - batching: prompts of different lengths are left-padded into one batch; the cache gives each row its own RoPE
   positions and a mask that hides the padding, so a row's tokens are exactly those it would get alone.
 - n samples of one prompt share its prefill (the cache rows are copied after it).
+- finished rows leave the batch (once a quarter of it has finished, its cache rows are dropped), so a batch
+  whose replies end at different lengths stops paying for the ended ones; the rows left sample what they would
+  have (`Engine._tokens`).
 - sampling: greedy (temperature 0) or temperature / top-k / top-p with a seeded generator; stop token ids,
   stop strings (never emitted), and max_new_tokens. With `seeds` (one per prompt) every row draws from its own
   generator, so a completion depends on its seed alone, not on the other prompts in the batch: RL rollouts
@@ -109,10 +112,13 @@ class StreamEvent:
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+                generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                noise_rows: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Pick the next token from logits (B, V): greedy at temperature 0, else sample from softmax(logits / T)
     restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p
-    (nucleus sampling, Holtzman et al. 2019). `generator` is one for the batch or one per row. Returns ids (B,)."""
+    (nucleus sampling, Holtzman et al. 2019). `generator` is one for the batch or one per row. Returns ids (B,).
+    `noise_rows` = (N, rows): the B rows are rows (B,) of a batch of N that shares one generator; the noise is
+    drawn for all N and these rows' taken, so a batch that dropped its finished rows samples what it would have."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -130,6 +136,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     # i.e. the Gumbel-max trick); one vectorised pass, 3x faster than torch.multinomial on a CPU
     if isinstance(generator, Sequence):  # each row its own stream of noise
         noise = torch.stack([torch.empty_like(logits[0]).exponential_(generator=g) for g in generator])
+    elif noise_rows is not None:
+        noise = logits.new_empty(noise_rows[0], logits.size(-1)).exponential_(generator=generator)[noise_rows[1]]
     else:
         noise = torch.empty_like(logits).exponential_(generator=generator)
     return (logits.softmax(dim=-1) / noise).argmax(dim=-1)
@@ -283,8 +291,9 @@ class Engine:
     its own KV cache and rows), so threads may share one; `cakelm.batching` runs `cakelm serve`'s requests through
     one model in a continuous batch instead."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer) -> None:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, drop_finished: bool = True) -> None:
         self.model, self.tok = model.eval(), tokenizer  # the tokenizer supplies the padding id and token bytes
+        self.drop_finished = drop_finished  # finished rows leave the batch (False: computed to the end, ignored)
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
 
@@ -321,11 +330,15 @@ class Engine:
 
     @torch.no_grad()  # on a generator, torch enters no_grad at every resume (callers may hold grad mode on)
     def _tokens(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int,
-                seeds: Sequence[int] | None = None
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, list[TokenLogprob] | None]]:
-        """Yield (next token ids (B*n,), their logprobs or None, their raw log-probs with the top tokens or None)
-        for every decode step, until the row with the most room has had its share (rows past their own limit are
-        computed but ignored)."""
+                seeds: Sequence[int] | None = None, finished: Sequence[bool] | None = None
+                ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None, list[TokenLogprob] | None]]:
+        """Yield (rows, next token ids (len(rows),), their logprobs or None, their raw log-probs with the top tokens
+        or None) for every decode step, until the row with the most room has had its share. `rows` are the rows
+        (of the B*n) still in the batch. `finished` (B*n,), updated by the caller between steps, says which rows
+        are done: once a quarter of the batch is, those rows leave it (their cache rows, generators and noise), so
+        the later steps compute only the rows still generating. A row's tokens do not change by it (its own
+        generator, or the shared one's noise drawn for all B*n rows), up to rounding differences between batch
+        shapes, which can flip a near-tie."""
         self.check_prompts(prompts)
         if seeds is not None and len(seeds) != len(prompts):
             raise CakeError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
@@ -339,6 +352,8 @@ class Engine:
         if n > 1:
             cache.repeat_rows(n)
             logits = logits.repeat_interleave(n, dim=0)  # (B*n, V)
+        total = logits.size(0)
+        rows = list(range(total))
         gen: torch.Generator | list[torch.Generator]
         if seeds is not None:  # row (prompt p, sample k) draws from seed_of(seeds[p], k) alone
             gen = [torch.Generator(device=self.device).manual_seed(seed_of(s, k)) for s in seeds for k in range(n)]
@@ -346,12 +361,23 @@ class Engine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
         for step in range(steps):
-            nxt = sample_next(logits, params.temperature, params.top_k, params.top_p, gen)  # (B*n,)
+            shared = None if isinstance(gen, list) or len(rows) == total else (total, torch.tensor(rows))
+            nxt = sample_next(logits, params.temperature, params.top_k, params.top_p, gen, shared)  # (len(rows),)
             lp = sampled_logprobs(logits, nxt, params.temperature) if params.logprobs else None
             top = token_logprobs(logits, nxt, params.top_logprobs) if params.top_logprobs is not None else None
-            yield nxt, lp, top
-            if step < steps - 1:
-                logits = self.model(nxt[:, None], kv_cache=cache)[:, -1]  # decode one token per row
+            yield rows, nxt, lp, top
+            if step == steps - 1:
+                break
+            if finished is not None:
+                keep = [i for i, r in enumerate(rows) if not finished[r]]
+                if not keep:
+                    break
+                if len(keep) <= 3 * len(rows) // 4:  # copying the cache costs a few steps: not for every row
+                    sel = torch.tensor(keep, device=self.device)
+                    cache.keep_rows(sel)
+                    nxt, rows = nxt[sel], [rows[i] for i in keep]
+                    gen = [gen[i] for i in keep] if isinstance(gen, list) else gen
+            logits = self.model(nxt[:, None], kv_cache=cache)[:, -1]  # decode one token per row
 
     def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int = 1,
                seeds: Sequence[int] | None = None) -> Iterator[StreamEvent]:
@@ -380,12 +406,15 @@ class Engine:
                 seeds: Sequence[int] | None) -> Iterator[StreamEvent]:
         stop_ids = tuple(params.stop_ids)
         limit = [lim for lim in self.limits(prompts, params) for _ in range(n)]  # per row
-        for nxt, lp, top in self._tokens(prompts, params, n, seeds):
-            ids, lps = nxt.tolist(), (lp.tolist() if lp is not None else [0.0] * len(rows))
-            for r, row in enumerate(rows):
+        finished = [False] * len(rows)
+        for live, nxt, lp, top in self._tokens(prompts, params, n, seeds, finished if self.drop_finished else None):
+            ids, lps = nxt.tolist(), (lp.tolist() if lp is not None else [0.0] * len(live))
+            for i, r in enumerate(live):
+                row = rows[r]
                 if row.finish is not None:
                     continue
-                piece = row.push(ids[r], lps[r], self.tok, stop_ids, last=len(row.ids) + 1 == limit[r])
-                yield StreamEvent(r, row.prompt_index, piece, ids[r], row.finish, top[r] if top else None)
-            if all(row.finish for row in rows):
+                piece = row.push(ids[i], lps[i], self.tok, stop_ids, last=len(row.ids) + 1 == limit[r])
+                finished[r] = row.finish is not None
+                yield StreamEvent(r, row.prompt_index, piece, ids[i], row.finish, top[i] if top else None)
+            if all(finished):
                 return

@@ -186,6 +186,12 @@ class KVCache:
         if self.pad is not None:
             self.pad = self.pad.repeat_interleave(n)
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (indices (B',)), in this order: finished rows leave a batch."""
+        self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        if self.pad is not None:
+            self.pad = self.pad[rows]
+
     def mask(self, T: int) -> tuple[torch.Tensor | None, bool]:
         """(attn_mask, is_causal) for T new tokens: None/True for a fresh unpadded prefill, None/False for one
         decoded token without padding, else a boolean mask (T, S) or (B, 1, T, S) with S = pos + T."""

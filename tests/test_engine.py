@@ -194,3 +194,31 @@ def test_sampling_follows_the_distribution() -> None:
         draws = sample_next(logits.repeat(40_000, 1), temperature, generator=g)
         freq = torch.bincount(draws, minlength=5).float() / 40_000
         torch.testing.assert_close(freq, (logits / temperature).softmax(-1), atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [{"temperature": 0}, {"seed": 5}, {"seeds": True}], ids=["greedy", "seed", "seeds"])
+def test_finished_rows_leave_the_batch_without_changing_the_others(engine: Engine, monkeypatch, kw) -> None:
+    """Rows that end early (a long prompt's smaller room, a stop token) are dropped from the batch; every row's
+    tokens and log-probs are those of the batch that computes them all to the end."""
+    prompts = [engine.tok.encode(t, bos=True) for t in ("KING.", "QUEEN.\nWhat says", "A", "LORD.\nMy")]
+    prompts[2] = prompts[2] + [5] * 48  # 50 tokens of the 64 context: room for 14 new tokens, the others 24
+    seeds = [11, 12, 13, 14] if kw.pop("seeds", False) else None
+    params = SamplingParams(max_new_tokens=24, logprobs=True, **kw)
+    full = Engine(engine.model, engine.tok, drop_finished=False).generate(prompts, params, n=2, seeds=seeds)
+    stop = full[3].ids[5]  # a token row 3 draws at its 6th step: a stop id ends it (and any row drawing it) early
+    params = SamplingParams(max_new_tokens=24, logprobs=True, stop_ids=(stop,), **kw)
+    full = Engine(engine.model, engine.tok, drop_finished=False).generate(prompts, params, n=2, seeds=seeds)
+    widths, original = [], engine.model.forward
+
+    def spy(idx, kv_cache=None, **kwargs):
+        widths.append(idx.shape[0])
+        return original(idx, kv_cache, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", spy)
+    dropped = engine.generate(prompts, params, n=2, seeds=seeds)
+    assert widths[0] == 4 and widths[1] == 8 and min(widths) < 8  # prefill, then 8 rows, then fewer
+    assert sum(widths[1:]) < 8 * (len(widths) - 1)
+    assert len({len(c.ids) for c in full}) > 1  # the rows did end at different steps
+    for a, b in zip(full, dropped):
+        assert (a.ids, a.text, a.finish_reason) == (b.ids, b.text, b.finish_reason)
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)
