@@ -41,6 +41,16 @@ def make_corpus(folder: Path, n_docs: int = 12, words_per_doc: int = 3000, seed:
     return folder
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`-n 2`, the default addopts) the workers share the cores: one torch thread each, and for
+    the processes they start, instead of two OpenMP threads per worker spinning against each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CAKELM_HOME", str(tmp_path_factory.getbasetemp() / "cakelm_home"))
