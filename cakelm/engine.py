@@ -354,6 +354,7 @@ class Engine:
             logits = logits.repeat_interleave(n, dim=0)  # (B*n, V)
         total = logits.size(0)
         rows = list(range(total))
+        shared: tuple[int, torch.Tensor] | None = None  # (B*n, rows still in) once the shared-noise batch shrank
         gen: torch.Generator | list[torch.Generator]
         if seeds is not None:  # row (prompt p, sample k) draws from seed_of(seeds[p], k) alone
             gen = [torch.Generator(device=self.device).manual_seed(seed_of(s, k)) for s in seeds for k in range(n)]
@@ -361,7 +362,6 @@ class Engine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
         for step in range(steps):
-            shared = None if isinstance(gen, list) or len(rows) == total else (total, torch.tensor(rows))
             nxt = sample_next(logits, params.temperature, params.top_k, params.top_p, gen, shared)  # (len(rows),)
             lp = sampled_logprobs(logits, nxt, params.temperature) if params.logprobs else None
             top = token_logprobs(logits, nxt, params.top_logprobs) if params.top_logprobs is not None else None
@@ -376,7 +376,10 @@ class Engine:
                     sel = torch.tensor(keep, device=self.device)
                     cache.keep_rows(sel)
                     nxt, rows = nxt[sel], [rows[i] for i in keep]
-                    gen = [gen[i] for i in keep] if isinstance(gen, list) else gen
+                    if isinstance(gen, list):
+                        gen = [gen[i] for i in keep]
+                    else:
+                        shared = (total, torch.tensor(rows, device=self.device))
             logits = self.model(nxt[:, None], kv_cache=cache)[:, -1]  # decode one token per row
 
     def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int = 1,
