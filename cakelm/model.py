@@ -342,6 +342,12 @@ def segment_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # Modules
 
 
+def _rms_inverse(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dimension, (..., 1)."""
+    ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1))  # mean(x^2): (..., 1)
+    return torch.rsqrt(ms.add_(eps))
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """y = x / sqrt(mean(x^2) + eps) * w with a hand-written backward (Zhang & Sennrich 2019, "Root Mean Square
     Layer Normalization"). Same numbers as F.rms_norm, but on CPU torch runs F.rms_norm as ~16 separate
@@ -349,8 +355,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-        ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1))  # mean(x^2): (..., 1)
-        r = torch.rsqrt(ms.add_(eps))
+        r = _rms_inverse(x, eps)
         ctx.save_for_backward(x, w, r)
         return (x * r).mul_(w)
 
@@ -373,6 +378,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.float32:
+            if not torch.is_grad_enabled():  # generation: the same numbers without autograd.Function's ~30 us a call
+                return (x * _rms_inverse(x, self.eps)).mul_(self.weight)
             return _RMSNormFunction.apply(x, self.weight, self.eps)
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)  # fused kernels on GPUs; autocast-aware
 

@@ -123,6 +123,8 @@ def test_rmsnorm_matches_reference_and_gradcheck() -> None:
     ref = torch.nn.functional.rms_norm(x, (16,), w, 1e-5)
     ref.backward(g)
     torch.testing.assert_close(norm(x), ref)
+    with torch.no_grad():  # generation's path skips the autograd.Function: the same bits
+        assert torch.equal(norm(x), _RMSNormFunction.apply(x, norm.weight, 1e-5))
     torch.testing.assert_close(dx, x.grad)
     torch.testing.assert_close(dw, w.grad)
     xd = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)

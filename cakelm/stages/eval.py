@@ -249,7 +249,8 @@ def chat_heldout_loss(model: Transformer, tok: Tokenizer, fmt: str, cfg: EvalCon
     """Loss per assistant token on the held-out conversations of cfg.chat_data."""
     _, examples, _ = train_and_heldout(cfg.chat_data, val_size=cfg.limit)
     seqs, counts = encode_examples(examples, tok, fmt, model.cfg.max_seq_len + 1)
-    batches = fixed_batches(seqs, cfg.batch_size, tok.pad_id, True, model.cfg.max_seq_len)
+    # 32 conversations per forward whatever --batch-size: their full-vocabulary logits (32 x 257 x V) bound memory
+    batches = fixed_batches(seqs, 32, tok.pad_id, True, model.cfg.max_seq_len)
     total, n = heldout_loss(model, batches, model.lm_head.weight.device).tolist()
     n = int(n)
     return {"loss": total / n if n else float("nan"), "tokens": n, "conversations": counts["conversations"],
