@@ -37,7 +37,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cakelm.common import cpu_has_bf16_matrix_units, hardware_info, keep_freed_memory, peak_memory_mb, pick_dtype
+from cakelm.common import (
+    cpu_has_bf16_matrix_units,
+    hardware_info,
+    keep_freed_memory,
+    matmul_gflops,
+    peak_memory_mb,
+    pick_dtype,
+)
 from cakelm.loop import BF16_MIN_SPEEDUP, autocast, probe_step, step_speedup
 from cakelm.losses import lm_loss
 from cakelm.model import ModelConfig, Transformer, flops_per_token
@@ -49,20 +56,6 @@ SHAPES = {
     # the `cpu` preset that `cakelm pipeline` trains (BPE vocabulary 2048)
     "cpu": dict(n_layers=4, n_heads=4, dim=128, max_seq_len=256, batch=16, vocab=2048),
 }
-
-
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 matmul FLOP/s over a few timed runs."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = min(best, (time.perf_counter() - t) / 4)
-    return 2 * n**3 / best
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,7 +217,7 @@ def main() -> None:
     if args.nanogpt is not None:
         nanogpt, commit = load_nanogpt(args.nanogpt)
         ref_name = f"nanoGPT's own model.py from {args.nanogpt} (commit {commit})"
-    peak = matmul_peak()
+    peak = matmul_gflops(n=2048) * 1e9
     print(f"cpu: {hardware_info(torch.device('cpu'))['cpu']}; torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s{', torch.compile' if args.compile else ', eager'}")
     print(f"reference (fp32): {ref_name}")
@@ -237,7 +230,7 @@ def main() -> None:
               f"{r['mfu']:>7.1%} | {r['ref_ms_per_step']:>8.1f}{r['ref_tok_per_s']:>10,.0f}{r['ref_mfu']:>8.1%} | "
               f"{r['speedup']:>6.2f}x  {r['dtype']}", flush=True)
     print(f"peak memory (RSS) {peak_memory_mb():.0f} MB; fp32 matmul peak re-measured "
-          f"{matmul_peak() / 1e9:.1f} GFLOP/s")
+          f"{matmul_gflops(n=2048):.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -54,9 +54,11 @@ def eval_block(run: Path, models: tuple[str, ...] = ("base", "sft", "grpo")) -> 
 
 
 def machine_line(record: Path) -> str:
-    hw = read_json(record, "pipeline record")["hardware"]
+    pipe = read_json(record, "pipeline record")
+    hw, speed = pipe["hardware"], pipe.get("matmul_gflops", {})
     return (f"{hw['cpu']}, {hw['cpu_cores']} cores, device {hw['device']}, torch {hw['torch']} "
-            f"({hw['torch_threads']} threads), Python {hw['python']}")
+            f"({hw['torch_threads']} threads), Python {hw['python']}"
+            + "".join(f", fp32 matmul {v:.0f} GFLOP/s at the {k}" for k, v in speed.items()))
 
 
 def main() -> int:

@@ -270,6 +270,26 @@ def hardware_info(device: torch.device | None = None) -> dict[str, Any]:
             "python": platform.python_version()}
 
 
+def matmul_gflops(device: torch.device | None = None, n: int = 1024, repeats: int = 5) -> float:
+    """The best fp32 speed of an n x n matrix product on `device` over a few timed runs, in GFLOP/s: how fast this
+    machine is at this minute. Shared VMs of one CPU model differ and drift (pretraining's tokens/s varied by 1.5x
+    between runs of one command on one kind), so a time is read against the probe measured with it."""
+    device = device or torch.device("cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):  # the first products of a process also start its thread pool
+        a @ b
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(2):
+            a @ b
+        sync()
+        best = min(best, (time.perf_counter() - t) / 2)
+    return 2 * n**3 / best / 1e9
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Atomic writes: write a temp file in the same directory, fsync, rename. A crash leaves the old file or the new
 # one, never half of either.

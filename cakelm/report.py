@@ -213,7 +213,10 @@ def run_section(run: Path) -> list[tuple]:
     blocks.append(("table", ["", ""], [
         ["run directory", str(run)], ["code version", code_version()],
         ["hardware", f"{hw['cpu']}, {hw['cpu_cores']} cores" + (f", GPU {hw['gpu']}" if hw["gpu"] else "")],
-        ["device", hw["device"]], ["torch", f"{hw['torch']} ({hw['torch_threads']} threads)"]]))
+        ["device", hw["device"]], ["torch", f"{hw['torch']} ({hw['torch_threads']} threads)"],
+        *([["machine speed", "fp32 matmul " + ", ".join(f"{v:.0f} GFLOP/s at the {k}" for k, v in speed.items())
+            + " of the run (shared VMs drift: read the times against it)"]]
+          if (speed := (pipe or {}).get("matmul_gflops")) else [])]))
     if pipe is None:
         blocks.append(("note", "Stages: not run (no pipeline.json in the run directory)."))
         return blocks

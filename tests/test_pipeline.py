@@ -41,6 +41,9 @@ def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
     assert samples.startswith("KING.\n") and len(samples) > 20
     first = json.loads((out / "pipeline.json").read_text())
     assert [s["status"] for s in first["stages"]] == ["ran"] * 13
+    # the machine's fp32 speed at both ends of the run, what its times are read against (also in the report)
+    assert set(first["matmul_gflops"]) == {"start", "end"} and all(0 < v < 1e6 for v in first["matmul_gflops"].values())
+    assert "machine speed</td>" in (out / "report.html").read_text()
     assert load_meta(out / "sft")["chat_format"] == "chat" and load_meta(out / "sft")["parent"] == str(out / "base")
     assert load_meta(out / "grpo")["parent"] == str(out / "sft") and load_meta(out / "grpo")["complete"]
     evals = json.loads((out / "eval.json").read_text())["models"]

@@ -45,6 +45,7 @@ from cakelm.common import (
     barrier,
     hardware_info,
     init_distributed,
+    matmul_gflops,
     peak_memory_mb,
     pick_device,
     print0,
@@ -301,6 +302,8 @@ def main(cfg: PipelineConfig) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     configs = _stage_configs(cfg, run)
     rows: list[dict[str, Any]] = []
+    # the machine's speed at the start and at the end: what the stage times are read against (pipeline.json)
+    speed = {"start": matmul_gflops(pick_device(cfg.device))} if info.is_main else {}
     upstream_ran = False  # an earlier stage produced new output: everything after it must be redone
     t_run = time.time()
     for name in _plan(cfg):
@@ -309,7 +312,7 @@ def main(cfg: PipelineConfig) -> Path:
         ran = False
         # training stages run on every rank (DDP under torchrun); the others on rank 0 while the rest wait
         if trains or info.is_main:
-            row = _run_stage(name, cfg, run, configs, forced, upstream_ran, rows, t_run)
+            row = _run_stage(name, cfg, run, configs, forced, upstream_ran, rows, t_run, speed)
             rows.append(row)
             ran = row["status"] == "ran" and name not in OWN_STEPS
         if info.enabled and not trains:
@@ -324,13 +327,16 @@ def main(cfg: PipelineConfig) -> Path:
     lines += [f"{r['stage']:<10} {r['status']:<8} {r['seconds']:>7.1f}s {r['peak_mb']:>8.0f}  {r['result']}"
               for r in rows]
     lines.append(f"{'total':<10} {'':<8} {time.time() - t_run:>7.1f}s {peak_memory_mb():>8.0f}")
+    speed["end"] = matmul_gflops(pick_device(cfg.device))
+    lines.append(f"machine: fp32 matmul {speed['start']:.0f} GFLOP/s at the start, {speed['end']:.0f} at the end")
     print0("\n" + "\n".join(lines))
-    _write_summary(cfg, run, rows, t_run)
+    _write_summary(cfg, run, rows, t_run, speed)
     return run
 
 
 def _run_stage(name: str, cfg: PipelineConfig, run: Path, configs: dict[str, Any], forced: bool,
-               upstream_ran: bool, rows: list[dict[str, Any]], t_run: float) -> dict[str, Any]:
+               upstream_ran: bool, rows: list[dict[str, Any]], t_run: float, speed: dict[str, float]
+               ) -> dict[str, Any]:
     """Run (or skip) one stage; returns its row of the summary table."""
     t0 = time.time()
 
@@ -352,7 +358,7 @@ def _run_stage(name: str, cfg: PipelineConfig, run: Path, configs: dict[str, Any
         answers = collect_answers(_models(run), ANSWER_PROMPTS, 64, pick_device(cfg.device))
         write_json_atomic(run / "answers.json", answers)
         done = row("ran", "report.html, report.md")
-        _write_summary(cfg, run, [*rows, done], t_run)
+        _write_summary(cfg, run, [*rows, done], t_run, speed)
         html, _ = write_report(run)
         print0(f"report: {html}")
         return done
@@ -373,6 +379,10 @@ def _run_stage(name: str, cfg: PipelineConfig, run: Path, configs: dict[str, Any
     return row("ran", _summary(s, out))
 
 
-def _write_summary(cfg: PipelineConfig, run: Path, rows: list[dict[str, Any]], t_run: float) -> None:
+def _write_summary(cfg: PipelineConfig, run: Path, rows: list[dict[str, Any]], t_run: float,
+                   speed: dict[str, float]) -> None:
+    """RUN/pipeline.json: the config, every stage's row, the total time and memory, the hardware, and its fp32
+    matmul speed (GFLOP/s, `matmul_gflops`) at the start and the end of the run."""
     write_json_atomic(run / "pipeline.json", {"config": to_dict(cfg), "stages": rows, "seconds": time.time() - t_run,
-                                              "peak_mb": peak_memory_mb(), "hardware": hardware_info()})
+                                              "peak_mb": peak_memory_mb(), "hardware": hardware_info(),
+                                              "matmul_gflops": speed})
