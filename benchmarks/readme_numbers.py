@@ -58,7 +58,7 @@ def machine_line(record: Path) -> str:
     hw, speed = pipe["hardware"], pipe.get("matmul_gflops", {})
     return (f"{hw['cpu']}, {hw['cpu_cores']} cores, device {hw['device']}, torch {hw['torch']} "
             f"({hw['torch_threads']} threads), Python {hw['python']}"
-            + "".join(f", fp32 matmul {v:.0f} GFLOP/s at the {k}" for k, v in speed.items()))
+            + "".join(f", fp32 matmul {speed[k]:.0f} GFLOP/s at the {k}" for k in ("start", "end") if k in speed))
 
 
 def main() -> int:

@@ -85,6 +85,9 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "kl0.3": {"kl_coef": 0.3, "loop.eval_every": 0},
         "em2-kl0.3": {"verifiers": ["exact_match=2"], "kl_coef": 0.3, "loop.eval_every": 0},
         "em4-kl0.3": {"verifiers": ["exact_match=4"], "kl_coef": 0.3, "loop.eval_every": 0},
+        # adaptive KL (Ziegler et al. 2019) toward 0.5 nats per reply; a horizon of 128 replies lets the coefficient
+        # move up to 10% per phase of 64 replies (the default 10,000 barely moves it in this run's 768 replies)
+        "kl-t0.5": {"kl_target": 0.5, "kl_horizon": 128, "loop.eval_every": 0},
     },
     "rloo": {  # evaluations during training off, as for dpo; every row names its prompts x replies per step
         "8x8": {"loop.eval_every": 0},  # the default: arithmetic + chitchat, exact match + reward model, KL 0.05

@@ -214,7 +214,8 @@ def run_section(run: Path) -> list[tuple]:
         ["run directory", str(run)], ["code version", code_version()],
         ["hardware", f"{hw['cpu']}, {hw['cpu_cores']} cores" + (f", GPU {hw['gpu']}" if hw["gpu"] else "")],
         ["device", hw["device"]], ["torch", f"{hw['torch']} ({hw['torch_threads']} threads)"],
-        *([["machine speed", "fp32 matmul " + ", ".join(f"{v:.0f} GFLOP/s at the {k}" for k, v in speed.items())
+        *([["machine speed", "fp32 matmul " + ", ".join(f"{speed[k]:.0f} GFLOP/s at the {k}" for k in ("start", "end")
+                                                         if k in speed)
             + " of the run (shared VMs drift: read the times against it)"]]
           if (speed := (pipe or {}).get("matmul_gflops")) else [])]))
     if pipe is None:
