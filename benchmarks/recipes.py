@@ -82,7 +82,9 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "ppo": {  # evaluations during training off, as for dpo
         "default": {"loop.eval_every": 0},  # 48 steps x 64 replies, KL 0.1, the reward model alone
         "em2": {"verifiers": ["exact_match=2"], "loop.eval_every": 0},
+        "kl0.2": {"kl_coef": 0.2, "loop.eval_every": 0},
         "kl0.3": {"kl_coef": 0.3, "loop.eval_every": 0},
+        "kl0.3-seed1": {"kl_coef": 0.3, "loop.seed": 1, "loop.eval_every": 0},  # other rollouts: the spread
         "em2-kl0.3": {"verifiers": ["exact_match=2"], "kl_coef": 0.3, "loop.eval_every": 0},
         "em4-kl0.3": {"verifiers": ["exact_match=4"], "kl_coef": 0.3, "loop.eval_every": 0},
         # adaptive KL (Ziegler et al. 2019) toward 0.5 nats per reply; a horizon of 128 replies lets the coefficient
