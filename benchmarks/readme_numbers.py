@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cakelm.common import CakeError, read_json
+from cakelm.common import CakeError, describe_speed, read_json
 from cakelm.report import fmt, models_section
 from cakelm.report_skills import arithmetic_section, replies_section, sycophancy_section
 from cakelm.stages.eval import format_results
@@ -55,10 +55,9 @@ def eval_block(run: Path, models: tuple[str, ...] = ("base", "sft", "grpo")) -> 
 
 def machine_line(record: Path) -> str:
     pipe = read_json(record, "pipeline record")
-    hw, speed = pipe["hardware"], pipe.get("matmul_gflops", {})
+    hw, speed = pipe["hardware"], describe_speed(pipe.get("matmul_gflops", {}))
     return (f"{hw['cpu']}, {hw['cpu_cores']} cores, device {hw['device']}, torch {hw['torch']} "
-            f"({hw['torch_threads']} threads), Python {hw['python']}"
-            + "".join(f", fp32 matmul {speed[k]:.0f} GFLOP/s at the {k}" for k in ("start", "end") if k in speed))
+            f"({hw['torch_threads']} threads), Python {hw['python']}" + (f", {speed}" if speed else ""))
 
 
 def main() -> int:

@@ -46,7 +46,6 @@ VARIANTS: dict[str, dict[str, dict]] = {
     },
     "grpo": {
         "default": {},  # AdamW 1e-4, 60 steps x 16 prompts x 8 replies, exact match
-        "seed1": {"loop.seed": 1},  # other prompts and rollouts: the spread of one run
         "steps120": {"loop.max_steps": 120},  # twice the budget
         "32x8-lr2e-4": {"prompts_per_step": 32, "optim.lr": 2e-4},  # twice the replies per step, at 2x the rate
         "lr3e-4": {"optim.lr": 3e-4, "loop.max_steps": 60},

@@ -290,6 +290,14 @@ def matmul_gflops(device: torch.device | None = None, n: int = 1024, repeats: in
     return 2 * n**3 / best / 1e9
 
 
+def describe_speed(speed: dict[str, float]) -> str:
+    """A run's `matmul_gflops` probes ({"start": ..., "end": ...}, as pipeline.json holds them) in words:
+    "fp32 matmul 121 GFLOP/s at the start, 124 at the end"; "" when there are none."""
+    parts = [f"{speed[k]:.0f}{' GFLOP/s' if not i else ''} at the {k}"
+             for i, k in enumerate(k for k in ("start", "end") if k in speed)]
+    return "fp32 matmul " + ", ".join(parts) if parts else ""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Atomic writes: write a temp file in the same directory, fsync, rename. A crash leaves the old file or the new
 # one, never half of either.

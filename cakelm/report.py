@@ -36,7 +36,15 @@ from typing import Any
 
 import torch
 
-from cakelm.common import CakeError, code_version, hardware_info, pick_device, read_json, write_text_atomic
+from cakelm.common import (
+    CakeError,
+    code_version,
+    describe_speed,
+    hardware_info,
+    pick_device,
+    read_json,
+    write_text_atomic,
+)
 from cakelm.config import flatten
 from cakelm.report_render import (
     MISSING,
@@ -214,10 +222,8 @@ def run_section(run: Path) -> list[tuple]:
         ["run directory", str(run)], ["code version", code_version()],
         ["hardware", f"{hw['cpu']}, {hw['cpu_cores']} cores" + (f", GPU {hw['gpu']}" if hw["gpu"] else "")],
         ["device", hw["device"]], ["torch", f"{hw['torch']} ({hw['torch_threads']} threads)"],
-        *([["machine speed", "fp32 matmul " + ", ".join(f"{speed[k]:.0f} GFLOP/s at the {k}" for k in ("start", "end")
-                                                         if k in speed)
-            + " of the run (shared VMs drift: read the times against it)"]]
-          if (speed := (pipe or {}).get("matmul_gflops")) else [])]))
+        *([["machine speed", f"{speed} of the run (shared VMs drift: read the times against it)"]]
+          if (speed := describe_speed((pipe or {}).get("matmul_gflops", {}))) else [])]))
     if pipe is None:
         blocks.append(("note", "Stages: not run (no pipeline.json in the run directory)."))
         return blocks

@@ -43,6 +43,7 @@ from cakelm.checkpoint import is_checkpoint, load_meta, load_model
 from cakelm.common import (
     CakeError,
     barrier,
+    describe_speed,
     hardware_info,
     init_distributed,
     matmul_gflops,
@@ -328,7 +329,7 @@ def main(cfg: PipelineConfig) -> Path:
               for r in rows]
     lines.append(f"{'total':<10} {'':<8} {time.time() - t_run:>7.1f}s {peak_memory_mb():>8.0f}")
     speed["end"] = matmul_gflops(pick_device(cfg.device))
-    lines.append(f"machine: fp32 matmul {speed['start']:.0f} GFLOP/s at the start, {speed['end']:.0f} at the end")
+    lines.append(f"machine: {describe_speed(speed)}")
     print0("\n" + "\n".join(lines))
     _write_summary(cfg, run, rows, t_run, speed)
     return run
