@@ -292,9 +292,11 @@ def matmul_gflops(device: torch.device | None = None, n: int = 1024, repeats: in
 
 def describe_speed(speed: dict[str, float]) -> str:
     """A run's `matmul_gflops` probes ({"start": ..., "end": ...}, as pipeline.json holds them) in words:
-    "fp32 matmul 121 GFLOP/s at the start, 124 at the end"; "" when there are none."""
-    parts = [f"{speed[k]:.0f}{' GFLOP/s' if not i else ''} at the {k}"
-             for i, k in enumerate(k for k in ("start", "end") if k in speed)]
+    "fp32 matmul 121 GFLOP/s at the start, 124 at the end"; "" when there are none. A pipeline.json is a file
+    anyone may edit: values that are not finite positive numbers are left out, not formatted (or raised on)."""
+    speed = speed if isinstance(speed, dict) else {}
+    found = [k for k in ("start", "end") if isinstance(speed.get(k), (int, float)) and 0 < speed[k] < math.inf]
+    parts = [f"{speed[k]:.0f}{' GFLOP/s' if not i else ''} at the {k}" for i, k in enumerate(found)]
     return "fp32 matmul " + ", ".join(parts) if parts else ""
 
 

@@ -250,6 +250,21 @@ def test_malformed_input_costs_only_its_section(tmp_path) -> None:
     assert html.count("data:image/png;base64,") == 6  # the other sections are intact
 
 
+def test_machine_speed_row_and_a_broken_one(tmp_path) -> None:
+    """The run's matmul probes are a row of the run section; values that are not positive numbers (an edited
+    pipeline.json) leave the row out and cost nothing else."""
+    make_run(tmp_path)
+    pipe = json.loads((tmp_path / "pipeline.json").read_text())
+    write_json_atomic(tmp_path / "pipeline.json", {**pipe, "matmul_gflops": {"start": 121.4, "end": 123.6}})
+    html = write_report(tmp_path)[0].read_text()
+    assert "<td>machine speed</td><td>fp32 matmul 121 GFLOP/s at the start, 124 at the end of the run" in html
+    for broken in ({"start": "fast", "end": float("nan")}, "fast", [1, 2], {"start": -1}):
+        write_json_atomic(tmp_path / "pipeline.json", {**pipe, "matmul_gflops": broken})
+        html = write_report(tmp_path)[0].read_text()
+        run = html.split("<h2>2. Run</h2>")[1].split("<h2>")[0]
+        assert "machine speed" not in run and "result of pretrain" in run and "Could not read" not in html, broken
+
+
 def test_malformed_benchmark_outputs_cost_only_their_sections(tmp_path) -> None:
     """sycophancy.json and rl_start.json of another shape (a list, a number where rows belong): those two sections
     say they could not read them; the rest of the report is written."""
