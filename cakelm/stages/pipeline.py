@@ -72,7 +72,7 @@ RLHF_SAMPLES = 2  # replies sampled per held-out prompt for gold, proxy and KL
 
 # Per preset: the preset of each group of stages (the `preset_key` of their table rows), the number of held-out
 # problems per evaluation task, of those the number whose pass@k is sampled (0: all), and the questions generated
-# at once (eval_batch; the small presets' models take 256: greedy tasks 1.6x and the eval stage 1.17x faster than at
+# at once (eval_batch; the small presets' models take 256: greedy tasks 1.8x and the eval stage 1.17x faster than at
 # 32, the same replies on the AVX2 EPYC, where a row's numbers do not depend on its batch; default `cakelm eval`'s 32).
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"tokenizer": "cpu", "pretrain": "cpu", "sft": "cpu", "rl": "cpu", "rlhf": "cpu", "compare": "cpu",
