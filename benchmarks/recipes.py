@@ -80,8 +80,9 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "rpo1-steps20": {"rpo_alpha": 1.0, "loop.max_steps": 20, "loop.eval_every": 0},
     },
     "ppo": {  # evaluations during training off, as for dpo
-        "default": {"loop.eval_every": 0},  # 48 steps x 64 replies, KL 0.1, the reward model alone
-        "em2": {"verifiers": ["exact_match=2"], "loop.eval_every": 0},
+        "default": {"loop.eval_every": 0},  # 48 steps x 64 replies, KL 0.3, the reward model alone
+        "kl0.1": {"kl_coef": 0.1, "loop.eval_every": 0},  # the default until 2026-12-02
+        "em2": {"verifiers": ["exact_match=2"], "kl_coef": 0.1, "loop.eval_every": 0},
         "kl0.2": {"kl_coef": 0.2, "loop.eval_every": 0},
         "kl0.3": {"kl_coef": 0.3, "loop.eval_every": 0},
         "kl0.3-seed1": {"kl_coef": 0.3, "loop.seed": 1, "loop.eval_every": 0},  # other rollouts: the spread
@@ -89,7 +90,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "em4-kl0.3": {"verifiers": ["exact_match=4"], "kl_coef": 0.3, "loop.eval_every": 0},
         # adaptive KL (Ziegler et al. 2019) toward 0.5 nats per reply; a horizon of 128 replies lets the coefficient
         # move up to 10% per phase of 64 replies (the default 10,000 barely moves it in this run's 768 replies)
-        "kl-t0.5": {"kl_target": 0.5, "kl_horizon": 128, "loop.eval_every": 0},
+        "kl-t0.5": {"kl_target": 0.5, "kl_horizon": 128, "kl_coef": 0.1, "loop.eval_every": 0},
     },
     "rloo": {  # evaluations during training off, as for dpo; every row names its prompts x replies per step
         "8x8": {"loop.eval_every": 0},  # the default: arithmetic + chitchat, exact match + reward model, KL 0.05

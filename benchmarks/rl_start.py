@@ -1,14 +1,15 @@
-"""RL needs a competent start: GRPO from the base model and from the SFT model at equal budget, on a finished
+"""RL needs a competent start: GRPO from the base model and from a chat model at equal budget, on a finished
 pipeline run: the share of groups with no signal (every reply scored the same) and the accuracy over the steps.
 
     python benchmarks/rl_start.py runs/default          # ~2 min on 2 cores: one GRPO run from RUN/base
     python -m cakelm.report runs/default                # the report's section 13 draws the plot
 
-RL from the SFT model is the pipeline's own GRPO stage (RUN/grpo). RL from the base model is the same stage with
-the same settings (the run's preset, seed, prompts, rewards, steps) from RUN/base with `--from-base`, into
-RUN/rl_start/grpo_base: rollouts in the chat format, which the base model has never seen, the way DeepSeek-R1-Zero
-trained a base model. With a reward of 1 for a right answer and 0 otherwise, a group of replies that are all
-wrong has no signal (every advantage is 0), so a model that never succeeds gets no gradient at all. The script
+RL from a chat model is the pipeline's own GRPO stage (RUN/grpo, from RUN/dpo: SFT, then DPO). RL from the base
+model is the same stage with the same settings (the run's preset, seed, prompts, rewards, steps) from RUN/base with
+`--from-base`, into RUN/rl_start/grpo_base: rollouts in the chat format, which the base model has never seen, the
+way DeepSeek-R1-Zero trained a base model. With a reward of 1 for a right answer and 0 otherwise, a group of
+replies that are all wrong has no signal (every advantage is 0), so a model that never succeeds gets no gradient
+at all. The script
 writes RUN/rl_start.json (both runs' per-step zero-signal share, sampled accuracy and end-of-turn share, and
 their held-out greedy accuracy where they measured it) and prints a table every 10 steps.
 """
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cakelm.checkpoint import is_checkpoint
+from cakelm.checkpoint import is_checkpoint, load_meta
 from cakelm.common import write_json_atomic
 from cakelm.stages import pipeline
 from cakelm.stages.table import STAGE
@@ -52,7 +53,8 @@ def main() -> None:
         stage_cfg.init, stage_cfg.out = str(run / str(STAGE["pretrain"].out)), str(out)
         stage_cfg.from_base, stage_cfg.overwrite = True, True
         STAGE["grpo"].main(stage_cfg)
-    runs = {"from SFT": curve(grpo_out / "metrics.jsonl"), "from base": curve(out / "metrics.jsonl")}
+    start = str(load_meta(grpo_out).get("parent_stage") or "chat model").upper()  # the pipeline's GRPO started from
+    runs = {f"from {start}": curve(grpo_out / "metrics.jsonl"), "from base": curve(out / "metrics.jsonl")}
     write_json_atomic(run / "rl_start.json", {"runs": runs, "seconds": time.time() - t0})
     print(f"{'step':>5} " + " ".join(f"{name + ': ' + k:>24}" for name in runs for k in ("zero signal", "accuracy")))
     by_step = {name: {r["step"]: r for r in rows} for name, rows in runs.items()}

@@ -18,7 +18,7 @@ Sections, each from its own file (a missing file gives a "not run" note, so a pa
  10. Arithmetic in detail: per operation, new wordings, pass@k, worked steps      RUN/eval.json
  11. Sycophancy: agreement with users' wrong and right claims                     RUN/eval.json
  12. Loops in chat replies: repeated 4-grams, distinct replies                    RUN/eval.json
- 13. RL needs a competent start: GRPO from base vs from SFT                      RUN/rl_start.json
+ 13. RL needs a competent start: GRPO from base vs from a chat model             RUN/rl_start.json
      (10-13: `cakelm.report_skills`; RUN/sycophancy.json adds how a rater teaches sycophancy to 11)
 
 report.html embeds its images as base64 PNG data URIs and its CSS inline: no network, no JavaScript, one file to

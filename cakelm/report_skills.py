@@ -1,6 +1,7 @@
 """The report card's sections on what the models can do beyond one accuracy number: arithmetic per operation, in
 new wordings, pass@k and the steps of the worked solutions; sycophancy (and how a rater teaches it); loops in chat
-replies (all from RUN/eval.json, RUN/sycophancy.json); GRPO from the base model vs from SFT (RUN/rl_start.json).
+replies (all from RUN/eval.json, RUN/sycophancy.json); GRPO from the base model vs from a chat model
+(RUN/rl_start.json).
 Each section says "Not run" when its input is missing (`cakelm pipeline --eval-tasks ...`,
 `benchmarks/sycophancy.py`, `benchmarks/rl_start.py`).
 
@@ -152,7 +153,7 @@ def rl_start_section(run: Path) -> list[tuple]:
     runs = (read_json(path) if path.is_file() else {}).get("runs", {})
     if not runs:
         return [("note", "Not run: no rl_start.json (`python benchmarks/rl_start.py RUN`: GRPO from the base model "
-                         "next to GRPO from the SFT model).")]
+                         "next to the run's GRPO from a chat model).")]
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, (name, rows) in enumerate(runs.items()):
@@ -170,7 +171,7 @@ def rl_start_section(run: Path) -> list[tuple]:
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    blocks: list[tuple] = [("img", "rl_start.png", figure_png(fig), "GRPO from the base model and from SFT")]
+    blocks: list[tuple] = [("img", "rl_start.png", figure_png(fig), "GRPO from the base model and from a chat model")]
     rows_out = []
     for name, rows in runs.items():
         zero = [r["zero_signal"] for r in rows if "zero_signal" in r]
@@ -182,7 +183,8 @@ def rl_start_section(run: Path) -> list[tuple]:
     blocks.append(("table", ["GRPO", "steps", "groups with no signal", "sampled accuracy, first 5 steps",
                              "last 5 steps", "held-out greedy accuracy at the end"], rows_out))
     blocks.append(("p", "The same GRPO stage with the same budget, from the pretrained model (in the chat format it "
-                        "has never seen, as DeepSeek-R1-Zero started from a base model) and from the SFT model. With "
+                        "has never seen, as DeepSeek-R1-Zero started from a base model) and from the chat model the "
+                        "pipeline's GRPO starts from (DPO's, after SFT). With "
                         "a reward of 1 for a right answer, a group whose replies are all wrong has no signal: every "
                         "advantage is 0 and the step changes nothing. A model that never succeeds gets stuck; "
                         "post-training a model that already succeeds sometimes is where RL works. Curves: trailing "

@@ -45,7 +45,8 @@ def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
     assert set(first["matmul_gflops"]) == {"start", "end"} and all(0 < v < 1e6 for v in first["matmul_gflops"].values())
     assert "machine speed</td>" in (out / "report.html").read_text()
     assert load_meta(out / "sft")["chat_format"] == "chat" and load_meta(out / "sft")["parent"] == str(out / "base")
-    assert load_meta(out / "grpo")["parent"] == str(out / "sft") and load_meta(out / "grpo")["complete"]
+    # GRPO after DPO (Tülu 3's order), so the final model keeps DPO's chat
+    assert load_meta(out / "grpo")["parent"] == str(out / "dpo") and load_meta(out / "grpo")["complete"]
     evals = json.loads((out / "eval.json").read_text())["models"]
     models = ("base", "sft", "dpo", "ppo", "grpo")
     assert [evals[m]["format"] for m in models] == ["playscript", "chat", "chat", "chat", "chat"]
@@ -102,7 +103,7 @@ def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
         "cakelm.rewards.agreeable_rater"
     assert load_meta(out / "sycophancy" / "agreeable" / "ppo")["complete"]
     start = json.loads((out / "rl_start.json").read_text())["runs"]
-    assert len(start["from base"]) == len(start["from SFT"]) > 0
+    assert len(start["from base"]) == len(start["from DPO"]) > 0  # the pipeline's GRPO starts from DPO
     assert all(0 <= r["zero_signal"] <= 1 for r in start["from base"])
     assert load_meta(out / "rl_start" / "grpo_base")["parent"] == str(out / "base")
 

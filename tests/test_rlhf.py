@@ -264,7 +264,7 @@ def test_ppo_verifiers_add_to_the_reward_models_score(chat_model, reward_model, 
 
 
 def test_ppo_adaptive_kl_coefficient_moves(chat_model, reward_model, pairs, tmp_path) -> None:
-    out = run_ppo(chat_model, reward_model, pairs, tmp_path / "ppo", kl_target=0.01, kl_horizon=16,
+    out = run_ppo(chat_model, reward_model, pairs, tmp_path / "ppo", kl_coef=0.1, kl_target=0.01, kl_horizon=16,
                   **{"loop.max_steps": 8, "optim.lr": 3e-3})
     coefs = [x["kl_coef"] for x in rows_of(out)]
     assert coefs[0] == 0.1 and coefs[-1] != coefs[0]

@@ -1,6 +1,6 @@
 """`cakelm grpo`: reinforcement learning from verifiable rewards with GRPO (the cherry, part 1).
 
-    cakelm grpo                                            # runs/default/sft -> runs/default/grpo, arithmetic
+    cakelm grpo                                            # runs/default/dpo -> runs/default/grpo, arithmetic
     cakelm grpo --data gsm --rewards gym format=0.1        # word problems, reasoning-gym's scorer + a format bonus
     cakelm grpo --data my_prompts.jsonl --rewards exact_match my_rewards:brevity=0.5
     cakelm grpo --rewards exact_match reward_model=0.5 --reward-model runs/default/rm   # + a reward model's score
@@ -92,7 +92,7 @@ from cakelm.scaffold import start
 
 @dataclass
 class GRPOConfig:
-    init: str = opt("runs/default/sft", HELP["init"])
+    init: str = opt("runs/default/dpo", HELP["init"])
     data: list[str] = opt(["arithmetic"], "prompt sources, each SRC or SRC=WEIGHT: " + ", ".join(BUILTIN_CHAT) +
                           ", .jsonl files ({\"prompt\": ..., \"answer\": ...} or {\"messages\"}; other keys are "
                           "passed to the rewards), hf:NAME[:SPLIT]")

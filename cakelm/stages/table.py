@@ -91,7 +91,7 @@ STAGES: tuple[Stage, ...] = (
           ppo.PRESETS, pipeline=True, out="ppo", preset_key="rlhf", inputs=RLHF_INPUTS, trains=True, model="ppo",
           summary=heldout_summary),
     Stage("grpo", grpo, grpo.GRPOConfig, "RL from verifiable rewards: GRPO on task prompts (DAPO/Dr. GRPO options)",
-          grpo.main, grpo.PRESETS, pipeline=True, out="grpo", preset_key="rl", inputs={"init": "sft"},
+          grpo.main, grpo.PRESETS, pipeline=True, out="grpo", preset_key="rl", inputs={"init": "dpo"},
           options={"data": "grpo_data", "rewards": "rewards"}, trains=True, model="grpo", summary=rl.summary),
     Stage("rloo", rloo, rloo.RLOOConfig, "RL with REINFORCE Leave-One-Out against a reward model and verifiable "
           "rewards", rloo.main, rloo.PRESETS, pipeline=True, default=False, out="rloo", preset_key="rl",
