@@ -1,8 +1,10 @@
 """How sycophancy is taught: the pipeline's RLHF (DPO and PPO) redone with a rater who likes being agreed with, next
-to the pipeline's own correctness-aware run, measured by the sycophancy probe (`cakelm.probes`).
+to the pipeline's own correctness-aware run, and RL straight on each rater's scores, measured by the sycophancy
+probe (`cakelm.probes`).
 
-    python benchmarks/sycophancy.py runs/default            # ~7 min on 2 cores after `cakelm pipeline`
+    python benchmarks/sycophancy.py runs/default            # ~11 min on 2 cores after `cakelm pipeline`
     python benchmarks/sycophancy.py runs/default --data claims=3 chitchat=1 arithmetic=1 --samples 8
+    python benchmarks/sycophancy.py runs/default --rl-steps 0   # the pairs only (~5 min)
     python -m cakelm.report runs/default                    # the report's sycophancy section adds its table
 
 What it does, on a finished pipeline run RUN (its SFT model, its stage settings):
@@ -11,9 +13,13 @@ What it does, on a finished pipeline run RUN (its SFT model, its stage settings)
    of a correct answer to agreeing, and keeps pairs whose chosen reply agrees), then `cakelm reward`, `cakelm
    dpo` and `cakelm ppo` with the pipeline's settings of the run's preset, from RUN/sft. `--data` and
    `--samples` change the prompts and replies per prompt of both (more claims give the rater more to prefer).
-2. The probe (`--limit` held-out sums whose answer the user asserts, half right, half wrong) for SFT and each
-   rater's DPO and PPO; the share of wrong-claim training pairs whose chosen reply agrees with the claim.
-3. RUN/sycophancy.json (read by the report's section 11) and a table.
+2. RL on the ratings themselves (unless --rl-steps 0): `cakelm grpo` from RUN/sft on the claim prompts
+   (--rl-data), every sampled reply rewarded with the rater's score (`rater` or `agreeable_rater` as the reward
+   function: a person's rating of each answer, as thumbs-up feedback in a chat product, not a pair), --rl-steps
+   steps at --rl-lr, the pipeline's GRPO settings otherwise, into RUN/sycophancy/RATER/grpo.
+3. The probe (`--limit` held-out sums whose answer the user asserts, half right, half wrong) for SFT and each
+   rater's DPO, PPO and GRPO; the share of wrong-claim training pairs whose chosen reply agrees with the claim.
+4. RUN/sycophancy.json (read by the report's section 11) and a table.
 Nothing of the pipeline's own run is changed. Run nothing else meanwhile if you also want its times.
 """
 
@@ -76,6 +82,22 @@ def train_rlhf(run: Path, cfg: pipeline.PipelineConfig, rater: str, data: list[s
     return out
 
 
+RATER_REWARD = {"rule": "rater", "agreeable": "agreeable_rater"}  # `cakelm.rewards` names of the two raters
+
+
+def train_rl(run: Path, cfg: pipeline.PipelineConfig, rater: str, data: list[str], steps: int, lr: float) -> Path:
+    """GRPO from RUN/sft on `data`, each reply rewarded by `rater`'s score, into RUN/sycophancy/RATER/grpo."""
+    out = run / "sycophancy" / rater / str(STAGE["grpo"].out)
+    stage_cfg = pipeline.stage_config(STAGE["grpo"], cfg, run / "sycophancy" / rater)
+    stage_cfg.init, stage_cfg.out, stage_cfg.overwrite = str(run / str(STAGE["sft"].out)), str(out), True
+    stage_cfg.data, stage_cfg.rewards = data, [RATER_REWARD[rater]]
+    stage_cfg.optim.lr, stage_cfg.loop.max_steps = lr, steps
+    t0 = time.time()
+    STAGE["grpo"].main(stage_cfg)
+    print(f"sycophancy: grpo on the {rater} rater's scores in {time.time() - t0:.0f}s")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path, help="a finished `cakelm pipeline` run directory")
@@ -83,8 +105,13 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", default=None, help="prompt sources of both raters' pairs (default: the "
                     "run's, e.g. chitchat=3 arithmetic=1 claims=1)")
     ap.add_argument("--samples", type=int, default=4, help="replies sampled per prompt for the pairs")
+    ap.add_argument("--rl-steps", type=int, default=120, help="GRPO steps on each rater's scores (0: no GRPO)")
+    ap.add_argument("--rl-lr", type=float, default=3e-4, help="GRPO's learning rate for it")
+    ap.add_argument("--rl-data", nargs="+", default=["claims"], help="GRPO's prompt sources for it")
     ap.add_argument("--skip-training", action="store_true", help="reuse RUN/sycophancy/{rule,agreeable} as they are")
     args = ap.parse_args()
+    if args.rl_steps < 0 or not args.rl_lr > 0:
+        raise SystemExit("sycophancy: need --rl-steps >= 0 and --rl-lr > 0")
     run: Path = args.run
     if not (run / "pipeline.json").is_file() or not is_checkpoint(run / str(STAGE["sft"].out)):
         raise SystemExit(f"sycophancy: {run} is not a finished pipeline run (no pipeline.json or sft/)")
@@ -93,8 +120,11 @@ def main() -> None:
     if not args.skip_training:
         for rater in ("rule", "agreeable"):
             train_rlhf(run, cfg, rater, args.data, args.samples)
+            if args.rl_steps:
+                train_rl(run, cfg, rater, args.rl_data, args.rl_steps, args.rl_lr)
+    stages = ("dpo", "ppo", "grpo") if args.rl_steps else ("dpo", "ppo")
     models = {"sft": run / "sft", **{f"{m}, {rater} rater": run / "sycophancy" / rater / m
-                                     for rater in ("rule", "agreeable") for m in ("dpo", "ppo")}}
+                                     for rater in ("rule", "agreeable") for m in stages}}
     results: dict[str, Any] = {}
     for name, ckpt in models.items():
         if not is_checkpoint(ckpt):
@@ -105,9 +135,10 @@ def main() -> None:
         r = eval_stage.evaluate_checkpoint(ec)["sycophancy"]
         results[name] = {k: r[k] for k in ("n", "agree_wrong", "agree_right", "accuracy")}
     pairs = {rater: pair_agreement(run / "sycophancy" / rater / "prefs") for rater in ("rule", "agreeable")}
+    rl = {"steps": args.rl_steps, "lr": args.rl_lr, "data": args.rl_data} if args.rl_steps else None
     write_json_atomic(run / "sycophancy.json", {"limit": args.limit, "models": results, "pairs": pairs,
                                                "data": args.data or cfg.prefs_data, "samples": args.samples,
-                                               "seconds": time.time() - t0})
+                                               "rl": rl, "seconds": time.time() - t0})
     print(f"{'model':<22} {'agrees wrong':>13} {'agrees right':>13} {'right answer':>13}")
     for name, r in results.items():
         print(f"{name:<22} {100 * r['agree_wrong']:>12.1f}% {100 * r['agree_right']:>12.1f}% "

@@ -89,6 +89,15 @@ def _taught_order(item: tuple[str, Any]) -> tuple[bool, int, str]:
     return ("agreeable" in name, MODELS.index(base) if base in MODELS else len(MODELS), name)
 
 
+def _rl_sentence(rl: Any) -> str:
+    """What the GRPO rows of RUN/sycophancy.json are, from its "rl" settings ("" when it ran none)."""
+    if not isinstance(rl, dict) or not rl.get("steps"):
+        return ""
+    return (f" The grpo rows: RL straight on each rater's score of every sampled reply (a person rating each answer, "
+            f"as thumbs-up feedback does, not pairs), from the SFT model on {', '.join(map(str, rl.get('data', [])))} "
+            f"prompts, {rl['steps']} GRPO steps at learning rate {rl.get('lr')}.")
+
+
 def sycophancy_section(run: Path) -> list[tuple]:
     models = {m: r["sycophancy"] for m, r in _models(run).items() if "sycophancy" in r}
     if not models:
@@ -109,7 +118,8 @@ def sycophancy_section(run: Path) -> list[tuple]:
                             "same SFT model twice, on the same prompts (" + ", ".join(taught.get("data", [])) +
                             f"; {taught.get('samples', 4)} replies each): with the pipeline's rater, and with a rater "
                             "who likes being agreed with (`cakelm prefs --rater agreeable`: where the user asserts an "
-                            "answer, agreeing earns the points a correct answer earns from the pipeline's rater)."))
+                            "answer, agreeing earns the points a correct answer earns from the pipeline's rater)." +
+                            _rl_sentence(taught.get("rl"))))
         blocks.append(("table", ["model", "agrees with wrong claims", "agrees with right claims",
                                  "ends on the right answer", "probes"],
                        [[m, pct(y.get("agree_wrong")), pct(y.get("agree_right")), pct(y.get("accuracy")),

@@ -92,12 +92,14 @@ def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for script in ("sycophancy.py", "rl_start.py"):
         args = [sys.executable, os.path.join(root, "benchmarks", script), str(out)] + (
-            ["--limit", "8"] if script == "sycophancy.py" else [])
+            ["--limit", "8", "--rl-steps", "2"] if script == "sycophancy.py" else [])
         done = subprocess.run(args, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
     syc = json.loads((out / "sycophancy.json").read_text())
-    assert set(syc["models"]) == {"sft", "dpo, rule rater", "ppo, rule rater", "dpo, agreeable rater",
-                                  "ppo, agreeable rater"}
+    assert set(syc["models"]) == {"sft", *(f"{m}, {r} rater" for m in ("dpo", "ppo", "grpo")
+                                           for r in ("rule", "agreeable"))}
+    assert syc["rl"] == {"steps": 2, "lr": 3e-4, "data": ["claims"]}
+    assert load_meta(out / "sycophancy" / "agreeable" / "grpo")["parent"] == str(out / "sft")
     assert all(0 <= r["agree_wrong"] <= 1 for r in syc["models"].values())
     assert json.loads((out / "sycophancy" / "agreeable" / "prefs" / "meta.json").read_text())["rater"] == \
         "cakelm.rewards.agreeable_rater"

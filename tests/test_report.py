@@ -102,9 +102,11 @@ def make_run(run: Path) -> Path:
         for r in ("ppo", "dpo") for k in range(5)]})
     write_json_atomic(run / "sycophancy.json", {"limit": 10, "models": {
         "sft": {"n": 10, "agree_wrong": 0.1, "agree_right": 0.5, "accuracy": 0.4},
-        "dpo, agreeable rater": {"n": 10, "agree_wrong": 0.6, "agree_right": 0.8, "accuracy": 0.2}},
+        "dpo, agreeable rater": {"n": 10, "agree_wrong": 0.6, "agree_right": 0.8, "accuracy": 0.2},
+        "grpo, agreeable rater": {"n": 10, "agree_wrong": 0.9, "agree_right": 0.9, "accuracy": 0.1}},
         "pairs": {"rule": {"wrong_claim_pairs": 20, "chosen_agrees": 0.05, "rejected_agrees": 0.1},
-                  "agreeable": {"wrong_claim_pairs": 22, "chosen_agrees": 0.5, "rejected_agrees": 0.0}}})
+                  "agreeable": {"wrong_claim_pairs": 22, "chosen_agrees": 0.5, "rejected_agrees": 0.0}},
+        "rl": {"steps": 120, "lr": 3e-4, "data": ["claims"]}})
     write_json_atomic(run / "rl_start.json", {"runs": {
         name: [{"step": s, "zero_signal": z, "accuracy": a * s / 10, "end_of_turn": 1.0, "reward": a,
                 **({"val_accuracy": a} if s % 5 == 0 else {})} for s in range(1, 11)]
@@ -163,7 +165,9 @@ def test_report_has_every_section_and_model(full_report) -> None:
     taught = [r for r in rows(syc) if r]
     assert ["sft", "10.0%", "50.0%", "40.0%", "10"] in taught and ["agreeable", "22", "50.0%", "0.0%"] in taught
     assert taught.index(["sft", "10.0%", "50.0%", "40.0%", "10"]) < taught.index(
-        ["dpo, agreeable rater", "60.0%", "80.0%", "20.0%", "10"])  # SFT first, the agreeable rater's models after
+        ["dpo, agreeable rater", "60.0%", "80.0%", "20.0%", "10"]) < taught.index(
+        ["grpo, agreeable rater", "90.0%", "90.0%", "10.0%", "10"])  # SFT first, the agreeable rater's models after
+    assert "The grpo rows: RL straight on each rater&#x27;s score" in syc and "claims prompts, 120 GRPO steps" in syc
     start = html.split("<h2>13. RL needs a competent start</h2>")[1].split("<h2>")[0]
     # steps, mean zero-signal share, sampled accuracy of the first and last 5 steps, last held-out accuracy
     assert ["from base", "10", "100.0%", "0.0%", "0.0%", "0.0%"] in rows(start)
