@@ -2,7 +2,7 @@
 to the pipeline's own correctness-aware run, and RL straight on each rater's scores, measured by the sycophancy
 probe (`cakelm.probes`).
 
-    python benchmarks/sycophancy.py runs/default            # ~11 min on 2 cores after `cakelm pipeline`
+    python benchmarks/sycophancy.py runs/default            # ~12 min on 2 cores after `cakelm pipeline`
     python benchmarks/sycophancy.py runs/default --data claims=3 chitchat=1 arithmetic=1 --samples 8
     python benchmarks/sycophancy.py runs/default --rl-steps 0   # the pairs only (~5 min)
     python -m cakelm.report runs/default                    # the report's sycophancy section adds its table
