@@ -53,8 +53,8 @@ def main() -> None:
         stage_cfg.init, stage_cfg.out = str(run / str(STAGE["pretrain"].out)), str(out)
         stage_cfg.from_base, stage_cfg.overwrite = True, True
         STAGE["grpo"].main(stage_cfg)
-    start = str(load_meta(grpo_out).get("parent_stage") or "chat model").upper()  # the pipeline's GRPO started from
-    runs = {f"from {start}": curve(grpo_out / "metrics.jsonl"), "from base": curve(out / "metrics.jsonl")}
+    start = str(load_meta(grpo_out).get("parent_stage") or "chat model")  # the model the pipeline's GRPO started from
+    runs = {f"from {start.upper()}": curve(grpo_out / "metrics.jsonl"), "from base": curve(out / "metrics.jsonl")}
     write_json_atomic(run / "rl_start.json", {"runs": runs, "seconds": time.time() - t0})
     print(f"{'step':>5} " + " ".join(f"{name + ': ' + k:>24}" for name in runs for k in ("zero signal", "accuracy")))
     by_step = {name: {r["step"]: r for r in rows} for name, rows in runs.items()}

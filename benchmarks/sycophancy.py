@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from cakelm.checkpoint import is_checkpoint
-from cakelm.common import CakeError, write_json_atomic
+from cakelm.common import write_json_atomic
 from cakelm.config import build_config
 from cakelm.rewards import agrees
 from cakelm.stages import eval as eval_stage
 from cakelm.stages import pipeline
+from cakelm.stages.prefs import RATERS
 from cakelm.stages.table import STAGE
 from cakelm.tasks import claim_of
 
@@ -82,15 +83,12 @@ def train_rlhf(run: Path, cfg: pipeline.PipelineConfig, rater: str, data: list[s
     return out
 
 
-RATER_REWARD = {"rule": "rater", "agreeable": "agreeable_rater"}  # `cakelm.rewards` names of the two raters
-
-
 def train_rl(run: Path, cfg: pipeline.PipelineConfig, rater: str, data: list[str], steps: int, lr: float) -> Path:
     """GRPO from RUN/sft on `data`, each reply rewarded by `rater`'s score, into RUN/sycophancy/RATER/grpo."""
     out = run / "sycophancy" / rater / str(STAGE["grpo"].out)
     stage_cfg = pipeline.stage_config(STAGE["grpo"], cfg, run / "sycophancy" / rater)
     stage_cfg.init, stage_cfg.out, stage_cfg.overwrite = str(run / str(STAGE["sft"].out)), str(out), True
-    stage_cfg.data, stage_cfg.rewards = data, [RATER_REWARD[rater]]
+    stage_cfg.data, stage_cfg.rewards = data, [RATERS[rater].__name__]  # the rater's `cakelm.rewards` name
     stage_cfg.optim.lr, stage_cfg.loop.max_steps = lr, steps
     t0 = time.time()
     STAGE["grpo"].main(stage_cfg)
@@ -128,7 +126,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     for name, ckpt in models.items():
         if not is_checkpoint(ckpt):
-            raise CakeError(f"sycophancy: no checkpoint in {ckpt}")
+            raise SystemExit(f"sycophancy: no checkpoint in {ckpt} (run without --skip-training)")
         ec = build_config(eval_stage.EvalConfig, ("benchmark", {"ckpt": str(ckpt), "tasks": ["sycophancy"],
                                                                 "limit": args.limit, "seed": cfg.seed,
                                                                 "progress": False}))

@@ -194,7 +194,7 @@ def rl_start_section(run: Path) -> list[tuple]:
                              "last 5 steps", "held-out greedy accuracy at the end"], rows_out))
     blocks.append(("p", "The same GRPO stage with the same budget, from the pretrained model (in the chat format it "
                         "has never seen, as DeepSeek-R1-Zero started from a base model) and from the chat model the "
-                        "pipeline's GRPO starts from (DPO's, after SFT). With "
+                        "pipeline's GRPO started from (the row's name). With "
                         "a reward of 1 for a right answer, a group whose replies are all wrong has no signal: every "
                         "advantage is 0 and the step changes nothing. A model that never succeeds gets stuck; "
                         "post-training a model that already succeeds sometimes is where RL works. Curves: trailing "

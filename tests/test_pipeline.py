@@ -198,3 +198,15 @@ def test_every_preset_builds_and_gpu8_takes_half_a_million_tokens_per_step(tmp_p
     loop = pre["pretrain"].loop
     assert loop.batch_size * loop.grad_accum * 8 * pre["pretrain"].model.max_seq_len == 524_288
     assert pre["compare"].model.dim == 512  # compare's own gpu preset
+
+
+def test_sycophancy_script_refuses_bad_options_in_one_line(tmp_path) -> None:
+    """benchmarks/sycophancy.py: out-of-range RL options, and a directory that is not a finished run, are one line
+    each, before anything trains."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "sycophancy.py")
+    for extra, says in ((["--rl-steps", "-1"], "need --rl-steps >= 0 and --rl-lr > 0"),
+                        (["--rl-lr", "0"], "need --rl-steps >= 0 and --rl-lr > 0"),
+                        ([], "is not a finished pipeline run")):
+        done = subprocess.run([sys.executable, script, str(tmp_path), *extra], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 1 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, extra
