@@ -49,6 +49,10 @@ def pytest_configure(config: pytest.Config) -> None:
         threads = max(1, (os.cpu_count() or 1) // workers)
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)
+    # a process the tests start (torchrun ranks, servers, stages) that dies of a native crash or an abort (a torchrun
+    # rank once died of "terminate called without an active exception") prints every thread's Python stack to its
+    # stderr, which the failing assertion shows
+    os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 
 @pytest.fixture(autouse=True)
