@@ -32,6 +32,31 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGN
     return token_nll(logits, targets, ignore_index).sum(), (targets != ignore_index).sum()
 
 
+def unlikelihood_loss(logits: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None,
+                      ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Token-level unlikelihood, summed over scored positions (Welleck et al. 2019, "Neural Text Generation with
+    Unlikelihood Training", eq. 4): at each scored position t, -sum over c in C_t of log(1 - p(c)), where the
+    negative candidates C_t are the tokens already scored before t in the same segment (here: the reply's own
+    earlier tokens), minus the target y_t. It pushes down repeating what was said unless the data repeats it.
+
+    logits (B, T, V), targets (B, T) with ignore_index off the scored tokens, segments (B, T) or None (one
+    segment per row; packed rows keep conversations apart). Pairs of positions, not the vocabulary, carry the
+    sets: memory (B, T, T), so a 150k-token vocabulary costs no more than a small one."""
+    B, T, _ = logits.shape
+    valid = targets != ignore_index
+    tgt = targets.clamp(min=0)
+    seg = segments if segments is not None else torch.zeros_like(tgt)
+    # pair[b, t, s]: s < t, both scored, in the same segment; same[b, t, s]: the same target token
+    pair = (seg.unsqueeze(2) == seg.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
+    pair &= torch.ones(T, T, dtype=torch.bool, device=targets.device).tril(-1)
+    same = tgt.unsqueeze(2) == tgt.unsqueeze(1)
+    first = ~(pair & same).any(2)  # (B, T): position s is its token's first scored occurrence in the segment
+    negative = pair & ~same & first.unsqueeze(1)  # each candidate token counted once per position t
+    lse = torch.logsumexp(logits.float(), -1, keepdim=True)  # (B, T, 1)
+    p = (logits.gather(2, tgt.unsqueeze(1).expand(B, T, T)).float() - lse).exp()  # p[b, t, s] = p_t(y_s)
+    return -(torch.log1p(-p.clamp(max=1 - 1e-6)) * negative).sum()
+
+
 def bits_per_byte(nats: float, n_bytes: int) -> float:
     """Cross-entropy in bits per UTF-8 byte of text: total nats / (ln 2 * total bytes). Independent of the
     tokenizer, so models with different vocabularies compare fairly (nanochat's val bpb; Gao et al. 2020,

@@ -287,3 +287,48 @@ def test_kl_penalized_rewards_hand_computed() -> None:
     # KL per reply: (0.5 - 1.0) = -0.5 and (1.0 + 0.0) = 1.0 (positions off the mask do not count)
     out = losses.kl_penalized_rewards(torch.tensor([1.0, 2.0], dtype=torch.float64), logp, ref, mask, 0.1)
     torch.testing.assert_close(out, torch.tensor([1.05, 1.9], dtype=torch.float64))
+
+
+def test_unlikelihood_by_hand() -> None:
+    """Welleck et al. 2019, token level: each scored position pays -log(1 - p(c)) for every token c already scored
+    earlier in its segment, except its own target. Uniform p over 3 tokens: each candidate costs log(3/2)."""
+    from cakelm.losses import unlikelihood_loss
+
+    c = math.log(1.5)
+    logits = torch.zeros(1, 4, 3)
+    # t=1: {0} ; t=2: {0,1} minus target 0 ; t=3: {0,1}
+    assert math.isclose(unlikelihood_loss(logits, torch.tensor([[0, 1, 0, 2]])).item(), 4 * c, rel_tol=1e-5)
+    # a new segment at t=2 forgets what came before it: t=1 {0}, t=3 {0}
+    seg = torch.tensor([[0, 0, 1, 1]])
+    assert math.isclose(unlikelihood_loss(logits, torch.tensor([[0, 1, 0, 2]]), seg).item(), 2 * c, rel_tol=1e-5)
+    # unscored positions neither pay nor count as said: t=2 has only its own target before it, t=3 pays for 0
+    assert math.isclose(unlikelihood_loss(logits, torch.tensor([[0, -100, 0, 2]])).item(), c, rel_tol=1e-5)
+    # a confident repeat costs more: p(0) = 0.8 at t=3 -> -log(0.2) for token 0, -log(0.9) for token 1
+    logits[0, 3] = torch.tensor([0.8, 0.1, 0.1]).log()
+    want = 2 * c - math.log(0.2) - math.log(0.9)
+    assert math.isclose(unlikelihood_loss(logits, torch.tensor([[0, 1, 0, 2]])).item(), want, rel_tol=1e-5)
+
+
+def test_unlikelihood_matches_its_definition_on_random_rows() -> None:
+    """The (B, T, T) pair form equals eq. 4 written out with Python sets, on rows with segments and unscored
+    positions, and its gradient is finite."""
+    from cakelm.losses import unlikelihood_loss
+
+    g = torch.Generator().manual_seed(0)
+    B, T, V = 3, 12, 5
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[torch.rand(B, T, generator=g) < 0.25] = -100
+    segments = torch.randint(0, 2, (B, T), generator=g).cummax(1).values + torch.arange(B).unsqueeze(1) * 10
+    p = logits.detach().softmax(-1)
+    want = 0.0
+    for b in range(B):
+        for t in range(T):
+            if targets[b, t] < 0:
+                continue
+            cands = {int(targets[b, s]) for s in range(t) if targets[b, s] >= 0 and segments[b, s] == segments[b, t]}
+            want += sum(-math.log(1 - p[b, t, c].item()) for c in cands - {int(targets[b, t])})
+    got = unlikelihood_loss(logits, targets, segments)
+    assert want > 1.0 and math.isclose(got.item(), want, rel_tol=1e-6)  # the loss is computed in fp32
+    got.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0

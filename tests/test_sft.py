@@ -103,6 +103,19 @@ def test_resume_continues_exactly(base, toy, tmp_path, monkeypatch) -> None:
         run_sft(base, [toy["train"]], tmp_path / "cut", resume=True, **{**kw, "loop.max_steps": 8})
 
 
+def test_unlikelihood_adds_its_weighted_term(base, toy, tmp_path) -> None:
+    """--unlikelihood A: the step's loss is the assistant tokens' nll plus A x their unlikelihood, both logged per
+    assistant token; the nll is the loss of a run without it (the same weights and batch at step 0)."""
+    kw = {"loop.max_steps": 1, "loop.batch_size": 8, "loop.log_every": 1}
+    plain = run_sft(base, [toy["train"]], tmp_path / "plain", unlikelihood=0.0, **kw)
+    ul = run_sft(base, [toy["train"]], tmp_path / "ul", unlikelihood=0.5, **kw)
+    (p,), (u,) = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+                  for d in (plain, ul))
+    assert u["nll"] == pytest.approx(p["loss"], rel=1e-5) and "unlikelihood" not in p
+    assert u["unlikelihood"] > 0.01
+    assert u["loss"] == pytest.approx(u["nll"] + 0.5 * u["unlikelihood"], rel=1e-5)
+
+
 def test_sft_learns_a_held_out_task(base, toy, tmp_path) -> None:
     def accuracy(ckpt: Path) -> dict:  # asked in the chat format, before and after
         cfg = build_config(eval_stage.EvalConfig, ("test", {"ckpt": str(ckpt), "tasks": [toy["eval"]],
@@ -142,6 +155,7 @@ def test_eval_json_and_table(base, toy, tmp_path, capsys) -> None:
     (["--data", "arithmetic", "arithmetic=2"], "--data lists arithmetic twice"),
     (["--task-size", "-1"], "--task-size must be >= 0"),
     (["--val-fraction", "1.5"], "val-fraction must be in (0, 1)"),
+    (["--unlikelihood", "-1"], "unlikelihood must be >= 0"),
 ])
 def test_bad_options_are_one_line_errors(base, tmp_path, capsys, args, message) -> None:
     argv = ["sft", "--init", str(base), "--out", str(tmp_path / "o"), "--data", "arithmetic", *args]

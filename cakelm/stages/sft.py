@@ -15,6 +15,8 @@ proportional to its weight (`SRC=W`, default 1).
   and DDP do not change it.
 - --loop.batch-size counts conversations. With --packing (the default) they are packed into rows of the
   context length with attention that stays inside each conversation: the same loss, less padding.
+- --unlikelihood A adds A x the token-level unlikelihood of each reply's own earlier tokens (losses.py), a
+  training-side answer to replies that loop; the logged `nll` and `unlikelihood` are per assistant token.
 - Validation: loss per assistant token on held-out conversations of each source (held-out problems for tasks).
 
 Writes a checkpoint whose meta.json says "chat_format": "chat", so `cakelm chat`, `serve` and `eval` use the
@@ -36,6 +38,7 @@ from cakelm.data.chat_batches import ChatBatches, encode_examples
 from cakelm.heldout import chat_evaluator, chat_loss
 from cakelm.loop import LoopConfig
 from cakelm.lora import LoraConfig
+from cakelm.losses import lm_loss, unlikelihood_loss
 from cakelm.model import flops_per_token
 from cakelm.optim import OptimConfig
 from cakelm.scaffold import start
@@ -57,6 +60,8 @@ class SFTConfig:
     val_fraction: float = opt(VAL_FRACTION, "share of a file's (or chitchat's) conversations held out (at most "
                               "--val-size are used); `cakelm eval` holds out the same ones at the default")
     skip_bad_lines: bool = opt(False, "skip and count malformed JSONL lines instead of stopping at the first")
+    unlikelihood: float = opt(1.0, "weight of token-level unlikelihood on each reply's own earlier tokens, against "
+                              "replies that loop (Welleck et al. 2019; 0 = off)")
     # The defaults are the "cpu" preset: under 3 minutes on 2 CPU cores from the pipeline's base model; how it
     # was chosen is in the README.
     lora: LoraConfig = nested(LoraConfig, "LoRA: train low-rank adapters instead of every weight")
@@ -71,6 +76,8 @@ class SFTConfig:
             raise ConfigError("--task-size must be >= 0 and --val-size >= 1")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.unlikelihood < float("inf"):
+            raise ConfigError(f"unlikelihood must be >= 0, got {self.unlikelihood}")
 
 
 PRESETS = {
@@ -114,7 +121,12 @@ def main(cfg: SFTConfig) -> Path:
     run.announce(f"{batches.global_batch} conversations per step")
 
     def loss_fn(m: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        return chat_loss(m, batch)[0], {}
+        if not cfg.unlikelihood:
+            return chat_loss(m, batch)[0], {}
+        logits = m(batch["input"], segments=batch.get("segments"))
+        nll = lm_loss(logits, batch["target"])[0]
+        ul = unlikelihood_loss(logits, batch["target"], batch.get("segments"))
+        return nll + cfg.unlikelihood * ul, {"nll": nll, "unlikelihood": ul}
 
     metrics = run.train(model, batches, loss_fn, evaluate, meta={"data": counts, "skipped_lines": skipped},
                         flops_per_token=flops_per_token(model.cfg, seq_len))
