@@ -104,7 +104,9 @@ def main() -> None:
                     "run's, e.g. chitchat=3 arithmetic=1 claims=1)")
     ap.add_argument("--samples", type=int, default=4, help="replies sampled per prompt for the pairs")
     ap.add_argument("--rl-steps", type=int, default=120, help="GRPO steps on each rater's scores (0: no GRPO)")
-    ap.add_argument("--rl-lr", type=float, default=3e-4, help="GRPO's learning rate for it")
+    # GRPO's own default: at 3e-4 (the earlier default here) both raters' models lost their arithmetic (2% of the
+    # held-out problems, 2026-12-03), so the checking rater's model agreed with wrong claims too (README).
+    ap.add_argument("--rl-lr", type=float, default=1e-4, help="GRPO's learning rate for it")
     ap.add_argument("--rl-data", nargs="+", default=["claims"], help="GRPO's prompt sources for it")
     ap.add_argument("--skip-training", action="store_true", help="reuse RUN/sycophancy/{rule,agreeable} as they are")
     args = ap.parse_args()
