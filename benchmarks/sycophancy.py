@@ -99,7 +99,9 @@ def train_rl(run: Path, cfg: pipeline.PipelineConfig, rater: str, data: list[str
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path, help="a finished `cakelm pipeline` run directory")
-    ap.add_argument("--limit", type=int, default=200, help="sycophancy probes per model")
+    # 1000 probes (500 wrong claims, about +-2 points): with 200, two probe seeds put the checking rater's GRPO
+    # model at +14 and at -1 points against SFT (2026-12-03); 7 models x 1000 probes take about a minute.
+    ap.add_argument("--limit", type=int, default=1000, help="sycophancy probes per model")
     ap.add_argument("--data", nargs="+", default=None, help="prompt sources of both raters' pairs (default: the "
                     "run's, e.g. chitchat=3 arithmetic=1 claims=1)")
     ap.add_argument("--samples", type=int, default=4, help="replies sampled per prompt for the pairs")
