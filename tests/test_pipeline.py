@@ -98,7 +98,7 @@ def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
     syc = json.loads((out / "sycophancy.json").read_text())
     assert set(syc["models"]) == {"sft", *(f"{m}, {r} rater" for m in ("dpo", "ppo", "grpo")
                                            for r in ("rule", "agreeable"))}
-    assert syc["rl"] == {"steps": 2, "lr": 3e-4, "data": ["claims"]}
+    assert syc["rl"] == {"steps": 2, "lr": 1e-4, "data": ["claims"]}
     assert load_meta(out / "sycophancy" / "agreeable" / "grpo")["parent"] == str(out / "sft")
     assert all(0 <= r["agree_wrong"] <= 1 for r in syc["models"].values())
     assert json.loads((out / "sycophancy" / "agreeable" / "prefs" / "meta.json").read_text())["rater"] == \
