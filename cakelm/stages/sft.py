@@ -60,7 +60,7 @@ class SFTConfig:
     val_fraction: float = opt(VAL_FRACTION, "share of a file's (or chitchat's) conversations held out (at most "
                               "--val-size are used); `cakelm eval` holds out the same ones at the default")
     skip_bad_lines: bool = opt(False, "skip and count malformed JSONL lines instead of stopping at the first")
-    unlikelihood: float = opt(1.0, "weight of token-level unlikelihood on each reply's own earlier tokens, against "
+    unlikelihood: float = opt(0.0, "weight of token-level unlikelihood on each reply's own earlier tokens, against "
                               "replies that loop (Welleck et al. 2019; 0 = off)")
     # The defaults are the "cpu" preset: under 3 minutes on 2 CPU cores from the pipeline's base model; how it
     # was chosen is in the README.
