@@ -56,12 +56,17 @@ def shard_evaluator(val_tokens: np.ndarray, tok: Tokenizer, seq_len: int, batch_
     return evaluate
 
 
+def chat_logits(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Logits (B, T, V) of a chat batch, packed (attention kept inside each conversation) or not."""
+    return model(batch["input"], segments=batch.get("segments"))
+
+
 def chat_loss(model: torch.nn.Module, batch: dict[str, Any], device: torch.device | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed nll of the target tokens, their number) of a chat batch (packed or not)."""
     if device is not None:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return lm_loss(model(batch["input"], segments=batch.get("segments")), batch["target"])
+    return lm_loss(chat_logits(model, batch), batch["target"])
 
 
 def heldout_loss(model: torch.nn.Module, batches: list[dict], device: torch.device) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cakelm import losses
-from cakelm.losses import IGNORE_INDEX, bits_per_byte, lm_loss, token_nll
+from cakelm.losses import IGNORE_INDEX, bits_per_byte, lm_loss, token_nll, unlikelihood_loss
 from cakelm.optim import OptimConfig, lr_multiplier
 
 
@@ -292,8 +292,6 @@ def test_kl_penalized_rewards_hand_computed() -> None:
 def test_unlikelihood_by_hand() -> None:
     """Welleck et al. 2019, token level: each scored position pays -log(1 - p(c)) for every token c already scored
     earlier in its segment, except its own target. Uniform p over 3 tokens: each candidate costs log(3/2)."""
-    from cakelm.losses import unlikelihood_loss
-
     c = math.log(1.5)
     logits = torch.zeros(1, 4, 3)
     # t=1: {0} ; t=2: {0,1} minus target 0 ; t=3: {0,1}
@@ -312,8 +310,6 @@ def test_unlikelihood_by_hand() -> None:
 def test_unlikelihood_matches_its_definition_on_random_rows() -> None:
     """The (B, T, T) pair form equals eq. 4 written out with Python sets, on rows with segments and unscored
     positions, and its gradient is finite."""
-    from cakelm.losses import unlikelihood_loss
-
     g = torch.Generator().manual_seed(0)
     B, T, V = 3, 12, 5
     logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)

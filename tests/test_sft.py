@@ -156,6 +156,7 @@ def test_eval_json_and_table(base, toy, tmp_path, capsys) -> None:
     (["--task-size", "-1"], "--task-size must be >= 0"),
     (["--val-fraction", "1.5"], "val-fraction must be in (0, 1)"),
     (["--unlikelihood", "-1"], "unlikelihood must be >= 0"),
+    (["--unlikelihood", "nan"], "unlikelihood must be >= 0"),
 ])
 def test_bad_options_are_one_line_errors(base, tmp_path, capsys, args, message) -> None:
     argv = ["sft", "--init", str(base), "--out", str(tmp_path / "o"), "--data", "arithmetic", *args]

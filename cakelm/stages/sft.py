@@ -35,7 +35,7 @@ from cakelm.common import CakeError, print0
 from cakelm.config import ConfigError, nested, opt
 from cakelm.data.chat import BUILTIN_CHAT, VAL_FRACTION, load_sources
 from cakelm.data.chat_batches import ChatBatches, encode_examples
-from cakelm.heldout import chat_evaluator, chat_loss
+from cakelm.heldout import chat_evaluator, chat_logits
 from cakelm.loop import LoopConfig
 from cakelm.lora import LoraConfig
 from cakelm.losses import lm_loss, unlikelihood_loss
@@ -121,10 +121,10 @@ def main(cfg: SFTConfig) -> Path:
     run.announce(f"{batches.global_batch} conversations per step")
 
     def loss_fn(m: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        if not cfg.unlikelihood:
-            return chat_loss(m, batch)[0], {}
-        logits = m(batch["input"], segments=batch.get("segments"))
+        logits = chat_logits(m, batch)
         nll = lm_loss(logits, batch["target"])[0]
+        if not cfg.unlikelihood:
+            return nll, {}
         ul = unlikelihood_loss(logits, batch["target"], batch.get("segments"))
         return nll + cfg.unlikelihood * ul, {"nll": nll, "unlikelihood": ul}
 
