@@ -4,6 +4,8 @@ the README were chosen).
 
     python benchmarks/recipes.py sft --init runs/default/base                  # every SFT variant, ~3 min each
     python benchmarks/recipes.py sft --init runs/default/base --variants default cosine
+    python benchmarks/recipes.py sft --init runs/default/base --variants default ul0.3 ul0.6 ul1.0 ul2.0 \
+        seed1 seed1-ul1.0 seed2 seed2-ul1.0                                    # unlikelihood, three seeds
     python benchmarks/recipes.py grpo --init runs/default/sft --limit 800      # GRPO variants, ~3 min each
     python benchmarks/recipes.py grpo --init runs/default/sft --max-steps 5    # a quick smoke run
     python benchmarks/recipes.py dpo --init runs/default/sft                   # DPO variants, ~1.5 min each
@@ -43,6 +45,15 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "adamw": {"optim.name": "adamw", "optim.lr": 3e-3},
         "lr2e-2": {"optim.lr": 2e-2},
         "b64x180": {"loop.batch_size": 64, "loop.max_steps": 180},
+        # token-level unlikelihood against loops (README, "Loops"), and two more seeds with and without it
+        "ul0.3": {"unlikelihood": 0.3},
+        "ul0.6": {"unlikelihood": 0.6},
+        "ul1.0": {"unlikelihood": 1.0},
+        "ul2.0": {"unlikelihood": 2.0},
+        "seed1": {"loop.seed": 1},
+        "seed1-ul1.0": {"loop.seed": 1, "unlikelihood": 1.0},
+        "seed2": {"loop.seed": 2},
+        "seed2-ul1.0": {"loop.seed": 2, "unlikelihood": 1.0},
     },
     "grpo": {
         "default": {},  # AdamW 1e-4, 60 steps x 16 prompts x 8 replies, exact match
@@ -155,10 +166,10 @@ def main() -> None:
             rows.append((name, cfg.loop.max_steps, time.time() - t0, *measure(str(Path(tmp) / name))))
     print(f"\n{args.stage} from {args.init}, {args.limit} held-out problems"
           + (f"; gold, proxy and KL on {len(judge.rows)} held-out prompts x 4 replies" if judge else ""))
-    print(f"{'variant':<10} {'steps':>6} {'time':>8} {'accuracy':>9} {'ends turn':>10} {'loops':>6}"
+    print(f"{'variant':<12} {'steps':>6} {'time':>8} {'accuracy':>9} {'ends turn':>10} {'loops':>6}"
           + (f" {'gold':>7} {'proxy':>7} {'KL':>6}" if judge else ""))
     for name, steps, seconds, acc, eot, loops, prefs in rows:
-        print(f"{name:<10} {steps:>6} {seconds:>7.1f}s {100 * acc:>8.1f}% {100 * eot:>9.1f}% {100 * loops:>5.1f}%"
+        print(f"{name:<12} {steps:>6} {seconds:>7.1f}s {100 * acc:>8.1f}% {100 * eot:>9.1f}% {100 * loops:>5.1f}%"
               + (f" {prefs['gold']:>7.3f} {prefs['proxy']:>7.3f} {prefs['kl']:>6.2f}" if prefs else ""))
     print(f"peak memory {peak_memory_mb():.0f} MB")
 
