@@ -4,8 +4,10 @@ the README were chosen).
 
     python benchmarks/recipes.py sft --init runs/default/base                  # every SFT variant, ~3 min each
     python benchmarks/recipes.py sft --init runs/default/base --variants default cosine
-    python benchmarks/recipes.py sft --init runs/default/base --variants default ul0.3 ul0.6 ul1.0 ul2.0 \
-        seed1 seed1-ul1.0 seed2 seed2-ul1.0                                    # unlikelihood, three seeds
+    python benchmarks/recipes.py sft --init runs/default/base --variants norep ul0.3 ul0.6 ul1.0 ul2.0 \
+        seed1-norep seed1-ul1.0 seed2-norep seed2-ul1.0                        # token-level unlikelihood
+    python benchmarks/recipes.py sft --init runs/default/base --variants default seed1 seed2 every1 \
+        seed1-every1 seed2-every1 rep1.0-every1 rep6.0 seed2-rep6.0 every1-p4   # the repeat penalty
     python benchmarks/recipes.py grpo --init runs/default/sft --limit 800      # GRPO variants, ~3 min each
     python benchmarks/recipes.py grpo --init runs/default/sft --max-steps 5    # a quick smoke run
     python benchmarks/recipes.py dpo --init runs/default/sft                   # DPO variants, ~1.5 min each
@@ -38,22 +40,37 @@ from cakelm.rlhf import RLHFEval, heldout_rows, load_scalar_model
 from cakelm.stages import eval as eval_stage
 from cakelm.stages.table import STAGE
 
+NOREP = {"repeat_unlikelihood": 0.0}  # SFT as it was before the repeat penalty became the default
+
 VARIANTS: dict[str, dict[str, dict]] = {
     "sft": {
-        "default": {},  # Muon 1e-2, WSD, 220 steps x 48 conversations
-        "cosine": {"optim.schedule": "cosine"},
-        "adamw": {"optim.name": "adamw", "optim.lr": 3e-3},
-        "lr2e-2": {"optim.lr": 2e-2},
-        "b64x180": {"loop.batch_size": 64, "loop.max_steps": 180},
+        "default": {},  # Muon 1e-2, WSD, 220 steps x 48 conversations, repeat penalty 3.0 every 2nd step
+        # the rows measured before the repeat penalty was the default run without it, as they were
+        "norep": NOREP,
+        "cosine": {**NOREP, "optim.schedule": "cosine"},
+        "adamw": {**NOREP, "optim.name": "adamw", "optim.lr": 3e-3},
+        "lr2e-2": {**NOREP, "optim.lr": 2e-2},
+        "b64x180": {**NOREP, "loop.batch_size": 64, "loop.max_steps": 180},
         # token-level unlikelihood against loops (README, "Loops"), and two more seeds with and without it
-        "ul0.3": {"unlikelihood": 0.3},
-        "ul0.6": {"unlikelihood": 0.6},
-        "ul1.0": {"unlikelihood": 1.0},
-        "ul2.0": {"unlikelihood": 2.0},
+        "ul0.3": {**NOREP, "unlikelihood": 0.3},
+        "ul0.6": {**NOREP, "unlikelihood": 0.6},
+        "ul1.0": {**NOREP, "unlikelihood": 1.0},
+        "ul2.0": {**NOREP, "unlikelihood": 2.0},
+        "seed1-norep": {**NOREP, "loop.seed": 1},
+        "seed1-ul1.0": {**NOREP, "loop.seed": 1, "unlikelihood": 1.0},
+        "seed2-norep": {**NOREP, "loop.seed": 2},
+        "seed2-ul1.0": {**NOREP, "loop.seed": 2, "unlikelihood": 1.0},
+        # sequence-level unlikelihood on the repeats of the model's own greedy replies (README, "Loops"): its
+        # weight, every step or every 2nd (the default), fewer replies a step, and the default on two more seeds
         "seed1": {"loop.seed": 1},
-        "seed1-ul1.0": {"loop.seed": 1, "unlikelihood": 1.0},
         "seed2": {"loop.seed": 2},
-        "seed2-ul1.0": {"loop.seed": 2, "unlikelihood": 1.0},
+        "rep1.0-every1": {"repeat_unlikelihood": 1.0, "repeat_every": 1},
+        "rep6.0": {"repeat_unlikelihood": 6.0},
+        "seed2-rep6.0": {"loop.seed": 2, "repeat_unlikelihood": 6.0},
+        "every1": {"repeat_every": 1},
+        "seed1-every1": {"loop.seed": 1, "repeat_every": 1},
+        "seed2-every1": {"loop.seed": 2, "repeat_every": 1},
+        "every1-p4": {"repeat_every": 1, "repeat_prompts": 4},  # half the replies a step
     },
     "grpo": {
         "default": {},  # AdamW 1e-4, 60 steps x 16 prompts x 8 replies, exact match

@@ -57,6 +57,30 @@ def unlikelihood_loss(logits: torch.Tensor, targets: torch.Tensor, segments: tor
     return -(torch.log1p(-p.clamp(max=1 - 1e-6)) * negative).sum()
 
 
+def repeated_ngram_tokens(ids: list[int], n: int = 4) -> list[bool]:
+    """Which tokens of a sequence belong to an n-gram that occurred earlier in it: the negative candidates of
+    sequence-level unlikelihood (Welleck et al. 2019, Sec. 5.2: C_t = {x_t} when x_t is part of a repeated
+    n-gram). [5, 6, 7, 8, 5, 6, 7, 8] with n = 4 marks the second 5, 6, 7, 8."""
+    marks, seen = [False] * len(ids), set()
+    for i in range(len(ids) - n + 1):
+        gram = tuple(ids[i:i + n])
+        if gram in seen:
+            marks[i:i + n] = [True] * n
+        seen.add(gram)
+    return marks
+
+
+def target_unlikelihood(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
+                        ) -> torch.Tensor:
+    """Sequence-level unlikelihood, summed: -sum over scored positions t of log(1 - p_t(y_t)) (Welleck et al.
+    2019, eq. 7), where y_t is a token the model itself generated and should not have (`repeated_ngram_tokens`).
+    logits (B, T, V), targets (B, T) with ignore_index elsewhere; p is clamped at 1 - 1e-6 as in
+    `unlikelihood_loss`."""
+    valid = targets != ignore_index
+    logp = torch.log_softmax(logits[valid].float(), -1).gather(-1, targets[valid].unsqueeze(-1)).squeeze(-1)  # (M,)
+    return -torch.log(-torch.expm1(logp.clamp(max=math.log1p(-1e-6)))).sum()
+
+
 def bits_per_byte(nats: float, n_bytes: int) -> float:
     """Cross-entropy in bits per UTF-8 byte of text: total nats / (ln 2 * total bytes). Independent of the
     tokenizer, so models with different vocabularies compare fairly (nanochat's val bpb; Gao et al. 2020,

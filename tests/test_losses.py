@@ -328,3 +328,27 @@ def test_unlikelihood_matches_its_definition_on_random_rows() -> None:
     assert want > 1.0 and math.isclose(got.item(), want, rel_tol=1e-6)  # the loss is computed in fp32
     got.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_repeated_ngram_tokens_by_hand() -> None:
+    """Welleck et al. 2019, sequence level: every token of an n-gram seen earlier in the sequence is a candidate."""
+    assert losses.repeated_ngram_tokens([5, 6, 7, 8, 5, 6, 7, 8]) == [False] * 4 + [True] * 4
+    assert losses.repeated_ngram_tokens([5, 6, 7, 8, 9, 5, 6, 7, 1]) == [False] * 9  # only 3 tokens repeat
+    # overlapping: a token said six times holds the 4-gram (1, 1, 1, 1) at 0, 1 and 2
+    assert losses.repeated_ngram_tokens([2, 1, 1, 1, 1, 1, 1]) == [False, False, True, True, True, True, True]
+    assert losses.repeated_ngram_tokens([3, 4, 3, 4, 3], n=2) == [False, False, True, True, True]
+    assert losses.repeated_ngram_tokens([1, 2, 3]) == [False] * 3 and losses.repeated_ngram_tokens([]) == []
+
+
+def test_target_unlikelihood_by_hand() -> None:
+    """-sum log(1 - p(y_t)) over the scored positions only; a confident repeat costs more; p near 1 stays finite."""
+    logits = torch.zeros(1, 3, 4, requires_grad=True)  # uniform: p = 1/4 -> -log(3/4) per scored position
+    got = losses.target_unlikelihood(logits, torch.tensor([[2, IGNORE_INDEX, 0]]))
+    assert math.isclose(got.item(), 2 * -math.log(0.75), rel_tol=1e-6)
+    got.backward()  # pushing p(y) down: the target's logit gets a positive gradient (descent lowers it)
+    assert logits.grad[0, 0, 2] > 0 and logits.grad[0, 1].abs().sum() == 0
+    sharp = torch.tensor([[[0.9, 0.05, 0.05]]]).log()
+    assert math.isclose(losses.target_unlikelihood(sharp, torch.tensor([[0]])).item(), -math.log(0.1), rel_tol=1e-5)
+    certain = torch.tensor([[[100.0, 0.0, 0.0]]])
+    assert math.isclose(losses.target_unlikelihood(certain, torch.tensor([[0]])).item(), -math.log(1e-6), rel_tol=1e-3)
+    assert losses.target_unlikelihood(logits, torch.full((1, 3), IGNORE_INDEX)).item() == 0.0

@@ -130,3 +130,29 @@ def test_rmsnorm_matches_reference_and_gradcheck() -> None:
     xd = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
     wd = torch.rand(8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: _RMSNormFunction.apply(a, b, 1e-5), (xd, wd))
+
+
+def test_rope_is_the_rotation_of_halves_bit_for_bit() -> None:
+    """apply_rope (x * cos + roll(x) * signed sin, tables of width D) gives the same bits and gradients as the
+    rotation written on halves, [x1 cos - x2 sin, x2 cos + x1 sin] with tables of width D/2, and the same
+    numbers as HF's rotate_half form."""
+    from cakelm.model import apply_rope, rope_cache, rope_frequencies
+
+    cfg = ModelConfig(vocab_size=64, dim=96, n_layers=1, n_heads=3, max_seq_len=16)  # head size 32
+    cos, sin = rope_cache(cfg, 16)
+    angles = torch.outer(torch.arange(16.0), rope_frequencies(cfg))  # (16, 16)
+    assert cos.shape == sin.shape == (16, 32)
+    assert torch.equal(cos, torch.cat([angles.cos()] * 2, -1)) and torch.equal(sin[:, 16:], angles.sin())
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 32, requires_grad=True)
+    g = torch.randn(2, 3, 16, 32)
+    got = apply_rope(x, cos, sin)
+    got.backward(g)
+    dx, x.grad = x.grad.clone(), None
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = angles.cos(), angles.sin()
+    want = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    want.backward(g)
+    assert torch.equal(got, want) and torch.equal(dx, x.grad)
+    rotate_half = torch.cat([-x2, x1], dim=-1)
+    torch.testing.assert_close(got, x * cos + rotate_half * torch.cat([s, s], -1))

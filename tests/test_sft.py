@@ -25,7 +25,9 @@ from tests.serving import free_port
 from tests.test_ddp import _flags
 from tests.test_loop import losses
 
-TINY = {"loop.progress": False, "loop.log_every": 1, "loop.eval_every": 0, "val_size": 8, "optim.warmup_steps": 0}
+# the tests of plain SFT run without the default repeat penalty (its own tests turn it on)
+TINY = {"loop.progress": False, "loop.log_every": 1, "loop.eval_every": 0, "val_size": 8, "optim.warmup_steps": 0,
+        "repeat_unlikelihood": 0.0}
 
 
 def last_digit_rows(n: int, seed: int) -> list[dict]:
@@ -116,6 +118,74 @@ def test_unlikelihood_adds_its_weighted_term(base, toy, tmp_path) -> None:
     assert u["loss"] == pytest.approx(u["nll"] + 0.5 * u["unlikelihood"], rel=1e-5)
 
 
+def test_repeat_penalty_marks_the_repeats_of_each_reply(base, toy) -> None:
+    """RepeatPenalty's micro-batch 0 carries each reply's tokens that repeat a 4-gram of it as the targets of the
+    positions before them (IGNORE_INDEX elsewhere); other micro-batches are the chat batches alone."""
+    from cakelm.losses import IGNORE_INDEX
+    from cakelm.rollout import Rollout
+
+    class Replies:  # a generator whose replies are known: the second has "5 6 7 8" twice
+        def generate(self, rows, params):
+            assert params.temperature == 0.0 and params.max_new_tokens == 12 and len(rows) == 2
+            return [Rollout(0, [1, 2, 3], [9, 9, 4, 2], "", True, [0.0] * 4),
+                    Rollout(1, [1, 2], [5, 6, 7, 8, 5, 6, 7, 8, 2], "", True, [0.0] * 9)]
+
+    class Chat:
+        global_batch = 4
+
+        def get(self, step, micro):
+            return {"input": torch.zeros(1, 3, dtype=torch.long), "n": 3, "step": step, "micro": micro}
+
+    openings = [[{"role": "user", "content": f"q{i}"}] for i in range(5)]
+    pen = sft.RepeatPenalty(Chat(), Replies(), openings, 2, 12, every=1, rank=0, world_size=1, seed=0, pad_id=0)
+    assert pen.reads_model(0) and "repeat_input" not in pen.get(0, 1)
+    b = pen.get(0, 0)
+    assert b["step"] == 0 and b["repeat_input"].shape == b["repeat_target"].shape == (2, 10)
+    assert (b["repeat_target"][0] == IGNORE_INDEX).all()
+    want = [IGNORE_INDEX] * 5 + [5, 6, 7, 8, IGNORE_INDEX]  # the prompt has 2 tokens: reply targets start at 1
+    assert b["repeat_target"][1].tolist() == want
+    assert b["repeat_input"][1].tolist() == [1, 2, 5, 6, 7, 8, 5, 6, 7, 8]
+    assert b["repeat_replies"].tolist() == [1.0, 2.0]
+    # openings are taken in a seeded order, each step the next ones (wrapping round); with every=2 only even
+    # steps answer, and they take the openings odd steps would have taken with every=1
+    asked = []
+    Replies.generate = lambda self, rows, params: asked.append(rows) or [Rollout(0, [1], [3, 2], "", True, [0.0] * 2)]
+    pen.per_step = 1
+    for step in range(3):
+        pen.get(step, 0)
+    half = sft.RepeatPenalty(Chat(), Replies(), openings, 1, 12, every=2, rank=0, world_size=1, seed=0, pad_id=0)
+    assert not half.reads_model(1) and "repeat_input" not in half.get(1, 0)
+    for step in (0, 2, 4):
+        half.get(step, 0)
+    assert sorted(pen.order) == list(range(5))
+    assert asked[:3] == asked[3:] == [[openings[pen.order[j]]] for j in range(3)]
+
+
+def test_repeat_unlikelihood_adds_its_weighted_term_and_resumes(base, toy, tmp_path, monkeypatch, capsys) -> None:
+    """--repeat-unlikelihood A: the step's loss is the chat nll (that of a run without it) plus A x the
+    unlikelihood of the repeats in the model's own greedy replies, logged per assistant token, with the share of
+    replies that repeat; the random-init model loops, so the term is not zero. An interrupted run resumes bit for
+    bit (its replies depend on the weights only)."""
+    kw = {"loop.max_steps": 1, "loop.batch_size": 8, "repeat_prompts": 4, "repeat_tokens": 24}
+    plain = run_sft(base, [toy["train"]], tmp_path / "plain", **kw)
+    rep = run_sft(base, [toy["train"]], tmp_path / "rep", repeat_unlikelihood=0.5, **kw)
+    (p,), (r,) = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+                  for d in (plain, rep))
+    assert r["nll"] == pytest.approx(p["loss"], rel=1e-5) and "repeat_unlikelihood" not in p
+    assert r["repeat_replies"] > 0 and r["repeat_unlikelihood"] > 0.001
+    assert r["loss"] == pytest.approx(r["nll"] + 0.5 * r["repeat_unlikelihood"], rel=1e-5)
+    # tasks only: nothing to open from, so the penalty is off, and says so
+    run_sft(base, ["arithmetic"], tmp_path / "tasks", task_size=50, repeat_unlikelihood=0.5, **kw)
+    assert "--repeat-unlikelihood 0.5 is off: no chat source" in capsys.readouterr().out
+    assert "repeat_unlikelihood" not in (tmp_path / "tasks" / "metrics.jsonl").read_text()
+    kw = {**kw, "loop.max_steps": 4, "repeat_unlikelihood": 0.5}
+    straight = run_sft(base, [toy["train"]], tmp_path / "straight", **kw)
+    with ctrl_c_at(monkeypatch, ChatBatches, 2), pytest.raises(SystemExit, match="continue with --resume"):
+        run_sft(base, [toy["train"]], tmp_path / "cut", **kw)
+    resumed = run_sft(base, [toy["train"]], tmp_path / "cut", resume=True, **kw)
+    assert losses(straight) == losses(resumed)
+
+
 def test_sft_learns_a_held_out_task(base, toy, tmp_path) -> None:
     def accuracy(ckpt: Path) -> dict:  # asked in the chat format, before and after
         cfg = build_config(eval_stage.EvalConfig, ("test", {"ckpt": str(ckpt), "tasks": [toy["eval"]],
@@ -157,6 +227,9 @@ def test_eval_json_and_table(base, toy, tmp_path, capsys) -> None:
     (["--val-fraction", "1.5"], "val-fraction must be in (0, 1)"),
     (["--unlikelihood", "-1"], "unlikelihood must be >= 0"),
     (["--unlikelihood", "nan"], "unlikelihood must be >= 0"),
+    (["--repeat-unlikelihood", "-1"], "repeat-unlikelihood must be >= 0"),
+    (["--repeat-tokens", "3"], "--repeat-tokens >= 4"),
+    (["--repeat-every", "0"], "--repeat-every must be >= 1"),
 ])
 def test_bad_options_are_one_line_errors(base, tmp_path, capsys, args, message) -> None:
     argv = ["sft", "--init", str(base), "--out", str(tmp_path / "o"), "--data", "arithmetic", *args]
@@ -191,6 +264,21 @@ def test_ddp_two_processes_match_one(base, toy, tmp_path) -> None:
     assert load_meta(tmp_path / "ddp")["world_size"] == 2
     for a, b in zip(losses(single), losses(tmp_path / "ddp"), strict=True):
         assert abs(a - b) < 1e-4
+
+
+def test_ddp_with_repeat_unlikelihood(base, toy, tmp_path) -> None:
+    """Two forward passes before one backward (the chat batch, then the model's own replies) under DDP: each rank
+    answers its own openings, the gradients are averaged, and both terms are logged."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "cakelm", "sft", "--init", str(base), "--data", toy["train"], "--out", str(tmp_path / "ddp"),
+           *_flags({**TINY, "loop.max_steps": 2, "loop.batch_size": 4, "repeat_unlikelihood": 0.5,
+                    "repeat_prompts": 2, "repeat_tokens": 16}), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(rows) == 2 and all(r["repeat_unlikelihood"] >= 0 and 0 <= r["repeat_replies"] <= 1 for r in rows)
+    assert load_meta(tmp_path / "ddp")["world_size"] == 2
 
 
 def test_pass_at_k_by_hand() -> None:

@@ -230,6 +230,17 @@ def train_and_heldout(src: str, val_fraction: float = VAL_FRACTION, val_size: in
 Source = tuple[str, float, list[Example], list[Example], "int | None"]
 
 
+def openings(examples: Sequence[Example]) -> list[list[Message]]:
+    """Each conversation up to its first user turn (the system message kept): what a model is asked to answer
+    when its own replies are judged (`cakelm eval`'s chat replies, SFT's repetition penalty)."""
+    out = []
+    for ex in examples:
+        first = next((j for j, m in enumerate(ex.messages) if m["role"] == "user"), None)
+        if first is not None:
+            out.append(ex.messages[:first + 1])
+    return out
+
+
 def load_sources(specs: Sequence[str], draws: int, task_size: int = 0, val_fraction: float = VAL_FRACTION,
                  val_size: int = 200, seed: int = 0, skip_bad_lines: bool = False, reply_required: bool = True,
                  task_sizes: dict[str, int] | None = None) -> tuple[list[Source], int]:

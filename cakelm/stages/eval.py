@@ -53,7 +53,7 @@ from cakelm.chat_format import Message, fit_history, format_of, render_prompt, s
 from cakelm.checkpoint import load_model
 from cakelm.common import CakeError, pick_device, print0, seed_everything, write_json_atomic
 from cakelm.config import ConfigError, opt
-from cakelm.data.chat import read_chat_jsonl, train_and_heldout
+from cakelm.data.chat import openings, read_chat_jsonl, train_and_heldout
 from cakelm.data.chat_batches import encode_examples, fixed_batches
 from cakelm.data.fim import FimIds
 from cakelm.data.shards import open_tokens
@@ -213,11 +213,7 @@ def chat_replies(engine: Engine, fmt: str, cfg: EvalConfig) -> dict[str, Any]:
     """Greedy replies to the first user turn of cfg.limit held-out conversations of cfg.chat_data: the share with
     a repeated 4-gram of words (a loop) and how many are distinct (`cakelm.probes.repetition`)."""
     _, examples, _ = train_and_heldout(cfg.chat_data, val_size=cfg.limit)
-    firsts = []
-    for ex in examples:
-        first = next((j for j, m in enumerate(ex.messages) if m["role"] == "user"), None)
-        if first is not None:
-            firsts.append(ex.messages[:first + 1])
+    firsts = openings(examples)
     kept, done = greedy_replies(engine, fmt, firsts, cfg, "chat replies")
     texts = [c.text.strip() for c in done]
     return {**repetition(texts), "data": cfg.chat_data,
