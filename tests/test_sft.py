@@ -25,9 +25,8 @@ from tests.serving import free_port
 from tests.test_ddp import _flags
 from tests.test_loop import losses
 
-# the tests of plain SFT run without the default repeat penalty (its own tests turn it on)
-TINY = {"loop.progress": False, "loop.log_every": 1, "loop.eval_every": 0, "val_size": 8, "optim.warmup_steps": 0,
-        "repeat_unlikelihood": 0.0}
+TINY = {"loop.progress": False, "loop.log_every": 1, "loop.eval_every": 0, "val_size": 8, "optim.warmup_steps": 0}
+NOREP = {"repeat_unlikelihood": 0.0}  # the tests of plain SFT run without the default repeat penalty
 
 
 def last_digit_rows(n: int, seed: int) -> list[dict]:
@@ -63,7 +62,7 @@ def toy(tmp_path_factory) -> dict[str, str]:
 
 def run_sft(base: Path, data: list[str], out: Path, **kw) -> Path:
     return sft.main(build_config(sft.SFTConfig, ("test", {"init": str(base), "data": data, "out": str(out),
-                                                         **TINY, **kw})))
+                                                         **TINY, **NOREP, **kw})))
 
 
 def test_accumulation_does_not_change_the_loss(base, toy, tmp_path) -> None:
@@ -252,7 +251,7 @@ def test_eval_rows(base, tmp_path, capsys) -> None:
 
 
 def test_ddp_two_processes_match_one(base, toy, tmp_path) -> None:
-    common = {**TINY, "loop.max_steps": 3, "optim.name": "adamw", "optim.eps": 1e-3}
+    common = {**TINY, **NOREP, "loop.max_steps": 3, "optim.name": "adamw", "optim.eps": 1e-3}
     single = run_sft(base, [toy["train"]], tmp_path / "single", **{**common, "loop.batch_size": 4,
                                                                     "loop.grad_accum": 2})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -273,7 +272,7 @@ def test_ddp_with_repeat_unlikelihood(base, toy, tmp_path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "cakelm", "sft", "--init", str(base), "--data", toy["train"], "--out", str(tmp_path / "ddp"),
            *_flags({**TINY, "loop.max_steps": 2, "loop.batch_size": 4, "repeat_unlikelihood": 0.5,
-                    "repeat_prompts": 2, "repeat_tokens": 16}), "--device", "cpu"]
+                    "repeat_prompts": 2, "repeat_tokens": 16, "repeat_every": 1}), "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
