@@ -149,7 +149,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate x (B, heads, T, D) by position: with x = [x1, x2] (halves of D), [x1*cos - x2*sin, x2*cos + x1*sin],
     which is HF's x*cos + rotate_half(x)*sin. Here x.roll(D/2) = [x2, x1] and the sign lives in the table
     (rope_cache), so it is 4 passes over x where halves, 4 products, a sum, a difference and a concatenation
-    were 7 (the same numbers bit for bit: -a*b is exact; ~20% less RoPE time in a CPU training step)."""
+    were 7: the same numbers bit for bit (-a*b is exact), about 20% less time for RoPE's forward and backward on
+    a CPU (0.89 -> 0.70 ms a layer at nanoGPT's small shape), within the noise of a whole training step."""
     return x * cos + x.roll(x.size(-1) // 2, -1) * sin
 
 
