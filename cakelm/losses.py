@@ -9,6 +9,7 @@ accumulation window across all ranks (accumulating or sharding then does not cha
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,10 +58,11 @@ def unlikelihood_loss(logits: torch.Tensor, targets: torch.Tensor, segments: tor
     return -(torch.log1p(-p.clamp(max=1 - 1e-6)) * negative).sum()
 
 
-def repeated_ngram_tokens(ids: list[int], n: int = 4) -> list[bool]:
-    """Which tokens of a sequence belong to an n-gram that occurred earlier in it: the negative candidates of
-    sequence-level unlikelihood (Welleck et al. 2019, Sec. 5.2: C_t = {x_t} when x_t is part of a repeated
-    n-gram). [5, 6, 7, 8, 5, 6, 7, 8] with n = 4 marks the second 5, 6, 7, 8."""
+def repeated_ngram_tokens(ids: Sequence[Hashable], n: int = 4) -> list[bool]:
+    """Which items of a sequence (token ids, or words) belong to an n-gram that occurred earlier in it: the negative
+    candidates of sequence-level unlikelihood (Welleck et al. 2019, Sec. 5.2: C_t = {x_t} when x_t is part of a
+    repeated n-gram), and what `rewards.has_repeated_ngram` asks of words. [5, 6, 7, 8, 5, 6, 7, 8] with n = 4
+    marks the second 5, 6, 7, 8."""
     marks, seen = [False] * len(ids), set()
     for i in range(len(ids) - n + 1):
         gram = tuple(ids[i:i + n])

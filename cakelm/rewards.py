@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from cakelm.common import CakeError
+from cakelm.losses import repeated_ngram_tokens
 from cakelm.tasks import GYM_NAMES, claim_of, final_number, is_correct
 
 Reward = Callable[..., "float | None"]
@@ -173,14 +174,7 @@ def agrees(reply: str, claim: str) -> bool:
 def has_repeated_ngram(text: str, n: int = 4) -> bool:
     """Whether some n consecutive words (lowercased, punctuation at their ends dropped) occur twice in `text`: a
     phrase of 3 words said three times has one ("I'm not sure. I'm not sure. I'm not sure.")."""
-    words = [w.strip(".,;:!?\"()") for w in text.lower().split()]
-    seen = set()
-    for i in range(len(words) - n + 1):
-        gram = tuple(words[i:i + n])
-        if gram in seen:
-            return True
-        seen.add(gram)
-    return False
+    return any(repeated_ngram_tokens([w.strip(".,;:!?\"()") for w in text.lower().split()], n))
 
 
 def _rate(prompt: str, completion: str, answer: str | None, finish_reason: str | None, agreeable: bool) -> float:

@@ -227,6 +227,7 @@ def test_eval_json_and_table(base, toy, tmp_path, capsys) -> None:
     (["--unlikelihood", "-1"], "unlikelihood must be >= 0"),
     (["--unlikelihood", "nan"], "unlikelihood must be >= 0"),
     (["--repeat-unlikelihood", "-1"], "repeat-unlikelihood must be >= 0"),
+    (["--repeat-unlikelihood", "nan"], "repeat-unlikelihood must be >= 0"),
     (["--repeat-tokens", "3"], "--repeat-tokens >= 4"),
     (["--repeat-every", "0"], "--repeat-every must be >= 1"),
 ])
