@@ -96,16 +96,24 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "chat": {"data": ["arithmetic", "chitchat=0.25"], "rewards": ["exact_match", "rater=0.25"]},
     },
     "dpo": {  # evaluations during training off: they sample, and take longer than the training
-        "default": {"loop.eval_every": 0},  # sigmoid, beta 0.1, RPO alpha 4, AdamW 1e-4, 40 steps x 32 pairs
-        "rpo1": {"rpo_alpha": 1.0, "loop.eval_every": 0},
-        "plain": {"rpo_alpha": 0.0, "loop.eval_every": 0},
-        "beta0.3": {"rpo_alpha": 0.0, "beta": 0.3, "loop.eval_every": 0},
-        "lr5e-5": {"rpo_alpha": 0.0, "optim.lr": 5e-5, "loop.eval_every": 0},
-        "steps20": {"rpo_alpha": 0.0, "loop.max_steps": 20, "loop.eval_every": 0},
-        "rpo1-lr5e-5": {"rpo_alpha": 1.0, "optim.lr": 5e-5, "loop.eval_every": 0},
-        "rpo2": {"rpo_alpha": 2.0, "loop.eval_every": 0},
-        "rpo2-beta0.3": {"rpo_alpha": 2.0, "beta": 0.3, "loop.eval_every": 0},
-        "rpo1-steps20": {"rpo_alpha": 1.0, "loop.max_steps": 20, "loop.eval_every": 0},
+        # sigmoid, beta 0.1, RPO alpha 4, AdamW 1e-4, 40 steps x 32 pairs, 16 SFT conversations replayed at 2
+        "default": {"loop.eval_every": 0},
+        "seed1": {"loop.seed": 1, "loop.eval_every": 0},
+        # SFT's data replayed next to the pairs at other weights (InstructGPT's PPO-ptx term, SFT data for
+        # pretraining data); off, as until 2026-12-03 (the rows below it were measured without it)
+        "replay1": {"replay_coef": 1.0, "loop.eval_every": 0},
+        "replay4": {"replay_coef": 4.0, "loop.eval_every": 0},
+        "noreplay": {"replay_coef": 0.0, "loop.eval_every": 0},
+        "noreplay-seed1": {"replay_coef": 0.0, "loop.seed": 1, "loop.eval_every": 0},
+        "rpo1": {"rpo_alpha": 1.0, "replay_coef": 0.0, "loop.eval_every": 0},
+        "plain": {"rpo_alpha": 0.0, "replay_coef": 0.0, "loop.eval_every": 0},
+        "beta0.3": {"rpo_alpha": 0.0, "beta": 0.3, "replay_coef": 0.0, "loop.eval_every": 0},
+        "lr5e-5": {"rpo_alpha": 0.0, "optim.lr": 5e-5, "replay_coef": 0.0, "loop.eval_every": 0},
+        "steps20": {"rpo_alpha": 0.0, "loop.max_steps": 20, "replay_coef": 0.0, "loop.eval_every": 0},
+        "rpo1-lr5e-5": {"rpo_alpha": 1.0, "optim.lr": 5e-5, "replay_coef": 0.0, "loop.eval_every": 0},
+        "rpo2": {"rpo_alpha": 2.0, "replay_coef": 0.0, "loop.eval_every": 0},
+        "rpo2-beta0.3": {"rpo_alpha": 2.0, "beta": 0.3, "replay_coef": 0.0, "loop.eval_every": 0},
+        "rpo1-steps20": {"rpo_alpha": 1.0, "loop.max_steps": 20, "replay_coef": 0.0, "loop.eval_every": 0},
     },
     "ppo": {  # evaluations during training off, as for dpo
         "default": {"loop.eval_every": 0},  # 48 steps x 64 replies, KL 0.3, the reward model alone
@@ -114,6 +122,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "kl0.2": {"kl_coef": 0.2, "loop.eval_every": 0},
         "kl0.3": {"kl_coef": 0.3, "loop.eval_every": 0},
         "kl0.3-seed1": {"kl_coef": 0.3, "loop.seed": 1, "loop.eval_every": 0},  # other rollouts: the spread
+        "kl0.5": {"kl_coef": 0.5, "loop.eval_every": 0},
         "em2-kl0.3": {"verifiers": ["exact_match=2"], "kl_coef": 0.3, "loop.eval_every": 0},
         "em4-kl0.3": {"verifiers": ["exact_match=4"], "kl_coef": 0.3, "loop.eval_every": 0},
         # adaptive KL (Ziegler et al. 2019) toward 0.5 nats per reply; a horizon of 128 replies lets the coefficient

@@ -20,7 +20,10 @@ def _flags(d: dict) -> list[str]:
     out = []
     for k, v in d.items():
         name = k.replace("_", "-")
-        out += [f"--{name}" if v else f"--no-{name}"] if isinstance(v, bool) else [f"--{name}", str(v)]
+        if isinstance(v, list):
+            out += [f"--{name}", *map(str, v)]
+        else:
+            out += [f"--{name}" if v else f"--no-{name}"] if isinstance(v, bool) else [f"--{name}", str(v)]
     return out
 
 

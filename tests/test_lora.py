@@ -171,7 +171,7 @@ def test_stages_chain_and_each_reference_is_the_stage_before(chat_base, digits, 
     first = run_sft(chat_base, digits, tmp_path / "sft", **{"loop.max_steps": 2})
     second = dpo.main(build_config(dpo.DPOConfig, ("test", {
         "init": str(first), "data": str(pairs), "out": str(tmp_path / "dpo"), **TINY, **LORA, "reward_model": "",
-        "max_new_tokens": 8,
+        "max_new_tokens": 8, "replay": ["arithmetic"], "replay_batch": 2,
         "loop.max_steps": 2, "loop.batch_size": 4})))
     assert json.loads((second / "meta.json").read_text())["lora_base"]["path"] == str(first.resolve())
     ids = torch.randint(0, 320, (2, 30))

@@ -19,7 +19,9 @@ from cakelm.__main__ import main as cli
 from cakelm.checkpoint import load_heads, load_meta, load_model
 from cakelm.common import CakeError
 from cakelm.config import build_config
-from cakelm.data.prefs import encode_pairs, load_prefs, pad_pairs, read_prefs
+from cakelm.data.chat import Example
+from cakelm.data.chat_batches import ChatBatches, WithChat, encode_sources
+from cakelm.data.prefs import PairBatches, encode_pairs, load_prefs, pad_pairs, read_prefs
 from cakelm.rewards import earns_answer_points
 from cakelm.rlhf import RLHFEval, ScalarModel, heldout_rows, last_scores, load_scalar_model, sequence_logprobs
 from cakelm.stages import dpo, ppo, prefs, reward
@@ -182,7 +184,7 @@ def test_dpo_reference_and_policy_use_identical_masks(chat_model, pairs) -> None
 def test_dpo_learns_the_preference(chat_model, pairs, reward_model, tmp_path, loss_type) -> None:
     out = dpo.main(build_config(dpo.DPOConfig, ("test", {
         "init": str(chat_model), "data": str(pairs), "out": str(tmp_path / "dpo"), "reward_model": str(reward_model),
-        "loss_type": loss_type, "rpo_alpha": 1.0 if loss_type == "sigmoid" else 0.0, "val_size": 8,
+        "loss_type": loss_type, "rpo_alpha": 1.0 if loss_type == "sigmoid" else 0.0, "replay_coef": 0.0, "val_size": 8,
         "max_new_tokens": 16, **QUIET, "loop.max_steps": 12,
         "loop.batch_size": 12, "loop.eval_every": 12, "optim.lr": 3e-3})))
     r = rows_of(out)
@@ -200,9 +202,54 @@ def test_dpo_learns_the_preference(chat_model, pairs, reward_model, tmp_path, lo
     assert load_meta(out)["stage"] == "dpo" and load_model(out)[2]["chat_format"] == "chat"
 
 
+def test_dpo_replays_sft_conversations(chat_model, pairs, tmp_path) -> None:
+    """--replay-coef adds coef x the per-token NLL of replayed SFT conversations: the logged loss is DPO's ln 2 +
+    RPO's NLL + coef x replay_nll at the first step, and training lowers the replayed conversations' NLL."""
+    chats = write_jsonl(tmp_path / "chats.jsonl", [
+        {"messages": [{"role": "user", "content": f"Who has the {w}?"},
+                      {"role": "assistant", "content": f"The {w} is with the {WORDS[(i + 1) % len(WORDS)]}."}]}
+        for i, w in enumerate(WORDS * 4)])
+    out = dpo.main(build_config(dpo.DPOConfig, ("test", {
+        "init": str(chat_model), "data": str(pairs), "out": str(tmp_path / "dpo"), "reward_model": "",
+        "rpo_alpha": 1.0, "replay_coef": 2.0, "replay": [chats], "replay_batch": 6, "val_size": 8,
+        "max_new_tokens": 16, **QUIET, "loop.max_steps": 12, "loop.batch_size": 12, "optim.lr": 3e-3})))
+    r = rows_of(out)
+    assert r[0]["loss"] == pytest.approx(math.log(2) + r[0]["chosen_nll"] + 2.0 * r[0]["replay_nll"], abs=1e-5)
+    assert r[0]["replay_nll"] > 1.0 and r[-1]["replay_nll"] < r[0]["replay_nll"] - 0.5, (r[0], r[-1])
+    meta = load_meta(out)
+    assert meta["replay"][chats]["weight"] == 1.0 and meta["replay"][chats]["sequences"] > 40
+    assert meta["config"]["replay_coef"] == 2.0
+
+
+def test_with_chat_adds_the_step_chat_batch_to_micro_batch_zero(chat_model, pairs) -> None:
+    _, tok, _ = load_model(chat_model)
+    rows, _ = encode_pairs(read_prefs(pairs / "train.jsonl")[0], tok, "chat", 64)
+    examples = [Example(f"x/{i}", [{"role": "user", "content": f"Hi {w}"},
+                                   {"role": "assistant", "content": f"The {w}."}]) for i, w in enumerate(WORDS)]
+    seqs, _, _ = encode_sources([("x", 1.0, examples, [], None)], tok, 65)
+    chat = ChatBatches(seqs, [1.0], 3, 2, 0, 1, 0, True, 64, tok.pad_id)
+    both = WithChat(PairBatches(rows, 4, 2, 0, 1, 0, tok.pad_id), chat)
+    first, second = both.get(5, 0), both.get(5, 1)
+    assert first["n"] == second["n"] == 4 and both.global_batch == 8
+    for micro, batch in enumerate((first, second)):
+        assert torch.equal(batch["chat_input"], chat.get(5, micro)["input"])
+        assert batch["chat_n"] == chat.get(5, micro)["n"]
+        assert torch.equal(batch["input"], both.inner.get(5, micro)["input"])
+    assert not torch.equal(first["chat_input"], second["chat_input"])
+    assert not torch.equal(first["chat_input"], both.get(6, 0)["chat_input"])
+
+
 def test_dpo_bad_options_and_base_model(chat_model, pairs, tok_dir, tmp_path, capsys) -> None:
     assert cli(["dpo", "--init", str(chat_model), "--data", str(pairs), "--beta", "0"]) == 2
     assert "--beta must be > 0" in capsys.readouterr().err
+    for bad in ("-1", "nan"):
+        assert cli(["dpo", "--init", str(chat_model), "--data", str(pairs), "--replay-coef", bad]) == 2
+        assert "--replay-coef must be >= 0" in capsys.readouterr().err
+    assert cli(["dpo", "--init", str(chat_model), "--data", str(pairs), "--replay-batch", "0"]) == 2
+    assert "--replay-batch >= 1" in capsys.readouterr().err
+    assert cli(["dpo", "--init", str(chat_model), "--data", str(pairs), "--replay", "nope", "--reward-model", "",
+                "--out", str(tmp_path / "d0")]) == 2
+    assert "--replay nope: not a chat source" in capsys.readouterr().err
     base = tiny_checkpoint(tmp_path / "base", tok_dir, "pretrain", "playscript", max_seq_len=64)
     assert cli(["dpo", "--init", str(base), "--data", str(pairs), "--out", str(tmp_path / "d")]) == 2
     assert "is a base model" in capsys.readouterr().err
@@ -365,7 +412,8 @@ def test_two_processes_equal_one(stage, chat_model, reward_model, pairs, tmp_pat
     common = {**QUIET, "init": str(chat_model), "data": str(pairs), "reward_model": str(reward_model),
               "loop.max_steps": 2, "loop.eval_every": 2, "val_size": 4, "max_new_tokens": 8, "optim.eps": 1e-3,
               "optim.lr": 1e-3}
-    if stage == "dpo":  # 8 pairs per step: 4 x 2 accumulation steps, or 4 on each of 2 ranks
+    if stage == "dpo":  # 8 pairs per step: 4 x 2 accumulation steps, or 4 on each of 2 ranks; SFT data replayed
+        common.update({"replay": ["arithmetic"], "replay_batch": 2})
         single_kw, ddp_kw = {"loop.batch_size": 4, "loop.grad_accum": 2}, {"loop.batch_size": 4}
     else:  # 8 replies per phase, two epochs of one minibatch: 8 rows, or 4 on each rank
         single_kw = ddp_kw = {"prompts_per_step": 8, "num_minibatches": 1, "epochs": 2}

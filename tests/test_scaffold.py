@@ -48,6 +48,7 @@ def configs(m: dict[str, Path], tok_dir: Path, out: Path) -> dict[str, tuple]:
         "sft": (sft.main, sft.SFTConfig, {"init": str(m["base"]), "data": ["arithmetic"], "val_size": 4}),
         "reward": (reward.main, reward.RewardConfig, {"init": str(m["chat"]), "data": str(m["prefs"])}),
         "dpo": (dpo.main, dpo.DPOConfig, {"init": str(m["chat"]), "data": str(m["prefs"]), "reward_model": "",
+                                          "replay": ["arithmetic"], "replay_batch": 2,
                                           "val_size": 2, "max_new_tokens": 6}),
         "ppo": (ppo.main, ppo.PPOConfig, {"init": str(m["chat"]), "data": str(m["prefs"]), "val_size": 2,
                                           "reward_model": str(m["rm"]), "prompts_per_step": 4, "max_new_tokens": 6}),

@@ -39,6 +39,8 @@ CHITCHAT = PackageSource(
     about="7,168 human chit-chat conversations (MIT); PyPI chitchat-dataset==0.9.0",
 )
 BUILTIN_CHAT = ("chitchat", *TASKS)
+# the default SFT mixture (`cakelm sft --data`), also what DPO replays (`cakelm dpo --replay`)
+SFT_MIXTURE = ["chitchat=0.1", "arithmetic=0.8", "claims=0.05", "gsm=0.05"]
 VAL_FRACTION = 0.02  # share of a conversation source held out (by name hash) for validation and `cakelm eval`
 
 

@@ -7,6 +7,7 @@
   proportional to its weight, and each source is walked through in a fresh seeded permutation per epoch. Slot g
   of the run is a pure function of (seed, g), so `--resume` and DDP see exactly the batches a single
   uninterrupted run would.
+- `encode_sources` encodes a mixture of `data.chat.load_sources` (training and held-out sequences per source).
 - `collate` turns a list of sequences into one batch. Unpacked: one sequence per row, right-padded to the
   longest. Packed: sequences are placed into rows of the context length (first-fit decreasing) with segment
   ids, so attention never crosses from one conversation into another and positions restart (see
@@ -20,16 +21,34 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
 
 from cakelm.chat_format import render_parts
-from cakelm.data.chat import Example
+from cakelm.common import CakeError
+from cakelm.data.chat import Example, Source
 from cakelm.losses import IGNORE_INDEX
 from cakelm.tokenizer import Tokenizer
 
 Seq = tuple[list[int], list[int]]  # (ids, loss mask), mask[i] = 1 where ids[i] is a token to learn
+
+
+def encode_sources(sources: Sequence[Source], tok: Tokenizer, max_len: int
+                   ) -> tuple[list[list[Seq]], dict[str, list[Seq]], dict[str, dict]]:
+    """Encode each source of a mixture in the chat format: (training sequences per source, held-out sequences by
+    source, counts by source: weight, sequences, target tokens, truncated, held-out sequences, task size).
+    A source none of whose conversations has an assistant reply that fits is an error naming it."""
+    train_seqs, val_seqs, counts = [], {}, {}
+    for src, weight, train_ex, val_ex, task_size in sources:
+        seqs, c = encode_examples(train_ex, tok, "chat", max_len)
+        if not seqs:
+            raise CakeError(f"--data {src}: no conversation has an assistant reply that fits the context")
+        val_seqs[src] = encode_examples(val_ex, tok, "chat", max_len)[0]
+        train_seqs.append(seqs)
+        counts[src] = {"weight": weight, **c, "val_sequences": len(val_seqs[src]), "task_size": task_size}
+    return train_seqs, val_seqs, counts
 
 
 def _pieces(messages: list[dict], tok: Tokenizer, fmt: str, max_len: int,
@@ -186,3 +205,18 @@ def fixed_batches(seqs: Sequence[Seq], batch_size: int, pad_id: int, pack: bool,
     """Every sequence once, in order, this rank's share (for evaluation)."""
     mine = list(seqs[rank::world_size])
     return [collate(mine[i:i + batch_size], pad_id, pack, row_len) for i in range(0, len(mine), batch_size)]
+
+
+class WithChat:
+    """Another stage's batches, each with this rank's micro-batch of `chat` for the same (step, micro), its keys
+    prefixed "chat_" (`chat_input`, `chat_target`, `chat_segments`, `chat_n`): how DPO replays SFT data next to
+    its pairs. `chat` slots its rows as ranks and micro-batches interleave, so 2 ranks read the conversations 1 rank
+    with 2 accumulation steps reads; a pure function of (step, micro) when `inner` is one (--resume stays exact)."""
+
+    def __init__(self, inner: Any, chat: ChatBatches) -> None:  # inner: a stateless provider with global_batch
+        self.inner, self.chat, self.global_batch = inner, chat, inner.global_batch
+
+    def get(self, step: int, micro: int) -> dict:
+        batch = self.inner.get(step, micro)
+        batch.update({f"chat_{k}": v for k, v in self.chat.get(step, micro).items()})
+        return batch

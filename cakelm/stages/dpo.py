@@ -17,17 +17,19 @@ al. 2024, arXiv 2404.19733; TRL's rpo_alpha; `losses.rpo_nll`). On the pipeline'
 lowered the rater's gold reward by 0.08 and cut greedy arithmetic accuracy from 48% to 14%; with the NLL term (alpha
 1) gold rose by 0.07 and accuracy fell to 34.5%; alpha 4 (the default) on pairs whose chosen sum is right (`cakelm
 prefs --right-chosen`) raised gold by 0.11 with accuracy 39.0% against SFT's 42.5% (`benchmarks/recipes.py dpo`,
-README). The reference's
-log-probs are computed once, before training, with the same masks and padding as the policy's
-(`rlhf.sequence_logprobs` for both), so the first step's DPO loss is exactly ln 2 (the loss logged is that plus
-alpha x chosen_nll).
+README). --replay-coef g adds g x the per-token NLL of SFT conversations (--replay, default SFT's default mixture;
+--replay-batch conversations per micro-batch of pairs), the term InstructGPT (Ouyang et al. 2022, eq. 2, "PPO-ptx")
+mixes into RLHF against the loss of skills, here with SFT's data for pretraining data. The reference's log-probs are
+computed once, before training, with the same masks and padding as the policy's (`rlhf.sequence_logprobs` for both),
+so the first step's DPO loss is exactly ln 2 (the loss logged is that plus alpha x chosen_nll and g x replay_nll).
 
-Logged: loss, chosen_nll, the implicit rewards beta * (log pi - log pi_ref) of chosen and rejected, pairwise
-accuracy and margin of those rewards, and the drift of the chosen reply's log-prob from the reference (without RPO
-it often falls even as the margin grows: both replies get less likely, the rejected one faster). Every
---loop.eval-every steps, on held-out pairs the same numbers, and on their prompts (replies sampled at temperature
-1): the rater's gold reward, the reward model's proxy score (--reward-model) and the KL to the reference, for the
-over-optimisation plot. --beta is the knob: smaller beta lets the policy move further from the reference.
+Logged: loss, chosen_nll, replay_nll (with --replay-coef), the implicit rewards beta * (log pi - log pi_ref) of
+chosen and rejected, pairwise accuracy and margin of those rewards, and the drift of the chosen reply's log-prob
+from the reference (without RPO it often falls even as the margin grows: both replies get less likely, the rejected
+one faster). Every --loop.eval-every steps, on held-out pairs the same numbers, and on their prompts (replies
+sampled at temperature 1): the rater's gold reward, the reward model's proxy score (--reward-model) and the KL to
+the reference, for the over-optimisation plot. --beta is the knob: smaller beta lets the policy move further from
+the reference.
 """
 
 from __future__ import annotations
@@ -43,10 +45,13 @@ import torch
 
 from cakelm.common import CakeError, DistInfo, all_reduce_sum, print0
 from cakelm.config import ConfigError, nested, opt
+from cakelm.data.chat import SFT_MIXTURE, load_sources
+from cakelm.data.chat_batches import ChatBatches, WithChat, encode_sources
 from cakelm.data.prefs import EncodedPair, PairBatches, encode_pairs, load_prefs, pad_pairs
+from cakelm.heldout import chat_logits
 from cakelm.loop import LoopConfig
 from cakelm.lora import LoraConfig
-from cakelm.losses import DPO_LOSSES, dpo_loss, rpo_nll
+from cakelm.losses import DPO_LOSSES, dpo_loss, lm_loss, rpo_nll
 from cakelm.model import Transformer
 from cakelm.optim import OptimConfig
 from cakelm.rlhf import RLHFEval, heldout_rows, sequence_logprobs
@@ -64,6 +69,11 @@ class DPOConfig:
     beta: float = opt(0.1, "strength of the KL anchor to the reference (> 0; smaller moves further)")
     loss_type: str = opt("sigmoid", "sigmoid (DPO) or ipo", choices=DPO_LOSSES)
     rpo_alpha: float = opt(4.0, "weight of the chosen reply's per-token NLL added to the loss (RPO; 0: plain DPO)")
+    replay_coef: float = opt(2.0, "weight of the per-token NLL of --replay conversations added to the loss (SFT "
+                             "data replayed, as InstructGPT mixes pretraining data into PPO; 0 = off)")
+    replay: list[str] = opt(SFT_MIXTURE, "chat sources replayed with --replay-coef, each SRC or SRC=WEIGHT (as "
+                            "`cakelm sft --data`; default: SFT's default mixture)")
+    replay_batch: int = opt(16, "replayed conversations per micro-batch (--loop.batch-size pairs)")
     reward_model: str = opt("runs/default/rm", "reward model for the proxy score in evaluations (\"\" for none)")
     val_size: int = opt(200, "held-out prompts (of the held-out pairs) for gold reward, proxy and KL")
     val_samples: int = opt(2, "replies sampled per held-out prompt in evaluations")
@@ -78,8 +88,11 @@ class DPOConfig:
     def __post_init__(self) -> None:
         if not self.beta > 0:
             raise ConfigError(f"--beta must be > 0, got {self.beta}")
-        if self.rpo_alpha < 0:
-            raise ConfigError(f"--rpo-alpha must be >= 0, got {self.rpo_alpha}")
+        for name in ("rpo_alpha", "replay_coef"):
+            if not 0.0 <= getattr(self, name) < float("inf"):
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.replay_batch < 1 or (self.replay_coef and not self.replay):
+            raise ConfigError("--replay-coef needs --replay sources and --replay-batch >= 1")
         if self.val_size < 1 or self.val_samples < 1 or self.max_new_tokens < 1 or not 0.0 < self.val_fraction < 1.0:
             raise ConfigError("need --val-size >= 1, --val-samples >= 1, --max-new-tokens >= 1 and --val-fraction in "
                               "(0, 1)")
@@ -88,7 +101,7 @@ class DPOConfig:
 PRESETS = {
     "cpu": {},
     "micro": {"loop.max_steps": 4, "loop.batch_size": 8, "loop.eval_every": 0, "optim.warmup_steps": 1,
-              "val_size": 16, "max_new_tokens": 32},
+              "val_size": 16, "max_new_tokens": 32, "replay": ["arithmetic"], "replay_batch": 4},
 }
 
 
@@ -128,8 +141,16 @@ def dpo_batch_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: DPOConfig
     metrics = {"reward_chosen": rc.sum(), "reward_rejected": rr.sum(), "pair_accuracy": (rc > rr).float().sum(),
                "margin": (rc - rr).sum(), "chosen_logp_drift": (logp[:P] - ref[:P]).detach().sum(),
                "chosen_nll": nll.detach().sum()}
-    total = loss + cfg.rpo_alpha * nll if cfg.rpo_alpha else loss
-    return total.sum(), {k: torch.stack([v, n]) for k, v in metrics.items()}
+    total = (loss + cfg.rpo_alpha * nll if cfg.rpo_alpha else loss).sum()
+    out = {k: torch.stack([v, n]) for k, v in metrics.items()}
+    if "chat_input" in batch:  # --replay-coef: the micro-batch's replayed conversations
+        r_nll, r_n = lm_loss(chat_logits(model, {"input": batch["chat_input"], "segments": batch.get("chat_segments")}),
+                             batch["chat_target"])
+        # the loop divides the step's loss by its pairs: the micro-batch's NLL per replayed token, times its pairs,
+        # makes the term replay_coef x the mean over micro-batches (and ranks) of that NLL
+        total = total + cfg.replay_coef * r_nll / r_n.clamp(min=1) * P
+        out["replay_nll"] = torch.stack([r_nll.detach(), r_n.to(r_nll.dtype)])
+    return total, out
 
 
 def make_evaluate(val: list[EncodedPair], judge: Callable[[torch.nn.Module], dict[str, float]] | None,
@@ -169,21 +190,38 @@ def main(cfg: DPOConfig) -> Path:
     if not rows or not val_rows:
         raise CakeError(f"--data {cfg.data}: no {'training' if not rows else 'held-out'} pair fits the context of "
                         f"{model.cfg.max_seq_len} tokens")
+    replay: dict[str, Any] = {}  # before the reference's pass: a bad --replay fails at once
+    chat: ChatBatches | None = None
+    if cfg.replay_coef:
+        saved = {s: c["task_size"] for s, c in run.meta.get("replay", {}).items() if c.get("task_size")} \
+            if run.resumed else None
+        draws = cfg.loop.max_steps * cfg.replay_batch * cfg.loop.grad_accum * info.world_size
+        try:
+            sources, _ = load_sources(cfg.replay, draws, val_size=1, seed=cfg.loop.seed, task_sizes=saved)
+        except CakeError as e:  # the sources' errors name SFT's option
+            raise CakeError(str(e).replace("--data", "--replay", 1)) from None
+        seqs, _, replay = encode_sources(sources, tok, model.cfg.max_seq_len + 1)
+        chat = ChatBatches(seqs, [c["weight"] for c in replay.values()], cfg.replay_batch, cfg.loop.grad_accum,
+                           info.rank, info.world_size, cfg.loop.seed, True, model.cfg.max_seq_len, tok.pad_id)
     t_ref = time.time()
     reference_logprobs(ref, rows + val_rows, 64, tok.pad_id, cfg.loss_type == "ipo", run.device)
     print0(f"dpo: reference log-probs of {len(rows) + len(val_rows)} pairs in {time.time() - t_ref:.1f}s", info=info)
     rm = run.reward_model(cfg.reward_model) if cfg.reward_model else None
     held = heldout_rows(cfg.data, val_pairs, tok, model.cfg.max_seq_len - cfg.max_new_tokens)[:cfg.val_size]
     judge = RLHFEval(held, tok, rm, ref, cfg.max_new_tokens, cfg.loop.seed, cfg.val_samples)
-    batches = PairBatches(rows, cfg.loop.batch_size, cfg.loop.grad_accum, info.rank, info.world_size,
-                          cfg.loop.seed, tok.pad_id, extra=ref_of)
+    pairs = PairBatches(rows, cfg.loop.batch_size, cfg.loop.grad_accum, info.rank, info.world_size, cfg.loop.seed,
+                        tok.pad_id, extra=ref_of)
+    batches = WithChat(pairs, chat) if chat is not None else pairs
     evaluate = make_evaluate(val_rows, lambda m: judge(m, run.generator(m)), cfg, tok.pad_id, run.device, info)
     run.announce(f"beta {cfg.beta}, {cfg.loss_type} loss; {len(rows)} training pairs ({dropped} too long), "
                  f"{len(val_rows)} held out; {batches.global_batch} pairs per step"
-                 + (f"; skipped {skipped} bad lines" if skipped else ""))
+                 + (f"; skipped {skipped} bad lines" if skipped else "")
+                 + (f"; replaying {cfg.replay_batch * cfg.loop.grad_accum * info.world_size} conversations per "
+                    f"step ({', '.join(cfg.replay)}) at {cfg.replay_coef:g}" if replay else ""))
     metrics = run.train(model, batches, lambda m, b: dpo_batch_loss(m, b, cfg), evaluate,
                         meta={"pairs": {"train": len(rows), "val": len(val_rows), "too_long": dropped,
-                                        "skipped_lines": skipped}}, show=("pair_accuracy", "margin"))
+                                        "skipped_lines": skipped}, **({"replay": replay} if replay else {})},
+                        show=("pair_accuracy", "margin"))
     return run.done(f"held-out pair accuracy {metrics.get('val_pair_accuracy', math.nan):.3f}, gold "
                     f"{metrics.get('val_gold', math.nan):.3f}, KL {metrics.get('val_kl', math.nan):.2f}", metrics)
 

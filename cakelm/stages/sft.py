@@ -38,10 +38,10 @@ from typing import Any
 import torch
 
 from cakelm.chat_format import Message, render_prompt
-from cakelm.common import CakeError, print0
+from cakelm.common import print0
 from cakelm.config import ConfigError, nested, opt
-from cakelm.data.chat import BUILTIN_CHAT, VAL_FRACTION, load_sources, openings
-from cakelm.data.chat_batches import ChatBatches, encode_examples
+from cakelm.data.chat import BUILTIN_CHAT, SFT_MIXTURE, VAL_FRACTION, load_sources, openings
+from cakelm.data.chat_batches import ChatBatches, encode_sources
 from cakelm.engine import SamplingParams
 from cakelm.heldout import chat_evaluator, chat_logits
 from cakelm.loop import LoopConfig
@@ -53,7 +53,7 @@ from cakelm.rollout import EngineGenerator, to_batch
 from cakelm.scaffold import start
 from cakelm.tasks import TASKS
 
-DEFAULT_DATA = ["chitchat=0.1", "arithmetic=0.8", "claims=0.05", "gsm=0.05"]
+DEFAULT_DATA = SFT_MIXTURE
 
 
 @dataclass
@@ -158,15 +158,7 @@ def main(cfg: SFTConfig) -> Path:
                                     cfg.skip_bad_lines, task_sizes=saved_sizes)
     if skipped:
         print0(f"sft: skipped {skipped} bad lines (--skip-bad-lines)", info=info)
-    train_seqs, val_seqs, counts = [], {}, {}
-    for src, weight, train_ex, val_ex, task_size in sources:
-        seqs, c = encode_examples(train_ex, tok, "chat", seq_len + 1)
-        if not seqs:
-            raise CakeError(f"--data {src}: no conversation has an assistant reply that fits the context")
-        vseqs, _ = encode_examples(val_ex, tok, "chat", seq_len + 1)
-        train_seqs.append(seqs)
-        val_seqs[src] = vseqs
-        counts[src] = {"weight": weight, **c, "val_sequences": len(vseqs), "task_size": task_size}
+    train_seqs, val_seqs, counts = encode_sources(sources, tok, seq_len + 1)
     print0("sft: " + "; ".join(f"{s} (weight {c['weight']:g}): {c['sequences']:,} sequences, "
                                f"{c['target_tokens'] / max(c['sequences'], 1):.0f} target tokens each"
                                + (f", {c['truncated']} truncated" if c["truncated"] else "")

@@ -86,7 +86,7 @@ STAGES: tuple[Stage, ...] = (
           preset_key="rlhf", inputs={"init": "sft", "data": "prefs"}, trains=True, summary=reward.summary),
     Stage("dpo", dpo, dpo.DPOConfig, "Direct Preference Optimization on preference pairs (sigmoid, IPO; RPO)",
           dpo.main, dpo.PRESETS, pipeline=True, out="dpo", preset_key="rlhf", inputs=RLHF_INPUTS, trains=True,
-          model="dpo", summary=heldout_summary),
+          options={"replay": "sft_data"}, model="dpo", summary=heldout_summary),
     Stage("ppo", ppo, ppo.PPOConfig, "RLHF with PPO against a reward model (value model, GAE, KL penalty)", ppo.main,
           ppo.PRESETS, pipeline=True, out="ppo", preset_key="rlhf", inputs=RLHF_INPUTS, trains=True, model="ppo",
           summary=heldout_summary),
