@@ -198,9 +198,9 @@ def main(cfg: DPOConfig) -> Path:
         draws = cfg.loop.max_steps * cfg.replay_batch * cfg.loop.grad_accum * info.world_size
         try:
             sources, _ = load_sources(cfg.replay, draws, val_size=1, seed=cfg.loop.seed, task_sizes=saved)
+            seqs, _, replay = encode_sources(sources, tok, model.cfg.max_seq_len + 1)
         except CakeError as e:  # the sources' errors name SFT's option
             raise CakeError(str(e).replace("--data", "--replay", 1)) from None
-        seqs, _, replay = encode_sources(sources, tok, model.cfg.max_seq_len + 1)
         chat = ChatBatches(seqs, [c["weight"] for c in replay.values()], cfg.replay_batch, cfg.loop.grad_accum,
                            info.rank, info.world_size, cfg.loop.seed, True, model.cfg.max_seq_len, tok.pad_id)
     t_ref = time.time()
