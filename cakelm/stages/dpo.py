@@ -48,10 +48,10 @@ from cakelm.config import ConfigError, nested, opt
 from cakelm.data.chat import SFT_MIXTURE, load_sources
 from cakelm.data.chat_batches import ChatBatches, WithChat, encode_sources
 from cakelm.data.prefs import EncodedPair, PairBatches, encode_pairs, load_prefs, pad_pairs
-from cakelm.heldout import chat_logits
+from cakelm.heldout import chat_loss
 from cakelm.loop import LoopConfig
 from cakelm.lora import LoraConfig
-from cakelm.losses import DPO_LOSSES, dpo_loss, lm_loss, rpo_nll
+from cakelm.losses import DPO_LOSSES, dpo_loss, rpo_nll
 from cakelm.model import Transformer
 from cakelm.optim import OptimConfig
 from cakelm.rlhf import RLHFEval, heldout_rows, sequence_logprobs
@@ -144,8 +144,7 @@ def dpo_batch_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: DPOConfig
     total = (loss + cfg.rpo_alpha * nll if cfg.rpo_alpha else loss).sum()
     out = {k: torch.stack([v, n]) for k, v in metrics.items()}
     if "chat_input" in batch:  # --replay-coef: the micro-batch's replayed conversations
-        r_nll, r_n = lm_loss(chat_logits(model, {"input": batch["chat_input"], "segments": batch.get("chat_segments")}),
-                             batch["chat_target"])
+        r_nll, r_n = chat_loss(model, {k.removeprefix("chat_"): v for k, v in batch.items() if k.startswith("chat_")})
         # the loop divides the step's loss by its pairs: the micro-batch's NLL per replayed token, times its pairs,
         # makes the term replay_coef x the mean over micro-batches (and ranks) of that NLL
         total = total + cfg.replay_coef * r_nll / r_n.clamp(min=1) * P
