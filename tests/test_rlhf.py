@@ -27,7 +27,7 @@ from cakelm.rlhf import RLHFEval, ScalarModel, heldout_rows, last_scores, load_s
 from cakelm.stages import dpo, ppo, prefs, reward
 from cakelm.stages.dpo import reference_logprobs
 from tests.conftest import PAIR_WORDS as WORDS
-from tests.conftest import tiny_checkpoint, toy_pairs
+from tests.conftest import ctrl_c_at, tiny_checkpoint, toy_pairs
 from tests.serving import free_port
 from tests.test_ddp import _flags
 from tests.test_sft import write_jsonl
@@ -219,6 +219,19 @@ def test_dpo_replays_sft_conversations(chat_model, pairs, tmp_path) -> None:
     meta = load_meta(out)
     assert meta["replay"][chats]["weight"] == 1.0 and meta["replay"][chats]["sequences"] > 40
     assert meta["config"]["replay_coef"] == 2.0
+
+
+def test_dpo_with_replay_resumes_exactly(chat_model, pairs, tmp_path, monkeypatch) -> None:
+    kw = {"init": str(chat_model), "data": str(pairs), "reward_model": "", "replay": ["arithmetic"],
+          "replay_batch": 4, "val_size": 4, "max_new_tokens": 8, **QUIET, "loop.max_steps": 6, "loop.batch_size": 8}
+    straight = dpo.main(build_config(dpo.DPOConfig, ("test", {**kw, "out": str(tmp_path / "straight")})))
+    with ctrl_c_at(monkeypatch, WithChat, 3), pytest.raises(SystemExit, match="continue with --resume"):
+        dpo.main(build_config(dpo.DPOConfig, ("test", {**kw, "out": str(tmp_path / "cut")})))
+    assert load_meta(tmp_path / "cut")["step"] == 3 and load_meta(tmp_path / "cut")["replay"]["arithmetic"]["task_size"]
+    resumed = dpo.main(build_config(dpo.DPOConfig, ("test", {**kw, "out": str(tmp_path / "cut"), "resume": True})))
+    assert [r["loss"] for r in rows_of(straight)] == [r["loss"] for r in rows_of(resumed)]  # bit for bit
+    wa, wb = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_with_chat_adds_the_step_chat_batch_to_micro_batch_zero(chat_model, pairs) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from cakelm.__main__ import main as cli
 from cakelm.checkpoint import load_meta, load_model
 from cakelm.common import CakeError
 from cakelm.config import build_config
+from cakelm.data.chat import saved_task_sizes
 from cakelm.data.chat_batches import ChatBatches
 from cakelm.stages import eval as eval_stage
 from cakelm.stages import sft
@@ -333,3 +335,17 @@ def test_eval_pass_at_k(base, tmp_path, monkeypatch) -> None:
     assert set(first) == {"1", "4"} and 0 <= first["1"] <= first["4"] <= 1
     assert cli(argv) == 0 and json.loads(path.read_text())["tasks"]["arithmetic"]["pass_at_k"] == first
     assert cli(["eval", str(base), "--pass-k", "0"]) == 2
+
+
+def test_saved_task_sizes_read_and_crafted_meta_refused() -> None:
+    """What --resume takes from meta.json: the task sizes a run recorded; a crafted entry is a one-line error."""
+    meta = {"data": {"arithmetic": {"weight": 0.8, "task_size": 1200}, "chitchat": {"weight": 0.2, "task_size": None}}}
+    assert saved_task_sizes(meta, "data", "runs/x") == {"arithmetic": 1200}
+    assert saved_task_sizes({}, "replay", "runs/x") == {}
+    for entry, message in [([1, 2], "'data' must map each source"), ({"arithmetic": 5}, "'data' must map each source"),
+                           ({"arithmetic": {"task_size": "9e9"}}, "data.arithmetic.task_size must be a whole number"),
+                           ({"arithmetic": {"task_size": -3}}, "must be a whole number >= 0, got -3"),
+                           ({"arithmetic": {"task_size": True}}, "got True"),
+                           ({"arithmetic": {"task_size": 1.5}}, "got 1.5")]:
+        with pytest.raises(CakeError, match=f"runs/x/meta.json: .*{re.escape(message)}"):
+            saved_task_sizes({"data": entry}, "data", "runs/x")

@@ -243,6 +243,20 @@ def openings(examples: Sequence[Example]) -> list[list[Message]]:
     return out
 
 
+def saved_task_sizes(meta: dict[str, Any], key: str, where: str) -> dict[str, int]:
+    """The problems generated per task source that a checkpoint recorded in meta.json[key] (what `load_sources`
+    takes as task_sizes on --resume). An entry that is not {source: {"task_size": whole number or null, ...}} (a
+    hand-edited or crafted meta.json) is refused in one line naming `where`."""
+    entry = meta.get(key, {})
+    if not isinstance(entry, dict) or not all(isinstance(c, dict) for c in entry.values()):
+        raise CakeError(f"{where}/meta.json: {key!r} must map each source to its counts")
+    sizes = {src: c.get("task_size") for src, c in entry.items()}
+    for src, n in sizes.items():
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise CakeError(f"{where}/meta.json: {key}.{src}.task_size must be a whole number >= 0, got {n!r}")
+    return {src: n for src, n in sizes.items() if n}
+
+
 def load_sources(specs: Sequence[str], draws: int, task_size: int = 0, val_fraction: float = VAL_FRACTION,
                  val_size: int = 200, seed: int = 0, skip_bad_lines: bool = False, reply_required: bool = True,
                  task_sizes: dict[str, int] | None = None) -> tuple[list[Source], int]:

@@ -45,7 +45,7 @@ import torch
 
 from cakelm.common import CakeError, DistInfo, all_reduce_sum, print0
 from cakelm.config import ConfigError, nested, opt
-from cakelm.data.chat import SFT_MIXTURE, load_sources
+from cakelm.data.chat import SFT_MIXTURE, load_sources, saved_task_sizes
 from cakelm.data.chat_batches import ChatBatches, WithChat, encode_sources
 from cakelm.data.prefs import EncodedPair, PairBatches, encode_pairs, load_prefs, pad_pairs
 from cakelm.heldout import chat_loss
@@ -192,8 +192,7 @@ def main(cfg: DPOConfig) -> Path:
     replay: dict[str, Any] = {}  # before the reference's pass: a bad --replay fails at once
     chat: ChatBatches | None = None
     if cfg.replay_coef:
-        saved = {s: c["task_size"] for s, c in run.meta.get("replay", {}).items() if c.get("task_size")} \
-            if run.resumed else None
+        saved = saved_task_sizes(run.meta, "replay", cfg.out) if run.resumed else None
         draws = cfg.loop.max_steps * cfg.replay_batch * cfg.loop.grad_accum * info.world_size
         try:
             sources, _ = load_sources(cfg.replay, draws, val_size=1, seed=cfg.loop.seed, task_sizes=saved)

@@ -40,7 +40,7 @@ import torch
 from cakelm.chat_format import Message, render_prompt
 from cakelm.common import print0
 from cakelm.config import ConfigError, nested, opt
-from cakelm.data.chat import BUILTIN_CHAT, SFT_MIXTURE, VAL_FRACTION, load_sources, openings
+from cakelm.data.chat import BUILTIN_CHAT, SFT_MIXTURE, VAL_FRACTION, load_sources, openings, saved_task_sizes
 from cakelm.data.chat_batches import ChatBatches, encode_sources
 from cakelm.engine import SamplingParams
 from cakelm.heldout import chat_evaluator, chat_logits
@@ -151,8 +151,7 @@ def main(cfg: SFTConfig) -> Path:
     model, tok, info = run.model, run.tok, run.info
     assert model is not None
     seq_len = model.cfg.max_seq_len
-    saved_sizes = {src: c["task_size"] for src, c in run.meta.get("data", {}).items() if c.get("task_size")} \
-        if run.resumed else None
+    saved_sizes = saved_task_sizes(run.meta, "data", cfg.out) if run.resumed else None
     draws = cfg.loop.max_steps * cfg.loop.batch_size * cfg.loop.grad_accum * info.world_size
     sources, skipped = load_sources(cfg.data, draws, cfg.task_size, cfg.val_fraction, cfg.val_size, cfg.loop.seed,
                                     cfg.skip_bad_lines, task_sizes=saved_sizes)
