@@ -41,6 +41,8 @@ from cakelm.stages import eval as eval_stage
 from cakelm.stages.table import STAGE
 
 NOREP = {"repeat_unlikelihood": 0.0}  # SFT as it was before the repeat penalty became the default
+# PPO as it was before 2026-12-03 (no replay, lr 1e-4, missing end of turn -1): the rows measured then keep it
+OLD_PPO = {"replay_coef": 0.0, "optim.lr": 1e-4, "missing_eos_penalty": 1.0, "loop.eval_every": 0}
 
 VARIANTS: dict[str, dict[str, dict]] = {
     "sft": {
@@ -116,18 +118,39 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "rpo1-steps20": {"rpo_alpha": 1.0, "loop.max_steps": 20, "replay_coef": 0.0, "loop.eval_every": 0},
     },
     "ppo": {  # evaluations during training off, as for dpo
-        "default": {"loop.eval_every": 0},  # 48 steps x 64 replies, KL 0.3, the reward model alone
-        "kl0.1": {"kl_coef": 0.1, "loop.eval_every": 0},  # the default until 2026-12-02
-        "em2": {"verifiers": ["exact_match=2"], "kl_coef": 0.1, "loop.eval_every": 0},
-        "kl0.2": {"kl_coef": 0.2, "loop.eval_every": 0},
-        "kl0.3": {"kl_coef": 0.3, "loop.eval_every": 0},
-        "kl0.3-seed1": {"kl_coef": 0.3, "loop.seed": 1, "loop.eval_every": 0},  # other rollouts: the spread
-        "kl0.5": {"kl_coef": 0.5, "loop.eval_every": 0},
-        "em2-kl0.3": {"verifiers": ["exact_match=2"], "kl_coef": 0.3, "loop.eval_every": 0},
-        "em4-kl0.3": {"verifiers": ["exact_match=4"], "kl_coef": 0.3, "loop.eval_every": 0},
+        # 48 steps x 64 replies, KL 0.3, lr 3e-4, 16 SFT conversations replayed at 2, missing end of turn -3
+        "default": {"loop.eval_every": 0},
+        "seed1": {"loop.seed": 1, "loop.eval_every": 0},
+        # the rows below are measured against the defaults before 2026-12-03 (OLD_PPO: lr 1e-4, penalty 1, no replay)
+        "old-default": OLD_PPO,
+        "kl0.1": {**OLD_PPO, "kl_coef": 0.1},  # the default until 2026-12-02
+        "em2": {**OLD_PPO, "verifiers": ["exact_match=2"], "kl_coef": 0.1},
+        "kl0.2": {**OLD_PPO, "kl_coef": 0.2},
+        "kl0.3": {**OLD_PPO, "kl_coef": 0.3},
+        "kl0.3-seed1": {**OLD_PPO, "kl_coef": 0.3, "loop.seed": 1},  # other rollouts: the spread
+        "kl0.5": {**OLD_PPO, "kl_coef": 0.5},
+        "em2-kl0.3": {**OLD_PPO, "verifiers": ["exact_match=2"], "kl_coef": 0.3},
+        "em4-kl0.3": {**OLD_PPO, "verifiers": ["exact_match=4"], "kl_coef": 0.3},
         # adaptive KL (Ziegler et al. 2019) toward 0.5 nats per reply; a horizon of 128 replies lets the coefficient
         # move up to 10% per phase of 64 replies (the default 10,000 barely moves it in this run's 768 replies)
-        "kl-t0.5": {"kl_target": 0.5, "kl_horizon": 128, "kl_coef": 0.1, "loop.eval_every": 0},
+        "kl-t0.5": {**OLD_PPO, "kl_target": 0.5, "kl_horizon": 128, "kl_coef": 0.1},
+        # a larger step, and a larger penalty for a reply that never ends its turn (SFT's chat replies run into the
+        # token limit 13% of the time at temperature 1; DPO brings that to 2%, PPO at the old defaults does not)
+        "lr3e-4": {**OLD_PPO, "optim.lr": 3e-4},
+        "eos3": {**OLD_PPO, "missing_eos_penalty": 3.0},
+        "lr3e-4-eos3": {**OLD_PPO, "optim.lr": 3e-4, "missing_eos_penalty": 3.0},
+        "lr3e-4-kl0.5": {**OLD_PPO, "optim.lr": 3e-4, "kl_coef": 0.5},
+        # SFT's data replayed next to the rollouts (InstructGPT's PPO-ptx; DPO's --replay-coef)
+        "replay2": {**OLD_PPO, "replay_coef": 2.0},
+        "replay1-lr3e-4": {**OLD_PPO, "replay_coef": 1.0, "optim.lr": 3e-4},
+        "replay2-lr3e-4": {**OLD_PPO, "replay_coef": 2.0, "optim.lr": 3e-4},
+        "replay2-lr3e-4-seed1": {**OLD_PPO, "replay_coef": 2.0, "optim.lr": 3e-4, "loop.seed": 1},
+        "replay4-lr3e-4": {**OLD_PPO, "replay_coef": 4.0, "optim.lr": 3e-4},
+        "replay2-lr3e-4-kl0.1": {**OLD_PPO, "replay_coef": 2.0, "optim.lr": 3e-4, "kl_coef": 0.1},
+        "replay2-lr5e-4": {**OLD_PPO, "replay_coef": 2.0, "optim.lr": 5e-4},
+        "replay2-lr5e-4-seed1": {**OLD_PPO, "replay_coef": 2.0, "optim.lr": 5e-4, "loop.seed": 1},
+        "replay2-lr5e-4-eos3": {**OLD_PPO, "replay_coef": 2.0, "optim.lr": 5e-4, "missing_eos_penalty": 3.0},
+        "replay-b8": {"replay_batch": 8, "loop.eval_every": 0},  # the default with half the replayed conversations
     },
     "rloo": {  # evaluations during training off, as for dpo; every row names its prompts x replies per step
         "8x8": {"loop.eval_every": 0},  # the default: arithmetic + chitchat, exact match + reward model, KL 0.05

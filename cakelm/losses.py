@@ -260,6 +260,17 @@ def rpo_nll(policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.T
     return -policy_chosen / chosen_tokens.clamp(min=1)
 
 
+def replay_loss(nll_sum: torch.Tensor, n_tokens: torch.Tensor, coef: float, units: torch.Tensor | float
+                ) -> torch.Tensor:
+    """The pretraining-mix term of InstructGPT's PPO-ptx objective (Ouyang et al. 2022, arXiv 2203.02155, eq. 2:
+    gamma x E[log pi(x)] over pretraining data), here with SFT's conversations replayed: coef x the per-token
+    NLL of one micro-batch of them (`nll_sum` over its `n_tokens` target tokens), times the micro-batch's own
+    loss units. The shared loop divides a step's summed loss by all its units, so this makes the step's term coef
+    x the units-weighted mean of the micro-batches' (and ranks') per-token NLL: coef x the replayed NLL exactly
+    with one micro-batch, as in a single process, whatever the split."""
+    return coef * nll_sum / n_tokens.clamp(min=1) * units
+
+
 def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k1 estimate of KL(policy || reference), logp - ref_logp: unbiased, can be negative per sample;
     the per-token penalty PPO puts into the reward (Schulman 2020, "Approximating KL Divergence")."""

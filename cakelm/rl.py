@@ -75,6 +75,11 @@ HELP = {
     "val_fraction": "share of a prompt file held out (at most --val-size are used)",
     "skip_bad_lines": "skip and count malformed JSONL lines instead of stopping at the first",
     "reward_timeout": "seconds each reward call may take (0 = no limit); past it the call fails",
+    "replay_coef": "weight of the per-token NLL of --replay conversations added to the loss (SFT data replayed, "
+                   "InstructGPT's PPO-ptx term with SFT data for pretraining data; 0 = off)",
+    "replay": "chat sources replayed with --replay-coef, each SRC or SRC=WEIGHT (as `cakelm sft --data`; default: "
+              "SFT's default mixture)",
+    "replay_batch": "replayed conversations per micro-batch",
     "reward_errors": "a reward call that fails (raises, times out, returns no finite number): score it 0 and count "
                      "it (reward_errors), or save the run and stop",
 }
@@ -93,6 +98,11 @@ def check_options(cfg: Any) -> None:
     for name in ("kl_coef", "epsilon_high", "missing_eos_penalty"):
         if hasattr(cfg, name) and not getattr(cfg, name) >= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if hasattr(cfg, "replay_coef"):
+        if not 0.0 <= cfg.replay_coef < math.inf:
+            raise ConfigError(f"--replay-coef must be >= 0, got {cfg.replay_coef}")
+        if cfg.replay_batch < 1 or (cfg.replay_coef and not cfg.replay):
+            raise ConfigError("--replay-coef needs --replay sources and --replay-batch >= 1")
     if hasattr(cfg, "epsilon_low") and not 0 <= cfg.epsilon_low < 1:
         raise ConfigError(f"--epsilon-low must be in [0, 1), got {cfg.epsilon_low}")
     if hasattr(cfg, "val_fraction") and not 0.0 < cfg.val_fraction < 1.0:

@@ -215,6 +215,7 @@ def test_ppo_with_lora_under_fsdp_matches_ddp_and_resumes(chat_base, pairs, tmp_
     args = ["--init", str(chat_base), "--data", str(pairs), "--reward-model", str(rm),
             *_flags({"loop.progress": False, "loop.log_every": 1, "loop.eval_every": 2, "max_new_tokens": 8,
                      "val_size": 4, "prompts_per_step": 4, "loop.batch_size": 8, "lora.rank": 4,
+                     "replay": ["arithmetic"], "replay_batch": 2, "replay_coef": 2.0,
                      "optim.name": "adamw", "optim.lr": 1e-2, "optim.warmup_steps": 0, "optim.eps": 1e-3})]
     torchrun("ppo", tmp_path / "ddp", [*args, "--max-steps", "3"])
     torchrun("ppo", tmp_path / "fsdp", [*args, "--max-steps", "3", "--loop.parallel", "fsdp"])

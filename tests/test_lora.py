@@ -193,7 +193,8 @@ def test_every_rl_stage_trains_adapters(chat_base, pairs, tmp_path) -> None:
         "grpo": (grpo, grpo.GRPOConfig, {**rl, "data": [prompts], "group_size": 4, "kl_coef": 0.1}),
         "rloo": (rloo, rloo.RLOOConfig, {**rl, "data": [prompts], "group_size": 4, "kl_coef": 0.1,
                                          "reward_model": str(rm)}),
-        "ppo": (ppo, ppo.PPOConfig, {**rl, "data": str(pairs), "reward_model": str(rm)}),
+        "ppo": (ppo, ppo.PPOConfig, {**rl, "data": str(pairs), "reward_model": str(rm), "replay": ["arithmetic"],
+                                     "replay_batch": 2}),
         "reward": (reward, reward.RewardConfig, {**QUIET, **LORA, "init": str(chat_base), "data": str(pairs),
                                                  "loop.max_steps": 2, "loop.batch_size": 4}),
     }

@@ -191,6 +191,18 @@ def test_dpo_loss_hand_computed_and_ln2_at_the_start() -> None:
         dpo_loss(*args, loss_type="hinge")
 
 
+def test_replay_loss_hand_computed() -> None:
+    """coef x summed NLL / tokens x units: 2 x 6 / 4 x 3 = 9; no tokens counts as one (no division by zero); and
+    over two micro-batches the loop's division by all units gives coef x their units-weighted mean NLL."""
+    from cakelm.losses import replay_loss
+    assert replay_loss(torch.tensor(6.0), torch.tensor(4), 2.0, 3).item() == pytest.approx(9.0)
+    assert replay_loss(torch.tensor(0.0), torch.tensor(0), 2.0, 3).item() == 0.0
+    # micro-batches with per-token NLL 1.5 (6 / 4) and 0.5 (1 / 2), 3 and 1 units: (3 x 1.5 + 1 x 0.5) / 4 = 1.25
+    both = replay_loss(torch.tensor(6.0), torch.tensor(4), 2.0, 3) + replay_loss(torch.tensor(1.0), torch.tensor(2),
+                                                                                 2.0, 1)
+    assert (both / 4).item() == pytest.approx(2.0 * 1.25)
+
+
 def test_rpo_nll_hand_computed() -> None:
     from cakelm.losses import rpo_nll
 

@@ -300,7 +300,7 @@ def test_rloo_gradient_raises_the_completion_with_the_higher_advantage(tok_dir, 
 ])
 def test_ppo_step_is_its_loss_on_its_rollouts(chatty, rm, pairs, tmp_path, opts) -> None:
     cfg = {"init": str(chatty), "reward_model": str(rm), "data": str(pairs), "prompts_per_step": 8, "epochs": 1,
-           "num_minibatches": 1, "max_new_tokens": 8, "val_size": 4, **QUIET, **opts}
+           "num_minibatches": 1, "max_new_tokens": 8, "val_size": 4, "replay_coef": 0.0, **QUIET, **opts}
     after1, out = two_steps(ppo.main, ppo.PPOConfig, cfg, tmp_path)
     o = build_config(ppo.PPOConfig, ("test", cfg))
     tok = Tokenizer.load(chatty / "tokenizer.json")
@@ -325,7 +325,7 @@ def test_ppo_step_is_its_loss_on_its_rollouts(chatty, rm, pairs, tmp_path, opts)
             rewards = ppo_token_rewards(score, d["old_logp"], ref_logprobs(ref, d, o.temperature), mask, o.kl_coef)
             adv, returns = gae(rewards, values, mask, o.gamma, o.lam)
             adv = masked_whiten(adv, mask)
-        logp, _, v = model(d["input"], d["target"], o.temperature)
+        logp, _, v, _ = model(d["input"], d["target"], o.temperature)
         pg, _ = clipped_policy_loss(logp, d["old_logp"], adv, o.epsilon_low, o.epsilon_high)
         vf, _ = clipped_value_loss(v, values, returns, o.value_clip)
         return loss_and_grad_norm(model, ((pg + o.vf_coef * vf) * mask).sum() / mask.sum())

@@ -279,7 +279,7 @@ def run_ppo(chat_model: Path, reward_model: Path, pairs: Path, out: Path, **kw) 
     return ppo.main(build_config(ppo.PPOConfig, ("test", {
         "init": str(chat_model), "reward_model": str(reward_model), "data": str(pairs), "out": str(out),
         "prompts_per_step": 16, "num_minibatches": 2, "epochs": 2, "max_new_tokens": 12, "val_size": 8,
-        **QUIET, **kw})))
+        "replay_coef": 0.0, **QUIET, **kw})))  # replay: the tests that name it
 
 
 def test_ppo_raises_the_reward_model_score(chat_model, reward_model, pairs, tmp_path) -> None:
@@ -343,6 +343,39 @@ def test_ppo_resume_inside_a_phase_is_exact(chat_model, reward_model, pairs, tmp
     for f in ("model.safetensors", "heads.safetensors"):
         wa, wb = load_file(str(straight / f)), load_file(str(resumed / f))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f
+
+
+def test_ppo_replays_sft_conversations(chat_model, reward_model, pairs, tmp_path) -> None:
+    """--replay-coef for PPO (InstructGPT's PPO-ptx): each step's loss is the clipped policy loss + vf_coef x the
+    value loss (per reply token) + coef x the per-token NLL of the step's replayed SFT conversations, and training
+    lowers that NLL; the resolved sources are saved in meta.json."""
+    chats = write_jsonl(tmp_path / "chats.jsonl", [
+        {"messages": [{"role": "user", "content": f"Who has the {w}?"},
+                      {"role": "assistant", "content": f"The {w} is with the {WORDS[(i + 1) % len(WORDS)]}."}]}
+        for i, w in enumerate(WORDS * 4)])
+    out = run_ppo(chat_model, reward_model, pairs, tmp_path / "ppo", replay_coef=2.0, replay=[chats], replay_batch=6,
+                  **{"loop.max_steps": 12, "loop.log_every": 1, "optim.lr": 3e-3})
+    r = rows_of(out)
+    for x in r:  # one micro-batch per step: the identity is exact up to float rounding
+        assert x["loss"] == pytest.approx(x["policy_loss"] + 0.1 * x["value_loss"] + 2.0 * x["replay_nll"], abs=1e-4)
+    assert r[0]["replay_nll"] > 1.0 and r[-1]["replay_nll"] < r[0]["replay_nll"] - 0.5, (r[0], r[-1])
+    meta = load_meta(out)
+    assert meta["replay"][chats]["weight"] == 1.0 and meta["config"]["replay_coef"] == 2.0
+
+
+def test_ppo_with_replay_resumes_exactly(chat_model, reward_model, pairs, tmp_path, monkeypatch) -> None:
+    """Interrupted inside a rollout phase (step 3 of 6: two epochs x two minibatches a phase) and resumed, PPO
+    with replayed SFT data equals a straight run bit for bit: losses, policy and value weights."""
+    kw = {"loop.max_steps": 6, "optim.lr": 1e-3, "replay_coef": 1.0, "replay": ["arithmetic"], "replay_batch": 4}
+    straight = run_ppo(chat_model, reward_model, pairs, tmp_path / "straight", **kw)
+    with ctrl_c_at(monkeypatch, WithChat, 3), pytest.raises(SystemExit, match="continue with --resume"):
+        run_ppo(chat_model, reward_model, pairs, tmp_path / "cut", **kw)
+    assert load_meta(tmp_path / "cut")["step"] == 3 and load_meta(tmp_path / "cut")["replay"]["arithmetic"]["task_size"]
+    resumed = run_ppo(chat_model, reward_model, pairs, tmp_path / "cut", resume=True, **kw)
+    assert [x["loss"] for x in rows_of(straight)] == [x["loss"] for x in rows_of(resumed)]
+    for f in ("model.safetensors", "heads.safetensors"):
+        wa, wb = load_file(str(straight / f)), load_file(str(resumed / f))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), f
 
 
 def test_ppo_needs_a_reward_model(chat_model, pairs, tmp_path, capsys) -> None:
@@ -425,11 +458,12 @@ def test_two_processes_equal_one(stage, chat_model, reward_model, pairs, tmp_pat
     common = {**QUIET, "init": str(chat_model), "data": str(pairs), "reward_model": str(reward_model),
               "loop.max_steps": 2, "loop.eval_every": 2, "val_size": 4, "max_new_tokens": 8, "optim.eps": 1e-3,
               "optim.lr": 1e-3}
-    if stage == "dpo":  # 8 pairs per step: 4 x 2 accumulation steps, or 4 on each of 2 ranks; SFT data replayed
-        common.update({"replay": ["arithmetic"], "replay_batch": 2})
+    common.update({"replay": ["arithmetic"], "replay_batch": 2, "replay_coef": 2.0})  # SFT data replayed
+    if stage == "dpo":  # 8 pairs per step: 4 x 2 accumulation steps, or 4 on each of 2 ranks
         single_kw, ddp_kw = {"loop.batch_size": 4, "loop.grad_accum": 2}, {"loop.batch_size": 4}
-    else:  # 8 replies per phase, two epochs of one minibatch: 8 rows, or 4 on each rank
-        single_kw = ddp_kw = {"prompts_per_step": 8, "num_minibatches": 1, "epochs": 2}
+    else:  # 8 replies per phase, two epochs of one minibatch: 8 rows in 2 micro-batches of 4, or 4 on each rank
+        ddp_kw = {"prompts_per_step": 8, "num_minibatches": 1, "epochs": 2}
+        single_kw = {**ddp_kw, "loop.batch_size": 4}
     module = {"dpo": dpo, "ppo": ppo}[stage]
     cls = {"dpo": dpo.DPOConfig, "ppo": ppo.PPOConfig}[stage]
     single = module.main(build_config(cls, ("test", {**common, **single_kw, "out": str(tmp_path / "single")})))

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from cakelm.chat_format import render_parts
-from cakelm.common import CakeError
-from cakelm.data.chat import Example, Source
+from cakelm.common import CakeError, DistInfo
+from cakelm.data.chat import Example, Source, load_sources, saved_task_sizes
 from cakelm.losses import IGNORE_INDEX
 from cakelm.tokenizer import Tokenizer
 
@@ -209,14 +209,44 @@ def fixed_batches(seqs: Sequence[Seq], batch_size: int, pad_id: int, pack: bool,
 
 class WithChat:
     """Another stage's batches, each with this rank's micro-batch of `chat` for the same (step, micro), its keys
-    prefixed "chat_" (`chat_input`, `chat_target`, `chat_segments`, `chat_n`): how DPO replays SFT data next to
-    its pairs. `chat` slots its rows as ranks and micro-batches interleave, so 2 ranks read the conversations 1 rank
-    with 2 accumulation steps reads; a pure function of (step, micro) when `inner` is one (--resume stays exact)."""
+    prefixed "chat_" (`chat_input`, `chat_target`, `chat_segments`, `chat_n`): how DPO and PPO replay SFT data next
+    to their own loss. `chat` slots its rows as ranks and micro-batches interleave, so 2 ranks read the
+    conversations 1 rank with 2 accumulation steps reads; a pure function of (step, micro), so `--resume` stays
+    exact whenever `inner` does. Everything else (PPO's rollout state, `reads_model`, `loop`) is `inner`'s."""
 
-    def __init__(self, inner: Any, chat: ChatBatches) -> None:  # inner: a stateless provider with global_batch
-        self.inner, self.chat, self.global_batch = inner, chat, inner.global_batch
+    def __init__(self, inner: Any, chat: ChatBatches) -> None:  # inner: any batch provider of the loop
+        self.inner, self.chat = inner, chat
 
     def get(self, step: int, micro: int) -> dict:
         batch = self.inner.get(step, micro)
         batch.update({f"chat_{k}": v for k, v in self.chat.get(step, micro).items()})
         return batch
+
+    def __getattr__(self, name: str) -> Any:  # only reached for what WithChat itself lacks
+        if name in ("inner", "chat"):  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def chat_part(batch: dict[str, Any]) -> dict[str, Any] | None:
+    """The replayed chat micro-batch of a `WithChat` batch (its "chat_" keys, unprefixed), or None."""
+    return {k.removeprefix("chat_"): v for k, v in batch.items() if k.startswith("chat_")} or None
+
+
+def replay_batches(specs: Sequence[str], tok: Tokenizer, row_len: int, steps: int, batch_size: int,
+                   grad_accum: int, info: DistInfo, seed: int, meta: dict[str, Any] | None, where: str
+                   ) -> tuple[ChatBatches, dict[str, dict]]:
+    """The SFT conversations an RLHF stage replays (`--replay SRC[=W] ...`, `--replay-batch` per micro-batch):
+    packed chat micro-batches for `steps` optimizer steps, and the resolved sources for meta.json. On --resume
+    (`meta`: the checkpoint's) the task sources are regenerated at the sizes it recorded, so the same problems
+    come back. A bad source fails here, before the stage's slow start-up, named as --replay."""
+    saved = saved_task_sizes(meta, "replay", where) if meta is not None else None
+    try:
+        sources, _ = load_sources(specs, steps * batch_size * grad_accum * info.world_size, val_size=1, seed=seed,
+                                  task_sizes=saved)
+        seqs, _, counts = encode_sources(sources, tok, row_len + 1)
+    except CakeError as e:  # the sources' errors name SFT's option
+        raise CakeError(str(e).replace("--data", "--replay", 1)) from None
+    chat = ChatBatches(seqs, [c["weight"] for c in counts.values()], batch_size, grad_accum, info.rank,
+                       info.world_size, seed, True, row_len, tok.pad_id)
+    return chat, counts

@@ -45,15 +45,16 @@ import torch
 
 from cakelm.common import CakeError, DistInfo, all_reduce_sum, print0
 from cakelm.config import ConfigError, nested, opt
-from cakelm.data.chat import SFT_MIXTURE, load_sources, saved_task_sizes
-from cakelm.data.chat_batches import ChatBatches, WithChat, encode_sources
+from cakelm.data.chat import SFT_MIXTURE
+from cakelm.data.chat_batches import ChatBatches, WithChat, chat_part, replay_batches
 from cakelm.data.prefs import EncodedPair, PairBatches, encode_pairs, load_prefs, pad_pairs
 from cakelm.heldout import chat_loss
 from cakelm.loop import LoopConfig
 from cakelm.lora import LoraConfig
-from cakelm.losses import DPO_LOSSES, dpo_loss, rpo_nll
+from cakelm.losses import DPO_LOSSES, dpo_loss, replay_loss, rpo_nll
 from cakelm.model import Transformer
 from cakelm.optim import OptimConfig
+from cakelm.rl import HELP, check_options
 from cakelm.rlhf import RLHFEval, heldout_rows, sequence_logprobs
 from cakelm.scaffold import start
 
@@ -69,11 +70,9 @@ class DPOConfig:
     beta: float = opt(0.1, "strength of the KL anchor to the reference (> 0; smaller moves further)")
     loss_type: str = opt("sigmoid", "sigmoid (DPO) or ipo", choices=DPO_LOSSES)
     rpo_alpha: float = opt(4.0, "weight of the chosen reply's per-token NLL added to the loss (RPO; 0: plain DPO)")
-    replay_coef: float = opt(2.0, "weight of the per-token NLL of --replay conversations added to the loss (SFT "
-                             "data replayed, as InstructGPT mixes pretraining data into PPO; 0 = off)")
-    replay: list[str] = opt(SFT_MIXTURE, "chat sources replayed with --replay-coef, each SRC or SRC=WEIGHT (as "
-                            "`cakelm sft --data`; default: SFT's default mixture)")
-    replay_batch: int = opt(16, "replayed conversations per micro-batch (--loop.batch-size pairs)")
+    replay_coef: float = opt(2.0, HELP["replay_coef"])
+    replay: list[str] = opt(SFT_MIXTURE, HELP["replay"])
+    replay_batch: int = opt(16, HELP["replay_batch"] + " (of --loop.batch-size pairs)")
     reward_model: str = opt("runs/default/rm", "reward model for the proxy score in evaluations (\"\" for none)")
     val_size: int = opt(200, "held-out prompts (of the held-out pairs) for gold reward, proxy and KL")
     val_samples: int = opt(2, "replies sampled per held-out prompt in evaluations")
@@ -88,14 +87,9 @@ class DPOConfig:
     def __post_init__(self) -> None:
         if not self.beta > 0:
             raise ConfigError(f"--beta must be > 0, got {self.beta}")
-        for name in ("rpo_alpha", "replay_coef"):
-            if not 0.0 <= getattr(self, name) < float("inf"):
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.replay_batch < 1 or (self.replay_coef and not self.replay):
-            raise ConfigError("--replay-coef needs --replay sources and --replay-batch >= 1")
-        if self.val_size < 1 or self.val_samples < 1 or self.max_new_tokens < 1 or not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError("need --val-size >= 1, --val-samples >= 1, --max-new-tokens >= 1 and --val-fraction in "
-                              "(0, 1)")
+        if not 0.0 <= self.rpo_alpha < float("inf"):
+            raise ConfigError(f"--rpo-alpha must be >= 0, got {self.rpo_alpha}")
+        check_options(self)  # the RL stages' shared options (--replay-coef, --val-size, ...), as PPO's
 
 
 PRESETS = {
@@ -143,11 +137,10 @@ def dpo_batch_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: DPOConfig
                "chosen_nll": nll.detach().sum()}
     total = (loss + cfg.rpo_alpha * nll if cfg.rpo_alpha else loss).sum()
     out = {k: torch.stack([v, n]) for k, v in metrics.items()}
-    if "chat_input" in batch:  # --replay-coef: the micro-batch's replayed conversations
-        r_nll, r_n = chat_loss(model, {k.removeprefix("chat_"): v for k, v in batch.items() if k.startswith("chat_")})
-        # the loop divides the step's loss by its pairs: the micro-batch's NLL per replayed token, times its pairs,
-        # makes the term replay_coef x the mean over micro-batches (and ranks) of that NLL
-        total = total + cfg.replay_coef * r_nll / r_n.clamp(min=1) * P
+    chat = chat_part(batch)
+    if chat is not None:  # --replay-coef: the micro-batch's replayed conversations; its units are its P pairs
+        r_nll, r_n = chat_loss(model, chat)
+        total = total + replay_loss(r_nll, r_n, cfg.replay_coef, P)
         out["replay_nll"] = torch.stack([r_nll.detach(), r_n.to(r_nll.dtype)])
     return total, out
 
@@ -192,15 +185,9 @@ def main(cfg: DPOConfig) -> Path:
     replay: dict[str, Any] = {}  # before the reference's pass: a bad --replay fails at once
     chat: ChatBatches | None = None
     if cfg.replay_coef:
-        saved = saved_task_sizes(run.meta, "replay", cfg.out) if run.resumed else None
-        draws = cfg.loop.max_steps * cfg.replay_batch * cfg.loop.grad_accum * info.world_size
-        try:
-            sources, _ = load_sources(cfg.replay, draws, val_size=1, seed=cfg.loop.seed, task_sizes=saved)
-            seqs, _, replay = encode_sources(sources, tok, model.cfg.max_seq_len + 1)
-        except CakeError as e:  # the sources' errors name SFT's option
-            raise CakeError(str(e).replace("--data", "--replay", 1)) from None
-        chat = ChatBatches(seqs, [c["weight"] for c in replay.values()], cfg.replay_batch, cfg.loop.grad_accum,
-                           info.rank, info.world_size, cfg.loop.seed, True, model.cfg.max_seq_len, tok.pad_id)
+        chat, replay = replay_batches(cfg.replay, tok, model.cfg.max_seq_len, cfg.loop.max_steps, cfg.replay_batch,
+                                      cfg.loop.grad_accum, info, cfg.loop.seed, run.meta if run.resumed else None,
+                                      cfg.out)
     t_ref = time.time()
     reference_logprobs(ref, rows + val_rows, 64, tok.pad_id, cfg.loss_type == "ipo", run.device)
     print0(f"dpo: reference log-probs of {len(rows) + len(val_rows)} pairs in {time.time() - t_ref:.1f}s", info=info)
@@ -212,7 +199,7 @@ def main(cfg: DPOConfig) -> Path:
     batches = WithChat(pairs, chat) if chat is not None else pairs
     evaluate = make_evaluate(val_rows, lambda m: judge(m, run.generator(m)), cfg, tok.pad_id, run.device, info)
     run.announce(f"beta {cfg.beta}, {cfg.loss_type} loss; {len(rows)} training pairs ({dropped} too long), "
-                 f"{len(val_rows)} held out; {batches.global_batch} pairs per step"
+                 f"{len(val_rows)} held out; {pairs.global_batch} pairs per step"
                  + (f"; skipped {skipped} bad lines" if skipped else "")
                  + (f"; replaying {cfg.replay_batch * cfg.loop.grad_accum * info.world_size} conversations per "
                     f"step ({', '.join(cfg.replay)}) at {cfg.replay_coef:g}" if replay else ""))

@@ -4,6 +4,7 @@
     cakelm ppo --kl-coef 0.02 --kl-target 4        # adaptive KL coefficient aiming at 4 nats per reply
     cakelm ppo --epochs 4 --num-minibatches 4 --prompts-per-step 128
     cakelm ppo --verifiers exact_match=2           # + 2 for a right final number where the prompt has an answer
+    cakelm ppo --replay-coef 0                     # without SFT's conversations replayed (PPO-ptx off)
     torchrun --nproc_per_node 2 -m cakelm ppo
 
 The algorithm (Ouyang et al. 2022, "InstructGPT", arXiv 2203.02155; Ziegler et al. 2019, arXiv 1909.08593; the
@@ -23,14 +24,17 @@ The algorithm (Ouyang et al. 2022, "InstructGPT", arXiv 2203.02155; Ziegler et a
    each, minimising per reply token (averaged over the minibatch's tokens)
        clipped policy loss (--epsilon-low/-high) + --vf-coef x clipped value loss (--value-clip)
    (`losses.clipped_policy_loss`, `losses.clipped_value_loss`). Policy and value model are trained together
-   (one optimizer, as TRL's PolicyAndValueWrapper).
+   (one optimizer, as TRL's PolicyAndValueWrapper). --replay-coef g adds g x the per-token NLL of --replay-batch
+   SFT conversations per micro-batch (--replay: SFT's default mixture; `losses.replay_loss`): InstructGPT's
+   "PPO-ptx" objective (eq. 2), with SFT's data for pretraining data, so PPO keeps what SFT taught.
 6. With --kl-target, the KL coefficient adapts after each phase (`losses.adaptive_kl_coef`); the coefficient
    travels with checkpoints (the batch provider's state).
 
 Logged per step: the RL stages' rollout metrics (`cakelm.rl`: reward = proxy - penalty, proxy, gold (the rater,
 never seen by PPO), kl per reply, reply_len, end_of_turn), kl_coef, policy/value clip fractions, entropy, ratio,
-value loss. Every --loop.eval-every steps, on held-out prompts: gold, proxy and KL (the over-optimisation curve:
-the proxy keeps rising; where the gold stops following it, the policy is exploiting the reward model).
+value loss, replay_nll (with --replay-coef). Every --loop.eval-every steps, on held-out prompts: gold, proxy and
+KL (the over-optimisation curve: the proxy keeps rising; where the gold stops following it, the policy is
+exploiting the reward model).
 """
 
 from __future__ import annotations
@@ -45,10 +49,12 @@ import torch.nn as nn
 
 from cakelm.common import CakeError, all_reduce_sum
 from cakelm.config import ConfigError, nested, opt
-from cakelm.data.chat_batches import Mixture
+from cakelm.data.chat import SFT_MIXTURE
+from cakelm.data.chat_batches import Mixture, WithChat, chat_part, replay_batches
 from cakelm.data.prefs import load_prefs
 from cakelm.data.prompts import fitting
 from cakelm.engine import SamplingParams
+from cakelm.heldout import chat_loss
 from cakelm.loop import LoopConfig
 from cakelm.lora import LoraConfig, add_lora
 from cakelm.losses import (
@@ -59,6 +65,7 @@ from cakelm.losses import (
     masked_moments,
     masked_whiten,
     ppo_token_rewards,
+    replay_loss,
 )
 from cakelm.model import Transformer
 from cakelm.optim import OptimConfig
@@ -88,7 +95,10 @@ class PPOConfig:
     kl_coef: float = opt(0.3, HELP["kl_coef"] + " (PPO: k1 per token, in the reward; the start when adaptive)")
     kl_target: float = opt(0.0, "adapt --kl-coef toward this KL per reply in nats (0 = fixed coefficient)")
     kl_horizon: int = opt(10000, "horizon of the adaptive KL controller, in replies")
-    missing_eos_penalty: float = opt(1.0, HELP["missing_eos_penalty"])
+    missing_eos_penalty: float = opt(3.0, HELP["missing_eos_penalty"])
+    replay_coef: float = opt(2.0, HELP["replay_coef"])
+    replay: list[str] = opt(SFT_MIXTURE, HELP["replay"])
+    replay_batch: int = opt(16, HELP["replay_batch"] + " (of --loop.batch-size replies)")
     verifiers: list[str] = opt([], "verifiable rewards added to the reward model's score where they apply, each NAME "
                                "or NAME=WEIGHT (`cakelm.rewards`), e.g. exact_match=2: 2 for a right final number on "
                                "the prompts that have an answer (a reward model cannot check a sum); none by default")
@@ -105,7 +115,7 @@ class PPOConfig:
     skip_bad_lines: bool = opt(False, HELP["skip_bad_lines"])
     # the "cpu" preset: about 2 minutes on 2 cores from the pipeline's SFT model (how it was chosen: README)
     lora: LoraConfig = nested(LoraConfig, "LoRA: train low-rank adapters instead of every weight")
-    optim: OptimConfig = nested(OptimConfig, **{**OPTIM, "warmup_steps": 4})
+    optim: OptimConfig = nested(OptimConfig, **{**OPTIM, "lr": 3e-4, "warmup_steps": 4})
     loop: LoopConfig = nested(LoopConfig, max_steps=48, batch_size=64, eval_every=16, log_every=4)
 
     def __post_init__(self) -> None:
@@ -122,6 +132,7 @@ class PPOConfig:
 PRESETS = {
     "cpu": {},
     "micro": {"prompts_per_step": 8, "max_new_tokens": 24, "val_size": 8, "loop.max_steps": 4,
+              "replay": ["arithmetic"], "replay_batch": 4,
               "loop.eval_every": 0, "optim.warmup_steps": 1},
 }
 
@@ -134,10 +145,12 @@ class PolicyAndValue(nn.Module):
         super().__init__()
         self.policy, self.value = policy, value
 
-    def forward(self, inp: torch.Tensor, target: torch.Tensor, temperature: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, inp: torch.Tensor, target: torch.Tensor, temperature: float, chat: dict | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """+ with `chat` (replayed conversations, --replay-coef) the policy's (summed NLL, target tokens) on them:
+        inside forward, so DDP sees every use of the policy's weights."""
         logp, entropy = completion_logprobs(self.policy, inp, target, temperature)
-        return logp, entropy, self.value(inp)
+        return logp, entropy, self.value(inp), chat_loss(self.policy, chat) if chat is not None else None
 
 
 class KLController:
@@ -162,7 +175,7 @@ def ppo_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: PPOConfig
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy loss + vf_coef x clipped value loss, summed over the minibatch's reply tokens (the loop
     divides by their number), and per-token metrics as [sum, count] pairs."""
-    logp, entropy, values = model(batch["input"], batch["target"], cfg.temperature)
+    logp, entropy, values, replayed = model(batch["input"], batch["target"], cfg.temperature, chat_part(batch))
     mask = batch["mask"]
     pg, pg_clipped = clipped_policy_loss(logp, batch["old_logp"], batch["adv"], cfg.epsilon_low, cfg.epsilon_high)
     vf, vf_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], cfg.value_clip)
@@ -171,7 +184,12 @@ def ppo_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: PPOConfig
     extras = {"policy_loss": pg.detach(), "value_loss": vf.detach(), "clip_frac": pg_clipped.float(),
               "value_clip_frac": vf_clipped.float(), "entropy": entropy,
               "ratio": torch.exp(logp - batch["old_logp"]).detach()}
-    return loss, {k: torch.stack([(v * mask).sum(), n]) for k, v in extras.items()}
+    out = {k: torch.stack([(v * mask).sum(), n]) for k, v in extras.items()}
+    if replayed is not None:  # --replay-coef: the micro-batch's SFT conversations; its units are its reply tokens
+        r_nll, r_n = replayed
+        loss = loss + replay_loss(r_nll, r_n, cfg.replay_coef, n)
+        out["replay_nll"] = torch.stack([r_nll.detach(), r_n.to(r_nll.dtype)])
+    return loss, out
 
 
 def main(cfg: PPOConfig) -> Path:
@@ -233,6 +251,11 @@ def main(cfg: PPOConfig) -> Path:
     batches = RolloutBatches(roll_out, cfg.prompts_per_step // info.world_size, cfg.epochs, cfg.num_minibatches,
                              cfg.loop.batch_size, lambda b: b["mask"].sum().item(), cfg.loop.seed, info,
                              keep={"kl": kl})
+    replay: dict[str, Any] = {}
+    if cfg.replay_coef:  # SFT's conversations next to each minibatch of rollouts, as DPO's --replay-coef
+        chat, replay = replay_batches(cfg.replay, tok, policy.cfg.max_seq_len, cfg.loop.max_steps, cfg.replay_batch,
+                                      batches.micro_batches, info, cfg.loop.seed, run.meta if run.resumed else None,
+                                      cfg.out)
     judge = RLHFEval(val_rows, tok, rm, ref, cfg.max_new_tokens, cfg.loop.seed, cfg.val_samples)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
@@ -240,9 +263,12 @@ def main(cfg: PPOConfig) -> Path:
 
     run.announce(f"+ {value.body.num_params() / 1e6:.2f}M value parameters from {cfg.reward_model}; {len(prompts)} "
                  f"prompts, {cfg.prompts_per_step} replies per phase, {cfg.epochs} epochs x {cfg.num_minibatches} "
-                 "minibatches")
-    metrics = run.train(model, batches, lambda m, b: ppo_loss(m, b, cfg), evaluate,
-                        meta={"reward_model": cfg.reward_model, "skipped_lines": skipped},
+                 "minibatches" + (f"; replaying {cfg.replay_batch * batches.micro_batches * info.world_size} "
+                                  f"conversations per step ({', '.join(cfg.replay)}) at {cfg.replay_coef:g}"
+                                  if replay else ""))
+    metrics = run.train(model, WithChat(batches, chat) if replay else batches, lambda m, b: ppo_loss(m, b, cfg),
+                        evaluate, meta={"reward_model": cfg.reward_model, "skipped_lines": skipped,
+                                        **({"replay": replay} if replay else {})},
                         heads=value_tensors,
                         loop=batches.loop(cfg.loop), show=("proxy", "gold", "kl"))
     return run.done(f"held-out gold {metrics.get('val_gold', math.nan):.3f}, proxy "

@@ -89,7 +89,7 @@ STAGES: tuple[Stage, ...] = (
           options={"replay": "sft_data"}, model="dpo", summary=heldout_summary),
     Stage("ppo", ppo, ppo.PPOConfig, "RLHF with PPO against a reward model (value model, GAE, KL penalty)", ppo.main,
           ppo.PRESETS, pipeline=True, out="ppo", preset_key="rlhf", inputs=RLHF_INPUTS, trains=True, model="ppo",
-          summary=heldout_summary),
+          options={"replay": "sft_data"}, summary=heldout_summary),
     Stage("grpo", grpo, grpo.GRPOConfig, "RL from verifiable rewards: GRPO on task prompts (DAPO/Dr. GRPO options)",
           grpo.main, grpo.PRESETS, pipeline=True, out="grpo", preset_key="rl", inputs={"init": "dpo"},
           options={"data": "grpo_data", "rewards": "rewards"}, trains=True, model="grpo", summary=rl.summary),
