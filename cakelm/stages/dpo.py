@@ -46,7 +46,7 @@ import torch
 from cakelm.common import CakeError, DistInfo, all_reduce_sum, print0
 from cakelm.config import ConfigError, nested, opt
 from cakelm.data.chat import SFT_MIXTURE
-from cakelm.data.chat_batches import ChatBatches, WithChat, chat_part, replay_batches
+from cakelm.data.chat_batches import ChatBatches, WithChat, chat_part, replay_batches, replay_summary
 from cakelm.data.prefs import EncodedPair, PairBatches, encode_pairs, load_prefs, pad_pairs
 from cakelm.heldout import chat_loss
 from cakelm.loop import LoopConfig
@@ -201,8 +201,7 @@ def main(cfg: DPOConfig) -> Path:
     run.announce(f"beta {cfg.beta}, {cfg.loss_type} loss; {len(rows)} training pairs ({dropped} too long), "
                  f"{len(val_rows)} held out; {pairs.global_batch} pairs per step"
                  + (f"; skipped {skipped} bad lines" if skipped else "")
-                 + (f"; replaying {cfg.replay_batch * cfg.loop.grad_accum * info.world_size} conversations per "
-                    f"step ({', '.join(cfg.replay)}) at {cfg.replay_coef:g}" if replay else ""))
+                 + (replay_summary(chat, cfg.replay, cfg.replay_coef) if chat is not None else ""))
     metrics = run.train(model, batches, lambda m, b: dpo_batch_loss(m, b, cfg), evaluate,
                         meta={"pairs": {"train": len(rows), "val": len(val_rows), "too_long": dropped,
                                         "skipped_lines": skipped}, **({"replay": replay} if replay else {})},

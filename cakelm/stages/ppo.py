@@ -50,7 +50,7 @@ import torch.nn as nn
 from cakelm.common import CakeError, all_reduce_sum
 from cakelm.config import ConfigError, nested, opt
 from cakelm.data.chat import SFT_MIXTURE
-from cakelm.data.chat_batches import Mixture, WithChat, chat_part, replay_batches
+from cakelm.data.chat_batches import ChatBatches, Mixture, WithChat, chat_part, replay_batches, replay_summary
 from cakelm.data.prefs import load_prefs
 from cakelm.data.prompts import fitting
 from cakelm.engine import SamplingParams
@@ -252,6 +252,7 @@ def main(cfg: PPOConfig) -> Path:
                              cfg.loop.batch_size, lambda b: b["mask"].sum().item(), cfg.loop.seed, info,
                              keep={"kl": kl})
     replay: dict[str, Any] = {}
+    chat: ChatBatches | None = None
     if cfg.replay_coef:  # SFT's conversations next to each minibatch of rollouts, as DPO's --replay-coef
         chat, replay = replay_batches(cfg.replay, tok, policy.cfg.max_seq_len, cfg.loop.max_steps, cfg.replay_batch,
                                       batches.micro_batches, info, cfg.loop.seed, run.meta if run.resumed else None,
@@ -263,13 +264,11 @@ def main(cfg: PPOConfig) -> Path:
 
     run.announce(f"+ {value.body.num_params() / 1e6:.2f}M value parameters from {cfg.reward_model}; {len(prompts)} "
                  f"prompts, {cfg.prompts_per_step} replies per phase, {cfg.epochs} epochs x {cfg.num_minibatches} "
-                 "minibatches" + (f"; replaying {cfg.replay_batch * batches.micro_batches * info.world_size} "
-                                  f"conversations per step ({', '.join(cfg.replay)}) at {cfg.replay_coef:g}"
-                                  if replay else ""))
-    metrics = run.train(model, WithChat(batches, chat) if replay else batches, lambda m, b: ppo_loss(m, b, cfg),
-                        evaluate, meta={"reward_model": cfg.reward_model, "skipped_lines": skipped,
-                                        **({"replay": replay} if replay else {})},
-                        heads=value_tensors,
-                        loop=batches.loop(cfg.loop), show=("proxy", "gold", "kl"))
+                 "minibatches" + (replay_summary(chat, cfg.replay, cfg.replay_coef) if chat is not None else ""))
+    provider = WithChat(batches, chat) if chat is not None else batches
+    metrics = run.train(model, provider, lambda m, b: ppo_loss(m, b, cfg), evaluate,
+                        meta={"reward_model": cfg.reward_model, "skipped_lines": skipped,
+                              **({"replay": replay} if replay else {})},
+                        heads=value_tensors, loop=batches.loop(cfg.loop), show=("proxy", "gold", "kl"))
     return run.done(f"held-out gold {metrics.get('val_gold', math.nan):.3f}, proxy "
                     f"{metrics.get('val_proxy', math.nan):.3f}, KL {metrics.get('val_kl', math.nan):.2f}", metrics)
