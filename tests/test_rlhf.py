@@ -378,6 +378,20 @@ def test_ppo_with_replay_resumes_exactly(chat_model, reward_model, pairs, tmp_pa
         assert all(torch.equal(wa[k], wb[k]) for k in wa), f
 
 
+def test_ppo_refuses_bad_replay_options(chat_model, reward_model, pairs, tmp_path, capsys) -> None:
+    """PPO's --replay options get DPO's one-line errors, before any step, and nothing is written to --out."""
+    base = ["ppo", "--init", str(chat_model), "--reward-model", str(reward_model), "--data", str(pairs), "--out",
+            str(tmp_path / "p"), "--no-loop.progress", "--max-new-tokens", "8", "--val-size", "4"]
+    for bad in ("-1", "nan"):
+        assert cli([*base, "--replay-coef", bad]) == 2
+        assert "--replay-coef must be >= 0" in capsys.readouterr().err
+    assert cli([*base, "--replay-batch", "0"]) == 2
+    assert "--replay-batch >= 1" in capsys.readouterr().err
+    assert cli([*base, "--replay", "nope"]) == 2
+    assert "--replay nope: not a chat source" in capsys.readouterr().err
+    assert not (tmp_path / "p" / "model.safetensors").exists()
+
+
 def test_ppo_needs_a_reward_model(chat_model, pairs, tmp_path, capsys) -> None:
     assert cli(["ppo", "--init", str(chat_model), "--reward-model", str(chat_model), "--data", str(pairs),
                 "--out", str(tmp_path / "p")]) == 2
