@@ -96,6 +96,17 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "seed2": {"loop.seed": 2},
         # a quarter of the questions chat openings judged by the rater (which gives a looping reply no length point)
         "chat": {"data": ["arithmetic", "chitchat=0.25"], "rewards": ["exact_match", "rater=0.25"]},
+        # SFT's conversations replayed next to the rollouts (the PPO-ptx term DPO and PPO use), at higher rates
+        "replay2": {"replay_coef": 2.0},
+        "replay2-lr3e-4": {"replay_coef": 2.0, "optim.lr": 3e-4},
+        "replay2-lr1e-3": {"replay_coef": 2.0, "optim.lr": 1e-3},
+        "replay4-lr1e-3": {"replay_coef": 4.0, "optim.lr": 1e-3},
+        # the control: the replay alone (every reward 0, so every advantage is 0), to tell RL's part from SFT's
+        "replay2-lr3e-4-only": {"replay_coef": 2.0, "optim.lr": 3e-4, "rewards": ["exact_match=0"]},
+        "replay2-lr3e-4-seed1": {"replay_coef": 2.0, "optim.lr": 3e-4, "loop.seed": 1},
+        "replay2-lr3e-4-only-seed1": {"replay_coef": 2.0, "optim.lr": 3e-4, "rewards": ["exact_match=0"],
+                                      "loop.seed": 1},
+        "replay2-lr3e-4-b8": {"replay_coef": 2.0, "optim.lr": 3e-4, "replay_batch": 8},  # half the conversations
     },
     "dpo": {  # evaluations during training off: they sample, and take longer than the training
         # sigmoid, beta 0.1, RPO alpha 4, AdamW 1e-4, 40 steps x 32 pairs, 16 SFT conversations replayed at 2

@@ -231,8 +231,9 @@ def train_dtype(cfg: LoopConfig, device: torch.device, info: DistInfo, resume_st
         print0(f"--loop.dtype auto: {pinned} (${AUTO_DTYPE_ENV})", info=info)
         return names[pinned]
     if step is None:
-        print0("--loop.dtype auto: fp32 (no step to time before training: this stage's batches come from rollouts, "
-               "or the model is to be sharded)", info=info)
+        print0("--loop.dtype auto: fp32 (no step to time before training: this stage's batches come from the model "
+               "being trained (rollouts; SFT's own replies for --repeat-unlikelihood), or it is to be sharded)",
+               info=info)
         return torch.float32
     if cpu_has_bf16_matrix_units() is False:
         print0("--loop.dtype auto: fp32 (this CPU has no bf16 matrix units (AMX), and on its vector units bf16 gains "

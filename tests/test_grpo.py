@@ -239,11 +239,35 @@ def test_dynamic_sampling_trains_on_groups_with_signal(chat_model, prompts, tmp_
     assert "trained_zero_signal" not in plain[0] and plain[0]["zero_signal"] in (0.0, 0.5, 1.0)
 
 
-@pytest.mark.parametrize("oversample", [1, 2])
-def test_resume_inside_a_rollout_window_is_exact(chat_model, prompts, tmp_path, monkeypatch, oversample) -> None:
+def test_grpo_replays_sft_conversations(chat_model, prompts, tmp_path, user_rewards) -> None:
+    """--replay-coef adds coef x the per-token NLL of replayed SFT conversations to GRPO's loss. With every reward
+    0 the policy term is exactly 0 (every advantage is 0), so each step's logged loss is 2 x replay_nll, and the
+    steps lower it: the replay alone is supervised training on SFT's data."""
+    chats = write_jsonl(tmp_path / "chats.jsonl", [
+        {"messages": [{"role": "user", "content": f"Who has the {w}?"},
+                      {"role": "assistant", "content": f"The {w} is with the {v}."}]}
+        for w in ("king", "queen", "lord", "lady") for v in ("night", "day", "heart", "blood", "time", "house")])
+    out = run_grpo(chat_model, [prompts], tmp_path / "grpo", rewards=["my_rewards:e_share=0"], replay_coef=2.0,
+                   replay=[chats], replay_batch=6, **{"loop.max_steps": 10, "loop.batch_size": 16, "optim.lr": 3e-3})
+    r = rows(out)
+    assert len(r) == 10 and all(x["zero_signal"] == 1.0 for x in r)
+    for x in r:  # one micro-batch per step: exact up to float rounding
+        assert x["loss"] == pytest.approx(2.0 * x["replay_nll"], abs=1e-5), x
+    assert r[0]["replay_nll"] > 1.0 and r[-1]["replay_nll"] < r[0]["replay_nll"] - 0.5, (r[0], r[-1])
+    meta = load_meta(out)
+    assert meta["replay"][chats]["weight"] == 1.0 and meta["config"]["replay_coef"] == 2.0
+    plain = rows(run_grpo(chat_model, [prompts], tmp_path / "plain", rewards=["my_rewards:e_share=0"],
+                          **{"loop.max_steps": 2, "loop.batch_size": 16, "optim.lr": 3e-3}))
+    assert "replay_nll" not in plain[0] and plain[0]["loss"] == 0.0  # no replay: nothing to learn from zero rewards
+
+
+@pytest.mark.parametrize("extra", [{}, {"oversample": 2}, {"replay_coef": 1.0, "replay": ["arithmetic"],
+                                                              "replay_batch": 4}])
+def test_resume_inside_a_rollout_window_is_exact(chat_model, prompts, tmp_path, monkeypatch, extra) -> None:
     """Also with dynamic sampling (--oversample 2): which questions a phase samples follows from its number, so a
-    resumed run draws the same pool and keeps the same groups."""
-    kw = {"epochs": 2, "loop.max_steps": 6, "rewards": ["exact_match", "format=0.5"], "oversample": oversample}
+    resumed run draws the same pool and keeps the same groups; and with SFT conversations replayed next to the
+    rollouts (--replay-coef), which are a function of (step, micro-batch)."""
+    kw = {"epochs": 2, "loop.max_steps": 6, "rewards": ["exact_match", "format=0.5"], **extra}
     straight = run_grpo(chat_model, [prompts], tmp_path / "straight", **kw)
     # Ctrl-C during step 3: steps 0-2 saved, step 3 reuses step 2's rollouts
     with ctrl_c_at(monkeypatch, RolloutBatches, 3, micro=0), \

@@ -368,6 +368,9 @@ def test_two_processes_equal_one(stage, chatty, prompts, tmp_path, user_rewards)
               "loop.eval_every": 2, "optim.eps": 1e-3, "optim.lr": 1e-5, "rewards": ["my_rewards:e_share"]}
     if stage == "rloo":
         common.update({"reward_model": "", "normalize_advantages": True, "kl_coef": 0.1})
+    replay = ["--replay", "arithmetic"] if stage == "grpo" else []
+    if stage == "grpo":  # SFT conversations replayed: 2 per micro-batch, 2 micro-batches on one process, 1 per rank
+        common.update({"replay": ["arithmetic"], "replay_batch": 2, "replay_coef": 2.0})
     if stage == "grpo-lora":  # DDP over the adapters alone (the frozen weights are no DDP parameters)
         common.update({"lora.rank": 4, "optim.name": "adamw", "optim.lr": 1e-3, "kl_coef": 0.1,
                        "lora.base_dtype": "bf16"})  # and the frozen base kept in bf16
@@ -375,7 +378,8 @@ def test_two_processes_equal_one(stage, chatty, prompts, tmp_path, user_rewards)
     main, cls = {"grpo": (grpo.main, grpo.GRPOConfig), "rloo": (rloo.main, rloo.RLOOConfig)}[stage]
     single = main(build_config(cls, ("test", {**common, "out": str(tmp_path / "single")})))
     proc = torchrun(stage, [*_flags({k: v for k, v in common.items() if not isinstance(v, list)}),
-                            "--data", prompts, "--rewards", "my_rewards:e_share", "--out", str(tmp_path / "ddp")],
+                            "--data", prompts, "--rewards", "my_rewards:e_share", *replay, "--out",
+                            str(tmp_path / "ddp")],
                     tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 2 ranks" in proc.stdout

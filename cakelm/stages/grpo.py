@@ -5,6 +5,7 @@
     cakelm grpo --data my_prompts.jsonl --rewards exact_match my_rewards:brevity=0.5
     cakelm grpo --rewards exact_match reward_model=0.5 --reward-model runs/default/rm   # + a reward model's score
     cakelm grpo --scale-rewards none --aggregation constant            # Dr. GRPO
+    cakelm grpo --replay-coef 2 --optim.lr 3e-4             # SFT's conversations replayed next to the rollouts
     cakelm grpo --resume                                   # continue an interrupted run exactly
     cakelm grpo --init runs/default/base --from-base --out runs/zero   # RL straight from pretraining (R1-Zero)
     torchrun --nproc_per_node 2 -m cakelm grpo             # rollouts split across ranks, whole groups per rank
@@ -34,6 +35,9 @@ arXiv 2402.03300, with the corrections of DAPO, Yu et al. 2025, arXiv 2503.14476
    max_new_tokens)). --mask-truncated leaves completions that hit the token limit out of the loss (DAPO's
    overlong filtering). The KL term (k3, in the loss, as GRPO's paper) needs the frozen --init, loaded when
    --kl-coef > 0 or --log-kl.
+   --replay-coef g adds g x the per-token NLL of --replay-batch SFT conversations per micro-batch (--replay,
+   SFT's default mixture; `losses.replay_loss`), InstructGPT's PPO-ptx term as DPO and PPO use it: it holds
+   what SFT taught while larger RL steps move the policy.
 
 --loop.batch-size counts completions per forward pass; the micro-batches of a step follow from it (completions per
 rank and minibatch / batch size), so --loop.grad-accum is not read.
@@ -57,8 +61,10 @@ from typing import Any
 import torch
 
 from cakelm.config import ConfigError, nested, opt
-from cakelm.data.chat import BUILTIN_CHAT, VAL_FRACTION
+from cakelm.data.chat import BUILTIN_CHAT, SFT_MIXTURE, VAL_FRACTION
+from cakelm.data.chat_batches import ChatBatches, WithChat, chat_part, replay_batches, replay_summary
 from cakelm.engine import SamplingParams
+from cakelm.heldout import chat_loss
 from cakelm.loop import LoopConfig
 from cakelm.lora import LoraConfig
 from cakelm.losses import (
@@ -69,6 +75,7 @@ from cakelm.losses import (
     dynamic_sampling_rows,
     group_advantages,
     kl_k3,
+    replay_loss,
 )
 from cakelm.optim import OptimConfig
 from cakelm.rl import (
@@ -122,6 +129,9 @@ class GRPOConfig:
     kl_coef: float = opt(0.0, HELP["kl_coef"] + " (GRPO: k3 per token, in the loss; 0 as in DAPO and TRL)")
     log_kl: bool = opt(True, "load the frozen --init to log the KL to it even when --kl-coef is 0")
     mask_truncated: bool = opt(False, "leave completions that hit --max-new-tokens out of the loss")
+    replay_coef: float = opt(0.0, HELP["replay_coef"])
+    replay: list[str] = opt(SFT_MIXTURE, HELP["replay"])
+    replay_batch: int = opt(16, HELP["replay_batch"] + " (of --loop.batch-size completions)")
     rollout_batch: int = opt(256, HELP["rollout_batch"])
     task_size: int = opt(0, HELP["task_size"])
     val_size: int = opt(100, HELP["val_size"] + " (greedy), per source")
@@ -165,10 +175,16 @@ def grpo_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: GRPOConfig
         if cfg.kl_coef > 0:
             per_token = per_token + cfg.kl_coef * kl
         extras["kl_penalty"] = kl.detach()
-    loss, _ = aggregate(per_token, mask, cfg.aggregation, cfg.max_new_tokens)
+    loss, units = aggregate(per_token, mask, cfg.aggregation, cfg.max_new_tokens)
     extras.update(entropy=entropy, clip_frac=clipped.float(), ratio=torch.exp(logp - batch["old_logp"]).detach())
     n = mask.sum()
-    return loss, {k: torch.stack([(v * mask).sum(), n]) for k, v in extras.items()}
+    out = {k: torch.stack([(v * mask).sum(), n]) for k, v in extras.items()}
+    chat = chat_part(batch)
+    if chat is not None:  # --replay-coef: the micro-batch's SFT conversations, weighted by its own loss units
+        r_nll, r_n = chat_loss(model, chat)
+        loss = loss + replay_loss(r_nll, r_n, cfg.replay_coef, units)
+        out["replay_nll"] = torch.stack([r_nll.detach(), r_n.to(r_nll.dtype)])
+    return loss, out
 
 
 def main(cfg: GRPOConfig) -> Path:
@@ -212,13 +228,22 @@ def main(cfg: GRPOConfig) -> Path:
     batches = RolloutBatches(roll_out, local, cfg.epochs, cfg.num_minibatches, cfg.loop.batch_size,
                              lambda b: aggregate(torch.zeros_like(b["mask"]), b["mask"], cfg.aggregation,
                                                  cfg.max_new_tokens)[1], cfg.loop.seed, info)
+    replay: dict[str, Any] = {}
+    chat: ChatBatches | None = None
+    if cfg.replay_coef:  # SFT's conversations next to each micro-batch of completions, as PPO's --replay-coef
+        chat, replay = replay_batches(cfg.replay, run.tok, policy.cfg.max_seq_len, cfg.loop.max_steps,
+                                      cfg.replay_batch, batches.micro_batches, info, cfg.loop.seed,
+                                      run.meta if run.resumed else None, cfg.out)
     evaluate = RewardEval(prompts.val, rewards, cfg.max_new_tokens, info, run.device,
                           lambda m: run.generator(m, cfg.rollout_batch))
     run.announce(f"{cfg.prompts_per_step} prompts x {G} completions per phase"
                  + (f" (of {pool} sampled, dynamic sampling)" if cfg.oversample > 1 else "")
                  + f", {cfg.epochs} epoch(s) x {cfg.num_minibatches} minibatch(es); rewards {', '.join(rewards.names)}"
-                 + (f"; skipped {prompts.skipped} bad lines" if prompts.skipped else ""))
-    metrics = run.train(policy, batches, lambda m, b: grpo_loss(m, b, cfg), evaluate,
-                        meta={"data": prompts.counts, "rewards": cfg.rewards, "skipped_lines": prompts.skipped},
+                 + (f"; skipped {prompts.skipped} bad lines" if prompts.skipped else "")
+                 + (replay_summary(chat, cfg.replay, cfg.replay_coef) if chat is not None else ""))
+    metrics = run.train(policy, WithChat(batches, chat) if chat is not None else batches,
+                        lambda m, b: grpo_loss(m, b, cfg), evaluate,
+                        meta={"data": prompts.counts, "rewards": cfg.rewards, "skipped_lines": prompts.skipped,
+                              **({"replay": replay} if replay else {})},
                         loop=batches.loop(cfg.loop), show=("reward", "accuracy"))
     return run.done(summary({"metrics": metrics}), metrics)
