@@ -68,7 +68,10 @@ ROWS: tuple[Stage, ...] = tuple(s for s in STAGES if s.pipeline)  # the table's 
 NAMES: tuple[str, ...] = (*(s.name for s in ROWS), "report")
 OPTIONAL: tuple[str, ...] = tuple(s.name for s in ROWS if not s.default)
 OWN_STEPS = ("sample", "eval", "report")  # run by the pipeline itself, not through a stage's main(config)
-RLHF_SAMPLES = 2  # replies sampled per held-out prompt for gold, proxy and KL
+# replies sampled per held-out prompt for gold, proxy and KL: with 2, a model's gold moved by 0.03 (sd) between
+# sampling seeds, as much as the +0.05 that DPO and PPO are asked to gain; with 4, DPO's and PPO's gains over
+# SFT moved by 0.017-0.018 (`benchmarks/gold_noise.py`), for ~4 s more per chat model on 2 CPU cores
+RLHF_SAMPLES = 4
 
 # Per preset: the preset of each group of stages (the `preset_key` of their table rows), the number of held-out
 # problems per evaluation task, of those the number whose pass@k is sampled (0: all), and the questions generated
