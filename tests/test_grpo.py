@@ -333,6 +333,9 @@ def test_rewards_none_and_mask_truncated(chat_model, tok_dir) -> None:
     (["--rewards", "my_rewards:broken"], "every reward call of the first rollout phase failed (16): reward "
                                          "my_rewards:broken failed on prompt 'Tell me about the"),
     (["--data", "missing.jsonl"], "missing.jsonl: no such file"),
+    (["--replay-coef", "-1"], "--replay-coef must be >= 0"),
+    (["--replay-coef", "1", "--replay-batch", "0"], "--replay-batch >= 1"),
+    (["--replay-coef", "1", "--replay", "nope"], "--replay nope: not a chat source"),
 ])
 def test_bad_options_are_one_line_errors(chat_model, prompts, tmp_path, capsys, user_rewards, args,
                                          message) -> None:

@@ -37,7 +37,8 @@ arXiv 2402.03300, with the corrections of DAPO, Yu et al. 2025, arXiv 2503.14476
    --kl-coef > 0 or --log-kl.
    --replay-coef g adds g x the per-token NLL of --replay-batch SFT conversations per micro-batch (--replay,
    SFT's default mixture; `losses.replay_loss`), InstructGPT's PPO-ptx term as DPO and PPO use it: it holds
-   what SFT taught while larger RL steps move the policy.
+   what SFT taught while larger RL steps move the policy (off by default: on the pipeline's arithmetic the
+   replay alone gained as much as RL with it; README, GRPO section).
 
 --loop.batch-size counts completions per forward pass; the micro-batches of a step follow from it (completions per
 rank and minibatch / batch size), so --loop.grad-accum is not read.
