@@ -214,8 +214,9 @@ def train_dtype(cfg: LoopConfig, device: torch.device, info: DistInfo, resume_st
     (so a resume is exact), bf16 on CUDA GPUs with bf16, on a CPU with bf16 matrix units (AMX;
     `cpu_has_bf16_matrix_units`, not known: probed too) bf16 if `step_speedup(step)` (this stage's own training
     step on its first batch) finds it at least BF16_MIN_SPEEDUP x faster on every rank, else fp32;
-    $CAKELM_AUTO_DTYPE pins the CPU's choice; fp32 on a CPU when there is no step to time (an RL stage, whose
-    batches come from rollouts; a model to be sharded, too big to run whole on each rank) and elsewhere. Loss,
+    $CAKELM_AUTO_DTYPE pins the CPU's choice; fp32 on a CPU when there is no step to time (batches that come from
+    the model being trained: an RL stage's rollouts, SFT's own replies for its repeat penalty; a model to be
+    sharded, too big to run whole on each rank) and elsewhere. Loss,
     reductions and optimizer state stay fp32 either way (autocast casts only the matmuls' inputs)."""
     if cfg.dtype != "auto":
         return pick_dtype(cfg.dtype, device)

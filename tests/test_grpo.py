@@ -22,6 +22,7 @@ from cakelm.config import build_config
 from cakelm.data.chat import Example
 from cakelm.data.prompts import prompts_of
 from cakelm.engine import SamplingParams
+from cakelm.heldout import chat_loss
 from cakelm.losses import aggregate, clipped_policy_loss
 from cakelm.model import Transformer
 from cakelm.rewards import load_reward
@@ -211,6 +212,30 @@ def test_loss_split_across_two_processes_equals_one(tmp_path) -> None:
         model.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("mode", ["token_mean", "sequence_mean", "constant"])
+def test_replay_is_weighted_by_the_micro_batch_units(mode) -> None:
+    """GRPO's loss with replayed conversations is the aggregated policy loss + coef x their per-token NLL x the
+    micro-batch's own loss units (reply tokens, replies, or replies x max_new_tokens), so the loop's division by a
+    step's units gives coef x the units-weighted mean NLL over micro-batches and ranks (`losses.replay_loss`)."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_config())
+    inp, tgt, old, adv, mask = _fixed_batch()
+    g = torch.Generator().manual_seed(2)
+    chat = {"input": torch.randint(0, 320, (2, 10), generator=g), "target": torch.randint(0, 320, (2, 10), generator=g)}
+    chat["target"][0, :4] = -100  # a prompt part: not scored
+    batch = {"input": inp, "target": tgt, "mask": mask, "old_logp": old, "adv": adv,
+             **{f"chat_{k}": v for k, v in chat.items()}}
+    cfg = build_config(grpo.GRPOConfig, ("test", {"aggregation": mode, "replay_coef": 2.0, "max_new_tokens": 7}))
+    loss, out = grpo.grpo_loss(model, batch, cfg)
+    with torch.no_grad():
+        logp, _ = completion_logprobs(model, inp, tgt)
+        policy, units = aggregate(clipped_policy_loss(logp, old, adv)[0], mask, mode, 7)
+        nll, n = chat_loss(model, chat)
+    assert {"token_mean": mask.sum().item(), "sequence_mean": 6.0, "constant": 42.0}[mode] == units
+    assert n.item() == 16 and out["replay_nll"].tolist() == pytest.approx([nll.item(), 16.0])
+    assert loss.item() == pytest.approx((policy + 2.0 * nll / 16 * units).item(), rel=1e-5)
+
+
 def test_grpo_raises_the_reward(chat_model, prompts, tmp_path, user_rewards) -> None:
     out = run_grpo(chat_model, [prompts], tmp_path / "grpo", rewards=["my_rewards:e_share"], group_size=6,
                    prompts_per_step=6, **{"loop.max_steps": 16, "loop.batch_size": 12, "loop.eval_every": 16,
@@ -277,6 +302,7 @@ def test_resume_inside_a_rollout_window_is_exact(chat_model, prompts, tmp_path, 
     resumed = run_grpo(chat_model, [prompts], tmp_path / "cut", resume=True, **kw)
     a, b = rows(straight), rows(resumed)
     assert [x["loss"] for x in a] == [x["loss"] for x in b] and [x["reward"] for x in a] == [x["reward"] for x in b]
+    assert ("replay_nll" in a[0]) == ("replay_coef" in extra)  # the replay ran (and only where asked)
     from cakelm.checkpoint import load_model
     wa, wb = load_model(straight)[0].state_dict(), load_model(resumed)[0].state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bit for bit

@@ -385,5 +385,8 @@ def test_two_processes_equal_one(stage, chatty, prompts, tmp_path, user_rewards)
     assert "x 2 ranks" in proc.stdout
     assert_same_run(single, tmp_path / "ddp")
     assert all(x["clip_frac"] < 0.5 and x["grad_norm"] > 1e-3 for x in rows_of(single))  # not degenerate
+    if replay:  # the replayed conversations' NLL is the same whole-step mean on 1 process and on 2 ranks
+        a, b = rows_of(single), rows_of(tmp_path / "ddp")
+        assert all(y["replay_nll"] == pytest.approx(x["replay_nll"], rel=1e-4) for x, y in zip(a, b))
     val_a, val_b = rows_of(single)[-1], rows_of(tmp_path / "ddp")[-1]
     assert val_a["val_reward"] == pytest.approx(val_b["val_reward"], rel=1e-4)  # held-out prompts split over ranks

@@ -209,8 +209,8 @@ def fixed_batches(seqs: Sequence[Seq], batch_size: int, pad_id: int, pack: bool,
 
 class WithChat:
     """Another stage's batches, each with this rank's micro-batch of `chat` for the same (step, micro), its keys
-    prefixed "chat_" (`chat_input`, `chat_target`, `chat_segments`, `chat_n`): how DPO and PPO replay SFT data next
-    to their own loss. `chat` slots its rows as ranks and micro-batches interleave, so 2 ranks read the
+    prefixed "chat_" (`chat_input`, `chat_target`, `chat_segments`, `chat_n`): how DPO, PPO and GRPO replay SFT
+    data next to their own loss. `chat` slots its rows as ranks and micro-batches interleave, so 2 ranks read the
     conversations 1 rank with 2 accumulation steps reads; a pure function of (step, micro), so `--resume` stays
     exact whenever `inner` does. Everything else (PPO's rollout state, `reads_model`, `loop`) is `inner`'s."""
 
@@ -236,7 +236,7 @@ def chat_part(batch: dict[str, Any]) -> dict[str, Any] | None:
 def replay_batches(specs: Sequence[str], tok: Tokenizer, row_len: int, steps: int, batch_size: int,
                    grad_accum: int, info: DistInfo, seed: int, meta: dict[str, Any] | None, where: str
                    ) -> tuple[ChatBatches, dict[str, dict]]:
-    """The SFT conversations an RLHF stage replays (`--replay SRC[=W] ...`, `--replay-batch` per micro-batch):
+    """The SFT conversations an RL or RLHF stage replays (`--replay SRC[=W] ...`, `--replay-batch` per micro-batch):
     packed chat micro-batches for `steps` optimizer steps, and the resolved sources for meta.json. On --resume
     (`meta`: the checkpoint's) the task sources are regenerated at the sizes it recorded, so the same problems
     come back. A bad source fails here, before the stage's slow start-up, named as --replay."""

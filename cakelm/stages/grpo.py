@@ -41,13 +41,14 @@ arXiv 2402.03300, with the corrections of DAPO, Yu et al. 2025, arXiv 2503.14476
    replay alone gained as much as RL with it; README, GRPO section).
 
 --loop.batch-size counts completions per forward pass; the micro-batches of a step follow from it (completions per
-rank and minibatch / batch size), so --loop.grad-accum is not read.
+rank and minibatch / batch size), so --loop.grad-accum is not read. With --replay-coef each micro-batch carries
+--replay-batch conversations, so a smaller --loop.batch-size also replays more of them per step.
 
 Logged per step (metrics.jsonl): the RL stages' rollout metrics (`cakelm.rl`: reward and its std, gold, accuracy,
 reply_len, end_of_turn, kl to the reference, rollout time and sampled tokens/s, reward_errors), zero_signal,
-entropy, clip_frac, the importance ratio and kl_penalty (the loss's per-token k3). Every --loop.eval-every steps:
-greedy reward, accuracy and end-of-turn share on held-out prompts (tasks: the held-out problems `cakelm eval`
-uses).
+entropy, clip_frac, the importance ratio, kl_penalty (the loss's per-token k3) and replay_nll (with
+--replay-coef). Every --loop.eval-every steps: greedy reward, accuracy and end-of-turn share on held-out prompts
+(tasks: the held-out problems `cakelm eval` uses).
 
 Why the loss is ~0 and still learns: with rho = 1 and advantages centred in each group, the loss's value is
 sum(A_i) ~ 0, but its gradient sum_i A_i grad log pi(o_i) is not (tested in tests/test_grpo.py).

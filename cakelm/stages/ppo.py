@@ -91,7 +91,8 @@ class PPOConfig:
     temperature: float = opt(1.0, HELP["temperature"])
     max_new_tokens: int = opt(64, HELP["max_new_tokens"])
     # 0.3: on the AVX2 EPYC 0.1 cost 15 points of arithmetic (0.2: 11, 0.3: 2.5 and 4.0 in two seeds) for the same
-    # gold gain; on Zen 4 0.1 kept skills and 0.3 gained a little less gold (README, the RLHF section's sweep)
+    # gold gain; on Zen 4 0.1 kept skills and 0.3 gained a little less gold (README, the RLHF section's sweep),
+    # and with replay, lr 3e-4 and penalty 3, 0.3 gained +0.074 gold at +7.0 points there (README, "The Zen 4 kind")
     kl_coef: float = opt(0.3, HELP["kl_coef"] + " (PPO: k1 per token, in the reward; the start when adaptive)")
     kl_target: float = opt(0.0, "adapt --kl-coef toward this KL per reply in nats (0 = fixed coefficient)")
     kl_horizon: int = opt(10000, "horizon of the adaptive KL controller, in replies")
