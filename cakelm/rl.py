@@ -21,6 +21,9 @@
   last phase's rollouts stay in train_state.pt, to inspect: tests/test_rl.py recomputes steps from them).
 - `RewardEval`: greedy replies to held-out prompts: val_reward, val_accuracy, val_end_of_turn (and
   val_reward_errors, counted but never stopping the run: an evaluation measures, it does not train).
+- `with_replay`, `replayed_nll`, `add_replay`: SFT's conversations replayed next to a stage's own loss
+  (--replay-coef, --replay, --replay-batch; DPO, PPO and GRPO): the batch provider with them, the policy's NLL on
+  them, and the term and its metric added to the loss.
 
 Option names are the same in every RL stage (see the README's RL section): --kl-coef, --epsilon-low/-high,
 --epochs, --num-minibatches, --temperature, --max-new-tokens, --prompts-per-step, --rollout-batch, --val-size.
@@ -40,10 +43,12 @@ import torch
 
 from cakelm.common import CakeError, DistInfo, all_reduce_sum, seed_of
 from cakelm.config import ConfigError
-from cakelm.data.chat_batches import Mixture
+from cakelm.data.chat_batches import Mixture, WithChat, chat_part, replay_batches
 from cakelm.data.prompts import PromptRow, PromptSources, rl_prompts
 from cakelm.engine import SamplingParams
+from cakelm.heldout import chat_loss
 from cakelm.loop import LoopConfig, StopRun
+from cakelm.losses import replay_loss
 from cakelm.model import Transformer
 from cakelm.rewards import BUILTIN, WeightedReward, exact_match, load_reward, score, time_limit_available
 from cakelm.rlhf import ScalarModel, gold_scores, score_rollouts_rm
@@ -118,6 +123,38 @@ def check_options(cfg: Any) -> None:
 # The optimizer of the RL stages by default (AdamW 1e-4, constant after a short warm-up, no weight decay): larger
 # steps made the pipeline's small models worse (the README's GRPO and PPO sections).
 OPTIM = {"name": "adamw", "lr": 1e-4, "warmup_steps": 5, "schedule": "constant", "weight_decay": 0.0}
+
+
+def with_replay(cfg: Any, inner: Any, tok: Tokenizer, row_len: int, micro_batches: int, info: DistInfo,
+                meta: dict[str, Any] | None) -> tuple[Any, dict[str, Any], str]:
+    """What a stage trains on with --replay-coef > 0: `inner` (its own batch provider, `micro_batches` per step)
+    with this rank's micro-batch of replayed SFT conversations (`WithChat`), the meta.json entry of the resolved
+    sources, and the words for its start-up line; `inner`, {} and "" without. `meta` is the checkpoint's on
+    --resume (the same problems come back); a bad --replay fails here, in one line."""
+    if not cfg.replay_coef:
+        return inner, {}, ""
+    chat, sources = replay_batches(cfg.replay, tok, row_len, cfg.loop.max_steps, cfg.replay_batch, micro_batches,
+                                   info, cfg.loop.seed, meta, cfg.out)
+    words = f"; replaying {chat.global_batch} conversations per step ({', '.join(cfg.replay)}) at {cfg.replay_coef:g}"
+    return WithChat(inner, chat), {"replay": sources}, words
+
+
+def replayed_nll(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(summed NLL, target tokens) of `model` on the replayed conversations of a `with_replay` batch, or None."""
+    chat = chat_part(batch)
+    return chat_loss(model, chat) if chat is not None else None
+
+
+def add_replay(loss: torch.Tensor, metrics: dict[str, torch.Tensor],
+               replayed: tuple[torch.Tensor, torch.Tensor] | None, coef: float, units: torch.Tensor | float
+               ) -> torch.Tensor:
+    """`loss` + coef x the replayed per-token NLL x the micro-batch's loss units (`losses.replay_loss`), and its
+    replay_nll metric as a [sum, count] pair into `metrics`; `loss` unchanged when nothing was replayed."""
+    if replayed is None:
+        return loss
+    nll, n = replayed
+    metrics["replay_nll"] = torch.stack([nll.detach(), n.to(nll.dtype)])
+    return loss + replay_loss(nll, n, coef, units)
 
 
 def summary(meta: dict[str, Any]) -> str:

@@ -250,8 +250,3 @@ def replay_batches(specs: Sequence[str], tok: Tokenizer, row_len: int, steps: in
     chat = ChatBatches(seqs, [c["weight"] for c in counts.values()], batch_size, grad_accum, info.rank,
                        info.world_size, seed, True, row_len, tok.pad_id)
     return chat, counts
-
-
-def replay_summary(chat: ChatBatches, specs: Sequence[str], coef: float) -> str:
-    """What a stage's start-up line says of its replay: conversations per step (all ranks), sources, weight."""
-    return f"; replaying {chat.global_batch} conversations per step ({', '.join(specs)}) at {coef:g}"

@@ -46,15 +46,13 @@ import torch
 from cakelm.common import CakeError, DistInfo, all_reduce_sum, print0
 from cakelm.config import ConfigError, nested, opt
 from cakelm.data.chat import SFT_MIXTURE
-from cakelm.data.chat_batches import ChatBatches, WithChat, chat_part, replay_batches, replay_summary
 from cakelm.data.prefs import EncodedPair, PairBatches, encode_pairs, load_prefs, pad_pairs
-from cakelm.heldout import chat_loss
 from cakelm.loop import LoopConfig
 from cakelm.lora import LoraConfig
-from cakelm.losses import DPO_LOSSES, dpo_loss, replay_loss, rpo_nll
+from cakelm.losses import DPO_LOSSES, dpo_loss, rpo_nll
 from cakelm.model import Transformer
 from cakelm.optim import OptimConfig
-from cakelm.rl import HELP, check_options
+from cakelm.rl import HELP, add_replay, check_options, replayed_nll, with_replay
 from cakelm.rlhf import RLHFEval, heldout_rows, sequence_logprobs
 from cakelm.scaffold import start
 
@@ -137,12 +135,8 @@ def dpo_batch_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: DPOConfig
                "chosen_nll": nll.detach().sum()}
     total = (loss + cfg.rpo_alpha * nll if cfg.rpo_alpha else loss).sum()
     out = {k: torch.stack([v, n]) for k, v in metrics.items()}
-    chat = chat_part(batch)
-    if chat is not None:  # --replay-coef: the micro-batch's replayed conversations; its units are its P pairs
-        r_nll, r_n = chat_loss(model, chat)
-        total = total + replay_loss(r_nll, r_n, cfg.replay_coef, P)
-        out["replay_nll"] = torch.stack([r_nll.detach(), r_n.to(r_nll.dtype)])
-    return total, out
+    # --replay-coef: the micro-batch's replayed conversations; its units are its P pairs
+    return add_replay(total, out, replayed_nll(model, batch), cfg.replay_coef, P), out
 
 
 def make_evaluate(val: list[EncodedPair], judge: Callable[[torch.nn.Module], dict[str, float]] | None,
@@ -182,29 +176,25 @@ def main(cfg: DPOConfig) -> Path:
     if not rows or not val_rows:
         raise CakeError(f"--data {cfg.data}: no {'training' if not rows else 'held-out'} pair fits the context of "
                         f"{model.cfg.max_seq_len} tokens")
-    replay: dict[str, Any] = {}  # before the reference's pass: a bad --replay fails at once
-    chat: ChatBatches | None = None
-    if cfg.replay_coef:
-        chat, replay = replay_batches(cfg.replay, tok, model.cfg.max_seq_len, cfg.loop.max_steps, cfg.replay_batch,
-                                      cfg.loop.grad_accum, info, cfg.loop.seed, run.meta if run.resumed else None,
-                                      cfg.out)
+    pairs = PairBatches(rows, cfg.loop.batch_size, cfg.loop.grad_accum, info.rank, info.world_size, cfg.loop.seed,
+                        tok.pad_id, extra=ref_of)  # ref_of reads the reference's log-probs when a batch is made
+    # before the reference's pass: a bad --replay fails at once
+    batches, replay, replaying = with_replay(cfg, pairs, tok, model.cfg.max_seq_len, cfg.loop.grad_accum, info,
+                                             run.meta if run.resumed else None)
     t_ref = time.time()
     reference_logprobs(ref, rows + val_rows, 64, tok.pad_id, cfg.loss_type == "ipo", run.device)
     print0(f"dpo: reference log-probs of {len(rows) + len(val_rows)} pairs in {time.time() - t_ref:.1f}s", info=info)
     rm = run.reward_model(cfg.reward_model) if cfg.reward_model else None
     held = heldout_rows(cfg.data, val_pairs, tok, model.cfg.max_seq_len - cfg.max_new_tokens)[:cfg.val_size]
     judge = RLHFEval(held, tok, rm, ref, cfg.max_new_tokens, cfg.loop.seed, cfg.val_samples)
-    pairs = PairBatches(rows, cfg.loop.batch_size, cfg.loop.grad_accum, info.rank, info.world_size, cfg.loop.seed,
-                        tok.pad_id, extra=ref_of)
-    batches = WithChat(pairs, chat) if chat is not None else pairs
     evaluate = make_evaluate(val_rows, lambda m: judge(m, run.generator(m)), cfg, tok.pad_id, run.device, info)
     run.announce(f"beta {cfg.beta}, {cfg.loss_type} loss; {len(rows)} training pairs ({dropped} too long), "
                  f"{len(val_rows)} held out; {pairs.global_batch} pairs per step"
                  + (f"; skipped {skipped} bad lines" if skipped else "")
-                 + (replay_summary(chat, cfg.replay, cfg.replay_coef) if chat is not None else ""))
+                 + replaying)
     metrics = run.train(model, batches, lambda m, b: dpo_batch_loss(m, b, cfg), evaluate,
                         meta={"pairs": {"train": len(rows), "val": len(val_rows), "too_long": dropped,
-                                        "skipped_lines": skipped}, **({"replay": replay} if replay else {})},
+                                        "skipped_lines": skipped}, **replay},
                         show=("pair_accuracy", "margin"))
     return run.done(f"held-out pair accuracy {metrics.get('val_pair_accuracy', math.nan):.3f}, gold "
                     f"{metrics.get('val_gold', math.nan):.3f}, KL {metrics.get('val_kl', math.nan):.2f}", metrics)

@@ -64,9 +64,7 @@ import torch
 
 from cakelm.config import ConfigError, nested, opt
 from cakelm.data.chat import BUILTIN_CHAT, SFT_MIXTURE, VAL_FRACTION
-from cakelm.data.chat_batches import ChatBatches, WithChat, chat_part, replay_batches, replay_summary
 from cakelm.engine import SamplingParams
-from cakelm.heldout import chat_loss
 from cakelm.loop import LoopConfig
 from cakelm.lora import LoraConfig
 from cakelm.losses import (
@@ -77,7 +75,6 @@ from cakelm.losses import (
     dynamic_sampling_rows,
     group_advantages,
     kl_k3,
-    replay_loss,
 )
 from cakelm.optim import OptimConfig
 from cakelm.rl import (
@@ -86,14 +83,17 @@ from cakelm.rl import (
     REWARD_ERRORS,
     RewardEval,
     RolloutBatches,
+    add_replay,
     check_options,
     check_scorable,
     gather_rows,
     group_prompts,
     make_rewards,
     phase_rows,
+    replayed_nll,
     sample_and_score,
     summary,
+    with_replay,
 )
 from cakelm.rollout import completion_logprobs
 from cakelm.scaffold import start
@@ -181,12 +181,8 @@ def grpo_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: GRPOConfig
     extras.update(entropy=entropy, clip_frac=clipped.float(), ratio=torch.exp(logp - batch["old_logp"]).detach())
     n = mask.sum()
     out = {k: torch.stack([(v * mask).sum(), n]) for k, v in extras.items()}
-    chat = chat_part(batch)
-    if chat is not None:  # --replay-coef: the micro-batch's SFT conversations, weighted by its own loss units
-        r_nll, r_n = chat_loss(model, chat)
-        loss = loss + replay_loss(r_nll, r_n, cfg.replay_coef, units)
-        out["replay_nll"] = torch.stack([r_nll.detach(), r_n.to(r_nll.dtype)])
-    return loss, out
+    # --replay-coef: the micro-batch's SFT conversations, weighted by its own loss units
+    return add_replay(loss, out, replayed_nll(model, batch), cfg.replay_coef, units), out
 
 
 def main(cfg: GRPOConfig) -> Path:
@@ -230,22 +226,18 @@ def main(cfg: GRPOConfig) -> Path:
     batches = RolloutBatches(roll_out, local, cfg.epochs, cfg.num_minibatches, cfg.loop.batch_size,
                              lambda b: aggregate(torch.zeros_like(b["mask"]), b["mask"], cfg.aggregation,
                                                  cfg.max_new_tokens)[1], cfg.loop.seed, info)
-    replay: dict[str, Any] = {}
-    chat: ChatBatches | None = None
-    if cfg.replay_coef:  # SFT's conversations next to each micro-batch of completions, as PPO's --replay-coef
-        chat, replay = replay_batches(cfg.replay, run.tok, policy.cfg.max_seq_len, cfg.loop.max_steps,
-                                      cfg.replay_batch, batches.micro_batches, info, cfg.loop.seed,
-                                      run.meta if run.resumed else None, cfg.out)
+    # SFT's conversations next to each micro-batch of completions, as PPO's --replay-coef
+    provider, replay, replaying = with_replay(cfg, batches, run.tok, policy.cfg.max_seq_len, batches.micro_batches,
+                                              info, run.meta if run.resumed else None)
     evaluate = RewardEval(prompts.val, rewards, cfg.max_new_tokens, info, run.device,
                           lambda m: run.generator(m, cfg.rollout_batch))
     run.announce(f"{cfg.prompts_per_step} prompts x {G} completions per phase"
                  + (f" (of {pool} sampled, dynamic sampling)" if cfg.oversample > 1 else "")
                  + f", {cfg.epochs} epoch(s) x {cfg.num_minibatches} minibatch(es); rewards {', '.join(rewards.names)}"
                  + (f"; skipped {prompts.skipped} bad lines" if prompts.skipped else "")
-                 + (replay_summary(chat, cfg.replay, cfg.replay_coef) if chat is not None else ""))
-    metrics = run.train(policy, WithChat(batches, chat) if chat is not None else batches,
-                        lambda m, b: grpo_loss(m, b, cfg), evaluate,
+                 + replaying)
+    metrics = run.train(policy, provider, lambda m, b: grpo_loss(m, b, cfg), evaluate,
                         meta={"data": prompts.counts, "rewards": cfg.rewards, "skipped_lines": prompts.skipped,
-                              **({"replay": replay} if replay else {})},
+                              **replay},
                         loop=batches.loop(cfg.loop), show=("reward", "accuracy"))
     return run.done(summary({"metrics": metrics}), metrics)

@@ -50,7 +50,7 @@ import torch.nn as nn
 from cakelm.common import CakeError, all_reduce_sum
 from cakelm.config import ConfigError, nested, opt
 from cakelm.data.chat import SFT_MIXTURE
-from cakelm.data.chat_batches import ChatBatches, Mixture, WithChat, chat_part, replay_batches, replay_summary
+from cakelm.data.chat_batches import Mixture, chat_part
 from cakelm.data.prefs import load_prefs
 from cakelm.data.prompts import fitting
 from cakelm.engine import SamplingParams
@@ -65,12 +65,21 @@ from cakelm.losses import (
     masked_moments,
     masked_whiten,
     ppo_token_rewards,
-    replay_loss,
 )
 from cakelm.model import Transformer
 from cakelm.optim import OptimConfig
 from cakelm.rewards import load_reward
-from cakelm.rl import HELP, OPTIM, Rewards, RolloutBatches, check_options, phase_rows, sample_and_score
+from cakelm.rl import (
+    HELP,
+    OPTIM,
+    Rewards,
+    RolloutBatches,
+    add_replay,
+    check_options,
+    phase_rows,
+    sample_and_score,
+    with_replay,
+)
 from cakelm.rlhf import RLHFEval, ScalarModel, heldout_rows, load_scalar_model, prompt_rows
 from cakelm.rollout import completion_logprobs
 from cakelm.scaffold import start
@@ -186,11 +195,8 @@ def ppo_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: PPOConfig
               "value_clip_frac": vf_clipped.float(), "entropy": entropy,
               "ratio": torch.exp(logp - batch["old_logp"]).detach()}
     out = {k: torch.stack([(v * mask).sum(), n]) for k, v in extras.items()}
-    if replayed is not None:  # --replay-coef: the micro-batch's SFT conversations; its units are its reply tokens
-        r_nll, r_n = replayed
-        loss = loss + replay_loss(r_nll, r_n, cfg.replay_coef, n)
-        out["replay_nll"] = torch.stack([r_nll.detach(), r_n.to(r_nll.dtype)])
-    return loss, out
+    # --replay-coef: the micro-batch's SFT conversations; its units are its reply tokens
+    return add_replay(loss, out, replayed, cfg.replay_coef, n), out
 
 
 def main(cfg: PPOConfig) -> Path:
@@ -252,12 +258,9 @@ def main(cfg: PPOConfig) -> Path:
     batches = RolloutBatches(roll_out, cfg.prompts_per_step // info.world_size, cfg.epochs, cfg.num_minibatches,
                              cfg.loop.batch_size, lambda b: b["mask"].sum().item(), cfg.loop.seed, info,
                              keep={"kl": kl})
-    replay: dict[str, Any] = {}
-    chat: ChatBatches | None = None
-    if cfg.replay_coef:  # SFT's conversations next to each minibatch of rollouts, as DPO's --replay-coef
-        chat, replay = replay_batches(cfg.replay, tok, policy.cfg.max_seq_len, cfg.loop.max_steps, cfg.replay_batch,
-                                      batches.micro_batches, info, cfg.loop.seed, run.meta if run.resumed else None,
-                                      cfg.out)
+    # SFT's conversations next to each micro-batch of rollouts, as DPO's --replay-coef
+    provider, replay, replaying = with_replay(cfg, batches, tok, policy.cfg.max_seq_len, batches.micro_batches, info,
+                                              run.meta if run.resumed else None)
     judge = RLHFEval(val_rows, tok, rm, ref, cfg.max_new_tokens, cfg.loop.seed, cfg.val_samples)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
@@ -265,11 +268,9 @@ def main(cfg: PPOConfig) -> Path:
 
     run.announce(f"+ {value.body.num_params() / 1e6:.2f}M value parameters from {cfg.reward_model}; {len(prompts)} "
                  f"prompts, {cfg.prompts_per_step} replies per phase, {cfg.epochs} epochs x {cfg.num_minibatches} "
-                 "minibatches" + (replay_summary(chat, cfg.replay, cfg.replay_coef) if chat is not None else ""))
-    provider = WithChat(batches, chat) if chat is not None else batches
+                 "minibatches" + replaying)
     metrics = run.train(model, provider, lambda m, b: ppo_loss(m, b, cfg), evaluate,
-                        meta={"reward_model": cfg.reward_model, "skipped_lines": skipped,
-                              **({"replay": replay} if replay else {})},
+                        meta={"reward_model": cfg.reward_model, "skipped_lines": skipped, **replay},
                         heads=value_tensors, loop=batches.loop(cfg.loop), show=("proxy", "gold", "kl"))
     return run.done(f"held-out gold {metrics.get('val_gold', math.nan):.3f}, proxy "
                     f"{metrics.get('val_proxy', math.nan):.3f}, KL {metrics.get('val_kl', math.nan):.2f}", metrics)
