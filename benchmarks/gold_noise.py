@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, nargs="+", default=[2, 4], help="replies per prompt to compare")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="as the pipeline's evaluation")
     args = ap.parse_args()
+    if args.seeds < 1 or not args.samples or min(args.samples) < 1 or args.max_new_tokens < 1:
+        raise SystemExit("gold_noise: need --seeds >= 1, --samples >= 1 each and --max-new-tokens >= 1")
     missing = [str(args.run / m) for m in [*args.models, "prefs", "rm"] if not (args.run / m).exists()]
     if missing:
         raise SystemExit(f"gold_noise: not found: {', '.join(missing)} (run `cakelm pipeline` first)")

@@ -13,6 +13,9 @@ Shapes (a) and (b) use vocabulary 65 (character level, as in nanoGPT's shakespea
 MFU is achieved FLOP/s (model.flops_per_token: 6 x matmul params + attention, the PaLM/nanoGPT formula) over the
 fp32 matmul peak this script measures on the machine (best of several 2048x2048 matmuls).
 
+Each row ends with our optimizer's step alone (the median of as many steps as were timed, on one step's
+gradients): Muon (+ AdamW for embeddings and norms) at the cpu preset, fused AdamW at nanoGPT's shapes.
+
 Shared cloud CPUs drift in speed from minute to minute, so comparing against numbers measured at another time
 misleads. The script therefore times a reference at the same shape, interleaving the two in short rounds, and
 reports the ratio (speedup > 1: ours is faster). The reference is nanoGPT's own `model.py` when `--nanogpt DIR`
@@ -189,13 +192,22 @@ def bench_shape(name: str, steps: int, rounds: int, peak: float, compile: bool, 
                 fn()
                 times[key].append(time.perf_counter() - t)
     dt_ours, dt_ref = statistics.median(times["ours"]), statistics.median(times["ref"])
+    # our optimizer's step alone (Muon at the cpu preset, fused AdamW elsewhere), on the gradients of one more step
+    ours_loss().backward()
+    opt_times = []
+    for _ in range(steps * rounds):
+        t = time.perf_counter()
+        for o in ours_opt:
+            o.step()
+        opt_times.append(time.perf_counter() - t)
     tok = B * T
     fpt_ours = flops_per_token(cfg, T)
     return {
         "shape": name, "params_M": ours.num_params() / 1e6, "ms_per_step": 1000 * dt_ours,
         "tok_per_s": tok / dt_ours, "mfu": fpt_ours * tok / dt_ours / peak,
         "ref_ms_per_step": 1000 * dt_ref, "ref_tok_per_s": tok / dt_ref, "ref_mfu": fpt_ref * tok / dt_ref / peak,
-        "speedup": dt_ref / dt_ours, "dtype": dtype_name,
+        "speedup": dt_ref / dt_ours, "dtype": dtype_name, "optimizer_ms": 1000 * statistics.median(opt_times),
+        "optimizer": "muon + adamw" if name == "cpu" else "adamw",
     }
 
 
@@ -228,7 +240,8 @@ def main() -> None:
         r = bench_shape(name, steps, args.rounds, peak, args.compile, nanogpt, args.dtype)
         print(f"{r['shape']:<6}{r['params_M']:>7.2f}M{r['ms_per_step']:>10.1f}{r['tok_per_s']:>10,.0f}"
               f"{r['mfu']:>7.1%} | {r['ref_ms_per_step']:>8.1f}{r['ref_tok_per_s']:>10,.0f}{r['ref_mfu']:>8.1%} | "
-              f"{r['speedup']:>6.2f}x  {r['dtype']}", flush=True)
+              f"{r['speedup']:>6.2f}x  {r['dtype']}; our optimizer step alone ({r['optimizer']}) "
+              f"{r['optimizer_ms']:.1f} ms", flush=True)
     print(f"peak memory (RSS) {peak_memory_mb():.0f} MB; fp32 matmul peak re-measured "
           f"{matmul_gflops(n=2048):.1f} GFLOP/s")
 

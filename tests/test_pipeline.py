@@ -90,6 +90,11 @@ def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
 
     # the two experiments on a finished run: RLHF with the agreeable rater, GRPO from the base model
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    noise = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gold_noise.py"), str(out), "--seeds",
+                            "2", "--samples", "1"], capture_output=True, text=True, timeout=300)
+    assert noise.returncode == 0, noise.stderr[-2000:]
+    gains = re.search(r"1 replies per prompt: sft gold ([-\d.]+) .*dpo ([-+\d.]+) .*ppo ([-+\d.]+)", noise.stdout)
+    assert gains and all(math.isfinite(float(g)) for g in gains.groups()), noise.stdout
     for script in ("sycophancy.py", "rl_start.py"):
         args = [sys.executable, os.path.join(root, "benchmarks", script), str(out)] + (
             ["--limit", "8", "--rl-steps", "2"] if script == "sycophancy.py" else [])
@@ -199,6 +204,15 @@ def test_every_preset_builds_and_gpu8_takes_half_a_million_tokens_per_step(tmp_p
     assert loop.batch_size * loop.grad_accum * 8 * pre["pretrain"].model.max_seq_len == 524_288
     assert pre["compare"].model.dim == 512  # compare's own gpu preset
 
+
+def test_gold_noise_script_refuses_bad_options_in_one_line(tmp_path) -> None:
+    """benchmarks/gold_noise.py: no seeds, no replies, or a directory that is not a finished run: one line each."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gold_noise.py")
+    for extra, says in ((["--seeds", "0"], "need --seeds >= 1"), (["--samples", "0", "2"], "need --seeds >= 1"),
+                        ([], "gold_noise: not found: " + str(tmp_path / "sft"))):
+        done = subprocess.run([sys.executable, script, str(tmp_path), *extra], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 1 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, extra
 
 def test_sycophancy_script_refuses_bad_options_in_one_line(tmp_path) -> None:
     """benchmarks/sycophancy.py: out-of-range RL options, and a directory that is not a finished run, are one line
