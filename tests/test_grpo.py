@@ -363,14 +363,19 @@ def test_rewards_none_and_mask_truncated(chat_model, tok_dir) -> None:
     (["--replay-coef", "1", "--replay-batch", "0"], "--replay-batch >= 1"),
     (["--replay-coef", "1", "--replay", "nope"], "--replay nope: not a chat source"),
 ])
-def test_bad_options_are_one_line_errors(chat_model, prompts, tmp_path, capsys, user_rewards, args,
+def test_bad_options_are_one_line_errors(chat_model, prompts, tmp_path, capsys, user_rewards, monkeypatch, args,
                                          message) -> None:
+    from cakelm.scaffold import Run
+    loaded = []  # the frozen reference (for the logged KL): a bad --replay fails before it is loaded
+    monkeypatch.setattr(Run, "reference", lambda self: loaded.append(1) or Transformer(self.model.cfg))
     argv = ["grpo", "--init", str(chat_model), "--out", str(tmp_path / "o"), "--data", prompts,
-            *_flags(TINY), *args]
+            *_flags(TINY), "--log-kl", *args]
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o" / "model.safetensors").exists()
+    if "--replay" in args or "--replay-batch" in args:
+        assert loaded == []
 
 
 def test_base_model_is_refused(tok_dir, prompts, tmp_path, capsys) -> None:

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from cakelm.__main__ import main as cli
-from cakelm.checkpoint import load_heads, load_meta, load_model
+from cakelm.checkpoint import OPTIMIZER_DIR, load_heads, load_meta, load_model
 from cakelm.config import build_config
 from cakelm.losses import (
     IGNORE_INDEX,
@@ -359,7 +359,7 @@ def assert_same_run(single: Path, ddp: Path) -> None:
     assert load_meta(ddp)["world_size"] == 2
 
 
-@pytest.mark.parametrize("stage", ["grpo", "rloo", "grpo-lora"])
+@pytest.mark.parametrize("stage", ["grpo", "rloo", "grpo-lora", "grpo-fsdp"])
 def test_two_processes_equal_one(stage, chatty, prompts, tmp_path, user_rewards) -> None:
     # AdamW with a large epsilon: updates proportional to gradients (see test_ddp.py), small enough that the second
     # epoch's ratios stay inside the clip range (clipped everywhere, the gradient would be rounding noise); two
@@ -369,21 +369,25 @@ def test_two_processes_equal_one(stage, chatty, prompts, tmp_path, user_rewards)
     if stage == "rloo":
         common.update({"reward_model": "", "normalize_advantages": True, "kl_coef": 0.1})
     replay = ["--replay", "arithmetic"] if stage == "grpo" else []
+    # FSDP2: the policy sharded over the 2 ranks, rollouts from its gathered weights, the reference whole on each
+    sharded = ["--loop.parallel", "fsdp"] if stage == "grpo-fsdp" else []
     if stage == "grpo":  # SFT conversations replayed: 2 per micro-batch, 2 micro-batches on one process, 1 per rank
         common.update({"replay": ["arithmetic"], "replay_batch": 2, "replay_coef": 2.0})
     if stage == "grpo-lora":  # DDP over the adapters alone (the frozen weights are no DDP parameters)
         common.update({"lora.rank": 4, "optim.name": "adamw", "optim.lr": 1e-3, "kl_coef": 0.1,
                        "lora.base_dtype": "bf16"})  # and the frozen base kept in bf16
-    stage = stage.removesuffix("-lora")
+    stage = stage.removesuffix("-lora").removesuffix("-fsdp")
     main, cls = {"grpo": (grpo.main, grpo.GRPOConfig), "rloo": (rloo.main, rloo.RLOOConfig)}[stage]
     single = main(build_config(cls, ("test", {**common, "out": str(tmp_path / "single")})))
     proc = torchrun(stage, [*_flags({k: v for k, v in common.items() if not isinstance(v, list)}),
-                            "--data", prompts, "--rewards", "my_rewards:e_share", *replay, "--out",
+                            "--data", prompts, "--rewards", "my_rewards:e_share", *replay, *sharded, "--out",
                             str(tmp_path / "ddp")],
                     tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 2 ranks" in proc.stdout
     assert_same_run(single, tmp_path / "ddp")
+    # sharded runs save their optimizer as each rank's shards (DCP), DDP's as one file
+    assert (tmp_path / "ddp" / OPTIMIZER_DIR / ".metadata").is_file() == bool(sharded)
     assert all(x["clip_frac"] < 0.5 and x["grad_norm"] > 1e-3 for x in rows_of(single))  # not degenerate
     if replay:  # the replayed conversations' NLL is the same whole-step mean on 1 process and on 2 ranks
         a, b = rows_of(single), rows_of(tmp_path / "ddp")

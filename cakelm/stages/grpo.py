@@ -196,7 +196,7 @@ def main(cfg: GRPOConfig) -> Path:
     pool = cfg.prompts_per_step * cfg.oversample  # prompts sampled per phase
     prompts = group_prompts(cfg, info, run.tok, policy.cfg.max_seq_len, run.meta if run.resumed else None, pool)
     check_scorable(rewards, prompts.train, cfg.data)
-    ref = run.reference() if cfg.kl_coef > 0 or cfg.log_kl else None
+    ref = None  # the frozen reference, loaded below once the replay's options have been checked
     mixture = prompts.mixture(cfg.loop.seed)
     generator = run.generator(policy, cfg.rollout_batch)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
@@ -229,6 +229,8 @@ def main(cfg: GRPOConfig) -> Path:
     # SFT's conversations next to each micro-batch of completions, as PPO's --replay-coef
     provider, replay, replaying = with_replay(cfg, batches, run.tok, policy.cfg.max_seq_len, batches.micro_batches,
                                               info, run.meta if run.resumed else None)
+    # after the replay's checks, so a bad --replay fails in one line before a reference model is loaded
+    ref = run.reference() if cfg.kl_coef > 0 or cfg.log_kl else None
     evaluate = RewardEval(prompts.val, rewards, cfg.max_new_tokens, info, run.device,
                           lambda m: run.generator(m, cfg.rollout_batch))
     run.announce(f"{cfg.prompts_per_step} prompts x {G} completions per phase"
