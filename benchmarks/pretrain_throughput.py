@@ -4,6 +4,7 @@
     python benchmarks/pretrain_throughput.py --nanogpt /tmp/nanoGPT      # nanoGPT's own model.py as the reference
     python benchmarks/pretrain_throughput.py                             # our GPT-2 reference instead
     python benchmarks/pretrain_throughput.py --shapes b --dtype auto     # ours with --loop.dtype auto's choice
+    python benchmarks/pretrain_throughput.py --nanogpt /tmp/nanoGPT --compile ours   # ours compiled, nanoGPT eager
 
 Shapes (a) and (b) use vocabulary 65 (character level, as in nanoGPT's shakespeare_char):
   (a)  nanoGPT's CPU example: 4 layers, 4 heads, width 128, context 64, batch 12
@@ -138,7 +139,7 @@ def make_step(forward_loss, params, optimizers: list[torch.optim.Optimizer], dty
     return step
 
 
-def bench_shape(name: str, steps: int, rounds: int, peak: float, compile: bool, nanogpt: object | None,
+def bench_shape(name: str, steps: int, rounds: int, peak: float, compile: str, nanogpt: object | None,
                 dtype_name: str) -> dict:
     s = SHAPES[name]
     B, T, V, L, C = s["batch"], s["max_seq_len"], s["vocab"], s["n_layers"], s["dim"]
@@ -147,9 +148,10 @@ def bench_shape(name: str, steps: int, rounds: int, peak: float, compile: bool, 
     ours = Transformer(cfg)
     # the cpu preset trains with Muon; nanoGPT's shapes are compared optimizer for optimizer (AdamW)
     ours_opt = build_optimizers(ours, OptimConfig(name="muon" if name == "cpu" else "adamw"), torch.device("cpu"))
-    wrap = torch.compile if compile else (lambda m: m)
+    def wrap(m: nn.Module, who: str) -> nn.Module:  # compile: "" (neither), "both", or "ours" alone
+        return torch.compile(m) if compile == "both" or compile == who else m
     x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
-    ours_c = wrap(ours)
+    ours_c = wrap(ours, "ours")
 
     def ours_loss() -> torch.Tensor:
         loss, n = lm_loss(ours_c(x), y)
@@ -173,7 +175,7 @@ def bench_shape(name: str, steps: int, rounds: int, peak: float, compile: bool, 
         ref = RefGPT(V, C, s["n_heads"], L, T)
         ref_opt = [torch.optim.AdamW(ref.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)]
         fpt_ref = ref_flops_per_token(ref, L, C, T)
-    ref_c = wrap(ref)
+    ref_c = wrap(ref, "ref")
 
     def ref_loss() -> torch.Tensor:
         if nanogpt is not None:
@@ -181,9 +183,12 @@ def bench_shape(name: str, steps: int, rounds: int, peak: float, compile: bool, 
         loss, n = lm_loss(ref_c(x), y)
         return loss / n
     ref_step = make_step(ref_loss, ref.parameters(), ref_opt, torch.float32)
-    for fn in (ours_step, ref_step):
+    warmup = {}  # seconds of the 3 untimed steps: torch.compile's compiling happens here
+    for key, fn in (("ours", ours_step), ("ref", ref_step)):
+        t = time.perf_counter()
         for _ in range(3):
             fn()
+        warmup[key] = time.perf_counter() - t
     times: dict[str, list[float]] = {"ours": [], "ref": []}
     for _ in range(rounds):  # interleave so both see the same machine speed
         for key, fn in (("ours", ours_step), ("ref", ref_step)):
@@ -207,14 +212,17 @@ def bench_shape(name: str, steps: int, rounds: int, peak: float, compile: bool, 
         "tok_per_s": tok / dt_ours, "mfu": fpt_ours * tok / dt_ours / peak,
         "ref_ms_per_step": 1000 * dt_ref, "ref_tok_per_s": tok / dt_ref, "ref_mfu": fpt_ref * tok / dt_ref / peak,
         "speedup": dt_ref / dt_ours, "dtype": dtype_name, "optimizer_ms": 1000 * statistics.median(opt_times),
-        "optimizer": "muon + adamw" if name == "cpu" else "adamw",
+        "optimizer": "muon + adamw" if name == "cpu" else "adamw", "warmup_s": warmup["ours"],
+        "ref_warmup_s": warmup["ref"],
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["a", "b", "cpu"], choices=list(SHAPES))
-    ap.add_argument("--compile", action="store_true", help="torch.compile both models (minutes of compiling)")
+    ap.add_argument("--compile", nargs="?", const="both", default="", choices=("both", "ours"),
+                    help="torch.compile both models, or `--compile ours` ours alone against nanoGPT run as its CPU "
+                         "example runs it (eager); the first steps then include the compiling")
     ap.add_argument("--steps", type=int, default=0, help="timed steps per round (default: 20 for a, 3 for b)")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of ours / reference")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -231,7 +239,8 @@ def main() -> None:
         ref_name = f"nanoGPT's own model.py from {args.nanogpt} (commit {commit})"
     peak = matmul_gflops(n=2048) * 1e9
     print(f"cpu: {hardware_info(torch.device('cpu'))['cpu']}; torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s{', torch.compile' if args.compile else ', eager'}")
+          f"threads, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, "
+          f"{dict(both='both compiled', ours='ours compiled, the reference eager').get(args.compile, 'eager')}")
     print(f"reference (fp32): {ref_name}")
     print(f"{'shape':<6}{'params':>8}{'ms/step':>10}{'tok/s':>10}{'MFU':>7} | {'ref ms':>8}{'ref tok/s':>10}"
           f"{'ref MFU':>8} | {'speedup':>7}  ours in")
@@ -241,7 +250,9 @@ def main() -> None:
         print(f"{r['shape']:<6}{r['params_M']:>7.2f}M{r['ms_per_step']:>10.1f}{r['tok_per_s']:>10,.0f}"
               f"{r['mfu']:>7.1%} | {r['ref_ms_per_step']:>8.1f}{r['ref_tok_per_s']:>10,.0f}{r['ref_mfu']:>8.1%} | "
               f"{r['speedup']:>6.2f}x  {r['dtype']}; our optimizer step alone ({r['optimizer']}) "
-              f"{r['optimizer_ms']:.1f} ms", flush=True)
+              f"{r['optimizer_ms']:.1f} ms" + (f"; warm-up (compiling) {r['warmup_s']:.0f} s ours, "
+                                               f"{r['ref_warmup_s']:.0f} s reference" if args.compile else ""),
+              flush=True)
     print(f"peak memory (RSS) {peak_memory_mb():.0f} MB; fp32 matmul peak re-measured "
           f"{matmul_gflops(n=2048):.1f} GFLOP/s")
 
