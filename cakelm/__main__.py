@@ -87,10 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         command.main(config_of(command, ns))
     except (CakeError, ConfigError) as e:
-        print(f"cakelm {ns.command}: error: {e}", file=sys.stderr)
+        # one write with its newline, not print's two: torchrun's ranks share one stderr, and between a rank's line
+        # and its newline another rank's line could land (stderr writes through, unbuffered)
+        sys.stderr.write(f"cakelm {ns.command}: error: {e}\n")
         return 2
     except KeyboardInterrupt:
-        print(f"cakelm {ns.command}: interrupted", file=sys.stderr)
+        sys.stderr.write(f"cakelm {ns.command}: interrupted\n")
         return 130
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -452,6 +452,7 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
                     raise
                 barrier(info)
                 save_all(completed, False)
+                barrier(info)  # no rank exits before rank 0 has written: torchrun ends the others when one exits
                 bar.close()
                 raise StopRun(f"{e}; saved step {completed} in {ctx.out} (--resume continues)") from None
             # one all-reduce per step: the units of the whole global batch, and whether any rank got a Ctrl-C
@@ -460,6 +461,7 @@ def train(model: nn.Module, cfg: LoopConfig, optim_cfg: OptimConfig, ctx: LoopCo
             if stop_requested and completed > start:
                 barrier(info)
                 save_all(completed, False)
+                barrier(info)  # as above: rank 0 finishes writing before any rank exits
                 bar.close()
                 raise SystemExit(f"stopped: saved a checkpoint at step {completed} in {ctx.out}; "
                                  "continue with --resume")

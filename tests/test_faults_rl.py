@@ -203,6 +203,10 @@ def test_reward_errors_stop_every_rank_together(chat_model, prompts, tmp_path, f
     assert all("--reward-errors stop: 8 failed reward call(s) in rollout phase 1; first: " in e and
                f"saved step 1 in {tmp_path / 'g'}" in e for e in errors)
     assert sorted("RuntimeError: rank 1 only" in e for e in errors) == [False, True]  # rank 1 says what failed
+    # the step was written before either rank exited (torchrun ends every rank when the first one exits, so a rank
+    # that left before rank 0 finished saving would cut the save off and end rank 0 before it said why)
+    meta = load_meta(tmp_path / "g")
+    assert meta["step"] == 1 and meta["complete"] is False
     assert sum("first: on another rank (see its error)" in e for e in errors) == 1
     meta = load_meta(tmp_path / "g")
     assert meta["step"] == 1 and meta["world_size"] == 2 and meta["complete"] is False
