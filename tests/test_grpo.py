@@ -158,7 +158,7 @@ def test_training_logprobs_with_the_head_in_recomputed_chunks_equal_the_whole(mo
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, results: dict) -> None:
+def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     import cakelm.rollout as rollout
 
     rollout.HEAD_BUDGET = 320 * 5  # the output head on chunks of 5 rows, recomputed in the backward pass
@@ -168,6 +168,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, results: dict) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     inp, tgt, old, adv, mask = _fixed_batch()
     half = slice(rank * 3, rank * 3 + 3)  # each rank gets 3 of the 6 completions
+    results = {}
     for mode in ("token_mean", "sequence_mean", "constant"):
         logp, _ = completion_logprobs(ddp, inp[half], tgt[half])
         loss, units = aggregate(clipped_policy_loss(logp, old[half], adv[half])[0], mask[half], mode, 7)
@@ -177,6 +178,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, results: dict) -> None:
         if rank == 0:
             results[mode] = [p.grad.clone() for p in model.parameters()]
         model.zero_grad(set_to_none=True)
+    if rank == 0:
+        torch.save(results, out_file)
     dist.destroy_process_group()
 
 
@@ -196,10 +199,12 @@ def _fixed_batch() -> tuple[torch.Tensor, ...]:
 def test_loss_split_across_two_processes_equals_one(tmp_path) -> None:
     """Two DDP ranks, each with half the completions (and the output head in recomputed chunks), give one
     process's gradients on the whole batch."""
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
-        split = dict(results)
+    # rank 0's gradients come back in a file: a multiprocessing Manager is a process forked from this one, whose
+    # other threads (left by earlier tests in the same worker) can hold a lock at the fork; once in CI its server
+    # hung and the test waited out its 10 minutes
+    out = tmp_path / "grads.pt"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    split = torch.load(out, weights_only=True)
     torch.manual_seed(0)
     model = Transformer(tiny_model_config())
     inp, tgt, old, adv, mask = _fixed_batch()
