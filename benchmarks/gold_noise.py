@@ -38,17 +38,18 @@ def main() -> None:
     if missing:
         raise SystemExit(f"gold_noise: not found: {', '.join(missing)} (run `cakelm pipeline` first)")
     ref, tok, _ = load_model(args.run / "sft")
+    ref.eval()  # the KL reference; also the "sft" model below (evaluation only changes no weights)
     prefs = str(args.run / "prefs")
     rows = heldout_rows(prefs, load_prefs(prefs)[1], tok, ref.cfg.max_seq_len - args.max_new_tokens)
     rm = load_scalar_model(str(args.run / "rm"))[0]
-    models = {m: load_model(args.run / m)[0].eval() for m in args.models}
+    models = {m: ref if m == "sft" else load_model(args.run / m)[0].eval() for m in args.models}
     base = args.models[0]
     print(f"cpu: {hardware_info()['cpu']}; {len(rows)} held-out prompts; gains over {base}")
     for n in args.samples:
         gains: dict[str, list[float]] = {m: [] for m in args.models[1:]}
         golds: list[float] = []
         for seed in range(args.seeds):
-            judge = RLHFEval(rows, tok, rm, ref.eval(), args.max_new_tokens, seed=seed, n=n)
+            judge = RLHFEval(rows, tok, rm, ref, args.max_new_tokens, seed=seed, n=n)
             gold = {m: judge(model)["gold"] for m, model in models.items()}
             golds.append(gold[base])
             for m in gains:
