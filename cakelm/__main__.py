@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"cakelm {ns.command}: interrupted\n")
         return 130
+    except Exception:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
+        # A rank of a distributed run that crashed: say where, then leave this block, which frees the traceback's
+        # frames (and a DDP wrapper in them) while the process group is still registered. Raised on, the traceback
+        # would outlive destroy_process_group below, and the DDP Reducer freed with it at exit would drop the gloo
+        # group's last reference with the GIL held: ~ProcessGroupGloo then joins a worker thread that may be waiting
+        # for the GIL to free a finished allreduce, and the crash becomes a hang (seen in tests/test_grpo.py's
+        # DDP test, whose ranks freed DDP after destroying the group; py-spy showed both threads).
+        sys.stderr.write(f"cakelm {ns.command}: rank {dist.get_rank()} failed:\n{traceback.format_exc()}")
+        return 1
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

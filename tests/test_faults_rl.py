@@ -63,6 +63,15 @@ def late(prompt, completion, **_):
         raise ZeroDivisionError("division by zero")
     return completion.count("e") / max(len(completion), 1)
 
+def crash(prompt, completion, **_):  # under torchrun: rank 1's next training step fails with a bug, not a bad input
+    if os.environ.get("RANK") == "1":
+        import cakelm.loop
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("a bug in the step")
+        cakelm.loop.set_lr = broken
+    return completion.count("e") / max(len(completion), 1)
+
 def rank1(prompt, completion, **_):  # under torchrun: fails on rank 1 only, from its second phase (8 calls each)
     calls["rank1"] += 1
     if os.environ.get("RANK") == "1" and calls["rank1"] > 8:
@@ -210,6 +219,21 @@ def test_reward_errors_stop_every_rank_together(chat_model, prompts, tmp_path, f
     assert sum("first: on another rank (see its error)" in e for e in errors) == 1
     meta = load_meta(tmp_path / "g")
     assert meta["step"] == 1 and meta["world_size"] == 2 and meta["complete"] is False
+
+
+def test_a_crash_on_one_rank_ends_the_run_with_its_traceback(chat_model, prompts, tmp_path, faulty) -> None:  # noqa: F811
+    """An unexpected error (a bug, not a CakeError) on rank 1 after DDP is built: that rank prints which rank failed
+    and the traceback and exits 1, and the run ends; no rank hangs (`__main__.main` frees the traceback, and
+    the DDP wrapper in it, before destroying the process group)."""
+    from tests.test_rl import torchrun
+
+    proc = torchrun("grpo", ["--init", str(chat_model), "--data", prompts, "--out", str(tmp_path / "g"),
+                             *_flags({**TINY, "loop.max_steps": 3}), "--rewards", "faulty_rewards:crash"], tmp_path)
+    assert proc.returncode != 0
+    assert "cakelm grpo: rank 1 failed:\nTraceback (most recent call last):" in proc.stderr, proc.stderr[-3000:]
+    assert "RuntimeError: a bug in the step" in proc.stderr
+    # rank 0 then fails in its next collective (the peer is gone) or is ended by torchrun; neither waits (a hang
+    # would exceed torchrun()'s time limit)
 
 
 def test_reward_errors_stop_at_the_first_step_saves_nothing(chat_model, prompts, tmp_path, faulty) -> None:  # noqa: F811

@@ -4,10 +4,12 @@ pipeline of rewards and the one-line errors."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +163,7 @@ def test_training_logprobs_with_the_head_in_recomputed_chunks_equal_the_whole(mo
 def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     import cakelm.rollout as rollout
 
+    faulthandler.dump_traceback_later(150, exit=True)  # a hang prints this rank's Python stacks and fails the test
     rollout.HEAD_BUDGET = 320 * 5  # the output head on chunks of 5 rows, recomputed in the backward pass
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -180,6 +183,11 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         model.zero_grad(set_to_none=True)
     if rank == 0:
         torch.save(results, out_file)
+    # Free the DDP wrapper while the process group is still registered. Otherwise its Reducer, freed with the GIL
+    # held when this function returns, drops the group's last reference and ~ProcessGroupGloo joins a gloo worker
+    # thread that is destroying a finished allreduce whose thread-local state holds a Python object, waiting for
+    # the GIL: a deadlock (py-spy showed both stacks; about 1 run in 25-100 here, twice in CI).
+    del ddp
     dist.destroy_process_group()
 
 
@@ -199,11 +207,16 @@ def _fixed_batch() -> tuple[torch.Tensor, ...]:
 def test_loss_split_across_two_processes_equals_one(tmp_path) -> None:
     """Two DDP ranks, each with half the completions (and the output head in recomputed chunks), give one
     process's gradients on the whole batch."""
-    # rank 0's gradients come back in a file: a multiprocessing Manager is a process forked from this one, whose
-    # other threads (left by earlier tests in the same worker) can hold a lock at the fork; once in CI its server
-    # hung and the test waited out its 10 minutes
+    # rank 0's gradients come back in a file it writes (no Manager process to fork from this worker's threads)
     out = tmp_path / "grads.pt"
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 180  # the two ranks take ~5 s: a hang fails here in 3 minutes, not at 10
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two DDP ranks did not finish in 180 s")
     split = torch.load(out, weights_only=True)
     torch.manual_seed(0)
     model = Transformer(tiny_model_config())
