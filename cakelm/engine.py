@@ -117,8 +117,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     """Pick the next token from logits (B, V): greedy at temperature 0, else sample from softmax(logits / T)
     restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p
     (nucleus sampling, Holtzman et al. 2019). `generator` is one for the batch or one per row. Returns ids (B,).
-    `noise_rows` = (N, rows): the B rows are rows (B,) of a batch of N that shares one generator; the noise is
-    drawn for all N and these rows' taken, so a batch that dropped its finished rows samples what it would have."""
+    `noise_rows` = (N, rows): the B rows are rows (B,) of a batch of N that shares one generator; the uniform
+    draws are made for all N and these rows' taken, so a batch that dropped its finished rows samples what it
+    would have."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -132,15 +133,22 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
         drop = probs.cumsum(dim=-1) - probs >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    # argmax of p_i / E_i with E_i ~ Exp(1) picks token i with probability p_i exactly (the exponential race,
-    # i.e. the Gumbel-max trick); one vectorised pass, 3x faster than torch.multinomial on a CPU
-    if isinstance(generator, Sequence):  # each row its own stream of noise
-        noise = torch.stack([torch.empty_like(logits[0]).exponential_(generator=g) for g in generator])
+    # Inverse transform sampling: one uniform u per row, the first token whose cumulative probability exceeds
+    # u x (the row's total). One random number a row instead of V (the exponential race, argmax p_i / E_i, drew
+    # V exponentials a row: 6 ms of every decode step at 128 x 2048 on a 2-core CPU, against 0.4 ms). A token of
+    # probability 0 (cut by top-k/top-p) never comes first: its cumulative sum equals its predecessor's.
+    probs = logits.softmax(dim=-1)
+    f64 = torch.float32 if logits.device.type == "mps" else torch.float64  # MPS has no float64
+    cdf = probs.to(f64).cumsum(dim=-1)  # (B, V), float64 so rounding never shifts a boundary visibly
+    if isinstance(generator, Sequence):  # each row its own stream
+        u = torch.cat([torch.rand(1, dtype=f64, device=logits.device, generator=g) for g in generator])
     elif noise_rows is not None:
-        noise = logits.new_empty(noise_rows[0], logits.size(-1)).exponential_(generator=generator)[noise_rows[1]]
+        u = torch.rand(noise_rows[0], dtype=f64, device=logits.device, generator=generator)[noise_rows[1]]
     else:
-        noise = torch.empty_like(logits).exponential_(generator=generator)
-    return (logits.softmax(dim=-1) / noise).argmax(dim=-1)
+        u = torch.rand(logits.size(0), dtype=f64, device=logits.device, generator=generator)
+    ids = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # (B,)
+    # u x total can round up to the total itself (a 2^-53 chance): then no token exceeds it; take the likeliest
+    return torch.where(ids < cdf.size(-1), ids, probs.argmax(dim=-1))
 
 
 def sampled_logprobs(logits: torch.Tensor, chosen: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -196,6 +196,35 @@ def test_sampling_follows_the_distribution() -> None:
         torch.testing.assert_close(freq, (logits / temperature).softmax(-1), atol=0.01, rtol=0)
 
 
+def test_sampling_never_picks_a_token_cut_by_top_k_even_when_the_uniform_rounds_up(monkeypatch) -> None:
+    # inverse transform sampling: a token of probability 0 has the cumulative sum of the one before it, so it is
+    # never the first to exceed u x total; u x total rounding up to the total picks the likeliest token
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(logits.repeat(20_000, 1), 1.0, top_k=2, generator=g)
+    assert set(draws.tolist()) == {1, 3}
+    monkeypatch.setattr(torch, "rand", lambda n, **kw: torch.ones(n, dtype=kw["dtype"]))  # u = 1: the edge
+    assert sample_next(logits, 1.0, top_k=2).tolist() == [1]
+    monkeypatch.setattr(torch, "rand", lambda n, **kw: torch.zeros(n, dtype=kw["dtype"]))  # u = 0: first kept token
+    assert sample_next(logits, 1.0, top_k=2).tolist() == [1]
+    assert sample_next(torch.tensor([[5.0, 0.0]]), 1.0, top_k=1).tolist() == [0]
+
+
+def test_per_row_and_shared_generators_sample_the_same_distribution() -> None:
+    # one generator per row (seeded prompts) and one shared generator whose draws are taken for some rows only
+    logits = torch.tensor([1.0, 0.0, -0.5, 0.5])
+    expected = logits.softmax(-1)
+    gens = [torch.Generator().manual_seed(i) for i in range(2_000)]
+    per_row = torch.cat([sample_next(logits.repeat(2_000, 1), 1.0, generator=gens) for _ in range(10)])
+    shared = torch.Generator().manual_seed(1)
+    rows = torch.arange(0, 4_000, 2)  # half the rows of a batch of 4,000
+    some = torch.cat([sample_next(logits.repeat(2_000, 1), 1.0, generator=shared, noise_rows=(4_000, rows))
+                      for _ in range(10)])
+    for draws in (per_row, some):  # 20,000 draws: a frequency's std < 0.0036
+        torch.testing.assert_close(torch.bincount(draws, minlength=4).float() / 20_000, expected, atol=0.015,
+                                   rtol=0)
+
+
 @pytest.mark.parametrize("kw", [{"temperature": 0}, {"seed": 5}, {"seeds": True}], ids=["greedy", "seed", "seeds"])
 def test_finished_rows_leave_the_batch_without_changing_the_others(engine: Engine, monkeypatch, kw) -> None:
     """Rows that end early (a long prompt's smaller room, a stop token) are dropped from the batch; every row's
