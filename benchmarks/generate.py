@@ -1,7 +1,8 @@
 """Generation speed: prefill tokens/s, decode tokens/s at batch 1 and 8, time to first token, and how the cost
 of a decoded token grows with the text, for cakelm's engine and for Hugging Face `transformers.generate` on
 the same weights (an export of the same model), each with and without a KV cache; and what RL rollouts' per-prompt
-seeds cost (sampling 16 prompts x 8 replies with one random generator for the batch, or one per row); and the same
+seeds cost (sampling 16 prompts x 8 replies with one random generator for the batch, or one per row, and with the
+exponential race the engine sampled by before 2026-12-04, against its inverse transform now); and the same
 decode with bf16 weights (what `cakelm serve --dtype auto` picks where bf16 matmuls are faster), with how far its
 greedy tokens and log-probs stay from fp32's.
 
@@ -24,10 +25,12 @@ import argparse
 import statistics
 import tempfile
 import time
+import unittest.mock
 from collections.abc import Callable
 
 import torch
 
+import cakelm.engine as engine_module
 from cakelm.checkpoint import load_model
 from cakelm.common import peak_memory_mb
 from cakelm.engine import Engine, SamplingParams
@@ -61,21 +64,38 @@ def per_token_ms(engine: Engine, prompt: list[int], n: int, window: int) -> list
     return [1000 * (stamps[i + window] - stamps[i]) / window for i in range(0, len(stamps) - window, window)]
 
 
-def seeds_cost(engine: Engine, prompts: list[list[int]], n: int, repeats: int) -> tuple[float, float]:
-    """Sampled tokens/s of 8 replies to each prompt, with one generator for the batch and with a generator per row
-    (`seeds`), medians of interleaved runs (no stop tokens: every row samples n tokens)."""
+def race_sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     generator: torch.Generator | None = None, noise_rows: tuple | None = None) -> torch.Tensor:
+    """The engine's sampler until 2026-12-04, for comparison: the exponential race, argmax(p / E) with E ~ Exp(1)
+    (V random numbers a row; exact, like the inverse transform that replaced it). One generator, temperature only."""
+    assert top_k == 0 and top_p == 1.0 and noise_rows is None and not isinstance(generator, list)
+    probs = (logits.float() / temperature).softmax(dim=-1)
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)
+
+
+def seeds_cost(engine: Engine, prompts: list[list[int]], n: int, repeats: int) -> dict[str, float]:
+    """Sampled tokens/s of 8 replies to each prompt, with one generator for the batch, with a generator per row
+    (`seeds`), and with one generator and the exponential race the engine used before, medians of interleaved runs
+    (no stop tokens: every row samples n tokens)."""
     params = SamplingParams(max_new_tokens=n, temperature=1.0, seed=0)
-    variants = {"one": None, "per row": list(range(len(prompts)))}
+    variants = {"one": None, "per row": list(range(len(prompts))), "race": None}
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for seeds in variants.values():  # warm-up
-        engine.generate(prompts, params, n=8, seeds=seeds)
+
+    def run(name: str, seeds: list[int] | None) -> None:
+        # the engine looks sample_next up in its module at every step: swap it for the race's rows
+        with unittest.mock.patch.object(engine_module, "sample_next",
+                                        race_sample_next if name == "race" else engine_module.sample_next):
+            engine.generate(prompts, params, n=8, seeds=seeds)
+
+    for name, seeds in variants.items():  # warm-up
+        run(name, seeds)
     for _ in range(repeats):
         for name, seeds in variants.items():
             t = time.perf_counter()
-            engine.generate(prompts, params, n=8, seeds=seeds)
+            run(name, seeds)
             times[name].append(time.perf_counter() - t)
     tokens = len(prompts) * 8 * n
-    return tokens / statistics.median(times["one"]), tokens / statistics.median(times["per row"])
+    return {name: tokens / statistics.median(t) for name, t in times.items()}
 
 
 def bf16_rows(engine: Engine, prompt: list[int], prompts8: list[list[int]], greedy: SamplingParams,
@@ -230,9 +250,10 @@ def main() -> None:
     if hf_rows:
         print(f"cakelm vs transformers, batch-1 decode with caches: {h1 / t1:.2f}x; batch 8: {h8 / t8:.2f}x")
     print(f"cakelm ms/token by position (windows of {window} tokens): {', '.join(f'{x:.2f}' for x in flat)}")
-    one, per_row = seeded
+    one, per_row, race = seeded["one"], seeded["per row"], seeded["race"]
     print(f"sampling 16 prompts x 8 replies (temperature 1): {one:,.0f} tok/s with one generator, {per_row:,.0f} with "
-          f"one per row (per-prompt seeds, as RL rollouts): {per_row / one:.2f}x")
+          f"one per row (per-prompt seeds, as RL rollouts): {per_row / one:.2f}x; the exponential race (the sampler "
+          f"before 2026-12-04, one generator) {race:,.0f}: inverse transform {one / race:.2f}x")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied head counts once
     bw = read_bandwidth()
     bound = bw / weight_bytes
