@@ -146,9 +146,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
         u = torch.rand(noise_rows[0], dtype=f64, device=logits.device, generator=generator)[noise_rows[1]]
     else:
         u = torch.rand(logits.size(0), dtype=f64, device=logits.device, generator=generator)
-    ids = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # (B,)
-    # u x total can round up to the total itself (a 2^-53 chance): then no token exceeds it; take the likeliest
-    return torch.where(ids < cdf.size(-1), ids, probs.argmax(dim=-1))
+    total = cdf[:, -1]  # (B,)
+    # u x total can round up to the total itself (a 2^-53 chance), which no token exceeds: keep it below
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1)  # (B,)
 
 
 def sampled_logprobs(logits: torch.Tensor, chosen: torch.Tensor, temperature: float) -> torch.Tensor:

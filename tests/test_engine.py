@@ -198,13 +198,14 @@ def test_sampling_follows_the_distribution() -> None:
 
 def test_sampling_never_picks_a_token_cut_by_top_k_even_when_the_uniform_rounds_up(monkeypatch) -> None:
     # inverse transform sampling: a token of probability 0 has the cumulative sum of the one before it, so it is
-    # never the first to exceed u x total; u x total rounding up to the total picks the likeliest token
+    # never the first to exceed u x total; u x total rounding up to the total is kept just below it (the last
+    # token with probability: here the last kept one in vocabulary order, 3)
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]])
     g = torch.Generator().manual_seed(0)
     draws = sample_next(logits.repeat(20_000, 1), 1.0, top_k=2, generator=g)
     assert set(draws.tolist()) == {1, 3}
     monkeypatch.setattr(torch, "rand", lambda n, **kw: torch.ones(n, dtype=kw["dtype"]))  # u = 1: the edge
-    assert sample_next(logits, 1.0, top_k=2).tolist() == [1]
+    assert sample_next(logits, 1.0, top_k=2).tolist() == [3]
     monkeypatch.setattr(torch, "rand", lambda n, **kw: torch.zeros(n, dtype=kw["dtype"]))  # u = 0: first kept token
     assert sample_next(logits, 1.0, top_k=2).tolist() == [1]
     assert sample_next(torch.tensor([[5.0, 0.0]]), 1.0, top_k=1).tolist() == [0]
