@@ -147,9 +147,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     else:
         u = torch.rand(logits.size(0), dtype=f64, device=logits.device, generator=generator)
     total = cdf[:, -1]  # (B,)
-    # u x total can round up to the total itself (a 2^-53 chance), which no token exceeds: keep it below
+    # A guard: u x total must stay below the total, which no token exceeds (torch's 53-bit uniforms keep it there
+    # today; a rounding that reached it would otherwise return V)
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1)  # (B,)
+    ids = torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1)  # (B,)
+    # A row without a distribution (NaN logits from a broken model, or +-inf from a temperature near 0) has a NaN
+    # total and would get V, past the vocabulary: give it a valid id, as the engine's next forward needs one
+    return ids.clamp_(max=cdf.size(-1) - 1)
 
 
 def sampled_logprobs(logits: torch.Tensor, chosen: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -196,10 +196,10 @@ def test_sampling_follows_the_distribution() -> None:
         torch.testing.assert_close(freq, (logits / temperature).softmax(-1), atol=0.01, rtol=0)
 
 
-def test_sampling_never_picks_a_token_cut_by_top_k_even_when_the_uniform_rounds_up(monkeypatch) -> None:
+def test_sampling_never_picks_a_token_cut_by_top_k_at_either_end_of_the_uniform(monkeypatch) -> None:
     # inverse transform sampling: a token of probability 0 has the cumulative sum of the one before it, so it is
-    # never the first to exceed u x total; u x total rounding up to the total is kept just below it (the last
-    # token with probability: here the last kept one in vocabulary order, 3)
+    # never the first to exceed u x total; u = 1 (which torch.rand never returns: the guard against u x total
+    # reaching the total) gives the last token with probability, here the last kept one in vocabulary order, 3
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]])
     g = torch.Generator().manual_seed(0)
     draws = sample_next(logits.repeat(20_000, 1), 1.0, top_k=2, generator=g)
@@ -209,6 +209,15 @@ def test_sampling_never_picks_a_token_cut_by_top_k_even_when_the_uniform_rounds_
     monkeypatch.setattr(torch, "rand", lambda n, **kw: torch.zeros(n, dtype=kw["dtype"]))  # u = 0: first kept token
     assert sample_next(logits, 1.0, top_k=2).tolist() == [1]
     assert sample_next(torch.tensor([[5.0, 0.0]]), 1.0, top_k=1).tolist() == [0]
+
+
+def test_a_row_of_nan_logits_still_gets_a_token_of_the_vocabulary() -> None:
+    # a broken model's NaN logits (or a temperature so small that logits / T overflow) leave no distribution: the
+    # next forward still needs an id inside the vocabulary, and the other rows sample as usual
+    logits = torch.tensor([[float("nan")] * 5, [0.0, 0.0, 9.0, 0.0, 0.0]])
+    draws = sample_next(logits, 1.0, generator=torch.Generator().manual_seed(0))
+    assert 0 <= int(draws[0]) < 5 and int(draws[1]) == 2
+    assert 0 <= int(sample_next(torch.tensor([[1.0, 2.0, 3.0]]), 1e-40)[0]) < 3
 
 
 def test_per_row_and_shared_generators_sample_the_same_distribution() -> None:
