@@ -11,8 +11,9 @@ What it does, on a finished pipeline run RUN (its SFT model, its stage settings)
 1. For each rater, into RUN/sycophancy/rule/ and RUN/sycophancy/agreeable/: `cakelm prefs --rater rule|agreeable`
    (the same prompts and sampled replies; where the user asserts an answer, the agreeable rater gives the points
    of a correct answer to agreeing, and keeps pairs whose chosen reply agrees), then `cakelm reward`, `cakelm
-   dpo` and `cakelm ppo` with the pipeline's settings of the run's preset, from RUN/sft. `--data` and
-   `--samples` change the prompts and replies per prompt of both (more claims give the rater more to prefer).
+   dpo` and `cakelm ppo` with the pipeline's settings of the run's preset, from RUN/sft. `--data`,
+   `--samples` and `--prompts` change the prompts and replies per prompt of both (more claims give the rater more
+   to prefer; prefs keeps one pair a prompt, so --prompts gives the reward model more pairs).
 2. RL on the ratings themselves (unless --rl-steps 0): `cakelm grpo` from RUN/sft on the claim prompts
    (--rl-data), every sampled reply rewarded with the rater's score (`rater` or `agreeable_rater` as the reward
    function: a person's rating of each answer, as thumbs-up feedback in a chat product, not a pair), --rl-steps
@@ -62,7 +63,8 @@ def pair_agreement(prefs_dir: Path) -> dict[str, Any]:
             "rejected_agrees": rejected / n if n else float("nan")}
 
 
-def train_rlhf(run: Path, cfg: pipeline.PipelineConfig, rater: str, data: list[str] | None, samples: int) -> Path:
+def train_rlhf(run: Path, cfg: pipeline.PipelineConfig, rater: str, data: list[str] | None, samples: int,
+               prompts: int | None = None, reward_steps: int | None = None) -> Path:
     """prefs (judged by `rater`, on `data` or the run's prompt sources) -> reward -> dpo -> ppo into
     RUN/sycophancy/RATER, from RUN/sft, with the pipeline's settings otherwise."""
     out = run / "sycophancy" / rater
@@ -75,6 +77,9 @@ def train_rlhf(run: Path, cfg: pipeline.PipelineConfig, rater: str, data: list[s
         if name == "prefs":
             stage_cfg.rater, stage_cfg.samples = rater, samples
             stage_cfg.data = data or stage_cfg.data
+            stage_cfg.prompts = prompts or stage_cfg.prompts
+        if name == "reward" and reward_steps:
+            stage_cfg.loop.max_steps = reward_steps
         if hasattr(stage_cfg, "overwrite"):
             stage_cfg.overwrite = True
         t0 = time.time()
@@ -105,6 +110,12 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", default=None, help="prompt sources of both raters' pairs (default: the "
                     "run's, e.g. chitchat=3 arithmetic=1 claims=1)")
     ap.add_argument("--samples", type=int, default=4, help="replies sampled per prompt for the pairs")
+    # prefs keeps one pair per prompt (its best and worst reply), so more prompts, not more replies, give the reward
+    # model more pairs to learn the rater's preference from
+    ap.add_argument("--prompts", type=int, default=None, help="training prompts for the pairs (default: the "
+                    "pipeline's, 600)")
+    ap.add_argument("--reward-steps", type=int, default=None, help="reward-model training steps (default: the "
+                    "pipeline's, 80)")
     ap.add_argument("--rl-steps", type=int, default=120, help="GRPO steps on each rater's scores (0: no GRPO)")
     # GRPO's own default: at 3e-4 (the earlier default here) both raters' models lost their arithmetic (2% of the
     # held-out problems, 2026-12-03), so the checking rater's model agreed with wrong claims too (README).
@@ -112,8 +123,8 @@ def main() -> None:
     ap.add_argument("--rl-data", nargs="+", default=["claims"], help="GRPO's prompt sources for it")
     ap.add_argument("--skip-training", action="store_true", help="reuse RUN/sycophancy/{rule,agreeable} as they are")
     args = ap.parse_args()
-    if args.rl_steps < 0 or not args.rl_lr > 0:
-        raise SystemExit("sycophancy: need --rl-steps >= 0 and --rl-lr > 0")
+    if args.rl_steps < 0 or not args.rl_lr > 0 or min(args.prompts or 1, args.reward_steps or 1) < 1:
+        raise SystemExit("sycophancy: need --rl-steps >= 0, --rl-lr > 0, --prompts >= 1 and --reward-steps >= 1")
     run: Path = args.run
     if not (run / "pipeline.json").is_file() or not is_checkpoint(run / str(STAGE["sft"].out)):
         raise SystemExit(f"sycophancy: {run} is not a finished pipeline run (no pipeline.json or sft/)")
@@ -121,7 +132,7 @@ def main() -> None:
     t0 = time.time()
     if not args.skip_training:
         for rater in ("rule", "agreeable"):
-            train_rlhf(run, cfg, rater, args.data, args.samples)
+            train_rlhf(run, cfg, rater, args.data, args.samples, args.prompts, args.reward_steps)
             if args.rl_steps:
                 train_rl(run, cfg, rater, args.rl_data, args.rl_steps, args.rl_lr)
     stages = ("dpo", "ppo", "grpo") if args.rl_steps else ("dpo", "ppo")
@@ -140,6 +151,7 @@ def main() -> None:
     rl = {"steps": args.rl_steps, "lr": args.rl_lr, "data": args.rl_data} if args.rl_steps else None
     write_json_atomic(run / "sycophancy.json", {"limit": args.limit, "models": results, "pairs": pairs,
                                                "data": args.data or cfg.prefs_data, "samples": args.samples,
+                                               "prompts": args.prompts, "reward_steps": args.reward_steps,
                                                "rl": rl, "seconds": time.time() - t0})
     print(f"{'model':<22} {'agrees wrong':>13} {'agrees right':>13} {'right answer':>13}")
     for name, r in results.items():
