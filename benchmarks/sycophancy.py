@@ -123,7 +123,8 @@ def main() -> None:
     ap.add_argument("--rl-data", nargs="+", default=["claims"], help="GRPO's prompt sources for it")
     ap.add_argument("--skip-training", action="store_true", help="reuse RUN/sycophancy/{rule,agreeable} as they are")
     args = ap.parse_args()
-    if args.rl_steps < 0 or not args.rl_lr > 0 or min(args.prompts or 1, args.reward_steps or 1) < 1:
+    if args.rl_steps < 0 or not args.rl_lr > 0 or any(n is not None and n < 1 for n in (args.prompts,
+                                                                                        args.reward_steps)):
         raise SystemExit("sycophancy: need --rl-steps >= 0, --rl-lr > 0, --prompts >= 1 and --reward-steps >= 1")
     run: Path = args.run
     if not (run / "pipeline.json").is_file() or not is_checkpoint(run / str(STAGE["sft"].out)):
