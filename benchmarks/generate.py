@@ -22,6 +22,7 @@ decoded token reads all the weights once, so tokens/s <= measured read bandwidth
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -83,8 +84,9 @@ def seeds_cost(engine: Engine, prompts: list[list[int]], n: int, repeats: int) -
 
     def run(name: str, seeds: list[int] | None) -> None:
         # the engine looks sample_next up in its module at every step: swap it for the race's rows
-        with unittest.mock.patch.object(engine_module, "sample_next",
-                                        race_sample_next if name == "race" else engine_module.sample_next):
+        swap = (unittest.mock.patch.object(engine_module, "sample_next", race_sample_next) if name == "race"
+                else contextlib.nullcontext())
+        with swap:
             engine.generate(prompts, params, n=8, seeds=seeds)
 
     for name, seeds in variants.items():  # warm-up
