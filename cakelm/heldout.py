@@ -28,7 +28,7 @@ from cakelm.data.chat_batches import Seq, fixed_batches
 from cakelm.data.fim import FimIds
 from cakelm.data.shards import eval_batches
 from cakelm.engine import Engine, SamplingParams
-from cakelm.losses import bits_per_byte, lm_loss, token_nll
+from cakelm.losses import IGNORE_INDEX, bits_per_byte, lm_loss, token_nll
 from cakelm.tokenizer import Tokenizer
 
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
@@ -63,10 +63,17 @@ def chat_logits(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 
 def chat_loss(model: torch.nn.Module, batch: dict[str, Any], device: torch.device | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed nll of the target tokens, their number) of a chat batch (packed or not)."""
+    """(summed nll of the target tokens, their number) of a chat batch (packed or not).
+
+    The output head runs only at the scored positions (the assistant's tokens; `Transformer.forward`'s `only_at`):
+    the (B, T, V) logits of prompts and padding were computed, soft-maxed and differentiated for nothing, and with a
+    real model's vocabulary of 49k-152k tokens they are most of a training step's memory."""
     if device is not None:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return lm_loss(chat_logits(model, batch), batch["target"])
+    target = batch["target"]  # (B, T), IGNORE_INDEX off the assistant's tokens
+    scored = target != IGNORE_INDEX
+    logits = model(batch["input"], segments=batch.get("segments"), only_at=scored)  # (M, V), M scored positions
+    return lm_loss(logits, target[scored])
 
 
 def heldout_loss(model: torch.nn.Module, batches: list[dict], device: torch.device) -> torch.Tensor:

@@ -20,6 +20,9 @@ from cakelm.common import CakeError
 from cakelm.config import build_config
 from cakelm.data.chat import saved_task_sizes
 from cakelm.data.chat_batches import ChatBatches
+from cakelm.heldout import chat_loss
+from cakelm.losses import IGNORE_INDEX, lm_loss
+from cakelm.model import ModelConfig, Transformer
 from cakelm.stages import eval as eval_stage
 from cakelm.stages import sft
 from tests.conftest import ctrl_c_at, tiny_checkpoint
@@ -104,6 +107,33 @@ def test_resume_continues_exactly(base, toy, tmp_path, monkeypatch) -> None:
     assert load_meta(tmp_path / "auto")["parent_stage"] == "pretrain"
     with pytest.raises(CakeError, match="options differ"):
         run_sft(base, [toy["train"]], tmp_path / "cut", resume=True, **{**kw, "loop.max_steps": 8})
+
+
+def test_chat_loss_runs_the_head_at_the_assistant_tokens_only_with_the_full_logits_loss() -> None:
+    """SFT's loss (and the held-out chat loss, and RL's replay) applies the output head at the scored positions
+    only; the loss and every gradient are those of the head at every position, on packed rows with padding."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, max_seq_len=16))
+    inp, target = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
+    target[0, :5] = target[1, :3] = target[1, 10:] = IGNORE_INDEX  # prompts and padding are not scored
+    segments = torch.tensor([[0] * 8 + [1] * 8, [0] * 10 + [1] * 6])  # two conversations packed in each row
+    batch = {"input": inp, "target": target, "segments": segments}
+    full, n_full = lm_loss(model(inp, segments=segments), target)
+    full.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    shapes: list[tuple[int, ...]] = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    part, n_part = chat_loss(model, batch)
+    hook.remove()
+    part.backward()
+    assert n_part == n_full == 18 and shapes == [(18, 50)]  # 11 + 7 scored positions of 32: 18 rows of logits
+    assert part.item() == pytest.approx(full.item(), rel=1e-6)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    # a batch with nothing to score: 0 and 0, not an error
+    none, n_none = chat_loss(model, {**batch, "target": torch.full_like(target, IGNORE_INDEX)})
+    assert none.item() == 0.0 and n_none.item() == 0
 
 
 def test_unlikelihood_adds_its_weighted_term(base, toy, tmp_path) -> None:

@@ -43,7 +43,7 @@ from cakelm.config import ConfigError, nested, opt
 from cakelm.data.chat import BUILTIN_CHAT, SFT_MIXTURE, VAL_FRACTION, load_sources, openings, saved_task_sizes
 from cakelm.data.chat_batches import ChatBatches, encode_sources
 from cakelm.engine import SamplingParams
-from cakelm.heldout import chat_evaluator, chat_logits
+from cakelm.heldout import chat_evaluator, chat_logits, chat_loss
 from cakelm.loop import LoopConfig
 from cakelm.lora import LoraConfig
 from cakelm.losses import IGNORE_INDEX, lm_loss, repeated_ngram_tokens, target_unlikelihood, unlikelihood_loss
@@ -180,14 +180,17 @@ def main(cfg: SFTConfig) -> Path:
     run.announce(f"{batches.global_batch} conversations per step")
 
     def loss_fn(m: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits = chat_logits(m, batch)
-        nll = lm_loss(logits, batch["target"])[0]
-        loss, metrics = nll, {}
-        if cfg.unlikelihood:
+        if cfg.unlikelihood:  # its negative candidates need the logits at every position
+            logits = chat_logits(m, batch)
+            nll = lm_loss(logits, batch["target"])[0]
             ul = unlikelihood_loss(logits, batch["target"], batch.get("segments"))
-            loss, metrics = loss + cfg.unlikelihood * ul, {"nll": nll, "unlikelihood": ul}
+            loss, metrics = nll + cfg.unlikelihood * ul, {"nll": nll, "unlikelihood": ul}
+        else:  # the output head at the assistant's tokens only
+            nll = chat_loss(m, batch)[0]
+            loss, metrics = nll, {}
         if "repeat_input" in batch:  # micro-batch 0 of a step with --repeat-unlikelihood
-            rul = target_unlikelihood(m(batch["repeat_input"]), batch["repeat_target"])
+            marked = batch["repeat_target"] != IGNORE_INDEX  # the repeated tokens: the head runs there only
+            rul = target_unlikelihood(m(batch["repeat_input"], only_at=marked), batch["repeat_target"][marked])
             loss = loss + cfg.repeat_unlikelihood * rul
             metrics.update(nll=nll, repeat_unlikelihood=rul, repeat_replies=batch["repeat_replies"])
         return loss, metrics
