@@ -109,6 +109,12 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "replay2-lr3e-4-b8": {"replay_coef": 2.0, "optim.lr": 3e-4, "replay_batch": 8},  # half the conversations
         "g16": {"group_size": 16, "prompts_per_step": 8},  # 16 replies per question, the default's replies per step
         "16x16": {"group_size": 16},  # 16 replies per question, twice the replies per step
+        # a worse-than-average reply pushed down from its first false equation on, its right steps before it spared
+        "first-error": {"credit": "first-error"},
+        "first-error-lr2e-4": {"credit": "first-error", "optim.lr": 2e-4},
+        "first-error-lr3e-4": {"credit": "first-error", "optim.lr": 3e-4},
+        "first-error-steps120": {"credit": "first-error", "loop.max_steps": 120},
+        "first-error-seed1": {"credit": "first-error", "loop.seed": 1},
     },
     "dpo": {  # evaluations during training off: they sample, and take longer than the training
         # sigmoid, beta 0.1, RPO alpha 4, AdamW 1e-4, 40 steps x 32 pairs, 16 SFT conversations replayed at 2

@@ -171,6 +171,19 @@ def kl_penalized_rewards(rewards: torch.Tensor, logp: torch.Tensor, ref_logp: to
     return rewards - kl_coef * kl.to(rewards.dtype)
 
 
+def first_error_advantages(advantages: torch.Tensor, first_error: torch.Tensor, width: int) -> torch.Tensor:
+    """Per-token advantages (N, width) from one per completion (N,), sparing the right start of a wrong reply.
+
+    A row with A_i < 0 whose reply first went wrong at column first_error[i] (the first token of its first false
+    step) gets 0 before that column and A_i from it on; every other row (A_i >= 0, or first_error[i] = 0: no step
+    known to be wrong) gets A_i everywhere. A worked solution is wrong from its first wrong step (PRM800K's labels,
+    Lightman et al. 2023, "Let's Verify Step by Step"): pushing down the steps before it, which were right, is
+    what sequence-level credit does to every wrong reply."""
+    cols = torch.arange(width, device=advantages.device)  # (width,)
+    spared = (advantages[:, None] < 0) & (cols[None, :] < first_error[:, None])  # (N, width)
+    return advantages[:, None].expand(-1, width).masked_fill(spared, 0.0)
+
+
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                         eps_low: float = 0.2, eps_high: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token clipped surrogate loss and where the clip was active, both (N, T).

@@ -80,7 +80,22 @@ def equations(prompt: str, completion: str, **_: Any) -> float | None:
     three steps scores 2/3, where exact match sees only the final number. Integers joined by + - * only,
     evaluated by splitting, never by eval(); equations with a number of more than MAX_DIGITS digits or more than
     MAX_TERMS terms are skipped."""
-    true = found = pos = 0
+    checked = [true for _, true in checked_equations(completion)]
+    return sum(checked) / len(checked) if checked else None
+
+
+def first_false_equation(completion: str) -> int | None:
+    """Where the reply first goes wrong: the character offset of the result of its first false equation ("12" of
+    "6 + 7 = 12"), or None when every equation it writes is true (or it writes none). A worked solution is wrong
+    from its first wrong step (the labelling of PRM800K, Lightman et al. 2023, "Let's Verify Step by Step");
+    GRPO's --credit first-error uses it to spare what the reply got right before it."""
+    return next((start for start, true in checked_equations(completion) if not true), None)
+
+
+def checked_equations(completion: str) -> list[tuple[int, bool]]:
+    """(offset of its result, whether it is true) of each checkable equation in the reply, in order (see
+    `equations`)."""
+    out, pos = [], 0
     while chain := _CHAIN.search(completion, pos):
         pos = chain.end()
         result = _RESULT.match(completion, pos)
@@ -92,9 +107,8 @@ def equations(prompt: str, completion: str, **_: Any) -> float | None:
         if len(tokens) > 2 * MAX_TERMS or max(len(t) for t in tokens[::2]) > MAX_DIGITS or \
                 len(rhs.lstrip("-")) > MAX_DIGITS:
             continue
-        found += 1
-        true += _value(tokens) == int(rhs)
-    return true / found if found else None
+        out.append((result.start(1), _value(tokens) == int(rhs)))
+    return out
 
 
 def _value(tokens: list[str]) -> int:

@@ -75,6 +75,20 @@ def test_group_advantages_hand_computed() -> None:
     assert zero == 1 and torch.equal(adv, torch.zeros(7))
 
 
+def test_first_error_advantages_hand_computed() -> None:
+    from cakelm.losses import first_error_advantages
+
+    adv = torch.tensor([1.0, -1.0, -0.5, -2.0, 0.0])
+    first = torch.tensor([2, 2, 0, 9, 3])  # row 2: no false step known; row 3: the error past the last column
+    out = first_error_advantages(adv, first, 4)
+    torch.testing.assert_close(out, torch.tensor([
+        [1.0, 1.0, 1.0, 1.0],  # a better-than-average reply: every token, whatever its steps
+        [0.0, 0.0, -1.0, -1.0],  # pushed down from column 2 on, its right start spared
+        [-0.5, -0.5, -0.5, -0.5],  # wrong with no false equation: the whole reply, as sequence credit does
+        [0.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 0.0]]))
+
+
 def test_dynamic_sampling_rows_hand_computed() -> None:
     from cakelm.losses import dynamic_sampling_rows
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from cakelm.common import CakeError
-from cakelm.rewards import equations, exact_match, format_reward, gym, load_reward, score
+from cakelm.rewards import equations, exact_match, first_false_equation, format_reward, gym, load_reward, score
 from cakelm.tasks import make_problems
 
 
@@ -37,6 +37,18 @@ def test_format_reward() -> None:
 def test_equations_reward(reply, expected) -> None:
     value = equations("q", reply)
     assert value == (pytest.approx(expected) if expected is not None else None)
+
+
+@pytest.mark.parametrize("reply,wrong_at", [
+    ("7 + 8 = 15, carry 1. 3 + 4 + 1 = 8. So 37 + 48 = 85.", None),  # every step right
+    ("12 - 7 = 5, borrow 1. 5 - 1 - 1 = 4. So 52 - 17 = 35.", 34),  # the "4" of the second step
+    ("6 + 7 = 12, carry 1. 8 + 5 + 1 = 14. So 86 + 57 = 142.", 8),  # the first of two false equations
+    ("7 * 8 = 54.", 8), ("no equations here", None), ("2 + 2 = 4.5", None),
+])
+def test_first_false_equation_is_where_a_worked_reply_goes_wrong(reply, wrong_at) -> None:
+    assert first_false_equation(reply) == wrong_at
+    if wrong_at is not None:
+        assert reply[wrong_at:].split(",")[0].split(".")[0] in ("4", "12", "54")
 
 
 def test_gym_scorer_on_generated_problems() -> None:

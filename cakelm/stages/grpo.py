@@ -25,7 +25,9 @@ arXiv 2402.03300, with the corrections of DAPO, Yu et al. 2025, arXiv 2503.14476
    instead. Prompts no reward can score (exact_match and no "answer" anywhere) stop the run before it starts.
 3. Advantages relative to the group (`losses.group_advantages`): A_i = (r_i - mean_group) / (std + 1e-4), std of
    the group (--scale-rewards group), of the whole batch (batch) or no division at all (none: Dr. GRPO). Groups
-   whose rewards are all equal carry no signal (every A_i = 0); their share is logged as zero_signal.
+   whose rewards are all equal carry no signal (every A_i = 0); their share is logged as zero_signal. A_i reaches
+   every token of its completion; with --credit first-error a completion with A_i < 0 is pushed down only from
+   the result of its first false equation on (`losses.first_error_advantages`; the right steps before it spared).
 4. Update: --epochs passes over the phase's completions, each in --num-minibatches optimizer steps, minimising
        l_t = -min(rho_t A_i, clip(rho_t, 1 - epsilon_low, 1 + epsilon_high) A_i)  [+ kl_coef * KL_k3(pi || pi_ref)_t]
    with rho_t = pi(o_t) / pi_old(o_t), pi_old the policy that sampled (rho = 1 on the first pass; DAPO's
@@ -73,10 +75,12 @@ from cakelm.losses import (
     aggregate,
     clipped_policy_loss,
     dynamic_sampling_rows,
+    first_error_advantages,
     group_advantages,
     kl_k3,
 )
 from cakelm.optim import OptimConfig
+from cakelm.rewards import first_false_equation
 from cakelm.rl import (
     HELP,
     OPTIM,
@@ -95,8 +99,11 @@ from cakelm.rl import (
     summary,
     with_replay,
 )
-from cakelm.rollout import completion_logprobs
+from cakelm.rollout import Rollout, completion_logprobs
 from cakelm.scaffold import start
+from cakelm.tokenizer import Tokenizer
+
+CREDITS = ("sequence", "first-error")
 
 
 @dataclass
@@ -124,6 +131,9 @@ class GRPOConfig:
     max_new_tokens: int = opt(64, HELP["max_new_tokens"])
     scale_rewards: str = opt("group", "divide centred rewards by the std of the group, the batch, or none "
                              "(Dr. GRPO)", choices=ADVANTAGE_SCALES)
+    credit: str = opt("sequence", "which tokens of a reply its advantage reaches: sequence (all of them) or "
+                      "first-error (a reply worse than its group's mean is pushed down from its first false "
+                      "equation on; the right steps before it are spared)", choices=CREDITS)
     aggregation: str = opt("token_mean", "how token losses are averaged: token_mean (DAPO), sequence_mean "
                            "(GRPO), constant (Dr. GRPO)", choices=AGGREGATIONS)
     epsilon_low: float = opt(0.2, HELP["epsilon_low"])
@@ -161,6 +171,20 @@ PRESETS = {
     "micro": {"group_size": 4, "prompts_per_step": 8, "max_new_tokens": 32, "val_size": 16, "loop.max_steps": 4,
               "loop.batch_size": 32, "loop.eval_every": 0, "optim.warmup_steps": 1},
 }
+
+
+def first_error_columns(rolls: list[Rollout], tok: Tokenizer) -> torch.Tensor:
+    """(N,) the training column (`rollout.to_batch`'s layout) of the token where each reply's first false equation
+    gives its result (`rewards.first_false_equation`), or 0 where it writes none."""
+    cols = []
+    for r in rolls:
+        at = first_false_equation(r.text)
+        k = 0
+        if at is not None:  # the first completion token whose text reaches past that character
+            k = next((j for j in range(len(r.ids)) if len(tok.decode(r.ids[:j + 1], skip_special=True)) > at),
+                     len(r.ids) - 1)
+        cols.append(len(r.prompt_ids) - 1 + k if at is not None else 0)
+    return torch.tensor(cols, dtype=torch.long)
 
 
 def grpo_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: GRPOConfig
@@ -216,6 +240,9 @@ def main(cfg: GRPOConfig) -> Path:
         adv, zero_kept = group_advantages(kept.float(), G, cfg.scale_rewards)
         n = len(rolls)
         data["adv"] = adv[info.rank * n:(info.rank + 1) * n]
+        if cfg.credit == "first-error":  # (N,) -> (N, T): 0 before a worse-than-average reply's first false step
+            data["adv"] = first_error_advantages(data["adv"], first_error_columns(rolls, run.tok),
+                                                 data["mask"].shape[1])
         if cfg.oversample > 1:
             metrics["trained_zero_signal"] = zero_kept / (len(kept) // G)
         if cfg.mask_truncated:
