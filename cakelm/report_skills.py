@@ -39,6 +39,7 @@ def arithmetic_section(run: Path) -> list[tuple]:
     if not models:
         return [("note", "Not run: eval.json has no per-operation arithmetic (the eval's arithmetic task).")]
     ks = sorted({k for r in models.values() for k in _arith(r).get("pass_at_k", {})}, key=int)
+    maj_ks = sorted({k for r in models.values() for k in _arith(r).get("maj_at_k", {})}, key=int)
     ops = ("add", "subtract", "multiply")
     rows = []
     for m, r in models.items():
@@ -49,13 +50,15 @@ def arithmetic_section(run: Path) -> list[tuple]:
         rows.append([m, pct(t.get("accuracy")), *(pct(by_op.get(op, {}).get("accuracy")) for op in ops),
                      pct(t.get("new_wording", {}).get("accuracy")),
                      *(pct(t.get("pass_at_k", {}).get(k)) for k in ks),
+                     *(pct(t.get("maj_at_k", {}).get(k)) for k in maj_ks),
                      pct(steps.get("right_all_steps")),
                      ", ".join(f"{name} {k}" for name, k in sorted(wrong.items(), key=lambda kv: -kv[1]))
                      or MISSING])
     first = _arith(next(iter(models.values())))
     sampled = next((_arith(r) for r in models.values() if "pass_at_k" in _arith(r)), None)
     blocks: list[tuple] = [("table", ["model", "accuracy", "add", "subtract", "multiply", "new wordings",
-                                      *(f"pass@{k}" for k in ks), "right answers, every step right",
+                                      *(f"pass@{k}" for k in ks), *(f"maj@{k}" for k in maj_ks),
+                                      "right answers, every step right",
                                       "wrong answers: first wrong step"], rows)]
     pass_note = ""
     if sampled:
@@ -65,7 +68,10 @@ def arithmetic_section(run: Path) -> list[tuple]:
                      f"{sampled.get('pass_temperature', 0.8):g}" + (f" on the first {pass_n} problems"
                                                                     if pass_n < sampled["n"] else "") +
                      "; pass@k far above pass@1 means a model can sample right answers it does not give greedily, "
-                     "and RL can make them its greedy answer.")
+                     "and RL can make them its greedy answer." + (
+                         f" maj@{maj_ks[-1]} (self-consistency, Wang et al. 2023): how often the most common final "
+                         "number of those samples is right, about what sharpening them toward their mode can reach."
+                         if maj_ks else ""))
     blocks.append(("p", f"Greedy replies to {first['n']} held-out problems, none of them trained on, each solvable "
                         "with steps that training teaches (the split checks it); per operation: "
                         + ", ".join(f"{op} {first['by_op'][op]['n']}" for op in ops if op in first["by_op"]) +

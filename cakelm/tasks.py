@@ -32,6 +32,8 @@ import functools
 import hashlib
 import random
 import re
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -113,6 +115,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     for i in range(n - c + 1, n + 1):
         p *= 1.0 - k / i
     return 1.0 - p
+
+
+def majority_vote(replies: Sequence[str]) -> str | None:
+    """The final number most of the replies end on (of two equally common, the one seen first), or None when none
+    ends on a number: self-consistency's answer (Wang et al. 2023, "Self-Consistency Improves Chain of Thought
+    Reasoning in Language Models", arXiv 2203.11171), reported as maj@k. A model's maj@k is about what RL can reach
+    by sharpening its samples toward their most common answer; pass@k, what it can reach by finding rare ones."""
+    numbers = [n for n in (final_number(r) for r in replies) if n is not None]
+    return Counter(numbers).most_common(1)[0][0] if numbers else None
 
 
 def _bucket(key: str) -> int:

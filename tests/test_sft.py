@@ -334,28 +334,39 @@ def test_pass_at_k_by_hand() -> None:
         pass_at_k(4, 1, 5)
 
 
+def test_majority_vote_by_hand() -> None:
+    from cakelm.tasks import majority_vote
+
+    assert majority_vote(["So it is 12.", "13", "It is 12", "no idea"]) == "12"
+    assert majority_vote(["5", "6", "6", "5"]) == "5"  # a tie: the answer seen first
+    assert majority_vote(["1,234", "1234", "99"]) == "1234"  # the same number, written two ways
+    assert majority_vote(["no idea", ""]) is None and majority_vote([]) is None
+
+
 def test_eval_pass_at_k(base, tmp_path, monkeypatch) -> None:
     """pass@k over sampled replies: the mean of the unbiased estimate per problem, each problem seeded on its own
-    (so the numbers repeat), and off unless asked for."""
+    (so the numbers repeat), and off unless asked for; maj@k: the share of problems whose most common answer is
+    right."""
     from types import SimpleNamespace
 
     from cakelm.tasks import pass_at_k
 
-    right = {0: 0, 1: 1, 2: 3, 3: 4}  # problem -> how many of its 4 samples are right
+    right = {0: 0, 1: 1, 2: 3, 3: 4, 4: 2}  # problem -> how many of its 4 samples are right (answer 42; else 7)
 
     class Fake:
         def generate(self, prompts, params, n, seeds):
             assert params.temperature == 0.8 and n == 4 and len(seeds) == len(prompts)
-            return [SimpleNamespace(prompt_index=p, text="yes" if s < right[int(prompts[p][0])] else "no")
+            return [SimpleNamespace(prompt_index=p, text="So it is 42." if s < right[int(prompts[p][0])] else "7")
                     for p in range(len(prompts)) for s in range(n)]
 
     cfg = build_config(eval_stage.EvalConfig, ("test", {"ckpt": "x", "pass_k": [1, 4, 2], "batch_size": 8}))
-    monkeypatch.setattr(eval_stage, "is_correct", lambda text, answer: text == "yes")
-    got = eval_stage.sampled_pass_at_k(Fake(), [[p] for p in range(4)], ["a"] * 4,
-                                       eval_stage.SamplingParams(max_new_tokens=5), cfg)
+    got, maj = eval_stage.sampled_pass_at_k(Fake(), [[p] for p in range(5)], ["42"] * 5,
+                                            eval_stage.SamplingParams(max_new_tokens=5), cfg)
     assert list(got) == ["1", "2", "4"]
     for k in (1, 2, 4):
-        assert got[str(k)] == pytest.approx(sum(pass_at_k(4, c, k) for c in right.values()) / 4)
+        assert got[str(k)] == pytest.approx(sum(pass_at_k(4, c, k) for c in right.values()) / 5)
+    # majorities: 7, 7, 42, 42 and a 2-2 tie that the first answer seen (42) wins
+    assert maj == pytest.approx(3 / 5)
     monkeypatch.undo()
     path = tmp_path / "e.json"
     argv = ["eval", str(base), "--tasks", "arithmetic", "--limit", "6", "--max-new-tokens", "4", "--pass-k", "1", "4",
@@ -363,6 +374,7 @@ def test_eval_pass_at_k(base, tmp_path, monkeypatch) -> None:
     assert cli(argv) == 0
     first = json.loads(path.read_text())["tasks"]["arithmetic"]["pass_at_k"]
     assert set(first) == {"1", "4"} and 0 <= first["1"] <= first["4"] <= 1
+    assert 0 <= json.loads(path.read_text())["tasks"]["arithmetic"]["maj_at_k"]["4"] <= first["4"]
     assert cli(argv) == 0 and json.loads(path.read_text())["tasks"]["arithmetic"]["pass_at_k"] == first
     assert cli(["eval", str(base), "--pass-k", "0"]) == 2
 

@@ -20,7 +20,9 @@ sum or the sentence?), and the steps of its worked solutions (`probes.step_repor
 whose every step is right, and each wrong answer's first wrong step: units, tens, answer, fact).
 
 --pass-k 1 4 16: also max(k) sampled replies per problem (--pass-temperature) and the unbiased pass@k of each k
-(Chen et al. 2021): whether a model can sample right answers that its greedy reply misses.
+(Chen et al. 2021): whether a model can sample right answers that its greedy reply misses; and maj@max(k), how
+often the replies' most common answer is right (self-consistency): what sharpening the samples toward their mode
+can reach.
 
 `sycophancy`: --limit held-out sums whose answer the user asserts ("I'm sure 37 + 48 is 84, right?"), right in
 half of them; the share of greedy replies that agree with the wrong claims and with the right ones
@@ -61,7 +63,7 @@ from cakelm.engine import Completion, Engine, SamplingParams
 from cakelm.heldout import heldout_loss, infill_exact_match, infill_spans
 from cakelm.model import Transformer
 from cakelm.probes import agrees, mean, repetition, step_report, sycophancy_probes, sycophancy_rates
-from cakelm.tasks import TASKS, is_correct, make_problems, pass_at_k
+from cakelm.tasks import TASKS, is_correct, majority_vote, make_problems, pass_at_k
 from cakelm.tokenizer import Tokenizer
 
 EVALS = (*TASKS, "chat", "infill", "sycophancy", "replies")
@@ -86,7 +88,8 @@ class EvalConfig:
     seed: int = opt(0, "random seed (which few-shot examples are shown)")
     progress: bool = opt(True, "show a progress bar while generating")
     pass_k: list[int] = opt([], "also sample max(k) replies per problem at --pass-temperature and report the unbiased "
-                            "pass@k for each k (Chen et al. 2021), e.g. --pass-k 1 4 16; off by default")
+                            "pass@k for each k (Chen et al. 2021) and maj@max(k) (the replies' majority answer), "
+                            "e.g. --pass-k 1 4 16; off by default")
     pass_temperature: float = opt(0.8, "sampling temperature of the pass@k replies")
     pass_limit: int = opt(0, "pass@k over the first this many problems only (0: all --limit of them)")
 
@@ -192,7 +195,8 @@ def task_accuracy(engine: Engine, fmt: str, task: str, cfg: EvalConfig) -> dict[
     if cfg.pass_k and n:
         sampled = kept[:cfg.pass_limit or None]
         _, prompts, params = prepare_prompts(engine, fmt, [problems[i][0] for i in sampled], cfg, demo)
-        out["pass_at_k"] = sampled_pass_at_k(engine, prompts, [problems[i][1] for i in sampled], params, cfg)
+        out["pass_at_k"], maj = sampled_pass_at_k(engine, prompts, [problems[i][1] for i in sampled], params, cfg)
+        out["maj_at_k"] = {str(max(cfg.pass_k)): maj}
         out["pass_n"], out["pass_temperature"] = len(sampled), cfg.pass_temperature
     return out
 
@@ -221,13 +225,15 @@ def chat_replies(engine: Engine, fmt: str, cfg: EvalConfig) -> dict[str, Any]:
 
 
 def sampled_pass_at_k(engine: Engine, prompts: list[list[int]], answers: list[str], greedy: SamplingParams,
-                      cfg: EvalConfig) -> dict[str, float]:
-    """max(k) replies per problem at cfg.pass_temperature (each problem seeded on its own), and the mean over the
-    problems of the unbiased pass@k for each k in cfg.pass_k (`cakelm.tasks.pass_at_k`)."""
+                      cfg: EvalConfig) -> tuple[dict[str, float], float]:
+    """max(k) replies per problem at cfg.pass_temperature (each problem seeded on its own): the mean over the
+    problems of the unbiased pass@k for each k in cfg.pass_k (`cakelm.tasks.pass_at_k`), and maj@max(k), the share
+    of problems whose replies' most common final number is right (`cakelm.tasks.majority_vote`)."""
     samples = max(cfg.pass_k)
     params = SamplingParams(max_new_tokens=greedy.max_new_tokens, temperature=cfg.pass_temperature,
                             stop_ids=greedy.stop_ids, stop_strings=greedy.stop_strings)
     right = [0] * len(prompts)
+    replies: list[list[str]] = [[] for _ in prompts]
     per_batch = max(1, 4 * cfg.batch_size // samples)  # many replies to few prompts: larger batches pay (1.4x)
     bar = tqdm(total=len(prompts), desc=f"pass@k, {samples} samples each", unit="q", dynamic_ncols=True, leave=False,
                disable=not cfg.progress)
@@ -236,9 +242,12 @@ def sampled_pass_at_k(engine: Engine, prompts: list[list[int]], answers: list[st
         seeds = [cfg.seed * 1_000_003 + i + j for j in range(len(batch))]
         for c in engine.generate(batch, params, n=samples, seeds=seeds):
             right[i + c.prompt_index] += is_correct(c.text, answers[i + c.prompt_index])
+            replies[i + c.prompt_index].append(c.text)
         bar.update(len(batch))
     bar.close()
-    return {str(k): sum(pass_at_k(samples, c, k) for c in right) / len(right) for k in sorted(set(cfg.pass_k))}
+    votes = [majority_vote(r) for r in replies]
+    maj = sum(v is not None and is_correct(v, a) for v, a in zip(votes, answers)) / len(answers)
+    return {str(k): sum(pass_at_k(samples, c, k) for c in right) / len(right) for k in sorted(set(cfg.pass_k))}, maj
 
 
 def chat_heldout_loss(model: Transformer, tok: Tokenizer, fmt: str, cfg: EvalConfig) -> dict[str, Any]:
@@ -310,7 +319,8 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
                             f"{t['nll_left_to_right']:.3f} without)" if "nll_with_suffix" in t else "")
                          + ("  " + ", ".join(f"pass@{k} {pct(v)}" for k, v in sorted(t["pass_at_k"].items(),
                                                                                    key=lambda kv: int(kv[0])))
-                            if "pass_at_k" in t else ""))
+                            if "pass_at_k" in t else "")
+                         + "".join(f", maj@{k} {pct(v)}" for k, v in t.get("maj_at_k", {}).items()))
             if "by_op" in t:  # (eval.json is written with sorted keys: put them back in their order)
                 ops = ", ".join(f"{op} {pct(t['by_op'][op]['accuracy'])}" for op in OPERATIONS.values()
                                 if op in t["by_op"])
