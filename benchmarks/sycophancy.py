@@ -64,7 +64,7 @@ def pair_agreement(prefs_dir: Path) -> dict[str, Any]:
 
 
 def train_rlhf(run: Path, cfg: pipeline.PipelineConfig, rater: str, data: list[str] | None, samples: int,
-               prompts: int | None = None, reward_steps: int | None = None) -> Path:
+               prompts: int | None = None, reward_steps: int | None = None, ppo_kl: float | None = None) -> Path:
     """prefs (judged by `rater`, on `data` or the run's prompt sources) -> reward -> dpo -> ppo into
     RUN/sycophancy/RATER, from RUN/sft, with the pipeline's settings otherwise."""
     out = run / "sycophancy" / rater
@@ -80,6 +80,8 @@ def train_rlhf(run: Path, cfg: pipeline.PipelineConfig, rater: str, data: list[s
             stage_cfg.prompts = prompts or stage_cfg.prompts
         if name == "reward" and reward_steps:
             stage_cfg.loop.max_steps = reward_steps
+        if name == "ppo" and ppo_kl is not None:
+            stage_cfg.kl_coef = ppo_kl
         if hasattr(stage_cfg, "overwrite"):
             stage_cfg.overwrite = True
         t0 = time.time()
@@ -116,6 +118,9 @@ def main() -> None:
                     "pipeline's, 600)")
     ap.add_argument("--reward-steps", type=int, default=None, help="reward-model training steps (default: the "
                     "pipeline's, 80)")
+    # PPO follows its reward model only as far as the KL term lets it: the pipeline's 0.3 keeps the arithmetic
+    ap.add_argument("--ppo-kl", type=float, default=None, help="PPO's KL coefficient for both raters (default: the "
+                    "pipeline's, 0.3)")
     ap.add_argument("--rl-steps", type=int, default=120, help="GRPO steps on each rater's scores (0: no GRPO)")
     # GRPO's own default: at 3e-4 (the earlier default here) both raters' models lost their arithmetic (2% of the
     # held-out problems, 2026-12-03), so the checking rater's model agreed with wrong claims too (README).
@@ -124,8 +129,10 @@ def main() -> None:
     ap.add_argument("--skip-training", action="store_true", help="reuse RUN/sycophancy/{rule,agreeable} as they are")
     args = ap.parse_args()
     if args.rl_steps < 0 or not args.rl_lr > 0 or any(n is not None and n < 1 for n in (args.prompts,
-                                                                                        args.reward_steps)):
-        raise SystemExit("sycophancy: need --rl-steps >= 0, --rl-lr > 0, --prompts >= 1 and --reward-steps >= 1")
+                                                                                        args.reward_steps)) or \
+            (args.ppo_kl is not None and not args.ppo_kl >= 0):
+        raise SystemExit("sycophancy: need --rl-steps >= 0, --rl-lr > 0, --prompts >= 1, --reward-steps >= 1 and "
+                         "--ppo-kl >= 0")
     run: Path = args.run
     if not (run / "pipeline.json").is_file() or not is_checkpoint(run / str(STAGE["sft"].out)):
         raise SystemExit(f"sycophancy: {run} is not a finished pipeline run (no pipeline.json or sft/)")
@@ -133,7 +140,7 @@ def main() -> None:
     t0 = time.time()
     if not args.skip_training:
         for rater in ("rule", "agreeable"):
-            train_rlhf(run, cfg, rater, args.data, args.samples, args.prompts, args.reward_steps)
+            train_rlhf(run, cfg, rater, args.data, args.samples, args.prompts, args.reward_steps, args.ppo_kl)
             if args.rl_steps:
                 train_rl(run, cfg, rater, args.rl_data, args.rl_steps, args.rl_lr)
     stages = ("dpo", "ppo", "grpo") if args.rl_steps else ("dpo", "ppo")
@@ -153,6 +160,7 @@ def main() -> None:
     write_json_atomic(run / "sycophancy.json", {"limit": args.limit, "models": results, "pairs": pairs,
                                                "data": args.data or cfg.prefs_data, "samples": args.samples,
                                                "prompts": args.prompts, "reward_steps": args.reward_steps,
+                                               "ppo_kl": args.ppo_kl,
                                                "rl": rl, "seconds": time.time() - t0})
     print(f"{'model':<22} {'agrees wrong':>13} {'agrees right':>13} {'right answer':>13}")
     for name, r in results.items():

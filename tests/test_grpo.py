@@ -270,20 +270,27 @@ def test_grpo_raises_the_reward(chat_model, prompts, tmp_path, user_rewards) -> 
     assert meta["rewards"] == ["my_rewards:e_share"] and "val_reward" in meta["metrics"]
 
 
-def test_first_error_credit_starts_at_the_first_false_equation(chat_model, prompts, tmp_path) -> None:
-    """--credit first-error: the column of the first token of the first false result, in to_batch's layout; a
-    reply without one starts at 0 (sequence credit); and a run with it trains."""
+def test_first_error_credit_starts_at_the_first_false_equation(chat_model, prompts, tmp_path, monkeypatch) -> None:
+    """--credit first-error: the column of the first token of the first false result, in to_batch's layout (also
+    when the reply's tokens begin with a space that Rollout.text strips); a reply without one starts at 0
+    (sequence credit); and a run with it trains on per-token advantages."""
     tok = Tokenizer.load(chat_model / "tokenizer.json")
-    text = "6 + 7 = 12, carry 1. So 86 + 57 = 143."
-    ids = tok.encode(text) + [tok.end_id]
-    rolls = [Rollout(0, [1, 2, 3], ids, text, True, [0.0] * len(ids)),
-             Rollout(0, [1, 2], ids, "6 + 7 = 13.", True, [0.0] * len(ids))]
+    rolls = []
+    for text in ("6 + 7 = 12, carry 1. So 86 + 57 = 143.", "  6 + 7 = 12, carry 1. So 86 + 57 = 143.", "6 + 7 = 13."):
+        ids = tok.encode(text) + [tok.end_id]
+        rolls.append(Rollout(0, [1, 2, 3], ids, text.strip(), True, [0.0] * len(ids)))
     cols = grpo.first_error_columns(rolls, tok).tolist()
-    k = cols[0] - 2  # the reply's token k (a prompt of 3 tokens: its last position predicts the reply's first)
-    assert len(tok.decode(ids[:k])) <= text.index("12") < len(tok.decode(ids[:k + 1]))  # token k holds the "1"
-    assert cols[1] == 0
+    for r, col in zip(rolls[:2], cols):
+        k = col - 2  # the reply's token k (a prompt of 3 tokens: its last position predicts the reply's first)
+        text = tok.decode(r.ids[:-1])
+        assert len(tok.decode(r.ids[:k])) <= text.index("12") < len(tok.decode(r.ids[:k + 1]))  # token k: the "1"
+    assert cols[2] == 0
+    shapes = []
+    real = grpo.first_error_advantages
+    monkeypatch.setattr(grpo, "first_error_advantages", lambda *a: shapes.append(tuple(real(*a).shape)) or real(*a))
     out = run_grpo(chat_model, [prompts], tmp_path / "fe", credit="first-error", **{"loop.max_steps": 2})
     assert len(rows(out)) == 2 and load_meta(out)["config"]["credit"] == "first-error"
+    assert len(shapes) == 2 and all(len(s) == 2 for s in shapes)  # (N, T) advantages, one phase a step
 
 
 def test_dynamic_sampling_trains_on_groups_with_signal(chat_model, prompts, tmp_path, user_rewards) -> None:

@@ -215,12 +215,13 @@ def test_gold_noise_script_refuses_bad_options_in_one_line(tmp_path) -> None:
         assert done.returncode == 1 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, extra
 
 def test_sycophancy_script_refuses_bad_options_in_one_line(tmp_path) -> None:
-    """benchmarks/sycophancy.py: out-of-range RL, prompt and reward-step options, and a directory that is not a
-    finished run, are one line each, before anything trains."""
+    """benchmarks/sycophancy.py: out-of-range RL, prompt, reward-step and PPO KL options, and a directory that is not
+    a finished run, are one line each, before anything trains."""
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "sycophancy.py")
-    need = "need --rl-steps >= 0, --rl-lr > 0, --prompts >= 1 and --reward-steps >= 1"
+    need = "need --rl-steps >= 0, --rl-lr > 0, --prompts >= 1, --reward-steps >= 1 and --ppo-kl >= 0"
     for extra, says in ((["--rl-steps", "-1"], need), (["--rl-lr", "0"], need), (["--prompts", "0"], need),
-                        (["--reward-steps", "0"], need), ([], "is not a finished pipeline run")):
+                        (["--reward-steps", "0"], need), (["--ppo-kl", "-0.1"], need), (["--ppo-kl", "nan"], need),
+                        ([], "is not a finished pipeline run")):
         done = subprocess.run([sys.executable, script, str(tmp_path), *extra], capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 1 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, extra

@@ -35,6 +35,7 @@ def _model_eval(i: int, rlhf: bool) -> dict:
                       "multiply": {"n": 2, "accuracy": 0.0}}
     arith["new_wording"] = {"n": 10, "accuracy": 0.05 * i, "end_of_turn": 1.0, "examples": []}
     arith["pass_at_k"] = {"1": 0.1, "4": 0.3, "16": 0.5 + 0.01 * i}
+    arith["maj_at_k"] = {"16": 0.2 + 0.01 * i}
     arith["steps"] = {"right": i, "right_all_steps": 1.0, "wrong": 10 - i, "first_wrong": {"units": 10 - i},
                       "examples": [{"problem": "37+48", "reply": "7 + 8 = 14. So 37 + 48 = 84.", "right": False,
                                     "first_wrong": "units", "got": "7 + 8 = 14.", "expected": "7 + 8 = 15, carry 1."}]}
@@ -157,7 +158,9 @@ def test_report_has_every_section_and_model(full_report) -> None:
     arith = html.split("<h2>10. Arithmetic in detail</h2>")[1].split("<h2>")[0]
     assert re.findall(r"<tr><td>(\w+)</td>", arith)[:len(MODELS)] == list(MODELS)
     grpo = re.findall(r"<td[^>]*>(.*?)</td>", re.search(r"<tr><td>grpo</td>(.*?)</tr>", arith).group(1))
-    assert grpo == ["40.0%", "80.0%", "10.0%", "0.0%", "20.0%", "10.0%", "30.0%", "54.0%", "100.0%", "units 6"]
+    assert grpo == ["40.0%", "80.0%", "10.0%", "0.0%", "20.0%", "10.0%", "30.0%", "54.0%", "24.0%", "100.0%",
+                    "units 6"]  # ..., pass@16, maj@16, steps
+    assert "<th>maj@16</th>" in arith and "maj@16 (self-consistency" in arith
     syc = html.split("<h2>11. Sycophancy</h2>")[1].split("<h2>")[0]
     assert re.findall(r"<td[^>]*>(.*?)</td>", re.search(r"<tr><td>dpo</td>(.*?)</tr>", syc).group(1))[:2] == [
         "20.0%", "50.0%"]

@@ -58,6 +58,7 @@ sum(A_i) ~ 0, but its gradient sum_i A_i grad log pi(o_i) is not (tested in test
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,12 +179,15 @@ def first_error_columns(rolls: list[Rollout], tok: Tokenizer) -> torch.Tensor:
     gives its result (`rewards.first_false_equation`), or 0 where it writes none."""
     cols = []
     for r in rolls:
-        at = first_false_equation(r.text)
-        k = 0
-        if at is not None:  # the first completion token whose text reaches past that character
-            k = next((j for j in range(len(r.ids)) if len(tok.decode(r.ids[:j + 1], skip_special=True)) > at),
-                     len(r.ids) - 1)
-        cols.append(len(r.prompt_ids) - 1 + k if at is not None else 0)
+        ids = [i for i in r.ids if i != tok.end_id]
+        # the reply as its tokens decode (Rollout.text is stripped, so its offsets may be shifted)
+        at = first_false_equation(tok.decode(ids, skip_special=True))
+        if at is None:
+            cols.append(0)
+            continue
+        # the first token whose prefix decodes past that character (prefixes only grow: a binary search)
+        k = bisect.bisect_right(range(len(ids)), at, key=lambda j: len(tok.decode(ids[:j + 1], skip_special=True)))
+        cols.append(len(r.prompt_ids) - 1 + min(k, len(ids) - 1))
     return torch.tensor(cols, dtype=torch.long)
 
 
