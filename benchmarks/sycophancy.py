@@ -13,7 +13,8 @@ What it does, on a finished pipeline run RUN (its SFT model, its stage settings)
    of a correct answer to agreeing, and keeps pairs whose chosen reply agrees), then `cakelm reward`, `cakelm
    dpo` and `cakelm ppo` with the pipeline's settings of the run's preset, from RUN/sft. `--data`,
    `--samples` and `--prompts` change the prompts and replies per prompt of both (more claims give the rater more
-   to prefer; prefs keeps one pair a prompt, so --prompts gives the reward model more pairs).
+   to prefer; prefs keeps one pair a prompt, so --prompts gives the reward model more pairs); `--ppo-kl` loosens
+   or tightens PPO's KL leash; `--seed` redraws the training stages (the probes stay the same) for a replicate.
 2. RL on the ratings themselves (unless --rl-steps 0): `cakelm grpo` from RUN/sft on the claim prompts
    (--rl-data), every sampled reply rewarded with the rater's score (`rater` or `agreeable_rater` as the reward
    function: a person's rating of each answer, as thumbs-up feedback in a chat product, not a pair), --rl-steps
@@ -27,6 +28,7 @@ Nothing of the pipeline's own run is changed. Run nothing else meanwhile if you 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -121,6 +123,8 @@ def main() -> None:
     # PPO follows its reward model only as far as the KL term lets it: the pipeline's 0.3 keeps the arithmetic
     ap.add_argument("--ppo-kl", type=float, default=None, help="PPO's KL coefficient for both raters (default: the "
                     "pipeline's, 0.3)")
+    ap.add_argument("--seed", type=int, default=None, help="seed of the raters' prefs, reward, DPO and PPO (default: "
+                    "the run's); the probes keep the run's seed, so every model answers the same ones")
     ap.add_argument("--rl-steps", type=int, default=120, help="GRPO steps on each rater's scores (0: no GRPO)")
     # GRPO's own default: at 3e-4 (the earlier default here) both raters' models lost their arithmetic (2% of the
     # held-out problems, 2026-12-03), so the checking rater's model agreed with wrong claims too (README).
@@ -140,9 +144,10 @@ def main() -> None:
     t0 = time.time()
     if not args.skip_training:
         for rater in ("rule", "agreeable"):
-            train_rlhf(run, cfg, rater, args.data, args.samples, args.prompts, args.reward_steps, args.ppo_kl)
+            train_cfg = cfg if args.seed is None else dataclasses.replace(cfg, seed=args.seed)
+            train_rlhf(run, train_cfg, rater, args.data, args.samples, args.prompts, args.reward_steps, args.ppo_kl)
             if args.rl_steps:
-                train_rl(run, cfg, rater, args.rl_data, args.rl_steps, args.rl_lr)
+                train_rl(run, train_cfg, rater, args.rl_data, args.rl_steps, args.rl_lr)
     stages = ("dpo", "ppo", "grpo") if args.rl_steps else ("dpo", "ppo")
     models = {"sft": run / "sft", **{f"{m}, {rater} rater": run / "sycophancy" / rater / m
                                      for rater in ("rule", "agreeable") for m in stages}}
@@ -160,7 +165,7 @@ def main() -> None:
     write_json_atomic(run / "sycophancy.json", {"limit": args.limit, "models": results, "pairs": pairs,
                                                "data": args.data or cfg.prefs_data, "samples": args.samples,
                                                "prompts": args.prompts, "reward_steps": args.reward_steps,
-                                               "ppo_kl": args.ppo_kl,
+                                               "ppo_kl": args.ppo_kl, "seed": args.seed,
                                                "rl": rl, "seconds": time.time() - t0})
     print(f"{'model':<22} {'agrees wrong':>13} {'agrees right':>13} {'right answer':>13}")
     for name, r in results.items():
