@@ -143,8 +143,8 @@ def main() -> None:
     cfg = pipeline.run_config(run)
     t0 = time.time()
     if not args.skip_training:
+        train_cfg = cfg if args.seed is None else dataclasses.replace(cfg, seed=args.seed)  # the probes keep cfg's
         for rater in ("rule", "agreeable"):
-            train_cfg = cfg if args.seed is None else dataclasses.replace(cfg, seed=args.seed)
             train_rlhf(run, train_cfg, rater, args.data, args.samples, args.prompts, args.reward_steps, args.ppo_kl)
             if args.rl_steps:
                 train_rl(run, train_cfg, rater, args.rl_data, args.rl_steps, args.rl_lr)

@@ -232,8 +232,7 @@ def sampled_pass_at_k(engine: Engine, prompts: list[list[int]], answers: list[st
     samples = max(cfg.pass_k)
     params = SamplingParams(max_new_tokens=greedy.max_new_tokens, temperature=cfg.pass_temperature,
                             stop_ids=greedy.stop_ids, stop_strings=greedy.stop_strings)
-    right = [0] * len(prompts)
-    replies: list[list[str]] = [[] for _ in prompts]
+    replies: list[list[str]] = [[] for _ in prompts]  # each problem's sampled replies
     per_batch = max(1, 4 * cfg.batch_size // samples)  # many replies to few prompts: larger batches pay (1.4x)
     bar = tqdm(total=len(prompts), desc=f"pass@k, {samples} samples each", unit="q", dynamic_ncols=True, leave=False,
                disable=not cfg.progress)
@@ -241,10 +240,10 @@ def sampled_pass_at_k(engine: Engine, prompts: list[list[int]], answers: list[st
         batch = prompts[i:i + per_batch]
         seeds = [cfg.seed * 1_000_003 + i + j for j in range(len(batch))]
         for c in engine.generate(batch, params, n=samples, seeds=seeds):
-            right[i + c.prompt_index] += is_correct(c.text, answers[i + c.prompt_index])
             replies[i + c.prompt_index].append(c.text)
         bar.update(len(batch))
     bar.close()
+    right = [sum(is_correct(t, a) for t in r) for r, a in zip(replies, answers)]
     votes = [majority_vote(r) for r in replies]
     maj = sum(v is not None and is_correct(v, a) for v, a in zip(votes, answers)) / len(answers)
     return {str(k): sum(pass_at_k(samples, c, k) for c in right) / len(right) for k in sorted(set(cfg.pass_k))}, maj
