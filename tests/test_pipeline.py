@@ -225,3 +225,17 @@ def test_sycophancy_script_refuses_bad_options_in_one_line(tmp_path) -> None:
         done = subprocess.run([sys.executable, script, str(tmp_path), *extra], capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 1 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, extra
+
+
+def test_sft_head_and_maj_vs_greedy_scripts_refuse_bad_input_in_one_line(tmp_path) -> None:
+    """benchmarks/sft_head.py and maj_vs_greedy.py: a directory that is not a finished run, a non-JSON eval.json, or
+    --rounds 0: one line each, before any model loads."""
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    (tmp_path / "eval.json").write_text("{not json", encoding="utf-8")
+    for script, extra, says in (("sft_head.py", [], "is not a finished pipeline run"),
+                                ("sft_head.py", ["--rounds", "0"], "need --rounds >= 1"),
+                                ("maj_vs_greedy.py", [], "maj_vs_greedy: cannot read " + str(tmp_path / "eval.json"))):
+        done = subprocess.run([sys.executable, os.path.join(bench, script), str(tmp_path), *extra],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, (
+            script, extra, done.stderr)
