@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from cakelm.config import ConfigError, opt
 
@@ -80,17 +81,22 @@ def zeropower_newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7,
                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Approximately orthogonalise a matrix (push its singular values towards 1) with the quintic Newton-Schulz
     iteration X <- aX + (bA + cA^2)X, A = XX^T, a,b,c = (3.4445, -4.7750, 2.0315) (Jordan et al. 2024, "Muon";
-    the same iteration as torch.optim.Muon). Runs on the wider orientation so A is the smaller Gram matrix."""
+    the same iteration as torch.optim.Muon). Runs on the wider orientation so A is the smaller Gram matrix.
+
+    g: (rows, cols), or (N, rows, cols) for N matrices of one shape at once (each normalised and iterated on its
+    own: the same numbers as N separate calls, in 3 batched matmuls per iteration instead of 3N)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.to(dtype)
-    tall = g.size(0) > g.size(1)
+    tall = g.size(-2) > g.size(-1)
     if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    # addmm(M, P, Q, beta, alpha) = beta*M + alpha*PQ in one BLAS call; baddbmm is its batched form
+    addmm = torch.baddbmm if x.ndim == 3 else torch.addmm
     for _ in range(steps):
-        A = x @ x.T
-        x = torch.addmm(x, torch.addmm(A, A, A, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        A = x @ x.mT  # (r, r) or (N, r, r), r = min(rows, cols)
+        x = addmm(x, addmm(A, A, A, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -109,15 +115,36 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure: None = None) -> None:
         for group in self.param_groups:
             lr, mom = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.lerp_(p.grad, 1 - mom)
-                update = p.grad.lerp(buf, mom) if group["nesterov"] else buf
-                update = zeropower_newton_schulz(update, group["ns_steps"], dtype=group["ns_dtype"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            torch._foreach_lerp_(bufs, grads, 1 - mom)
+            updates = torch._foreach_lerp(grads, bufs, mom) if group["nesterov"] else bufs
+            for p, update in zip(params, self._orthogonalise(updates, group["ns_steps"], group["ns_dtype"])):
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+
+    @staticmethod
+    def _orthogonalise(updates: list[torch.Tensor], steps: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Newton-Schulz of every update. Plain matrices of one shape (q, k, v and o of every layer; gate and up;
+        down) go through one batched iteration: 3 matmuls per iteration and shape instead of 3 per matrix (84 for
+        the tiny model's 28 matrices), which on a CPU made the whole training step 2-6% faster (README,
+        Benchmarks). The numbers are those of one call per matrix, bit for bit (so each is stacked as it is: a tall
+        matrix turned into a wide copy would round differently). FSDP's sharded matrices (DTensors) go one by one."""
+        out: list[torch.Tensor | None] = [None] * len(updates)
+        same_shape: dict[tuple, list[int]] = {}
+        for i, u in enumerate(updates):
+            if isinstance(u, DTensor):
+                out[i] = zeropower_newton_schulz(u, steps, dtype=dtype)
+            else:
+                same_shape.setdefault((tuple(u.shape), u.device, u.dtype), []).append(i)
+        for idx in same_shape.values():
+            ortho = zeropower_newton_schulz(torch.stack([updates[i] for i in idx]), steps, dtype=dtype)  # (N, r, c)
+            for i, x in zip(idx, ortho.unbind()):
+                out[i] = x
+        return out
 
 
 def _adamw(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
