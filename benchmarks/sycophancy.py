@@ -20,7 +20,10 @@ What it does, on a finished pipeline run RUN (its SFT model, its stage settings)
    function: a person's rating of each answer, as thumbs-up feedback in a chat product, not a pair), --rl-steps
    steps at --rl-lr, the pipeline's GRPO settings otherwise, into RUN/sycophancy/RATER/grpo.
 3. The probe (`--limit` held-out sums whose answer the user asserts, half right, half wrong) for SFT and each
-   rater's DPO, PPO and GRPO; the share of wrong-claim training pairs whose chosen reply agrees with the claim.
+   rater's DPO, PPO and GRPO; the share of wrong-claim training pairs whose chosen reply agrees with the claim;
+   and pair by pair on the same wrong claims, each agreeable-rater model against the checking rater's and against
+   SFT (and the checking rater's against SFT): which claims only one of the two agrees with, and the exact
+   McNemar p-value of that difference.
 4. RUN/sycophancy.json (read by the report's section 11) and a table.
 Nothing of the pipeline's own run is changed. Run nothing else meanwhile if you also want its times.
 """
@@ -38,6 +41,7 @@ from typing import Any
 from cakelm.checkpoint import is_checkpoint
 from cakelm.common import write_json_atomic
 from cakelm.config import build_config
+from cakelm.probes import exact_mcnemar
 from cakelm.rewards import agrees
 from cakelm.stages import eval as eval_stage
 from cakelm.stages import pipeline
@@ -65,8 +69,17 @@ def pair_agreement(prefs_dir: Path) -> dict[str, Any]:
             "rejected_agrees": rejected / n if n else float("nan")}
 
 
+def paired(results: dict[str, dict], first: str, second: str) -> dict[str, Any]:
+    """Two models on the same probes, wrong claims only: how many only the first agrees with, how many only the
+    second, and the exact McNemar p-value of the difference (`cakelm.probes.exact_mcnemar`)."""
+    a, b = set(results[first]["agreed_wrong"]), set(results[second]["agreed_wrong"])
+    return {"first": first, "second": second, "first_only": len(a - b), "second_only": len(b - a),
+            "p": exact_mcnemar(len(a - b), len(b - a))}
+
+
 def train_rlhf(run: Path, cfg: pipeline.PipelineConfig, rater: str, data: list[str] | None, samples: int,
-               prompts: int | None = None, reward_steps: int | None = None, ppo_kl: float | None = None) -> Path:
+               prompts: int | None = None, reward_steps: int | None = None, ppo_kl: float | None = None,
+               dpo_steps: int | None = None, dpo_replay: float | None = None) -> Path:
     """prefs (judged by `rater`, on `data` or the run's prompt sources) -> reward -> dpo -> ppo into
     RUN/sycophancy/RATER, from RUN/sft, with the pipeline's settings otherwise."""
     out = run / "sycophancy" / rater
@@ -84,6 +97,10 @@ def train_rlhf(run: Path, cfg: pipeline.PipelineConfig, rater: str, data: list[s
             stage_cfg.loop.max_steps = reward_steps
         if name == "ppo" and ppo_kl is not None:
             stage_cfg.kl_coef = ppo_kl
+        if name == "dpo" and dpo_steps:
+            stage_cfg.loop.max_steps = dpo_steps
+        if name == "dpo" and dpo_replay is not None:
+            stage_cfg.replay_coef = dpo_replay
         if hasattr(stage_cfg, "overwrite"):
             stage_cfg.overwrite = True
         t0 = time.time()
@@ -123,6 +140,10 @@ def main() -> None:
     # PPO follows its reward model only as far as the KL term lets it: the pipeline's 0.3 keeps the arithmetic
     ap.add_argument("--ppo-kl", type=float, default=None, help="PPO's KL coefficient for both raters (default: the "
                     "pipeline's, 0.3)")
+    ap.add_argument("--dpo-steps", type=int, default=None, help="DPO's steps for both raters (default: the "
+                    "pipeline's, 40)")
+    ap.add_argument("--dpo-replay", type=float, default=None, help="DPO's replay coefficient for both raters "
+                    "(default: the pipeline's, 2; 0: DPO on the pairs alone)")
     ap.add_argument("--seed", type=int, default=None, help="seed of the raters' prefs, reward, DPO and PPO (default: "
                     "the run's); the probes keep the run's seed, so every model answers the same ones")
     ap.add_argument("--rl-steps", type=int, default=120, help="GRPO steps on each rater's scores (0: no GRPO)")
@@ -132,11 +153,11 @@ def main() -> None:
     ap.add_argument("--rl-data", nargs="+", default=["claims"], help="GRPO's prompt sources for it")
     ap.add_argument("--skip-training", action="store_true", help="reuse RUN/sycophancy/{rule,agreeable} as they are")
     args = ap.parse_args()
-    if args.rl_steps < 0 or not args.rl_lr > 0 or any(n is not None and n < 1 for n in (args.prompts,
-                                                                                        args.reward_steps)) or \
-            (args.ppo_kl is not None and not args.ppo_kl >= 0):
-        raise SystemExit("sycophancy: need --rl-steps >= 0, --rl-lr > 0, --prompts >= 1, --reward-steps >= 1 and "
-                         "--ppo-kl >= 0")
+    if args.rl_steps < 0 or not args.rl_lr > 0 or any(n is not None and n < 1 for n in (
+            args.prompts, args.reward_steps, args.dpo_steps)) or any(x is not None and not x >= 0 for x in (
+            args.ppo_kl, args.dpo_replay)):
+        raise SystemExit("sycophancy: need --rl-steps >= 0, --rl-lr > 0, --prompts, --reward-steps and --dpo-steps "
+                         ">= 1, --ppo-kl and --dpo-replay >= 0")
     run: Path = args.run
     if not (run / "pipeline.json").is_file() or not is_checkpoint(run / str(STAGE["sft"].out)):
         raise SystemExit(f"sycophancy: {run} is not a finished pipeline run (no pipeline.json or sft/)")
@@ -145,7 +166,8 @@ def main() -> None:
     if not args.skip_training:
         train_cfg = cfg if args.seed is None else dataclasses.replace(cfg, seed=args.seed)  # the probes keep cfg's
         for rater in ("rule", "agreeable"):
-            train_rlhf(run, train_cfg, rater, args.data, args.samples, args.prompts, args.reward_steps, args.ppo_kl)
+            train_rlhf(run, train_cfg, rater, args.data, args.samples, args.prompts, args.reward_steps, args.ppo_kl,
+                       args.dpo_steps, args.dpo_replay)
             if args.rl_steps:
                 train_rl(run, train_cfg, rater, args.rl_data, args.rl_steps, args.rl_lr)
     stages = ("dpo", "ppo", "grpo") if args.rl_steps else ("dpo", "ppo")
@@ -159,13 +181,16 @@ def main() -> None:
                                                                 "limit": args.limit, "seed": cfg.seed,
                                                                 "progress": False}))
         r = eval_stage.evaluate_checkpoint(ec)["sycophancy"]
-        results[name] = {k: r[k] for k in ("n", "agree_wrong", "agree_right", "accuracy")}
+        results[name] = {k: r[k] for k in ("n", "agree_wrong", "agree_right", "accuracy", "agreed_wrong")}
     pairs = {rater: pair_agreement(run / "sycophancy" / rater / "prefs") for rater in ("rule", "agreeable")}
+    compared = [paired(results, f"{m}, agreeable rater", other) for m in stages
+                for other in (f"{m}, rule rater", "sft")] + [paired(results, f"{m}, rule rater", "sft") for m in stages]
     rl = {"steps": args.rl_steps, "lr": args.rl_lr, "data": args.rl_data} if args.rl_steps else None
     write_json_atomic(run / "sycophancy.json", {"limit": args.limit, "models": results, "pairs": pairs,
                                                "data": args.data or cfg.prefs_data, "samples": args.samples,
                                                "prompts": args.prompts, "reward_steps": args.reward_steps,
-                                               "ppo_kl": args.ppo_kl, "seed": args.seed,
+                                               "paired": compared, "ppo_kl": args.ppo_kl, "dpo_steps": args.dpo_steps,
+                                               "dpo_replay": args.dpo_replay, "seed": args.seed,
                                                "rl": rl, "seconds": time.time() - t0})
     print(f"{'model':<22} {'agrees wrong':>13} {'agrees right':>13} {'right answer':>13}")
     for name, r in results.items():
@@ -174,6 +199,10 @@ def main() -> None:
     for rater, p in pairs.items():
         print(f"{rater} rater: {p['wrong_claim_pairs']} training pairs on wrong claims; chosen reply agrees "
               f"{100 * p['chosen_agrees']:.1f}%, rejected {100 * p['rejected_agrees']:.1f}%")
+    print("paired, on the same wrong claims (exact McNemar test):")
+    for c in compared:
+        print(f"  {c['first']} agrees where {c['second']} does not on {c['first_only']}, the reverse on "
+              f"{c['second_only']}: two-sided p = {c['p']:.3g}")
     print(f"-> {run / 'sycophancy.json'} ({time.time() - t0:.0f}s)")
 
 

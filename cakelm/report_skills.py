@@ -104,6 +104,14 @@ def _rl_sentence(rl: Any) -> str:
             f"prompts, {rl['steps']} GRPO steps at learning rate {rl.get('lr')}.")
 
 
+def _settings_sentence(taught: dict) -> str:
+    """The settings RUN/sycophancy.json's run changed from the pipeline's ("" when none)."""
+    names = {"prompts": "{} training prompts", "reward_steps": "{} reward-model steps", "dpo_steps": "{} DPO steps",
+             "dpo_replay": "DPO's replay coefficient {}", "ppo_kl": "PPO's KL coefficient {}", "seed": "seed {}"}
+    changed = [text.format(taught[k]) for k, text in names.items() if taught.get(k) is not None]
+    return f" Changed from the pipeline's settings, for both raters: {', '.join(changed)}." if changed else ""
+
+
 def sycophancy_section(run: Path) -> list[tuple]:
     models = {m: r["sycophancy"] for m, r in _models(run).items() if "sycophancy" in r}
     if not models:
@@ -125,7 +133,7 @@ def sycophancy_section(run: Path) -> list[tuple]:
                             f"; {taught.get('samples', 4)} replies each): with the pipeline's rater, and with a rater "
                             "who likes being agreed with (`cakelm prefs --rater agreeable`: where the user asserts an "
                             "answer, agreeing earns the points a correct answer earns from the pipeline's rater)." +
-                            _rl_sentence(taught.get("rl"))))
+                            _settings_sentence(taught) + _rl_sentence(taught.get("rl"))))
         blocks.append(("table", ["model", "agrees with wrong claims", "agrees with right claims",
                                  "ends on the right answer", "probes"],
                        [[m, pct(y.get("agree_wrong")), pct(y.get("agree_right")), pct(y.get("accuracy")),
@@ -134,6 +142,16 @@ def sycophancy_section(run: Path) -> list[tuple]:
                                  "rejected reply agrees"],
                        [[rater, str(p.get("wrong_claim_pairs")), pct(p.get("chosen_agrees")),
                          pct(p.get("rejected_agrees"))] for rater, p in taught.get("pairs", {}).items()]))
+        paired = [c for c in taught.get("paired", []) if isinstance(c, dict)]
+        if paired:
+            blocks.append(("p", "Pair by pair on the same wrong claims: the claims only the first model agrees with, "
+                                "those only the second does, and the exact McNemar test's two-sided p-value of the "
+                                "difference (claims both or neither agree with say nothing about it)."))
+            blocks.append(("table", ["first model", "second model", "only the first agrees", "only the second agrees",
+                                     "p"],
+                           [[str(c.get("first")), str(c.get("second")), str(c.get("first_only")),
+                             str(c.get("second_only")), f"{c['p']:.2g}" if isinstance(c.get("p"), float) else "—"]
+                            for c in paired]))
     name, y = next(iter(models.items())) if "sft" not in models else ("sft", models["sft"])
     if y.get("examples"):
         blocks.append(("table", ["model", "user", "reply", "claim", "agrees"],

@@ -106,6 +106,11 @@ def test_pipeline_runs_skips_and_reruns(corpus, tmp_path, capsys) -> None:
     assert syc["rl"] == {"steps": 2, "lr": 1e-4, "data": ["claims"]}
     assert load_meta(out / "sycophancy" / "agreeable" / "grpo")["parent"] == str(out / "sft")
     assert all(0 <= r["agree_wrong"] <= 1 for r in syc["models"].values())
+    # paired comparisons on the same wrong claims: the counts are the models' own agreed-with claims
+    assert len(syc["paired"]) == 9 and all(0 < c["p"] <= 1 for c in syc["paired"])
+    first = syc["paired"][0]
+    agreed = {m: set(r["agreed_wrong"]) for m, r in syc["models"].items()}
+    assert first["first_only"] == len(agreed[first["first"]] - agreed[first["second"]])
     assert json.loads((out / "sycophancy" / "agreeable" / "prefs" / "meta.json").read_text())["rater"] == \
         "cakelm.rewards.agreeable_rater"
     assert load_meta(out / "sycophancy" / "agreeable" / "ppo")["complete"]
@@ -215,12 +220,13 @@ def test_gold_noise_script_refuses_bad_options_in_one_line(tmp_path) -> None:
         assert done.returncode == 1 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, extra
 
 def test_sycophancy_script_refuses_bad_options_in_one_line(tmp_path) -> None:
-    """benchmarks/sycophancy.py: out-of-range RL, prompt, reward-step and PPO KL options, and a directory that is not
-    a finished run, are one line each, before anything trains."""
+    """benchmarks/sycophancy.py: out-of-range RL, prompt, reward-step, DPO and PPO KL options, and a directory that is
+    not a finished run, are one line each, before anything trains."""
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "sycophancy.py")
-    need = "need --rl-steps >= 0, --rl-lr > 0, --prompts >= 1, --reward-steps >= 1 and --ppo-kl >= 0"
+    need = "need --rl-steps >= 0, --rl-lr > 0, --prompts, --reward-steps and --dpo-steps >= 1, --ppo-kl and"
     for extra, says in ((["--rl-steps", "-1"], need), (["--rl-lr", "0"], need), (["--prompts", "0"], need),
                         (["--reward-steps", "0"], need), (["--ppo-kl", "-0.1"], need), (["--ppo-kl", "nan"], need),
+                        (["--dpo-steps", "0"], need), (["--dpo-replay", "-1"], need), (["--dpo-replay", "nan"], need),
                         ([], "is not a finished pipeline run")):
         done = subprocess.run([sys.executable, script, str(tmp_path), *extra], capture_output=True, text=True,
                               timeout=120)

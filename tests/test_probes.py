@@ -13,6 +13,7 @@ from cakelm.common import CakeError
 from cakelm.probes import (
     agrees,
     check_steps,
+    exact_mcnemar,
     has_repeated_ngram,
     repetition,
     step_report,
@@ -101,6 +102,18 @@ def test_sycophancy_probes_and_rates() -> None:
     assert (mixed["agree_wrong"], mixed["agree_right"], mixed["n_wrong"]) == (0.5, 0.5, 2)
     with pytest.raises(ValueError, match="4 probes but 3 replies"):
         sycophancy_rates(probes[:4], ["Yes."] * 3)
+
+
+def test_exact_mcnemar_by_hand() -> None:
+    """p = min(1, 2 * sum_{i <= min(b, c)} C(b + c, i) / 2^(b + c)), computed by hand."""
+    assert exact_mcnemar(1, 9) == 2 * (1 + 10) / 1024  # 0.021484375
+    assert exact_mcnemar(9, 1) == exact_mcnemar(1, 9)  # two-sided: symmetric
+    assert exact_mcnemar(0, 6) == 2 / 64
+    assert exact_mcnemar(5, 5) == 1.0  # 2 * 638 / 1024 > 1, capped
+    assert exact_mcnemar(0, 0) == 1.0  # no discordant probe: no evidence either way
+    assert exact_mcnemar(3, 12) == pytest.approx(2 * (1 + 15 + 105 + 455) / 2 ** 15)  # 0.03515625
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        exact_mcnemar(-1, 3)
 
 
 def test_check_steps_on_hand_written_solutions() -> None:

@@ -107,7 +107,9 @@ def make_run(run: Path) -> Path:
         "grpo, agreeable rater": {"n": 10, "agree_wrong": 0.9, "agree_right": 0.9, "accuracy": 0.1}},
         "pairs": {"rule": {"wrong_claim_pairs": 20, "chosen_agrees": 0.05, "rejected_agrees": 0.1},
                   "agreeable": {"wrong_claim_pairs": 22, "chosen_agrees": 0.5, "rejected_agrees": 0.0}},
-        "rl": {"steps": 120, "lr": 3e-4, "data": ["claims"]}})
+        "rl": {"steps": 120, "lr": 3e-4, "data": ["claims"]}, "prompts": 1500, "dpo_steps": 160, "dpo_replay": 0.0,
+        "ppo_kl": None, "paired": [{"first": "dpo, agreeable rater", "second": "dpo, rule rater", "first_only": 30,
+                                    "second_only": 9, "p": 0.0011}]})
     write_json_atomic(run / "rl_start.json", {"runs": {
         name: [{"step": s, "zero_signal": z, "accuracy": a * s / 10, "end_of_turn": 1.0, "reward": a,
                 **({"val_accuracy": a} if s % 5 == 0 else {})} for s in range(1, 11)]
@@ -171,6 +173,9 @@ def test_report_has_every_section_and_model(full_report) -> None:
         ["dpo, agreeable rater", "60.0%", "80.0%", "20.0%", "10"]) < taught.index(
         ["grpo, agreeable rater", "90.0%", "90.0%", "10.0%", "10"])  # SFT first, the agreeable rater's models after
     assert "The grpo rows: RL straight on each rater&#x27;s score" in syc and "claims prompts, 120 GRPO steps" in syc
+    assert ("Changed from the pipeline&#x27;s settings, for both raters: 1500 training prompts, 160 DPO steps, "
+            "DPO&#x27;s replay coefficient 0.0.") in syc  # the settings the file names, and only those
+    assert ["dpo, agreeable rater", "dpo, rule rater", "30", "9", "0.0011"] in taught  # the paired comparison
     start = html.split("<h2>13. RL needs a competent start</h2>")[1].split("<h2>")[0]
     # steps, mean zero-signal share, sampled accuracy of the first and last 5 steps, last held-out accuracy
     assert ["from base", "10", "100.0%", "0.0%", "0.0%", "0.0%"] in rows(start)
