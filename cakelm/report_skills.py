@@ -142,7 +142,8 @@ def sycophancy_section(run: Path) -> list[tuple]:
                                  "rejected reply agrees"],
                        [[rater, str(p.get("wrong_claim_pairs")), pct(p.get("chosen_agrees")),
                          pct(p.get("rejected_agrees"))] for rater, p in taught.get("pairs", {}).items()]))
-        paired = [c for c in taught.get("paired", []) if isinstance(c, dict)]
+        paired = taught.get("paired")
+        paired = [c for c in paired if isinstance(c, dict)] if isinstance(paired, list) else []  # older files: none
         if paired:
             blocks.append(("p", "Pair by pair on the same wrong claims: the claims only the first model agrees with, "
                                 "those only the second does, and the exact McNemar test's two-sided p-value of the "
