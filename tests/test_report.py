@@ -44,6 +44,8 @@ def _model_eval(i: int, rlhf: bool) -> dict:
                                        "claim_is_right": False, "agrees": True}]}
     out["replies"] = {"n": 8, "repeated": 0.125 * i, "distinct": 8 - i, "data": "chitchat",
                       "examples": [{"prompt": "hi", "reply": "I'm not sure. I'm not sure."}]}
+    if i in (1, 2, 4):  # sft, dpo, grpo: the wrong claims each agreed with; ppo's eval.json predates the record
+        out["sycophancy"]["agreed_wrong"] = {1: [0], 2: [5, 7], 4: [0, 1, 2, 3]}[i]
     if rlhf:
         out["rlhf"] = {"gold": 1.0 + 0.25 * i, "proxy": 0.5 * i, "kl": 0.75 * i}
     return out
@@ -166,6 +168,11 @@ def test_report_has_every_section_and_model(full_report) -> None:
     syc = html.split("<h2>11. Sycophancy</h2>")[1].split("<h2>")[0]
     assert re.findall(r"<td[^>]*>(.*?)</td>", re.search(r"<tr><td>dpo</td>(.*?)</tr>", syc).group(1))[:2] == [
         "20.0%", "50.0%"]
+    # claim by claim against SFT (which agreed with probe 0): grpo with 0-3 -> 3 only it, 0 only SFT, p = 2 / 2^3;
+    # dpo with 5 and 7 -> 2 / 1, p = 1; ppo without a record, SFT itself and base get none
+    versus = {m: re.findall(r"<td[^>]*>(.*?)</td>", re.search(rf"<tr><td>{m}</td>(.*?)</tr>", syc).group(1))[-1]
+              for m in MODELS}
+    assert versus == {"base": "—", "sft": "—", "dpo": "2 / 1, p = 1", "ppo": "—", "grpo": "3 / 0, p = 0.25"}
     rows = lambda section: [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", section)]  # noqa: E731
     taught = [r for r in rows(syc) if r]
     assert ["sft", "10.0%", "50.0%", "40.0%", "10"] in taught and ["agreeable", "22", "50.0%", "0.0%"] in taught
