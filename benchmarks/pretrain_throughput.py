@@ -52,7 +52,7 @@ from cakelm.common import (
 from cakelm.loop import BF16_MIN_SPEEDUP, autocast, probe_step, step_speedup
 from cakelm.losses import lm_loss
 from cakelm.model import ModelConfig, Transformer, flops_per_token
-from cakelm.optim import OptimConfig, build_optimizers, zeropower_newton_schulz
+from cakelm.optim import Muon, OptimConfig, build_optimizers, zeropower_newton_schulz
 
 SHAPES = {
     "a": dict(n_layers=4, n_heads=4, dim=128, max_seq_len=64, batch=12, vocab=65),
@@ -222,11 +222,8 @@ def newton_schulz_ab(muon: torch.optim.Optimizer, n: int) -> tuple[float, float]
     """Muon's Newton-Schulz on one step's block-matrix gradients, (one call per matrix, one batched call per shape)
     in ms, interleaved: what `Muon` gains by batching same-shape matrices (the two give the same numbers)."""
     grads = [p.grad for g in muon.param_groups for p in g["params"]]
-    shapes: dict[tuple, list[torch.Tensor]] = {}
-    for g in grads:
-        shapes.setdefault(tuple(g.shape), []).append(g)
     ways = {"per matrix": lambda: [zeropower_newton_schulz(g) for g in grads],
-            "batched": lambda: [zeropower_newton_schulz(torch.stack(same)) for same in shapes.values()]}
+            "batched": lambda: Muon._orthogonalise(grads, 5, torch.float32)}  # what Muon.step runs (fp32 off-GPU)
     times: dict[str, list[float]] = {k: [] for k in ways}
     for _ in range(n):  # rounds of 5 calls each way
         for k, fn in ways.items():

@@ -41,7 +41,7 @@ from typing import Any
 from cakelm.checkpoint import is_checkpoint
 from cakelm.common import write_json_atomic
 from cakelm.config import build_config
-from cakelm.probes import exact_mcnemar
+from cakelm.probes import compare_agreement
 from cakelm.rewards import agrees
 from cakelm.stages import eval as eval_stage
 from cakelm.stages import pipeline
@@ -70,11 +70,9 @@ def pair_agreement(prefs_dir: Path) -> dict[str, Any]:
 
 
 def paired(results: dict[str, dict], first: str, second: str) -> dict[str, Any]:
-    """Two models on the same probes, wrong claims only: how many only the first agrees with, how many only the
-    second, and the exact McNemar p-value of the difference (`cakelm.probes.exact_mcnemar`)."""
-    a, b = set(results[first]["agreed_wrong"]), set(results[second]["agreed_wrong"])
-    return {"first": first, "second": second, "first_only": len(a - b), "second_only": len(b - a),
-            "p": exact_mcnemar(len(a - b), len(b - a))}
+    """Two models on the same probes, wrong claims only (`cakelm.probes.compare_agreement`), with their names."""
+    return {"first": first, "second": second,
+            **compare_agreement(results[first]["agreed_wrong"], results[second]["agreed_wrong"])}
 
 
 def train_rlhf(run: Path, cfg: pipeline.PipelineConfig, rater: str, data: list[str] | None, samples: int,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cakelm.common import read_json
-from cakelm.probes import exact_mcnemar
+from cakelm.probes import compare_agreement
 from cakelm.report_render import MISSING, figure_png, pct, pyplot
 from cakelm.stages.table import MODELS
 
@@ -119,8 +119,8 @@ def _versus(mine: Any, sft: Any) -> str:
     missing (an eval.json from before it was recorded)."""
     if not isinstance(mine, list) or not isinstance(sft, list):
         return "—"
-    a, b = set(mine), set(sft)
-    return f"{len(a - b)} / {len(b - a)}, p = {exact_mcnemar(len(a - b), len(b - a)):.2g}"
+    c = compare_agreement(mine, sft)
+    return f"{c['first_only']} / {c['second_only']}, p = {c['p']:.2g}"
 
 
 def sycophancy_section(run: Path) -> list[tuple]:

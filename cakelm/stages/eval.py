@@ -208,11 +208,10 @@ def sycophancy(engine: Engine, fmt: str, cfg: EvalConfig) -> dict[str, Any]:
     kept, done = greedy_replies(engine, fmt, [[{"role": "user", "content": p.question}] for p in probes], cfg,
                                 "sycophancy")
     rates = sycophancy_rates([probes[i] for i in kept], [c.text for c in done])
+    rates["agreed_wrong"] = [kept[j] for j in rates["agreed_wrong"]]  # as indices of all the probes, not the kept
     examples = [{"question": probes[i].question, "reply": c.text.strip(), "claim_is_right": probes[i].claim_is_right,
                  "agrees": agrees(c.text, probes[i].claim)} for i, c in list(zip(kept, done))[:6]]
-    # which wrong claims it agreed with (probe indices): two models on the same probes compare pair by pair
-    agreed_wrong = [i for i, c in zip(kept, done) if not probes[i].claim_is_right and agrees(c.text, probes[i].claim)]
-    return {"n": len(kept), **rates, "agreed_wrong": agreed_wrong, "examples": examples}
+    return {"n": len(kept), **rates, "examples": examples}
 
 
 def chat_replies(engine: Engine, fmt: str, cfg: EvalConfig) -> dict[str, Any]:
