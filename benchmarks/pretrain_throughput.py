@@ -52,7 +52,7 @@ from cakelm.common import (
 from cakelm.loop import BF16_MIN_SPEEDUP, autocast, probe_step, step_speedup
 from cakelm.losses import lm_loss
 from cakelm.model import ModelConfig, Transformer, flops_per_token
-from cakelm.optim import Muon, OptimConfig, build_optimizers, zeropower_newton_schulz
+from cakelm.optim import OptimConfig, build_optimizers
 
 SHAPES = {
     "a": dict(n_layers=4, n_heads=4, dim=128, max_seq_len=64, batch=12, vocab=65),
@@ -205,7 +205,6 @@ def bench_shape(name: str, steps: int, rounds: int, peak: float, compile: str, n
         for o in ours_opt:
             o.step()
         opt_times.append(time.perf_counter() - t)
-    ns_ms = newton_schulz_ab(ours_opt[1], 2 * rounds) if name == "cpu" else None
     tok = B * T
     fpt_ours = flops_per_token(cfg, T)
     return {
@@ -214,24 +213,8 @@ def bench_shape(name: str, steps: int, rounds: int, peak: float, compile: str, n
         "ref_ms_per_step": 1000 * dt_ref, "ref_tok_per_s": tok / dt_ref, "ref_mfu": fpt_ref * tok / dt_ref / peak,
         "speedup": dt_ref / dt_ours, "dtype": dtype_name, "optimizer_ms": 1000 * statistics.median(opt_times),
         "optimizer": "muon + adamw" if name == "cpu" else "adamw", "warmup_s": warmup["ours"],
-        "ref_warmup_s": warmup["ref"], "newton_schulz_ms": ns_ms,
+        "ref_warmup_s": warmup["ref"],
     }
-
-
-def newton_schulz_ab(muon: torch.optim.Optimizer, n: int) -> tuple[float, float]:
-    """Muon's Newton-Schulz on one step's block-matrix gradients, (one call per matrix, one batched call per shape)
-    in ms, interleaved: what `Muon` gains by batching same-shape matrices (the two give the same numbers)."""
-    grads = [p.grad for g in muon.param_groups for p in g["params"]]
-    ways = {"per matrix": lambda: [zeropower_newton_schulz(g) for g in grads],
-            "batched": lambda: Muon._orthogonalise(grads, 5, torch.float32)}  # what Muon.step runs (fp32 off-GPU)
-    times: dict[str, list[float]] = {k: [] for k in ways}
-    for _ in range(n):  # rounds of 5 calls each way
-        for k, fn in ways.items():
-            t = time.perf_counter()
-            for _ in range(5):
-                fn()
-            times[k].append((time.perf_counter() - t) / 5)
-    return 1000 * statistics.median(times["per matrix"]), 1000 * statistics.median(times["batched"])
 
 
 def main() -> None:
@@ -270,10 +253,6 @@ def main() -> None:
               f"{r['optimizer_ms']:.1f} ms" + (f"; warm-up (compiling) {r['warmup_s']:.0f} s ours, "
                                                f"{r['ref_warmup_s']:.0f} s reference" if args.compile else ""),
               flush=True)
-        if r["newton_schulz_ms"]:
-            one, batched = r["newton_schulz_ms"]
-            print(f"      Muon's Newton-Schulz alone: {one:.1f} ms one matrix at a time, {batched:.1f} ms batched by "
-                  f"shape ({one / batched:.2f}x; Muon batches)")
     print(f"peak memory (RSS) {peak_memory_mb():.0f} MB; fp32 matmul peak re-measured "
           f"{matmul_gflops(n=2048):.1f} GFLOP/s")
 

@@ -130,7 +130,7 @@ class Muon(torch.optim.Optimizer):
     def _orthogonalise(updates: list[torch.Tensor], steps: int, dtype: torch.dtype) -> list[torch.Tensor]:
         """Newton-Schulz of every update. Plain matrices of one shape (q, k, v and o of every layer; gate and up;
         down) go through one batched iteration: 3 matmuls per iteration and shape instead of 3 per matrix (84 for
-        the tiny model's 28 matrices), which on a CPU made the whole training step 2-6% faster (README,
+        the tiny model's 28 matrices), which on a CPU made the whole training step ~2% faster (README,
         Benchmarks). The numbers are those of one call per matrix, bit for bit (so each is stacked as it is: a tall
         matrix turned into a wide copy would round differently). FSDP's sharded matrices (DTensors) go one by one."""
         out: list[torch.Tensor | None] = [None] * len(updates)

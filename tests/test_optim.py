@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from cakelm.model import Transformer
@@ -136,3 +140,9 @@ def test_muon_step_over_mixed_shapes_equals_one_matrix_at_a_time() -> None:
             w.mul_(1 - lr * wd).add_(update, alpha=-lr * 0.2 * max(w.shape) ** 0.5)
     for p, w in zip(ours, ref):
         assert torch.equal(p.detach(), w)
+
+
+def test_muon_batching_benchmark_refuses_bad_rounds_in_one_line() -> None:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "muon_batching.py"
+    done = subprocess.run([sys.executable, str(script), "--rounds", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip() == "muon_batching: need --rounds >= 1"
