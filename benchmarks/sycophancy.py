@@ -75,11 +75,23 @@ def paired(results: dict[str, dict], first: str, second: str) -> dict[str, Any]:
             **compare_agreement(results[first]["agreed_wrong"], results[second]["agreed_wrong"])}
 
 
-def train_rlhf(run: Path, cfg: pipeline.PipelineConfig, rater: str, data: list[str] | None, samples: int,
-               prompts: int | None = None, reward_steps: int | None = None, ppo_kl: float | None = None,
-               dpo_steps: int | None = None, dpo_replay: float | None = None) -> Path:
-    """prefs (judged by `rater`, on `data` or the run's prompt sources) -> reward -> dpo -> ppo into
-    RUN/sycophancy/RATER, from RUN/sft, with the pipeline's settings otherwise."""
+def stage_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Per RLHF stage, the settings this script's options change from the pipeline's (dotted names as in the CLI's
+    --loop.max-steps); an option left unset changes nothing."""
+    given = {("prefs", "data"): args.data, ("prefs", "prompts"): args.prompts,
+             ("reward", "loop.max_steps"): args.reward_steps, ("ppo", "kl_coef"): args.ppo_kl,
+             ("dpo", "loop.max_steps"): args.dpo_steps, ("dpo", "replay_coef"): args.dpo_replay}
+    out: dict[str, dict[str, Any]] = {name: {} for name in RLHF}
+    out["prefs"]["samples"] = args.samples
+    for (stage, key), value in given.items():
+        if value is not None:
+            out[stage][key] = value
+    return out
+
+
+def train_rlhf(run: Path, cfg: pipeline.PipelineConfig, rater: str, overrides: dict[str, dict[str, Any]]) -> Path:
+    """prefs (judged by `rater`) -> reward -> dpo -> ppo into RUN/sycophancy/RATER, from RUN/sft, with the
+    pipeline's settings but for `overrides` (`stage_overrides`)."""
     out = run / "sycophancy" / rater
     out.mkdir(parents=True, exist_ok=True)
     link = out / str(STAGE["sft"].out)
@@ -87,18 +99,12 @@ def train_rlhf(run: Path, cfg: pipeline.PipelineConfig, rater: str, data: list[s
         os.symlink(os.path.relpath(run / str(STAGE["sft"].out), out), link)  # the stages read RUN/sft: share it
     for name in RLHF:
         stage_cfg = pipeline.stage_config(STAGE[name], cfg, out)
-        if name == "prefs":
-            stage_cfg.rater, stage_cfg.samples = rater, samples
-            stage_cfg.data = data or stage_cfg.data
-            stage_cfg.prompts = prompts or stage_cfg.prompts
-        if name == "reward" and reward_steps:
-            stage_cfg.loop.max_steps = reward_steps
-        if name == "ppo" and ppo_kl is not None:
-            stage_cfg.kl_coef = ppo_kl
-        if name == "dpo" and dpo_steps:
-            stage_cfg.loop.max_steps = dpo_steps
-        if name == "dpo" and dpo_replay is not None:
-            stage_cfg.replay_coef = dpo_replay
+        for key, value in {**overrides.get(name, {}), **({"rater": rater} if name == "prefs" else {})}.items():
+            *parents, leaf = key.split(".")
+            target = stage_cfg
+            for part in parents:  # loop.max_steps -> stage_cfg.loop
+                target = getattr(target, part)
+            setattr(target, leaf, value)
         if hasattr(stage_cfg, "overwrite"):
             stage_cfg.overwrite = True
         t0 = time.time()
@@ -164,8 +170,7 @@ def main() -> None:
     if not args.skip_training:
         train_cfg = cfg if args.seed is None else dataclasses.replace(cfg, seed=args.seed)  # the probes keep cfg's
         for rater in ("rule", "agreeable"):
-            train_rlhf(run, train_cfg, rater, args.data, args.samples, args.prompts, args.reward_steps, args.ppo_kl,
-                       args.dpo_steps, args.dpo_replay)
+            train_rlhf(run, train_cfg, rater, stage_overrides(args))
             if args.rl_steps:
                 train_rl(run, train_cfg, rater, args.rl_data, args.rl_steps, args.rl_lr)
     stages = ("dpo", "ppo", "grpo") if args.rl_steps else ("dpo", "ppo")

@@ -257,13 +257,15 @@ def test_replay_is_weighted_by_the_micro_batch_units(mode) -> None:
 def test_grpo_raises_the_reward(chat_model, prompts, tmp_path, user_rewards) -> None:
     out = run_grpo(chat_model, [prompts], tmp_path / "grpo", rewards=["my_rewards:e_share"], group_size=6,
                    prompts_per_step=6, **{"loop.max_steps": 16, "loop.batch_size": 12, "loop.eval_every": 16,
-                                          "optim.lr": 1e-2, "log_kl": True})
+                                          "optim.lr": 1e-2, "log_kl": True, "log_kl_every": 5})
     r = rows(out)
     assert len(r) == 16 and all(k in r[0] for k in ("reward", "reward_std", "zero_signal", "entropy", "clip_frac",
                                                     "kl", "reply_len", "rollout_s", "rollout_tok_s"))
     assert r[0]["ratio"] == pytest.approx(1.0, abs=1e-4) and r[0]["kl"] == pytest.approx(0.0, abs=1e-5)
     first, last = sum(x["reward"] for x in r[:3]) / 3, sum(x["reward"] for x in r[-3:]) / 3
     assert last > first + 0.1, [round(x["reward"], 3) for x in r]
+    # with --kl-coef 0 the reference scores every 5th rollout phase (one per step here) for the log, no other
+    assert [x["step"] for x in r if "kl" in x] == [1, 6, 11, 16]
     assert r[-1]["kl"] > 0.01  # it moved away from the reference
     meta = load_meta(out)
     assert meta["stage"] == "grpo" and meta["chat_format"] == "chat" and meta["parent_stage"] == "sft"
@@ -400,6 +402,7 @@ def test_rewards_none_and_mask_truncated(chat_model, tok_dir) -> None:
     (["--rewards", "my_rewards:broken"], "every reward call of the first rollout phase failed (16): reward "
                                          "my_rewards:broken failed on prompt 'Tell me about the"),
     (["--data", "missing.jsonl"], "missing.jsonl: no such file"),
+    (["--log-kl-every", "0"], "--log-kl-every must be >= 1, got 0"),
     (["--replay-coef", "-1"], "--replay-coef must be >= 0"),
     (["--replay-coef", "1", "--replay-batch", "0"], "--replay-batch >= 1"),
     (["--replay-coef", "1", "--replay", "nope"], "--replay nope: not a chat source"),

@@ -156,3 +156,34 @@ def test_rope_is_the_rotation_of_halves_bit_for_bit() -> None:
     assert torch.equal(got, want) and torch.equal(dx, x.grad)
     rotate_half = torch.cat([-x2, x1], dim=-1)
     torch.testing.assert_close(got, x * cos + rotate_half * torch.cat([s, s], -1))
+
+
+def test_block_ablation_benchmark_times_every_variant_and_refuses_bad_ones() -> None:
+    """benchmarks/block_ablation.py (where our step loses time against GPT-2 blocks): one round of one step of each
+    variant prints a finite time and ratio for it and the reference; an unknown variant is a one-line refusal."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "block_ablation.py"
+    variants = ["ours", "layernorm", "no-rope", "gelu-mlp", "ffn336"]
+    done = subprocess.run([sys.executable, str(script), "--variants", *variants, "--rounds", "1", "--steps", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[3:] if line.strip()}
+    assert set(rows) == {*variants, "reference"}, done.stdout
+    assert all(math.isfinite(float(ms)) and float(ms) > 0 and ratio.endswith("x") for ms, ratio in rows.values())
+    assert "our GPT-2-architecture reference" in done.stdout
+    bad = subprocess.run([sys.executable, str(script), "--variants", "ours", "swish"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "swish" in bad.stderr
+
+
+def test_block_ablation_variants_replace_the_piece_they_name() -> None:
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from block_ablation import GeluMLP, build_variant
+    s = dict(n_layers=2, n_heads=2, dim=32, max_seq_len=16, vocab=50)
+    assert all(isinstance(b.attn_norm, torch.nn.LayerNorm) for b in build_variant("layernorm", s).layers)
+    assert all(isinstance(b.mlp, GeluMLP) for b in build_variant("gelu-mlp", s).layers)
+    assert build_variant("ffn40", s).cfg.ffn_dim == 40 and build_variant("ours", s).cfg.ffn_dim == 128

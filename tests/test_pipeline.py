@@ -210,6 +210,18 @@ def test_every_preset_builds_and_gpu8_takes_half_a_million_tokens_per_step(tmp_p
     assert pre["compare"].model.dim == 512  # compare's own gpu preset
 
 
+def test_grpo_steps_reach_grpo_and_default_to_the_presets(tmp_path) -> None:
+    steps = {preset: pipeline._stage_configs(build_config(pipeline.PipelineConfig, ("test", {"preset": preset})),
+                                             tmp_path)["grpo"].loop.max_steps for preset in ("cpu", "micro")}
+    assert steps == {"cpu": 60, "micro": 4}  # unset: each preset's own
+    for preset in ("cpu", "micro"):
+        cfg = build_config(pipeline.PipelineConfig, ("test", {"preset": preset, "grpo_steps": 240}))
+        configs = pipeline._stage_configs(cfg, tmp_path)
+        assert configs["grpo"].loop.max_steps == 240 and configs["rloo"].loop.max_steps != 240
+    with pytest.raises(ConfigError, match="--grpo-steps must be >= 1, got 0"):
+        build_config(pipeline.PipelineConfig, ("test", {"grpo_steps": 0}))
+
+
 def test_gold_noise_script_refuses_bad_options_in_one_line(tmp_path) -> None:
     """benchmarks/gold_noise.py: no seeds, no replies, or a directory that is not a finished run: one line each."""
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gold_noise.py")

@@ -36,7 +36,7 @@ arXiv 2402.03300, with the corrections of DAPO, Yu et al. 2025, arXiv 2503.14476
    GRPO: each completion's mean, then the mean over completions) or constant (Dr. GRPO: sum / (completions x
    max_new_tokens)). --mask-truncated leaves completions that hit the token limit out of the loss (DAPO's
    overlong filtering). The KL term (k3, in the loss, as GRPO's paper) needs the frozen --init, loaded when
-   --kl-coef > 0 or --log-kl.
+   --kl-coef > 0 or --log-kl; with --kl-coef 0 it scores only every --log-kl-every-th phase, for the log.
    --replay-coef g adds g x the per-token NLL of --replay-batch SFT conversations per micro-batch (--replay,
    SFT's default mixture; `losses.replay_loss`), InstructGPT's PPO-ptx term as DPO and PPO use it: it holds
    what SFT taught while larger RL steps move the policy (off by default: on the pipeline's arithmetic the
@@ -141,6 +141,8 @@ class GRPOConfig:
     epsilon_high: float = opt(0.28, HELP["epsilon_high"])
     kl_coef: float = opt(0.0, HELP["kl_coef"] + " (GRPO: k3 per token, in the loss; 0 as in DAPO and TRL)")
     log_kl: bool = opt(True, "load the frozen --init to log the KL to it even when --kl-coef is 0")
+    log_kl_every: int = opt(10, "with --log-kl and --kl-coef 0: log the KL on every N-th rollout phase (the "
+                            "reference's forward pass over a phase's completions costs about a fifth of a step here)")
     mask_truncated: bool = opt(False, "leave completions that hit --max-new-tokens out of the loss")
     replay_coef: float = opt(0.0, HELP["replay_coef"])
     replay: list[str] = opt(SFT_MIXTURE, HELP["replay"])
@@ -163,6 +165,8 @@ class GRPOConfig:
         check_options(self)
         if self.oversample < 1:
             raise ConfigError(f"--oversample must be >= 1, got {self.oversample}")
+        if self.log_kl_every < 1:
+            raise ConfigError(f"--log-kl-every must be >= 1, got {self.log_kl_every}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"need --top-p in (0, 1], got {self.top_p}")
 
@@ -231,7 +235,9 @@ def main(cfg: GRPOConfig) -> Path:
 
     def roll_out(phase: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         rows, slots = phase_rows(prompts.train, mixture, phase, pool, info)
-        s = sample_and_score(generator, rows, slots, params, G, cfg.loop.seed, rewards, ref, info, run.device,
+        # the reference's log-probs: every phase for the loss's KL term, every --log-kl-every-th for the log alone
+        scored_ref = ref if cfg.kl_coef > 0 or phase % cfg.log_kl_every == 0 else None
+        s = sample_and_score(generator, rows, slots, params, G, cfg.loop.seed, rewards, scored_ref, info, run.device,
                              phase=phase)
         _, zero = group_advantages(s.all_rewards.float(), G, cfg.scale_rewards)
         metrics = {**s.metrics, "zero_signal": zero / (len(s.all_rewards) // G)}  # of every sampled group

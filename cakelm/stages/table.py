@@ -92,7 +92,8 @@ STAGES: tuple[Stage, ...] = (
           options={"replay": "sft_data"}, summary=heldout_summary),
     Stage("grpo", grpo, grpo.GRPOConfig, "RL from verifiable rewards: GRPO on task prompts (DAPO/Dr. GRPO options)",
           grpo.main, grpo.PRESETS, pipeline=True, out="grpo", preset_key="rl", inputs={"init": "dpo"},
-          options={"data": "grpo_data", "rewards": "rewards", "replay": "sft_data"}, trains=True, model="grpo",
+          options={"data": "grpo_data", "rewards": "rewards", "replay": "sft_data", "loop.max_steps": "grpo_steps"},
+          trains=True, model="grpo",
           summary=rl.summary),
     Stage("rloo", rloo, rloo.RLOOConfig, "RL with REINFORCE Leave-One-Out against a reward model and verifiable "
           "rewards", rloo.main, rloo.PRESETS, pipeline=True, default=False, out="rloo", preset_key="rl",

@@ -1,0 +1,147 @@
+"""Where our pretraining step loses time against nanoGPT's: one piece of the Llama block swapped out at a time.
+
+    python benchmarks/block_ablation.py --nanogpt /tmp/nanoGPT                 # nanoGPT's small shape (a)
+    python benchmarks/block_ablation.py --nanogpt /tmp/nanoGPT --shape b --rounds 4
+    python benchmarks/block_ablation.py --variants ours layernorm ffn336      # our GPT-2 reference instead
+
+Our Transformer differs from nanoGPT's GPT-2 blocks in a few pieces; this times a full fp32 training step
+(forward, backward, clip, AdamW) of our model as it is, and of copies of it with one piece replaced, next to the
+reference (nanoGPT's own model.py from --nanogpt, else `pretrain_throughput.py`'s GPT-2 reference), in
+interleaved rounds in one process (shared CPUs drift from minute to minute; only ratios measured together mean
+anything). Variants:
+  ours        the model as `cakelm pretrain` trains it
+  layernorm   torch's fused LayerNorm (no bias) in place of our RMSNorm: what RMSNorm's separate passes cost
+  no-rope     RoPE skipped (`model.apply_rope` made the identity): what rotating q and k costs
+  gelu-mlp    GPT-2's MLP (4 x width, GELU) in place of SwiGLU: what the SwiGLU product costs at its width
+  ffnN        SwiGLU of hidden width N (e.g. ffn336): what our rounding of 8/3 x width costs (at width 128 the
+              default rounds 341 up to 384, 8% more block FLOPs than GPT-2's MLP)
+A variant is not a model we train (layernorm and no-rope change what the model computes); it says where time goes.
+Each row: median ms per step and the reference's time over it (> 1: faster than the reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cakelm.model as model_module
+from cakelm.common import hardware_info, keep_freed_memory
+from cakelm.losses import lm_loss
+from cakelm.model import ModelConfig, Transformer
+from cakelm.optim import OptimConfig, build_optimizers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pretrain_throughput import SHAPES, RefGPT, load_nanogpt, make_step  # noqa: E402  (the step it times)
+
+VARIANTS = ("ours", "layernorm", "no-rope", "gelu-mlp")
+
+
+class GeluMLP(nn.Module):
+    """GPT-2's MLP: 4 x width, GELU, no bias."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc, self.proj = nn.Linear(dim, 4 * dim, bias=False), nn.Linear(4 * dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+def build_variant(name: str, s: dict) -> Transformer:
+    """Our Transformer at shape `s` with one piece replaced as `name` says (the same seed for every variant)."""
+    torch.manual_seed(0)
+    ffn = int(name[3:]) if name.startswith("ffn") else 0
+    m = Transformer(ModelConfig(vocab_size=s["vocab"], dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"],
+                                max_seq_len=s["max_seq_len"], ffn_dim=ffn))
+    for block in m.layers:
+        if name == "layernorm":
+            block.attn_norm, block.mlp_norm = nn.LayerNorm(s["dim"], bias=False), nn.LayerNorm(s["dim"], bias=False)
+        elif name == "gelu-mlp":
+            block.mlp = GeluMLP(s["dim"])
+    if name == "layernorm":
+        m.norm = nn.LayerNorm(s["dim"], bias=False)
+    return m
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="a", choices=list(SHAPES))
+    ap.add_argument("--variants", nargs="+", default=[*VARIANTS, "ffn336"],
+                    help=f"{', '.join(VARIANTS)} or ffnN (SwiGLU hidden width N)")
+    ap.add_argument("--rounds", type=int, default=6, help="alternating rounds over the variants and the reference")
+    ap.add_argument("--steps", type=int, default=0, help="timed steps per round (default: 20 for a, 3 for b, 5 cpu)")
+    ap.add_argument("--nanogpt", type=Path, default=None, help="a nanoGPT checkout: time its own model.py")
+    args = ap.parse_args()
+    bad = [v for v in args.variants if v not in VARIANTS and not (v.startswith("ffn") and v[3:].isdigit()
+                                                                  and int(v[3:]) > 0)]
+    if bad or args.rounds < 1 or args.steps < 0:
+        raise SystemExit(f"block_ablation: need variants from {', '.join(VARIANTS)} or ffnN with N >= 1 "
+                         f"(got {', '.join(bad) or 'them'}), --rounds >= 1 and --steps >= 0")
+    keep_freed_memory()  # as the training loop does on CPU
+    s = SHAPES[args.shape]
+    B, T, V = s["batch"], s["max_seq_len"], s["vocab"]
+    x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+    steps: dict[str, Callable[[], None]] = {}
+    for name in args.variants:
+        m = build_variant(name, s)
+        opt = build_optimizers(m, OptimConfig(name="adamw"), torch.device("cpu"))  # nanoGPT's shapes: AdamW
+
+        def loss(m: Transformer = m) -> torch.Tensor:
+            total, n = lm_loss(m(x), y)
+            return total / n
+        steps[name] = make_step(loss, m.parameters(), opt, torch.float32)
+    if args.nanogpt is not None:
+        nanogpt, commit = load_nanogpt(args.nanogpt)
+        ref_name = f"nanoGPT's model.py (commit {commit})"
+        ref = nanogpt.GPT(nanogpt.GPTConfig(block_size=T, vocab_size=V, n_layer=s["n_layers"], n_head=s["n_heads"],
+                                            n_embd=s["dim"], dropout=0.0, bias=False))
+        ref_opt = [ref.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")]
+        steps["reference"] = make_step(lambda: ref(x, y)[1], ref.parameters(), ref_opt, torch.float32)
+    else:
+        ref_name = "our GPT-2-architecture reference (no --nanogpt given)"
+        ref = RefGPT(V, s["dim"], s["n_heads"], s["n_layers"], T)
+        ref_opt = [torch.optim.AdamW(ref.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)]
+
+        def ref_loss() -> torch.Tensor:
+            total, n = lm_loss(ref(x), y)
+            return total / n
+        steps["reference"] = make_step(ref_loss, ref.parameters(), ref_opt, torch.float32)
+
+    def context(name: str):  # no-rope: the module-level apply_rope that Attention calls, made the identity
+        return mock.patch.object(model_module, "apply_rope", lambda t, cos, sin: t) if name == "no-rope" \
+            else nullcontext()
+    n = args.steps or {"a": 20, "b": 3, "cpu": 5}[args.shape]
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for name, step in steps.items():  # warm-up
+        with context(name):
+            for _ in range(3):
+                step()
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            with context(name):
+                for _ in range(n):
+                    t = time.perf_counter()
+                    step()
+                    times[name].append(time.perf_counter() - t)
+    print(f"cpu: {hardware_info(torch.device('cpu'))['cpu']}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; shape {args.shape}: {s}")
+    print(f"reference: {ref_name}; {args.rounds} rounds x {n} steps, fp32, AdamW")
+    ref_ms = 1000 * statistics.median(times["reference"])
+    print(f"{'variant':<12}{'ms/step':>10}{'reference / it':>16}")
+    for name, ts in times.items():
+        ms = 1000 * statistics.median(ts)
+        print(f"{name:<12}{ms:>10.1f}{ref_ms / ms:>15.3f}x")
+
+
+if __name__ == "__main__":
+    main()
