@@ -98,8 +98,36 @@ def weights_file(path: str | Path) -> Path:
 
 
 def weights_digest(path: str | Path) -> str:
-    """sha256 of a checkpoint's weights file: what a LoRA checkpoint records of its base."""
-    with open(weights_file(path), "rb") as fh:
+    """`tensors_digest` of a checkpoint's weights file: what a LoRA checkpoint records of its base."""
+    return tensors_digest(weights_file(path))
+
+
+MAX_HEADER = 100 << 20  # the largest safetensors header the format allows (safetensors' own limit)
+
+
+def tensors_digest(file: str | Path) -> str:
+    """sha256 of what a safetensors file holds: its JSON header with the keys sorted, then its data bytes.
+    safetensors writes the header's metadata in a hash map's order, which changes from process to process, so
+    two saves of the same tensors make files whose plain sha256 differ (seen: a DPO model retrained bit for bit);
+    this digest does not, and any changed tensor, name, shape or metadata value changes it."""
+    try:
+        with open(file, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n <= min(size - 8, MAX_HEADER):
+                raise CakeError(f"{file}: not a safetensors file (a header of {n} bytes in a file of {size})")
+            header = json.loads(fh.read(n))
+            digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except (OSError, ValueError) as e:  # ValueError: a header that is not JSON (or not UTF-8)
+        raise CakeError(f"{file}: unreadable weights ({e})") from None
+    return digest.hexdigest()
+
+
+def _file_sha256(file: Path) -> str:
+    """The plain sha256 of a file: what LoRA checkpoints recorded of their base before `tensors_digest`."""
+    with open(file, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
@@ -394,7 +422,8 @@ def _weights_of(path: Path, meta: dict[str, Any], cfg: ModelConfig, merge: bool,
     base = Path(base_info["path"])
     if not is_checkpoint(base):
         raise CakeError(f"{path}: the base checkpoint of its LoRA adapters, {base}, is missing")
-    if weights_digest(base) != base_info.get("weights_sha256"):
+    recorded = base_info.get("weights_sha256")
+    if weights_digest(base) != recorded and _file_sha256(weights_file(base)) != recorded:  # (or as recorded before)
         raise CakeError(f"{path}: its base checkpoint {base} has changed since the adapters were trained (its "
                         "weights' sha256 differs); restore that base, or train the adapters again")
     base = snapshot(base)

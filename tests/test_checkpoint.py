@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from cakelm.checkpoint import is_checkpoint, load_meta, load_model, save_checkpoint
+from cakelm.checkpoint import is_checkpoint, load_meta, load_model, save_checkpoint, tensors_digest
 from cakelm.common import CakeError
 from cakelm.model import Transformer
 from cakelm.tokenizer import Tokenizer
@@ -80,3 +81,34 @@ def test_train_state_checked_against_weights(tmp_path, tok_dir) -> None:
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".ckpt-000002-step-6", ".lock", "config.json",
                                                                   "current", "meta.json", "model.safetensors",
                                                                   "tokenizer.json"]
+
+
+def test_tensors_digest_ignores_the_header_order_and_sees_every_tensor(tmp_path) -> None:
+    """safetensors writes the header's metadata in a hash map's order, which changes between processes: the same
+    tensors saved twice made files with different sha256 (a DPO model retrained bit for bit). The digest of what
+    the file holds is the same for both orders and changes with any tensor or metadata value."""
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4)}
+    x, y = tmp_path / "x.safetensors", tmp_path / "y.safetensors"
+    save_file(tensors, x, metadata={"step": "3", "format": "pt"})
+    raw = x.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    # the same header, every key (the metadata's too) in the reverse order, padded to the same length
+    flipped = {k: dict(reversed(v.items())) if k == "__metadata__" else v for k, v in reversed(header.items())}
+    body = json.dumps(flipped, separators=(",", ":")).encode()
+    assert len(body) <= n and body != raw[8:8 + len(body)]
+    y.write_bytes(raw[:8] + body.ljust(n) + raw[8 + n:])
+    assert all(torch.equal(load_file(y)[k], v) for k, v in tensors.items())  # a valid file of the same tensors
+    assert hashlib.sha256(x.read_bytes()).digest() != hashlib.sha256(y.read_bytes()).digest()
+    assert tensors_digest(x) == tensors_digest(y)
+    save_file({**tensors, "b": torch.tensor([1.0, 1.0, 1.0, 2.0])}, y, metadata={"step": "3", "format": "pt"})
+    assert tensors_digest(y) != tensors_digest(x)
+    save_file(tensors, y, metadata={"step": "4", "format": "pt"})
+    assert tensors_digest(y) != tensors_digest(x)
+    # crafted files: a header longer than the file, a header that is not JSON: one-line errors
+    y.write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CakeError, match="not a safetensors file"):
+        tensors_digest(y)
+    y.write_bytes((4).to_bytes(8, "little") + b"\xff\xfe{{" + raw[8 + n:])
+    with pytest.raises(CakeError, match="unreadable weights"):
+        tensors_digest(y)

@@ -6,6 +6,7 @@ stage trains with adapters; and bad options and crafted adapter files are one-li
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -302,6 +303,23 @@ def test_crafted_or_orphaned_adapters_are_one_line_errors(chat_base, digits, tmp
     save_checkpoint(base, model, tok, {"stage": "sft", "step": 0, "complete": True, "chat_format": "chat"})
     with pytest.raises(CakeError, match="has changed since the adapters were trained"):
         load_model(moved)
+
+
+
+def test_adapters_that_recorded_their_base_by_its_file_sha256_still_load(chat_base, digits, tmp_path) -> None:
+    """LoRA checkpoints of an older cakelm recorded their base by the plain sha256 of its weights file, not by
+    `tensors_digest`: they load as before, and a record that matches neither is refused."""
+    ck = run_sft(chat_base, digits, tmp_path / "lora", **{"loop.max_steps": 1})
+    meta_file = (ck / "meta.json").resolve()
+    meta = json.loads(meta_file.read_text())
+    plain = hashlib.sha256((chat_base / "model.safetensors").read_bytes()).hexdigest()
+    assert meta["lora_base"]["weights_sha256"] != plain  # what is recorded now
+    expected = load_model(ck)[0].state_dict()
+    meta_file.write_text(json.dumps({**meta, "lora_base": {**meta["lora_base"], "weights_sha256": plain}}))
+    assert all(torch.equal(v, expected[k]) for k, v in load_model(ck)[0].state_dict().items())
+    meta_file.write_text(json.dumps({**meta, "lora_base": {**meta["lora_base"], "weights_sha256": "0" * 64}}))
+    with pytest.raises(CakeError, match="has changed since the adapters were trained"):
+        load_model(ck)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from cakelm.checkpoint import is_checkpoint, load_meta, load_model
+from cakelm.checkpoint import is_checkpoint, load_meta, load_model, tensors_digest
 from cakelm.common import (
     CakeError,
     barrier,
@@ -226,7 +226,10 @@ def _mtime(ckpt: Path) -> int:
 
 def _digest(path: Path) -> str:
     """A fingerprint of a file (a checkpoint's weights, held-out prompts): an evaluation made from other contents
-    is out of date."""
+    is out of date. Weights by what they hold (`checkpoint.tensors_digest`), so a model retrained bit for bit is
+    not evaluated again."""
+    if path.suffix == ".safetensors":
+        return tensors_digest(path)[:16]
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
