@@ -7,7 +7,7 @@
     cakelm pipeline --only rloo              # an optional stage on a finished run (then `cakelm pipeline` adds it
                                              # to eval.json and the report)
     cakelm pipeline --with rloo              # the default stages and RLOO in its place
-    cakelm pipeline --grpo-steps 240         # four times GRPO's steps (GRPO, eval and compare are redone)
+    cakelm pipeline --grpo-steps 240         # four times GRPO's steps (on a finished run: GRPO, eval, compare)
     torchrun --nproc_per_node 8 -m cakelm pipeline --preset gpu8 --data my_corpus/   # DDP on 8 GPUs
 
 The stages, their order, their folders in the run directory and what each reads from the earlier ones are the rows
