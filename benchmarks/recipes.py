@@ -82,6 +82,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "seed1-steps240": {"loop.seed": 1, "loop.max_steps": 240},
         "seed2-steps240": {"loop.seed": 2, "loop.max_steps": 240},
         "steps480": {"loop.max_steps": 480},  # eight times (README)
+        "seed1-steps480": {"loop.seed": 1, "loop.max_steps": 480},
         "32x8-lr2e-4": {"prompts_per_step": 32, "optim.lr": 2e-4},  # twice the replies per step, at 2x the rate
         "lr3e-4": {"optim.lr": 3e-4, "loop.max_steps": 60},
         "t0.7": {"temperature": 0.7},
