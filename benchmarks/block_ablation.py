@@ -41,7 +41,13 @@ from cakelm.model import ModelConfig, Transformer
 from cakelm.optim import OptimConfig, build_optimizers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_throughput import SHAPES, RefGPT, load_nanogpt, make_step  # noqa: E402  (the step it times)
+from pretrain_throughput import (  # noqa: E402  (the step and the reference it times)
+    SHAPES,
+    load_nanogpt,
+    make_step,
+    reference,
+    reference_loss,
+)
 
 VARIANTS = ("ours", "layernorm", "no-rope", "gelu-mlp")
 
@@ -100,22 +106,13 @@ def main() -> None:
             total, n = lm_loss(m(x), y)
             return total / n
         steps[name] = make_step(loss, m.parameters(), opt, torch.float32)
+    nanogpt, ref_name = None, "our GPT-2-architecture reference (no --nanogpt given)"
     if args.nanogpt is not None:
         nanogpt, commit = load_nanogpt(args.nanogpt)
         ref_name = f"nanoGPT's model.py (commit {commit})"
-        ref = nanogpt.GPT(nanogpt.GPTConfig(block_size=T, vocab_size=V, n_layer=s["n_layers"], n_head=s["n_heads"],
-                                            n_embd=s["dim"], dropout=0.0, bias=False))
-        ref_opt = [ref.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")]
-        steps["reference"] = make_step(lambda: ref(x, y)[1], ref.parameters(), ref_opt, torch.float32)
-    else:
-        ref_name = "our GPT-2-architecture reference (no --nanogpt given)"
-        ref = RefGPT(V, s["dim"], s["n_heads"], s["n_layers"], T)
-        ref_opt = [torch.optim.AdamW(ref.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)]
-
-        def ref_loss() -> torch.Tensor:
-            total, n = lm_loss(ref(x), y)
-            return total / n
-        steps["reference"] = make_step(ref_loss, ref.parameters(), ref_opt, torch.float32)
+    ref, ref_opt, _ = reference(s, nanogpt)
+    steps["reference"] = make_step(lambda: reference_loss(ref, x, y, nanogpt), ref.parameters(), ref_opt,
+                                   torch.float32)
 
     def context(name: str):  # no-rope: the module-level apply_rope that Attention calls, made the identity
         return mock.patch.object(model_module, "apply_rope", lambda t, cos, sin: t) if name == "no-rope" \

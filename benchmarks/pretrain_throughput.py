@@ -123,6 +123,29 @@ def load_nanogpt(path: Path) -> tuple[object, str]:
     return module, commit
 
 
+def reference(s: dict, nanogpt: object | None) -> tuple[nn.Module, list[torch.optim.Optimizer], float]:
+    """The fp32 reference at shape `s` as nanoGPT's train.py builds it: nanoGPT's own GPT (bias=False, dropout 0)
+    and its configure_optimizers when `nanogpt` is its imported model.py, else our GPT-2 reference with the same
+    AdamW; and its training FLOPs per token (nanoGPT's estimate_mfu)."""
+    V, C, L, T = s["vocab"], s["dim"], s["n_layers"], s["max_seq_len"]
+    if nanogpt is not None:
+        ref = nanogpt.GPT(nanogpt.GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=s["n_heads"], n_embd=C,
+                                            dropout=0.0, bias=False))
+        return ref, [ref.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")], \
+            6 * ref.get_num_params() + 12 * L * C * T
+    ref = RefGPT(V, C, s["n_heads"], L, T)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    return ref, [opt], ref_flops_per_token(ref, L, C, T)
+
+
+def reference_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, nanogpt: object | None) -> torch.Tensor:
+    """The reference's mean next-token loss on (x, y): nanoGPT's model computes it itself, as train.py asks it."""
+    if nanogpt is not None:
+        return model(x, y)[1]
+    loss, n = lm_loss(model(x), y)
+    return loss / n
+
+
 def make_step(forward_loss, params, optimizers: list[torch.optim.Optimizer], dtype: torch.dtype):
     """One training step as train.py runs it: loss, backward, clip at 1.0, optimizer step, zero grads. Under
     autocast when dtype is not fp32 (as cakelm's loop does)."""
@@ -166,23 +189,9 @@ def bench_shape(name: str, steps: int, rounds: int, peak: float, compile: str, n
     else:
         dtype = pick_dtype(dtype_name, torch.device("cpu"))
     ours_step = make_step(ours_loss, ours.parameters(), ours_opt, dtype)
-    if nanogpt is not None:
-        ref = nanogpt.GPT(nanogpt.GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=s["n_heads"], n_embd=C,
-                                            dropout=0.0, bias=False))
-        ref_opt = [ref.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")]
-        fpt_ref = 6 * ref.get_num_params() + 12 * L * C * T  # nanoGPT's estimate_mfu
-    else:
-        ref = RefGPT(V, C, s["n_heads"], L, T)
-        ref_opt = [torch.optim.AdamW(ref.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)]
-        fpt_ref = ref_flops_per_token(ref, L, C, T)
+    ref, ref_opt, fpt_ref = reference(s, nanogpt)
     ref_c = wrap(ref, "ref")
-
-    def ref_loss() -> torch.Tensor:
-        if nanogpt is not None:
-            return ref_c(x, y)[1]
-        loss, n = lm_loss(ref_c(x), y)
-        return loss / n
-    ref_step = make_step(ref_loss, ref.parameters(), ref_opt, torch.float32)
+    ref_step = make_step(lambda: reference_loss(ref_c, x, y, nanogpt), ref.parameters(), ref_opt, torch.float32)
     warmup = {}  # seconds of the 3 untimed steps: torch.compile's compiling happens here
     for key, fn in (("ours", ours_step), ("ref", ref_step)):
         t = time.perf_counter()

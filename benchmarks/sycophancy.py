@@ -40,7 +40,7 @@ from typing import Any
 
 from cakelm.checkpoint import is_checkpoint
 from cakelm.common import write_json_atomic
-from cakelm.config import build_config
+from cakelm.config import build_config, flatten, to_dict
 from cakelm.probes import compare_agreement
 from cakelm.rewards import agrees
 from cakelm.stages import eval as eval_stage
@@ -98,13 +98,10 @@ def train_rlhf(run: Path, cfg: pipeline.PipelineConfig, rater: str, overrides: d
     if not link.exists():
         os.symlink(os.path.relpath(run / str(STAGE["sft"].out), out), link)  # the stages read RUN/sft: share it
     for name in RLHF:
-        stage_cfg = pipeline.stage_config(STAGE[name], cfg, out)
-        for key, value in {**overrides.get(name, {}), **({"rater": rater} if name == "prefs" else {})}.items():
-            *parents, leaf = key.split(".")
-            target = stage_cfg
-            for part in parents:  # loop.max_steps -> stage_cfg.loop
-                target = getattr(target, part)
-            setattr(target, leaf, value)
+        # the pipeline's config of the stage, then this run's settings on top, checked as the CLI checks them
+        ours = {**overrides.get(name, {}), **({"rater": rater} if name == "prefs" else {})}
+        stage_cfg = build_config(STAGE[name].config, ("pipeline", flatten(to_dict(
+            pipeline.stage_config(STAGE[name], cfg, out)))), ("sycophancy.py", ours))
         if hasattr(stage_cfg, "overwrite"):
             stage_cfg.overwrite = True
         t0 = time.time()

@@ -125,8 +125,8 @@ def tensors_digest(file: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _file_sha256(file: Path) -> str:
-    """The plain sha256 of a file: what LoRA checkpoints recorded of their base before `tensors_digest`."""
+def file_sha256(file: str | Path) -> str:
+    """The plain sha256 of a file (what LoRA checkpoints recorded of their base before `tensors_digest`)."""
     with open(file, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
@@ -423,7 +423,7 @@ def _weights_of(path: Path, meta: dict[str, Any], cfg: ModelConfig, merge: bool,
     if not is_checkpoint(base):
         raise CakeError(f"{path}: the base checkpoint of its LoRA adapters, {base}, is missing")
     recorded = base_info.get("weights_sha256")
-    if weights_digest(base) != recorded and _file_sha256(weights_file(base)) != recorded:  # (or as recorded before)
+    if weights_digest(base) != recorded and file_sha256(weights_file(base)) != recorded:  # (or as recorded before)
         raise CakeError(f"{path}: its base checkpoint {base} has changed since the adapters were trained (its "
                         "weights' sha256 differs); restore that base, or train the adapters again")
     base = snapshot(base)

@@ -31,7 +31,6 @@ Each stage prints one summary line; the run ends with a table and RUN/pipeline.j
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from cakelm.checkpoint import is_checkpoint, load_meta, load_model, tensors_digest
+from cakelm.checkpoint import file_sha256, is_checkpoint, load_meta, load_model, tensors_digest
 from cakelm.common import (
     CakeError,
     barrier,
@@ -228,13 +227,7 @@ def _digest(path: Path) -> str:
     """A fingerprint of a file (a checkpoint's weights, held-out prompts): an evaluation made from other contents
     is out of date. Weights by what they hold (`checkpoint.tensors_digest`), so a model retrained bit for bit is
     not evaluated again."""
-    if path.suffix == ".safetensors":
-        return tensors_digest(path)[:16]
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return (tensors_digest(path) if path.suffix == ".safetensors" else file_sha256(path))[:16]
 
 
 def _eval(cfg: PipelineConfig, run: Path, forced: bool) -> tuple[str, str]:
