@@ -33,6 +33,7 @@ from unittest import mock
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import cakelm.model as model_module
 from cakelm.common import hardware_info, keep_freed_memory
@@ -123,7 +124,7 @@ def main() -> None:
         with context(name):
             for _ in range(3):
                 step()
-    for _ in range(args.rounds):
+    for _ in tqdm(range(args.rounds), desc="interleaved rounds", unit="round", leave=False):
         for name, step in steps.items():
             with context(name):
                 for _ in range(n):
