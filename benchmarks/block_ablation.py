@@ -9,9 +9,10 @@ Our Transformer differs from nanoGPT's GPT-2 blocks in a few pieces; this times 
 reference (nanoGPT's own model.py from --nanogpt, else `pretrain_throughput.py`'s GPT-2 reference), in
 interleaved rounds in one process (shared CPUs drift from minute to minute; only ratios measured together mean
 anything). Variants:
-  ours        the model as `cakelm pretrain` trains it
+  ours        the model as `cakelm pretrain` trains it (with the fused CPU kernels of cakelm/kernels.c)
+  plain       the same model without the fused kernels (plain PyTorch, as before them or without a compiler)
   layernorm   torch's fused LayerNorm (no bias) in place of our RMSNorm: what RMSNorm's separate passes cost
-  no-rope     RoPE skipped (`model.apply_rope` made the identity): what rotating q and k costs
+  no-rope     RoPE skipped (`model.rotate` only transposes): what rotating q and k costs
   gelu-mlp    GPT-2's MLP (4 x width, GELU) in place of SwiGLU: what the SwiGLU product costs at its width
   ffnN        SwiGLU of hidden width N (e.g. ffn336): what our rounding of 8/3 x width costs (at width 128 the
               default rounds 341 up to 384, 8% more block FLOPs than GPT-2's MLP)
@@ -25,8 +26,8 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cakelm.model as model_module
+from cakelm import kernels
 from cakelm.common import hardware_info, keep_freed_memory
 from cakelm.losses import lm_loss
 from cakelm.model import ModelConfig, Transformer
@@ -50,7 +52,7 @@ from pretrain_throughput import (  # noqa: E402  (the step and the reference it 
     reference_loss,
 )
 
-VARIANTS = ("ours", "layernorm", "no-rope", "gelu-mlp")
+VARIANTS = ("ours", "plain", "layernorm", "no-rope", "gelu-mlp")
 
 
 class GeluMLP(nn.Module):
@@ -115,9 +117,19 @@ def main() -> None:
     steps["reference"] = make_step(lambda: reference_loss(ref, x, y, nanogpt), ref.parameters(), ref_opt,
                                    torch.float32)
 
-    def context(name: str):  # no-rope: the module-level apply_rope that Attention calls, made the identity
-        return mock.patch.object(model_module, "apply_rope", lambda t, cos, sin: t) if name == "no-rope" \
-            else nullcontext()
+    @contextmanager
+    def context(name: str) -> Iterator[None]:
+        if name == "plain":  # the fused kernels off while this variant steps
+            kernels.set_enabled(False)
+            try:
+                yield
+            finally:
+                kernels.set_enabled(True)
+        elif name == "no-rope":  # the module-level rotate that Attention calls, made a transpose
+            with mock.patch.object(model_module, "rotate", lambda t, cos, sin: t.transpose(1, 2)):
+                yield
+        else:
+            yield
     n = args.steps or {"a": 20, "b": 3, "cpu": 5}[args.shape]
     times: dict[str, list[float]] = {k: [] for k in steps}
     for name, step in steps.items():  # warm-up
@@ -133,7 +145,8 @@ def main() -> None:
                     times[name].append(time.perf_counter() - t)
     print(f"cpu: {hardware_info(torch.device('cpu'))['cpu']}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; shape {args.shape}: {s}")
-    print(f"reference: {ref_name}; {args.rounds} rounds x {n} steps, fp32, AdamW")
+    print(f"reference: {ref_name}; {args.rounds} rounds x {n} steps, fp32, AdamW; fused CPU kernels: "
+          f"{'on' if kernels.lib() is not None else 'off (' + kernels.why() + ')'}")
     ref_ms = 1000 * statistics.median(times["reference"])
     print(f"{'variant':<12}{'ms/step':>10}{'reference / it':>16}")
     for name, ts in times.items():

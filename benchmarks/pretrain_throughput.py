@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cakelm import kernels
 from cakelm.common import (
     cpu_has_bf16_matrix_units,
     hardware_info,
@@ -250,7 +251,8 @@ def main() -> None:
     print(f"cpu: {hardware_info(torch.device('cpu'))['cpu']}; torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, "
           f"{dict(both='both compiled', ours='ours compiled, the reference eager').get(args.compile, 'eager')}")
-    print(f"reference (fp32): {ref_name}")
+    print(f"reference (fp32): {ref_name}; ours with the fused CPU kernels: "
+          f"{'yes' if kernels.lib() is not None else 'no (' + kernels.why() + ')'}")
     print(f"{'shape':<6}{'params':>8}{'ms/step':>10}{'tok/s':>10}{'MFU':>7} | {'ref ms':>8}{'ref tok/s':>10}"
           f"{'ref MFU':>8} | {'speedup':>7}  ours in")
     for name in args.shapes:

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from cakelm import kernels
 from cakelm.common import CakeError
 from cakelm.config import ConfigError, opt
 
@@ -152,6 +153,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     were 7: the same numbers bit for bit (-a*b is exact), about 20% less time for RoPE's forward and backward on
     a CPU (0.89 -> 0.70 ms a layer at nanoGPT's small shape), within the noise of a whole training step."""
     return x * cos + x.roll(x.size(-1) // 2, -1) * sin
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope on a projection's heads x (B, T, H, D), returned as (B, H, T, D) for attention: on a CPU in
+    float32 one fused pass that also transposes (cakelm/kernels.c, bit for bit apply_rope), else apply_rope."""
+    if kernels.rope_applies(x, cos, sin):
+        return kernels.rope(x, cos, sin)
+    return apply_rope(x.transpose(1, 2), cos, sin)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -381,6 +390,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.applies(x, self.weight):  # one pass each way (cakelm/kernels.c); the same numbers as below
+            return kernels.rms_norm(x, self.weight, self.eps)
         if x.device.type == "cpu" and x.dtype == torch.float32:
             if not torch.is_grad_enabled():  # generation, evaluation: the same ops without the Function's overhead
                 return (x * _rms_inverse(x, self.eps)).mul_(self.weight)
@@ -409,8 +420,7 @@ class Attention(nn.Module):
         q, k = self.q(x).view(B, T, H, D), self.k(x).view(B, T, KV, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, KV, T, D)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # (B, H, T, D), (B, KV, T, D)
         v = self.v(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, S, D), S = cached + T
@@ -429,7 +439,9 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        a, u = self.gate(x), self.up(x)  # (B, T, ffn_dim) each
+        h = kernels.swiglu(a, u) if a.shape == u.shape and kernels.applies(a, u) else F.silu(a) * u
+        return self.down(h)
 
 
 class Block(nn.Module):

@@ -1,0 +1,115 @@
+/* Fused CPU kernels for the elementwise work of a Llama block, forward and backward: one pass over memory where
+ * eager PyTorch makes 4-8 (RMSNorm, RoPE, the SwiGLU product). Built and loaded by cakelm/kernels.py (gcc -O3
+ * -march=native -fopenmp, called through ctypes); the plain PyTorch code in cakelm/model.py is the reference they
+ * are tested against (tests/test_kernels.py). Every array is contiguous float32; sizes are int64. OpenMP threads:
+ * `nt`, passed from torch.get_num_threads(); the library shares torch's libgomp (same soname, already loaded).
+ * No -ffast-math: the products and sums round as PyTorch's do, so RoPE is bit for bit PyTorch's. */
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__x86_64__) && defined(__GLIBC__)
+/* glibc's vector expf (libmvec), which gcc otherwise uses only under -ffast-math: SiLU vectorises */
+float expf(float) __attribute__((simd("notinbranch")));
+#endif
+
+/* Work below this many floats runs on one thread: an OpenMP fork costs microseconds (decoding one token). */
+#define SERIAL_BELOW 32768
+
+/* ---- RMSNorm: y = x * r * w, r = 1 / sqrt(mean(x^2) + eps) per row. x, y: (n, c); w: (c); r: (n) saved. */
+void rms_norm_fwd(const float *x, const float *w, float *y, float *r, int64_t n, int64_t c, float eps, int nt) {
+    #pragma omp parallel for schedule(static) num_threads(nt) if (n * c >= SERIAL_BELOW)
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + i * c;
+        float *yi = y + i * c;
+        float ss = 0.f;
+        #pragma omp simd reduction(+ : ss)
+        for (int64_t j = 0; j < c; j++) ss += xi[j] * xi[j];
+        float ri = 1.f / sqrtf(ss / (float)c + eps);
+        r[i] = ri;
+        #pragma omp simd
+        for (int64_t j = 0; j < c; j++) yi[j] = xi[j] * ri * w[j];
+    }
+}
+
+/* dx = r * (g*w - xhat * mean(g*w*xhat)), xhat = x*r (the normalisation's Jacobian; RMSNorm has no mean term).
+ * dw = sum over rows of g * xhat, as `nb` partial sums over fixed blocks of rows, dwp: (nb, c), which the caller
+ * adds up: the same numbers whatever the thread count. */
+void rms_norm_bwd(const float *g, const float *x, const float *w, const float *r, float *dx, float *dwp,
+                  int64_t n, int64_t c, int64_t nb, int nt) {
+    #pragma omp parallel for schedule(static) num_threads(nt) if (n * c >= SERIAL_BELOW)
+    for (int64_t b = 0; b < nb; b++) {
+        float *dwb = dwp + b * c;
+        for (int64_t j = 0; j < c; j++) dwb[j] = 0.f;
+        for (int64_t i = n * b / nb; i < n * (b + 1) / nb; i++) {
+            const float *gi = g + i * c, *xi = x + i * c;
+            float *dxi = dx + i * c;
+            float ri = r[i], dot = 0.f;
+            #pragma omp simd reduction(+ : dot)
+            for (int64_t j = 0; j < c; j++) dot += gi[j] * w[j] * xi[j];
+            dot = dot * ri / (float)c;  /* mean(g*w*xhat) */
+            #pragma omp simd
+            for (int64_t j = 0; j < c; j++) {
+                float xh = xi[j] * ri;
+                dwb[j] += gi[j] * xh;
+                dxi[j] = ri * (gi[j] * w[j] - xh * dot);
+            }
+        }
+    }
+}
+
+/* ---- RoPE (model.apply_rope): y[j] = x[j] cos[j] + x[j'] sin[j], j' = (j + D/2) mod D, with the signed sin
+ * table of model.rope_cache. x: (B, T, H, D), straight from the q or k projection; y: (B, H, T, D), the layout
+ * attention reads, so the transpose costs no pass of its own. cos, sin: (T, D) rows, at cos + b*cbs + t*D
+ * (cbs = 0: one table for the batch; T*D: a table per row, packed sequences). */
+void rope_fwd(const float *x, const float *cos, const float *sin, float *y, int64_t B, int64_t T, int64_t H,
+              int64_t D, int64_t cbs, int nt) {
+    int64_t h2 = D / 2;
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(nt) if (B * T * H * D >= SERIAL_BELOW)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++) {
+            const float *c = cos + b * cbs + t * D, *s = sin + b * cbs + t * D;
+            for (int64_t h = 0; h < H; h++) {
+                const float *xi = x + ((b * T + t) * H + h) * D;
+                float *yi = y + ((b * H + h) * T + t) * D;
+                #pragma omp simd
+                for (int64_t j = 0; j < h2; j++) yi[j] = xi[j] * c[j] + xi[j + h2] * s[j];
+                #pragma omp simd
+                for (int64_t j = h2; j < D; j++) yi[j] = xi[j] * c[j] + xi[j - h2] * s[j];
+            }
+        }
+}
+
+/* The adjoint: dx[j] = dy[j] cos[j] + dy[j'] sin[j']. dy: (B, H, T, D); dx: (B, T, H, D). */
+void rope_bwd(const float *dy, const float *cos, const float *sin, float *dx, int64_t B, int64_t T, int64_t H,
+              int64_t D, int64_t cbs, int nt) {
+    int64_t h2 = D / 2;
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(nt) if (B * T * H * D >= SERIAL_BELOW)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++) {
+            const float *c = cos + b * cbs + t * D, *s = sin + b * cbs + t * D;
+            for (int64_t h = 0; h < H; h++) {
+                const float *gi = dy + ((b * H + h) * T + t) * D;
+                float *dxi = dx + ((b * T + t) * H + h) * D;
+                #pragma omp simd
+                for (int64_t j = 0; j < h2; j++) dxi[j] = gi[j] * c[j] + gi[j + h2] * s[j + h2];
+                #pragma omp simd
+                for (int64_t j = h2; j < D; j++) dxi[j] = gi[j] * c[j] + gi[j - h2] * s[j - h2];
+            }
+        }
+}
+
+/* ---- SwiGLU's product: h = silu(a) * u, silu(a) = a * sigmoid(a). a, u, h: (n). */
+void swiglu_fwd(const float *a, const float *u, float *h, int64_t n, int nt) {
+    #pragma omp parallel for simd schedule(static) num_threads(nt) if (n >= SERIAL_BELOW)
+    for (int64_t i = 0; i < n; i++) h[i] = a[i] / (1.f + expf(-a[i])) * u[i];
+}
+
+/* da = g * u * sigmoid(a) * (1 + a * (1 - sigmoid(a))), du = g * silu(a). g, a, u, da, du: (n). */
+void swiglu_bwd(const float *g, const float *a, const float *u, float *da, float *du, int64_t n, int nt) {
+    #pragma omp parallel for simd schedule(static) num_threads(nt) if (n >= SERIAL_BELOW)
+    for (int64_t i = 0; i < n; i++) {
+        float sg = 1.f / (1.f + expf(-a[i]));
+        du[i] = g[i] * a[i] * sg;
+        da[i] = g[i] * u[i] * sg * (1.f + a[i] * (1.f - sg));
+    }
+}

@@ -1,0 +1,247 @@
+"""Fused CPU kernels for RMSNorm, RoPE and the SwiGLU product (cakelm/kernels.c), as autograd functions.
+
+Eager PyTorch runs a Llama block's elementwise work as many small passes over memory (RMSNorm's backward alone is
+8), each reading and writing whole activations; GPT-2's LayerNorm and GELU have fused CPU kernels, so on a CPU our
+blocks lost time to nanoGPT's there (README, Benchmarks). kernels.c does each of them in one pass forward and one
+backward. It is compiled on first use with the system's C compiler (`cc`, or `$CC`: gcc -O3 -march=native
+-fopenmp, about a second) into `$CAKELM_HOME/kernels/<hash>/` and loaded with ctypes: no build step at install,
+no PyTorch headers. Without a compiler, off x86-64/aarch64 Linux, or with `CAKELM_KERNELS=0`, `lib()` is None and
+the model uses its plain PyTorch code (cakelm/model.py), which is what these are tested equal to
+(tests/test_kernels.py).
+
+    python -m cakelm.kernels        # build (or find) the library and say which path the model takes
+
+They apply to contiguous float32 CPU tensors outside torch.compile (which fuses the plain code itself); anything
+else (GPUs, bf16 autocast, meta tensors, compiled graphs) takes the plain path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cakelm.common import cakelm_home
+
+SOURCE = Path(__file__).with_name("kernels.c")
+# -ffp-contract=off: no fused multiply-adds, so a*b + c*d rounds as PyTorch's separate kernels round it
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+_P, _I, _F, _N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {
+    "rms_norm_fwd": [_P, _P, _P, _P, _I, _I, _F, _N],
+    "rms_norm_bwd": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _N],
+    "rope_fwd": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _N],
+    "rope_bwd": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _N],
+    "swiglu_fwd": [_P, _P, _P, _I, _N],
+    "swiglu_bwd": [_P, _P, _P, _P, _P, _I, _N],
+}
+_state: dict[str, Any] = {}  # "lib": the loaded library or None, "why": the reason for None
+
+
+def _cpu_id() -> str:
+    """What -march=native compiles for: the CPU's model name and flags (a cache shared by two machines must not
+    hand one the other's instructions)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    except OSError:
+        return platform.processor()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def build(cache: Path | None = None) -> Path:
+    """Compile kernels.c into a shared library (once per source, flags, compiler and CPU) and return its path.
+    Raises RuntimeError with the compiler's first error line if it fails."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(f"cannot run the C compiler {cc}: {e}") from None
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), cc, version, _cpu_id()]).encode())
+    out = (cache or cakelm_home() / "kernels") / key.hexdigest()[:16] / "libcakelm_kernels.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Compiled into a temporary name and renamed: another process building at the same time (pytest's workers)
+    # never loads a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so")
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:200])
+            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {first}")
+        os.replace(tmp, out)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{cc} took over 300 s on {SOURCE.name}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def lib() -> ctypes.CDLL | None:
+    """The loaded kernel library, built on first call; None (and `why()` says why) when it cannot be had."""
+    if "lib" in _state:
+        return _state["lib"]
+    _state["lib"], _state["why"] = None, ""
+    if os.environ.get("CAKELM_KERNELS", "1") == "0":
+        _state["why"] = "CAKELM_KERNELS=0"
+    elif not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")):
+        _state["why"] = f"built on x86-64 and aarch64 Linux only, not {sys.platform} {platform.machine()}"
+    else:
+        try:
+            handle = ctypes.CDLL(str(build()))
+            for name, args in _SIGNATURES.items():
+                getattr(handle, name).argtypes = args
+                getattr(handle, name).restype = None
+            _state["lib"] = handle
+        except (RuntimeError, OSError, AttributeError) as e:
+            _state["why"] = str(e)
+            print(f"cakelm: fused CPU kernels unavailable ({e}); using plain PyTorch", file=sys.stderr)
+    return _state["lib"]
+
+
+def why() -> str:
+    """Why lib() is None ('' when it is not)."""
+    lib()
+    return _state["why"]
+
+
+def set_enabled(on: bool) -> None:
+    """Turn the kernels off (or back on) in this process: benchmarks time both paths, tests compare them."""
+    _state["off"] = not on
+
+
+def applies(*tensors: torch.Tensor) -> bool:
+    """True when the fused path can run: every tensor a plain float32 CPU tensor, outside torch.compile, and the
+    library loaded."""
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32 or type(t) not in (torch.Tensor, torch.nn.Parameter):
+            return False
+    return not _state.get("off") and not torch.compiler.is_compiling() and lib() is not None
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm over the last dimension (Zhang & Sennrich 2019), y = x / sqrt(mean(x^2) + eps) * w, in one pass
+    each way."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        x = x.contiguous()
+        c = x.size(-1)
+        y, r = torch.empty_like(x), torch.empty(x.shape[:-1], dtype=x.dtype)
+        _state["lib"].rms_norm_fwd(_ptr(x), _ptr(w), _ptr(y), _ptr(r), x.numel() // c, c, eps, torch.get_num_threads())
+        ctx.save_for_backward(x, w, r)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x, w, r = ctx.saved_tensors
+        g = g.contiguous()
+        c, n = x.size(-1), x.numel() // x.size(-1)
+        nb = max(1, min(64, n))  # row blocks of dw's partial sums: fixed, so the sum does not depend on threads
+        dx, dwp = torch.empty_like(x), torch.empty(nb, c, dtype=x.dtype)
+        _state["lib"].rms_norm_bwd(_ptr(g), _ptr(x), _ptr(w), _ptr(r), _ptr(dx), _ptr(dwp), n, c, nb,
+                                   torch.get_num_threads())
+        return dx, dwp.sum(0), None
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x (..., C) with gain w (C,) (call when applies(x, w))."""
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return RMSNormFunction.apply(x, w, eps)
+    x = x.contiguous()
+    c = x.size(-1)
+    y, r = torch.empty_like(x), torch.empty(x.shape[:-1], dtype=x.dtype)
+    _state["lib"].rms_norm_fwd(_ptr(x), _ptr(w), _ptr(y), _ptr(r), x.numel() // c, c, eps, torch.get_num_threads())
+    return y
+
+
+def _rope_args(x: torch.Tensor, cos: torch.Tensor) -> tuple[int, int, int, int, int]:
+    B, T, H, D = x.shape
+    return B, T, H, D, (0 if cos.dim() == 2 else T * D)
+
+
+class RoPEFunction(torch.autograd.Function):
+    """model.apply_rope on x (B, T, H, D), returning (B, H, T, D): the rotation and the transpose in one pass."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, H, D, cbs = _rope_args(x, cos)
+        y = torch.empty(B, H, T, D, dtype=x.dtype)
+        _state["lib"].rope_fwd(_ptr(x), _ptr(cos), _ptr(sin), _ptr(y), B, T, H, D, cbs, torch.get_num_threads())
+        ctx.save_for_backward(cos, sin)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        g = g.contiguous()
+        B, H, T, D = g.shape
+        dx = torch.empty(B, T, H, D, dtype=g.dtype)
+        _state["lib"].rope_bwd(_ptr(g), _ptr(cos), _ptr(sin), _ptr(dx), B, T, H, D, (0 if cos.dim() == 2 else T * D),
+                               torch.get_num_threads())
+        return dx, None, None
+
+
+def rope_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """The fused RoPE takes x as the projection made it, (B, T, H, D) contiguous, and tables of one row per
+    position, (T, D), or per sequence and position, (B, 1, T, D), contiguous."""
+    B, T, _, D = x.shape
+    table = (T, D) if cos.dim() == 2 else (B, 1, T, D)
+    return (x.is_contiguous() and D % 2 == 0 and tuple(cos.shape) == table and tuple(sin.shape) == table
+            and cos.is_contiguous() and sin.is_contiguous() and applies(x, cos, sin))
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope(x.transpose(1, 2), cos, sin) for x (B, T, H, D): (B, H, T, D) (call when rope_applies)."""
+    return RoPEFunction.apply(x, cos, sin)
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """silu(a) * u (Shazeer 2020, "GLU Variants Improve Transformer"), one pass each way; saves a and u only
+    (eager PyTorch also keeps silu(a))."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        a, u = a.contiguous(), u.contiguous()
+        h = torch.empty_like(a)
+        _state["lib"].swiglu_fwd(_ptr(a), _ptr(u), _ptr(h), a.numel(), torch.get_num_threads())
+        ctx.save_for_backward(a, u)
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, u = ctx.saved_tensors
+        g = g.contiguous()
+        da, du = torch.empty_like(a), torch.empty_like(u)
+        _state["lib"].swiglu_bwd(_ptr(g), _ptr(a), _ptr(u), _ptr(da), _ptr(du), a.numel(), torch.get_num_threads())
+        return da, du
+
+
+def swiglu(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(a) * u for a, u of one shape (call when applies(a, u))."""
+    return SwiGLUFunction.apply(a, u)
+
+
+if __name__ == "__main__":
+    print(f"fused CPU kernels: {'on, ' + str(build()) if lib() is not None else 'off (' + why() + ')'}")

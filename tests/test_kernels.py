@@ -1,0 +1,166 @@
+"""The fused CPU kernels (cakelm/kernels.c) against the plain PyTorch code they replace: equal outputs and
+gradients, RoPE bit for bit, the same numbers whatever the thread count, NaN passed through, a whole model equal
+with them on and off, and a clean fallback when they cannot be built."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cakelm import kernels
+from cakelm.model import ModelConfig, RMSNorm, Transformer, apply_rope, rope_cache, rotate
+
+
+@pytest.fixture(autouse=True)
+def _need_kernels() -> None:
+    if kernels.lib() is None:
+        if shutil.which("cc") or shutil.which("gcc"):
+            pytest.fail(f"a C compiler is here but the kernels did not build: {kernels.why()}")
+        pytest.skip("no C compiler: the model runs its plain PyTorch path")
+    kernels.set_enabled(True)
+
+
+def plain(fn, *args):
+    """fn(*args) with the fused kernels off."""
+    kernels.set_enabled(False)
+    try:
+        return fn(*args)
+    finally:
+        kernels.set_enabled(True)
+
+
+def forward_backward(fn, inputs: list[torch.Tensor], g: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    y = fn(*leaves)
+    y.backward(g)
+    return y.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 64, 128), (1, 300, 96)])
+def test_rms_norm_equals_plain(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    norm = RMSNorm(shape[-1], 1e-5)
+    norm.weight.data.normal_(1.0, 0.3)
+    x, g = torch.randn(shape) * 3, torch.randn(shape)
+    y_fused, (dx_fused,) = forward_backward(lambda x: norm(x), [x], g)
+    dw_fused, norm.weight.grad = norm.weight.grad.clone(), None
+    y_plain, (dx_plain,) = plain(forward_backward, lambda x: norm(x), [x], g)
+    dw_plain = norm.weight.grad
+    torch.testing.assert_close(y_fused, y_plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx_fused, dx_plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw_fused, dw_plain, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():  # generation's path (no autograd Function) gives the training path's numbers
+        assert torch.equal(norm(x), y_fused)
+
+
+def test_rms_norm_weight_grad_does_not_depend_on_threads() -> None:
+    torch.manual_seed(1)
+    x, w, g = torch.randn(4, 333, 64), torch.randn(64), torch.randn(4, 333, 64)
+    threads = torch.get_num_threads()
+    grads = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        try:
+            grads.append(forward_backward(lambda x, w: kernels.rms_norm(x, w, 1e-5), [x, w], g)[1])
+        finally:
+            torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("B,T,H,D,packed", [(2, 9, 3, 6, False), (3, 64, 4, 32, False), (2, 17, 2, 8, True)])
+def test_rope_is_apply_rope_bit_for_bit(B: int, T: int, H: int, D: int, packed: bool) -> None:
+    torch.manual_seed(2)
+    cfg = ModelConfig(dim=H * D, n_heads=H, max_seq_len=64)
+    cos, sin = rope_cache(cfg, 64)
+    if packed:  # per-row positions, as packed sequences restart them: tables (B, 1, T, D)
+        pos = torch.randint(0, 64, (B, T))
+        cos, sin = cos[pos][:, None], sin[pos][:, None]
+    else:
+        cos, sin = cos[:T], sin[:T]
+    assert kernels.rope_applies(torch.empty(B, T, H, D), cos, sin)
+    x, g = torch.randn(B, T, H, D), torch.randn(B, H, T, D)
+    y_fused, (dx_fused,) = forward_backward(lambda x: rotate(x, cos, sin), [x], g)
+    y_plain, (dx_plain,) = forward_backward(lambda x: apply_rope(x.transpose(1, 2), cos, sin), [x], g)
+    assert y_fused.shape == (B, H, T, D) and y_fused.is_contiguous()
+    assert torch.equal(y_fused, y_plain) and torch.equal(dx_fused, dx_plain)
+
+
+def test_rope_takes_the_plain_path_for_layouts_it_does_not_fuse() -> None:
+    cos, sin = rope_cache(ModelConfig(dim=32, n_heads=4), 16)
+    x = torch.randn(2, 8, 4, 8)
+    assert not kernels.rope_applies(x.transpose(0, 1).contiguous().transpose(0, 1), cos[:8], sin[:8])  # strided
+    assert not kernels.rope_applies(x, cos[:7], sin[:7])  # tables of another length
+    assert not kernels.rope_applies(x.double(), cos[:8].double(), sin[:8].double())  # float64
+    assert torch.equal(rotate(x.double(), cos[:8].double(), sin[:8].double()),
+                       apply_rope(x.double().transpose(1, 2), cos[:8].double(), sin[:8].double()))
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (4, 64, 384)])
+def test_swiglu_equals_silu_times_up(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(3)
+    a, u, g = torch.randn(shape) * 4, torch.randn(shape), torch.randn(shape)
+    a.view(-1)[:3] = torch.tensor([-100.0, 100.0, 0.0])  # exp overflows one way and underflows the other
+    y_fused, grads_fused = forward_backward(kernels.swiglu, [a, u], g)
+    y_plain, grads_plain = forward_backward(lambda a, u: F.silu(a) * u, [a, u], g)
+    torch.testing.assert_close(y_fused, y_plain, rtol=1e-5, atol=1e-6)
+    for fused, ref in zip(grads_fused, grads_plain):
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_values_come_out_non_finite() -> None:
+    """A NaN must reach the loss (the loop refuses to save a non-finite one), not be hidden by a kernel."""
+    x = torch.randn(2, 4, 16)
+    x[0, 1, 3] = float("nan")
+    assert torch.isnan(kernels.rms_norm(x, torch.ones(16), 1e-5)[0, 1]).all()
+    assert torch.isnan(kernels.swiglu(x, torch.ones_like(x))[0, 1, 3])
+    cos, sin = rope_cache(ModelConfig(dim=64, n_heads=4), 4)
+    assert torch.isnan(rotate(x.view(2, 4, 1, 16), cos, sin)).any()
+
+
+def test_model_with_and_without_kernels_gives_the_same_logits_and_gradients() -> None:
+    torch.manual_seed(4)
+    cfg = ModelConfig(vocab_size=97, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+    model = Transformer(cfg)
+    idx = torch.randint(0, 97, (3, 20))
+    segments = torch.tensor([[0] * 12 + [1] * 8, [0] * 20, [0] * 5 + [1] * 15])
+
+    def run(**kw):
+        model.zero_grad()
+        logits = model(idx, **kw)
+        logits.square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    for kw in ({}, {"segments": segments}):
+        fused, grads_fused = run(**kw)
+        ref, grads_plain = plain(lambda kw=kw: run(**kw))
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+        for name in grads_plain:
+            torch.testing.assert_close(grads_fused[name], grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_failed_build_falls_back_to_plain_pytorch(monkeypatch: pytest.MonkeyPatch, tmp_path, capsys) -> None:
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv("CAKELM_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    assert kernels.lib() is None
+    assert "false failed on kernels.c" in kernels.why()
+    assert "fused CPU kernels unavailable" in capsys.readouterr().err
+    assert not kernels.applies(torch.ones(2))
+    model = Transformer(ModelConfig(vocab_size=31, dim=16, n_layers=1, n_heads=2, max_seq_len=8))
+    model(torch.randint(0, 31, (2, 8))).sum().backward()  # the plain path trains
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv("CAKELM_KERNELS", "0")
+    assert kernels.lib() is None and kernels.why() == "CAKELM_KERNELS=0"
+
+
+def test_build_is_cached_per_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    first = kernels.build(tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert kernels.build(tmp_path) == first and first.stat().st_mtime_ns == mtime  # found, not rebuilt
+    monkeypatch.setattr(kernels, "_cpu_id", lambda: "model name: another CPU")
+    other = kernels.build(tmp_path)
+    assert other != first and other.exists()  # -march=native code is never handed to another CPU
+    assert [p.name for p in other.parent.iterdir()] == ["libcakelm_kernels.so"]  # no temporary file left
