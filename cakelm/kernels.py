@@ -81,7 +81,7 @@ def build(cache: Path | None = None) -> Path:
         r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:200])
-            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {first}")
+            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {first or f'exit status {r.returncode}'}")
         os.replace(tmp, out)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"{cc} took over 300 s on {SOURCE.name}") from None

@@ -18,8 +18,8 @@ ROOT = Path(cakelm.__file__).parent
 # layer -> modules (a trailing "." names every module of a package)
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("common", "config", "__init__"),
-    1: ("model", "kernels", "lora", "tokenizer", "losses", "optim", "tasks", "rnn", "webapp", "metrics_http", "tracking",
-        "report_render", "parallel"),
+    1: ("model", "kernels", "lora", "tokenizer", "losses", "optim", "tasks", "rnn", "webapp", "metrics_http",
+        "tracking", "report_render", "parallel"),
     2: ("checkpoint", "engine", "chat_format", "loop", "rewards", "hf_compat", "openai_api"),
     3: ("data.", "heldout", "batching", "probes"),
     4: ("rollout", "rlhf", "rl", "scaffold"),
