@@ -1,7 +1,7 @@
-/* Fused CPU kernels for the elementwise work of a Llama block, forward and backward: one pass over memory where
- * eager PyTorch makes 4-8 (RMSNorm, RoPE, the SwiGLU product). Built and loaded by cakelm/kernels.py (gcc -O3
- * -march=native -fopenmp, called through ctypes); the plain PyTorch code in cakelm/model.py is the reference they
- * are tested against (tests/test_kernels.py). Every array is contiguous float32; sizes are int64. OpenMP threads:
+/* Fused CPU kernels for the elementwise work of a Llama block and its loss, forward and backward: one pass over
+ * memory where eager PyTorch makes 4-8 (RMSNorm, RoPE, the SwiGLU product, cross-entropy). Built and loaded by
+ * cakelm/kernels.py (gcc -O3 -march=native -fopenmp, called through ctypes); the plain PyTorch code in
+ * cakelm/model.py and cakelm/losses.py is the reference they are tested against (tests/test_kernels.py). Every array is contiguous float32; sizes are int64. OpenMP threads:
  * `nt`, passed from torch.get_num_threads(); the library shares torch's libgomp (same soname, already loaded).
  * No -ffast-math: the products and sums round as PyTorch's do, so RoPE is bit for bit PyTorch's. */
 #include <math.h>
@@ -111,5 +111,43 @@ void swiglu_bwd(const float *g, const float *a, const float *u, float *da, float
         float sg = 1.f / (1.f + expf(-a[i]));
         du[i] = g[i] * a[i] * sg;
         da[i] = g[i] * u[i] * sg * (1.f + a[i] * (1.f - sg));
+    }
+}
+
+/* ---- Cross-entropy over a vocabulary (losses.token_nll): per row, lse = log(sum(exp(x))) (with its max taken out
+ * first) and loss = lse - x[t], 0 where t == ignore. x: (n, v) logits; t: (n) targets, each ignore or in [0, v)
+ * (the caller checks); loss, lse: (n). The backward writes the logits' gradient in one pass,
+ * dx = g * (softmax(x) - onehot(t)), where eager PyTorch keeps a log-softmax copy, fills a zero tensor, scatters
+ * into it and reads both back. */
+void cross_entropy_fwd(const float *x, const int64_t *t, float *loss, float *lse, int64_t n, int64_t v,
+                       int64_t ignore, int nt) {
+    #pragma omp parallel for schedule(static) num_threads(nt) if (n * v >= SERIAL_BELOW)
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + i * v;
+        float m = -INFINITY, s = 0.f;
+        #pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < v; j++) m = xi[j] > m ? xi[j] : m;
+        #pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < v; j++) s += expf(xi[j] - m);
+        float l = m + logf(s);
+        lse[i] = l;
+        loss[i] = t[i] == ignore ? 0.f : l - xi[t[i]];
+    }
+}
+
+void cross_entropy_bwd(const float *g, const float *x, const int64_t *t, const float *lse, float *dx, int64_t n,
+                       int64_t v, int64_t ignore, int nt) {
+    #pragma omp parallel for schedule(static) num_threads(nt) if (n * v >= SERIAL_BELOW)
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + i * v;
+        float *dxi = dx + i * v;
+        if (t[i] == ignore) {
+            for (int64_t j = 0; j < v; j++) dxi[j] = 0.f;
+            continue;
+        }
+        float gi = g[i], l = lse[i];
+        #pragma omp simd
+        for (int64_t j = 0; j < v; j++) dxi[j] = gi * expf(xi[j] - l);
+        dxi[t[i]] -= gi;
     }
 }

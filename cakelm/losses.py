@@ -14,6 +14,8 @@ from collections.abc import Hashable, Sequence
 import torch
 import torch.nn.functional as F
 
+from cakelm import kernels
+
 IGNORE_INDEX = -100
 
 
@@ -22,8 +24,10 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = I
 
     logits (B, T, V), targets (B, T). Computed in fp32 whatever the autocast dtype (a bf16 log-softmax over a
     large vocabulary loses precision)."""
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                          ignore_index=ignore_index, reduction="none")
+    flat, tgt = logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)
+    nll = kernels.cross_entropy(flat, tgt, ignore_index)  # fp32 on a CPU: one fused pass each way (kernels.c)
+    if nll is None:
+        nll = F.cross_entropy(flat, tgt, ignore_index=ignore_index, reduction="none")
     return nll.view(targets.shape)
 
 

@@ -164,3 +164,27 @@ def test_build_is_cached_per_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path) -> N
     other = kernels.build(tmp_path)
     assert other != first and other.exists()  # -march=native code is never handed to another CPU
     assert [p.name for p in other.parent.iterdir()] == ["libcakelm_kernels.so"]  # no temporary file left
+
+
+def test_cross_entropy_equals_torch_with_ignored_rows() -> None:
+    torch.manual_seed(5)
+    x, t, g = torch.randn(300, 1000) * 4, torch.randint(0, 1000, (300,)), torch.rand(300)
+    t[::7] = -100
+    x[1, 5] = -float("inf")  # a masked-out logit
+    fused, (dx_fused,) = forward_backward(lambda x: kernels.cross_entropy(x, t, -100), [x], g)
+    ref, (dx_ref,) = forward_backward(lambda x: F.cross_entropy(x, t, ignore_index=-100, reduction="none"), [x], g)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx_fused, dx_ref, rtol=1e-5, atol=1e-7)
+    assert (fused[::7] == 0).all() and (dx_fused[::7] == 0).all()
+
+
+def test_cross_entropy_leaves_what_it_does_not_fuse_to_torch() -> None:
+    from cakelm.losses import token_nll
+
+    x = torch.randn(4, 600)
+    assert kernels.cross_entropy(torch.randn(4, 65), torch.zeros(4, dtype=torch.long), -100) is None  # small vocab
+    assert kernels.cross_entropy(x, torch.tensor([0, 1, 600, 2]), -100) is None  # out of range: torch reports it
+    with pytest.raises(IndexError):
+        token_nll(x[None], torch.tensor([[0, 1, 600, 2]]))
+    x[2, 7] = float("nan")
+    assert torch.isnan(kernels.cross_entropy(x, torch.tensor([0, 1, 2, 3]), -100)[2])
