@@ -390,7 +390,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.applies(x, self.weight):  # one pass each way (cakelm/kernels.c); the same numbers as below
+        if kernels.applies(x, self.weight):  # one pass each way (cakelm/kernels.c); equal to the code below to rounding
             return kernels.rms_norm(x, self.weight, self.eps)
         if x.device.type == "cpu" and x.dtype == torch.float32:
             if not torch.is_grad_enabled():  # generation, evaluation: the same ops without the Function's overhead
