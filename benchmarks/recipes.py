@@ -52,6 +52,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "cosine": {**NOREP, "optim.schedule": "cosine"},
         "adamw": {**NOREP, "optim.name": "adamw", "optim.lr": 3e-3},
         "lr2e-2": {**NOREP, "optim.lr": 2e-2},
+        "lr5e-3": {"optim.lr": 5e-3},  # half the default rate: does SFT's arithmetic vary less between base models?
         "b64x180": {**NOREP, "loop.batch_size": 64, "loop.max_steps": 180},
         # token-level unlikelihood against loops (README, "Loops"), and two more seeds with and without it
         "ul0.3": {**NOREP, "unlikelihood": 0.3},
