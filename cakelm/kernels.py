@@ -146,7 +146,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-        x = x.contiguous()
+        x, w = x.contiguous(), w.contiguous()
         c = x.size(-1)
         y, r = torch.empty_like(x), torch.empty(x.shape[:-1], dtype=x.dtype)
         _state["lib"].rms_norm_fwd(_ptr(x), _ptr(w), _ptr(y), _ptr(r), x.numel() // c, c, eps, torch.get_num_threads())
@@ -170,7 +170,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of x (..., C) with gain w (C,) (call when applies(x, w))."""
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return RMSNormFunction.apply(x, w, eps)
-    x = x.contiguous()
+    x, w = x.contiguous(), w.contiguous()
     c = x.size(-1)
     y, r = torch.empty_like(x), torch.empty(x.shape[:-1], dtype=x.dtype)
     _state["lib"].rms_norm_fwd(_ptr(x), _ptr(w), _ptr(y), _ptr(r), x.numel() // c, c, eps, torch.get_num_threads())

@@ -188,3 +188,12 @@ def test_cross_entropy_leaves_what_it_does_not_fuse_to_torch() -> None:
         token_nll(x[None], torch.tensor([[0, 1, 600, 2]]))
     x[2, 7] = float("nan")
     assert torch.isnan(kernels.cross_entropy(x, torch.tensor([0, 1, 2, 3]), -100)[2])
+
+
+def test_rms_norm_takes_a_strided_gain_and_an_empty_batch() -> None:
+    x, w = torch.randn(3, 8), torch.randn(16)[::2]  # a gain with stride 2 (a view of another tensor)
+    assert not w.is_contiguous()
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), ref)
+    y, (dx, dw) = forward_backward(lambda x, w: kernels.rms_norm(x, w, 1e-5), [torch.randn(0, 8), w], torch.ones(0, 8))
+    assert y.shape == (0, 8) and dx.shape == (0, 8) and torch.equal(dw, torch.zeros(8))
