@@ -140,16 +140,22 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def _rms_norm_forward(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
+    """(x, w, y, r) with x and w made contiguous, y the output and r each row's 1 / rms (the backward's input)."""
+    x, w = x.contiguous(), w.contiguous()
+    c = x.size(-1)
+    y, r = torch.empty_like(x), torch.empty(x.shape[:-1], dtype=x.dtype)
+    _state["lib"].rms_norm_fwd(_ptr(x), _ptr(w), _ptr(y), _ptr(r), x.numel() // c, c, eps, torch.get_num_threads())
+    return x, w, y, r
+
+
 class RMSNormFunction(torch.autograd.Function):
     """RMSNorm over the last dimension (Zhang & Sennrich 2019), y = x / sqrt(mean(x^2) + eps) * w, in one pass
     each way."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-        x, w = x.contiguous(), w.contiguous()
-        c = x.size(-1)
-        y, r = torch.empty_like(x), torch.empty(x.shape[:-1], dtype=x.dtype)
-        _state["lib"].rms_norm_fwd(_ptr(x), _ptr(w), _ptr(y), _ptr(r), x.numel() // c, c, eps, torch.get_num_threads())
+        x, w, y, r = _rms_norm_forward(x, w, eps)
         ctx.save_for_backward(x, w, r)
         return y
 
@@ -167,19 +173,22 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of x (..., C) with gain w (C,) (call when applies(x, w))."""
+    """RMSNorm of x (..., C) with gain w (C,) (call when applies(x, w)); without autograd (generation,
+    evaluation) the forward alone, without the Function's overhead."""
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return RMSNormFunction.apply(x, w, eps)
-    x, w = x.contiguous(), w.contiguous()
-    c = x.size(-1)
-    y, r = torch.empty_like(x), torch.empty(x.shape[:-1], dtype=x.dtype)
-    _state["lib"].rms_norm_fwd(_ptr(x), _ptr(w), _ptr(y), _ptr(r), x.numel() // c, c, eps, torch.get_num_threads())
+    return _rms_norm_forward(x, w, eps)[2]
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, forward: bool) -> torch.Tensor:
+    """kernels.c's rope_fwd, (B, T, H, D) -> rotated (B, H, T, D), or its adjoint rope_bwd, (B, H, T, D) ->
+    (B, T, H, D)."""
+    B, T, H, D = x.shape if forward else x.transpose(1, 2).shape
+    y = torch.empty((B, H, T, D) if forward else (B, T, H, D), dtype=x.dtype)
+    cbs = 0 if cos.dim() == 2 else T * D  # one table, or one per sequence
+    kernel = _state["lib"].rope_fwd if forward else _state["lib"].rope_bwd
+    kernel(_ptr(x), _ptr(cos), _ptr(sin), _ptr(y), B, T, H, D, cbs, torch.get_num_threads())
     return y
-
-
-def _rope_args(x: torch.Tensor, cos: torch.Tensor) -> tuple[int, int, int, int, int]:
-    B, T, H, D = x.shape
-    return B, T, H, D, (0 if cos.dim() == 2 else T * D)
 
 
 class RoPEFunction(torch.autograd.Function):
@@ -187,22 +196,14 @@ class RoPEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, T, H, D, cbs = _rope_args(x, cos)
-        y = torch.empty(B, H, T, D, dtype=x.dtype)
-        _state["lib"].rope_fwd(_ptr(x), _ptr(cos), _ptr(sin), _ptr(y), B, T, H, D, cbs, torch.get_num_threads())
         ctx.save_for_backward(cos, sin)
-        return y
+        return _rope(x, cos, sin, forward=True)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         cos, sin = ctx.saved_tensors
-        g = g.contiguous()
-        B, H, T, D = g.shape
-        dx = torch.empty(B, T, H, D, dtype=g.dtype)
-        _state["lib"].rope_bwd(_ptr(g), _ptr(cos), _ptr(sin), _ptr(dx), B, T, H, D, (0 if cos.dim() == 2 else T * D),
-                               torch.get_num_threads())
-        return dx, None, None
+        return _rope(g.contiguous(), cos, sin, forward=False), None, None
 
 
 def rope_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
