@@ -197,3 +197,29 @@ def test_rms_norm_takes_a_strided_gain_and_an_empty_batch() -> None:
     torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), ref)
     y, (dx, dw) = forward_backward(lambda x, w: kernels.rms_norm(x, w, 1e-5), [torch.randn(0, 8), w], torch.ones(0, 8))
     assert y.shape == (0, 8) and dx.shape == (0, 8) and torch.equal(dw, torch.zeros(8))
+
+
+def test_a_broken_cached_library_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path, capsys) -> None:
+    """A library file cut short (a full disk, a copied cache) is refused by the loader: plain PyTorch, one line."""
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "build", lambda cache=None: tmp_path / "libcakelm_kernels.so")
+    (tmp_path / "libcakelm_kernels.so").write_bytes(b"\x7fELF\x02\x01\x01" + b"\0" * 9)
+    assert kernels.lib() is None and "libcakelm_kernels.so" in kernels.why()
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_kernels_benchmark_times_every_op() -> None:
+    """benchmarks/kernels.py: every op at a shape, a finite plain and fused time and their ratio."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "kernels.py"
+    done = subprocess.run([sys.executable, str(script), "--shapes", "a", "--repeats", "1"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()[2:]]
+    assert [r[1] for r in rows] == ["rms_norm", "rope", "swiglu", "cross_entropy"], done.stdout
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 and r[4].endswith("x") for r in rows)
+    bad = subprocess.run([sys.executable, str(script), "--repeats", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1

@@ -170,7 +170,7 @@ def test_block_ablation_benchmark_times_every_variant_and_refuses_bad_ones() -> 
     import sys
     from pathlib import Path
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "block_ablation.py"
-    variants = ["ours", "layernorm", "no-rope", "gelu-mlp", "ffn336"]
+    variants = ["ours", "plain", "layernorm", "no-rope", "gelu-mlp", "ffn336"]
     done = subprocess.run([sys.executable, str(script), "--variants", *variants, "--rounds", "1", "--steps", "1"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
