@@ -288,4 +288,8 @@ def cross_entropy(x: torch.Tensor, t: torch.Tensor, ignore_index: int) -> torch.
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m cakelm.kernels", description="Build (or find) the fused CPU kernels "
+                            "and say whether the model uses them (CAKELM_KERNELS=0 turns them off).").parse_args()
     print(f"fused CPU kernels: {'on, ' + str(build()) if lib() is not None else 'off (' + why() + ')'}")
