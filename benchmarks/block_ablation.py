@@ -2,7 +2,7 @@
 
     python benchmarks/block_ablation.py --nanogpt /tmp/nanoGPT                 # nanoGPT's small shape (a)
     python benchmarks/block_ablation.py --nanogpt /tmp/nanoGPT --shape b --rounds 4
-    python benchmarks/block_ablation.py --variants ours layernorm ffn336      # our GPT-2 reference instead
+    python benchmarks/block_ablation.py --variants ours layernorm ffn384      # our GPT-2 reference instead
 
 Our Transformer differs from nanoGPT's GPT-2 blocks in a few pieces; this times a full fp32 training step
 (forward, backward, clip, AdamW) of our model as it is, and of copies of it with one piece replaced, next to the
@@ -14,8 +14,9 @@ anything). Variants:
   layernorm   torch's fused LayerNorm (no bias) in place of our RMSNorm: what RMSNorm's separate passes cost
   no-rope     RoPE skipped (`model.rotate` only transposes): what rotating q and k costs
   gelu-mlp    GPT-2's MLP (4 x width, GELU) in place of SwiGLU: what the SwiGLU product costs at its width
-  ffnN        SwiGLU of hidden width N (e.g. ffn336): what our rounding of 8/3 x width costs (at width 128 the
-              default rounds 341 up to 384, 8% more block FLOPs than GPT-2's MLP)
+  ffnN        SwiGLU of hidden width N (e.g. ffn384): what another rounding of 8/3 x width would cost (at width
+              128 the default is 320, 8/3 x 128 = 341 rounded down to a multiple of 32; Llama's rule, up to a
+              multiple of 64, gives 384: 8% more block FLOPs than GPT-2's MLP)
 A variant is not a model we train (layernorm and no-rope change what the model computes); it says where time goes.
 Each row: median ms per step and the reference's time over it (> 1: faster than the reference).
 """
@@ -85,7 +86,7 @@ def build_variant(name: str, s: dict) -> Transformer:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="a", choices=list(SHAPES))
-    ap.add_argument("--variants", nargs="+", default=[*VARIANTS, "ffn336"],
+    ap.add_argument("--variants", nargs="+", default=[*VARIANTS, "ffn384"],
                     help=f"{', '.join(VARIANTS)} or ffnN (SwiGLU hidden width N)")
     ap.add_argument("--rounds", type=int, default=6, help="alternating rounds over the variants and the reference")
     ap.add_argument("--steps", type=int, default=0, help="timed steps per round (default: 20 for a, 3 for b, 5 cpu)")

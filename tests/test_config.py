@@ -11,7 +11,7 @@ from cakelm.stages.pretrain import PRESETS, PretrainConfig
 def test_defaults_are_the_cpu_preset() -> None:
     cfg = parse_config(PretrainConfig, [], PRESETS)
     assert cfg.loop.max_steps == 300 and cfg.optim.lr == 1e-2 and cfg.optim.name == "muon"
-    assert cfg.model.dim == 128 and cfg.model.n_kv_heads == 4 and cfg.model.ffn_dim == 384  # derived at build
+    assert cfg.model.dim == 128 and cfg.model.n_kv_heads == 4 and cfg.model.ffn_dim == 320  # derived at build
 
 
 def test_precedence(tmp_path) -> None:

@@ -232,8 +232,9 @@ def test_grpo_step_with_adapters_is_its_loss_with_the_kl_to_the_adapters_off(cha
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me of {w}.", "answer": str(i % 7)}
                                                        for i, w in enumerate(("kings", "queens", "swords") * 4)])
     cfg = {"init": str(chat_base), "data": [prompts], "rewards": ["my_rewards:e_share"], "kl_coef": 0.3,
-           **GROUPS, **QUIET, **LORA}
+           **GROUPS, **QUIET, **LORA, "max_new_tokens": 16}  # 8 tokens drew no "e" at all in one model's step 1
     after1, out = two_steps(grpo.main, grpo.GRPOConfig, cfg, tmp_path)
+    assert rows_of(out)[0]["zero_signal"] < 1  # the premise: step 1 had a reward signal, so it moved the adapters
     o = build_config(grpo.GRPOConfig, ("test", cfg))
     d = rollouts_of(out)
     # step 2: a new phase, sampled by step 1's policy, whose KL to --init the loss holds
