@@ -58,9 +58,10 @@ void rms_norm_bwd(const float *g, const float *x, const float *w, const float *r
 }
 
 /* ---- RoPE (model.apply_rope): y[j] = x[j] cos[j] + x[j'] sin[j], j' = (j + D/2) mod D, with the signed sin
- * table of model.rope_cache. x: (B, T, H, D), straight from the q or k projection; y: (B, H, T, D), the layout
- * attention reads, so the transpose costs no pass of its own. cos, sin: (T, D) rows, at cos + b*cbs + t*D
- * (cbs = 0: one table for the batch; T*D: a table per row, packed sequences). */
+ * table of model.rope_cache. x, y: (B, T, H, D), the projection's layout; attention reads y through a transposed
+ * view, as nanoGPT's q and k, so the flash kernel's output and gradients come back in that layout too and the
+ * transposes around attention copy nothing. cos, sin: (T, D) rows, at cos + b*cbs + t*D (cbs = 0: one table for
+ * the batch; T*D: a table per row, packed sequences). */
 void rope_fwd(const float *x, const float *cos, const float *sin, float *y, int64_t B, int64_t T, int64_t H,
               int64_t D, int64_t cbs, int nt) {
     int64_t h2 = D / 2;
@@ -70,7 +71,7 @@ void rope_fwd(const float *x, const float *cos, const float *sin, float *y, int6
             const float *c = cos + b * cbs + t * D, *s = sin + b * cbs + t * D;
             for (int64_t h = 0; h < H; h++) {
                 const float *xi = x + ((b * T + t) * H + h) * D;
-                float *yi = y + ((b * H + h) * T + t) * D;
+                float *yi = y + ((b * T + t) * H + h) * D;
                 #pragma omp simd
                 for (int64_t j = 0; j < h2; j++) yi[j] = xi[j] * c[j] + xi[j + h2] * s[j];
                 #pragma omp simd
@@ -79,7 +80,7 @@ void rope_fwd(const float *x, const float *cos, const float *sin, float *y, int6
         }
 }
 
-/* The adjoint: dx[j] = dy[j] cos[j] + dy[j'] sin[j']. dy: (B, H, T, D); dx: (B, T, H, D). */
+/* The adjoint: dx[j] = dy[j] cos[j] + dy[j'] sin[j']. dy, dx: (B, T, H, D). */
 void rope_bwd(const float *dy, const float *cos, const float *sin, float *dx, int64_t B, int64_t T, int64_t H,
               int64_t D, int64_t cbs, int nt) {
     int64_t h2 = D / 2;
@@ -88,7 +89,7 @@ void rope_bwd(const float *dy, const float *cos, const float *sin, float *dx, in
         for (int64_t t = 0; t < T; t++) {
             const float *c = cos + b * cbs + t * D, *s = sin + b * cbs + t * D;
             for (int64_t h = 0; h < H; h++) {
-                const float *gi = dy + ((b * H + h) * T + t) * D;
+                const float *gi = dy + ((b * T + t) * H + h) * D;
                 float *dxi = dx + ((b * T + t) * H + h) * D;
                 #pragma omp simd
                 for (int64_t j = 0; j < h2; j++) dxi[j] = gi[j] * c[j] + gi[j + h2] * s[j + h2];

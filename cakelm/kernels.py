@@ -181,10 +181,10 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, forward: bool) -> torch.Tensor:
-    """kernels.c's rope_fwd, (B, T, H, D) -> rotated (B, H, T, D), or its adjoint rope_bwd, (B, H, T, D) ->
-    (B, T, H, D)."""
-    B, T, H, D = x.shape if forward else x.transpose(1, 2).shape
-    y = torch.empty((B, H, T, D) if forward else (B, T, H, D), dtype=x.dtype)
+    """kernels.c's rope_fwd (the rotation) or rope_bwd (its adjoint) of x, (B, T, H, D) contiguous, in the same
+    layout."""
+    B, T, H, D = x.shape
+    y = torch.empty_like(x)
     cbs = 0 if cos.dim() == 2 else T * D  # one table, or one per sequence
     kernel = _state["lib"].rope_fwd if forward else _state["lib"].rope_bwd
     kernel(_ptr(x), _ptr(cos), _ptr(sin), _ptr(y), B, T, H, D, cbs, torch.get_num_threads())
@@ -192,18 +192,21 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, forward: bool) 
 
 
 class RoPEFunction(torch.autograd.Function):
-    """model.apply_rope on x (B, T, H, D), returning (B, H, T, D): the rotation and the transpose in one pass."""
+    """model.apply_rope on x (B, T, H, D), returning (B, H, T, D): a transposed view of the rotated (B, T, H, D),
+    the layout nanoGPT hands attention. SDPA's flash kernel then writes its output, and its backward the
+    gradient, in (B, T, H, D) memory as well: the transpose after attention and the one before this backward
+    cost no copy (each was a full pass over q's size when this returned (B, H, T, D) memory)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
-        return _rope(x, cos, sin, forward=True)
+        return _rope(x, cos, sin, forward=True).transpose(1, 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        cos, sin = ctx.saved_tensors
-        return _rope(g.contiguous(), cos, sin, forward=False), None, None
+        cos, sin = ctx.saved_tensors  # g: (B, H, T, D), usually a view of (B, T, H, D) memory (then no copy)
+        return _rope(g.transpose(1, 2).contiguous(), cos, sin, forward=False), None, None
 
 
 def rope_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:

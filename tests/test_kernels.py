@@ -81,11 +81,13 @@ def test_rope_is_apply_rope_bit_for_bit(B: int, T: int, H: int, D: int, packed: 
     else:
         cos, sin = cos[:T], sin[:T]
     assert kernels.rope_applies(torch.empty(B, T, H, D), cos, sin)
-    x, g = torch.randn(B, T, H, D), torch.randn(B, H, T, D)
-    y_fused, (dx_fused,) = forward_backward(lambda x: rotate(x, cos, sin), [x], g)
-    y_plain, (dx_plain,) = forward_backward(lambda x: apply_rope(x.transpose(1, 2), cos, sin), [x], g)
-    assert y_fused.shape == (B, H, T, D) and y_fused.is_contiguous()
-    assert torch.equal(y_fused, y_plain) and torch.equal(dx_fused, dx_plain)
+    x = torch.randn(B, T, H, D)
+    # the gradient as attention's backward gives it, a view of (B, T, H, D) memory, and as a (B, H, T, D) tensor
+    for g in (torch.randn(B, T, H, D).transpose(1, 2), torch.randn(B, H, T, D)):
+        y_fused, (dx_fused,) = forward_backward(lambda x: rotate(x, cos, sin), [x], g)
+        y_plain, (dx_plain,) = forward_backward(lambda x: apply_rope(x.transpose(1, 2), cos, sin), [x], g)
+        assert y_fused.shape == (B, H, T, D) and y_fused.transpose(1, 2).is_contiguous()  # nanoGPT's q layout
+        assert torch.equal(y_fused, y_plain) and torch.equal(dx_fused, dx_plain)
 
 
 def test_rope_takes_the_plain_path_for_layouts_it_does_not_fuse() -> None:
