@@ -37,7 +37,8 @@ def cases(s: dict) -> dict[str, Callable[[], None]]:
     x, gx = torch.randn(B, T, C, requires_grad=True), torch.randn(B, T, C)
     norm = RMSNorm(C, 1e-5)
     cos, sin = rope_cache(cfg, T)
-    q, gq = torch.randn(B, T, H, C // H, requires_grad=True), torch.randn(B, H, T, C // H)
+    # q as the projection makes it; its gradient (B, H, T, D) in (B, T, H, D) memory, as flash attention returns it
+    q, gq = torch.randn(B, T, H, C // H, requires_grad=True), torch.randn(B, T, H, C // H).transpose(1, 2)
     a, u = torch.randn(B, T, cfg.ffn_dim, requires_grad=True), torch.randn(B, T, cfg.ffn_dim, requires_grad=True)
     gh = torch.randn(B, T, cfg.ffn_dim)
     logits, targets = torch.randn(B, T, s["vocab"], requires_grad=True), torch.randint(0, s["vocab"], (B, T))
