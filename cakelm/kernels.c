@@ -58,45 +58,41 @@ void rms_norm_bwd(const float *g, const float *x, const float *w, const float *r
 }
 
 /* ---- RoPE (model.apply_rope): y[j] = x[j] cos[j] + x[j'] sin[j], j' = (j + D/2) mod D, with the signed sin
- * table of model.rope_cache. x, y: (B, T, H, D), the projection's layout; attention reads y through a transposed
- * view, as nanoGPT's q and k, so the flash kernel's output and gradients come back in that layout too and the
- * transposes around attention copy nothing. cos, sin: (T, D) rows, at cos + b*cbs + t*D (cbs = 0: one table for
- * the batch; T*D: a table per row, packed sequences). */
-void rope_fwd(const float *x, const float *cos, const float *sin, float *y, int64_t B, int64_t T, int64_t H,
-              int64_t D, int64_t cbs, int nt) {
-    int64_t h2 = D / 2;
-    #pragma omp parallel for collapse(2) schedule(static) num_threads(nt) if (B * T * H * D >= SERIAL_BELOW)
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t t = 0; t < T; t++) {
-            const float *c = cos + b * cbs + t * D, *s = sin + b * cbs + t * D;
-            for (int64_t h = 0; h < H; h++) {
-                const float *xi = x + ((b * T + t) * H + h) * D;
-                float *yi = y + ((b * T + t) * H + h) * D;
-                #pragma omp simd
-                for (int64_t j = 0; j < h2; j++) yi[j] = xi[j] * c[j] + xi[j + h2] * s[j];
-                #pragma omp simd
-                for (int64_t j = h2; j < D; j++) yi[j] = xi[j] * c[j] + xi[j - h2] * s[j];
-            }
-        }
+ * table of model.rope_cache; `adjoint` != 0 gives the backward, dx[j] = dy[j] cos[j] + dy[j'] sin[j'] (the
+ * rotation by minus the angle: the partner's sin, whose sign is the other). x, y: (B, T, H, D), the projection's
+ * layout; attention reads y through a transposed view, as nanoGPT's q and k, so the flash kernel's output and
+ * gradients come back in that layout too and the transposes around attention copy nothing. cos, sin: (T, D)
+ * rows, at cos + b*cbs + t*D (cbs = 0: one table for the batch; T*D: a table per row, packed sequences).
+ * rope_heads does one position's H heads. */
+static inline void rope_heads(const float *x, const float *c, const float *s, float *y, int64_t H, int64_t D,
+                              const int adjoint) {
+    const int64_t h2 = D / 2, o = adjoint ? h2 : 0;  /* where sin is read, relative to j, in the first half */
+    for (int64_t h = 0; h < H; h++, x += D, y += D) {
+        #pragma omp simd
+        for (int64_t j = 0; j < h2; j++) y[j] = x[j] * c[j] + x[j + h2] * s[j + o];
+        #pragma omp simd
+        for (int64_t j = h2; j < D; j++) y[j] = x[j] * c[j] + x[j - h2] * s[j - o];
+    }
 }
 
-/* The adjoint: dx[j] = dy[j] cos[j] + dy[j'] sin[j']. dy, dx: (B, T, H, D). */
-void rope_bwd(const float *dy, const float *cos, const float *sin, float *dx, int64_t B, int64_t T, int64_t H,
+/* The rotation, and its adjoint for the backward; each passes `adjoint` as a constant, so each compiles its own
+ * loops (a runtime flag measured 20-40% slower). */
+void rope_fwd(const float *x, const float *cos, const float *sin, float *y, int64_t B, int64_t T, int64_t H,
               int64_t D, int64_t cbs, int nt) {
-    int64_t h2 = D / 2;
     #pragma omp parallel for collapse(2) schedule(static) num_threads(nt) if (B * T * H * D >= SERIAL_BELOW)
     for (int64_t b = 0; b < B; b++)
-        for (int64_t t = 0; t < T; t++) {
-            const float *c = cos + b * cbs + t * D, *s = sin + b * cbs + t * D;
-            for (int64_t h = 0; h < H; h++) {
-                const float *gi = dy + ((b * T + t) * H + h) * D;
-                float *dxi = dx + ((b * T + t) * H + h) * D;
-                #pragma omp simd
-                for (int64_t j = 0; j < h2; j++) dxi[j] = gi[j] * c[j] + gi[j + h2] * s[j + h2];
-                #pragma omp simd
-                for (int64_t j = h2; j < D; j++) dxi[j] = gi[j] * c[j] + gi[j - h2] * s[j - h2];
-            }
-        }
+        for (int64_t t = 0; t < T; t++)
+            rope_heads(x + (b * T + t) * H * D, cos + b * cbs + t * D, sin + b * cbs + t * D,
+                       y + (b * T + t) * H * D, H, D, 0);
+}
+
+void rope_bwd(const float *dy, const float *cos, const float *sin, float *dx, int64_t B, int64_t T, int64_t H,
+              int64_t D, int64_t cbs, int nt) {
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(nt) if (B * T * H * D >= SERIAL_BELOW)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++)
+            rope_heads(dy + (b * T + t) * H * D, cos + b * cbs + t * D, sin + b * cbs + t * D,
+                       dx + (b * T + t) * H * D, H, D, 1);
 }
 
 /* ---- SwiGLU's product: h = silu(a) * u, silu(a) = a * sigmoid(a). a, u, h: (n). */

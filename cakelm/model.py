@@ -161,7 +161,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """apply_rope on a projection's heads x (B, T, H, D), returned as (B, H, T, D) for attention: on a CPU in
-    float32 one fused pass that also transposes (cakelm/kernels.c, bit for bit apply_rope), else apply_rope."""
+    float32 one fused pass (cakelm/kernels.c, bit for bit apply_rope) whose result is a transposed view of
+    (B, T, H, D) memory, else apply_rope."""
     if kernels.rope_applies(x, cos, sin):
         return kernels.rope(x, cos, sin)
     return apply_rope(x.transpose(1, 2), cos, sin)
