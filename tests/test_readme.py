@@ -1,6 +1,7 @@
 """The README cannot drift from the program: every command line it shows is checked against the real parsers.
 
-From README.md's fenced code blocks (bash blocks: every line; transcripts: the lines after a `$ ` prompt), each
+The same goes for docs/results.md (the measured runs the README summarises), read after the README: its commands
+may read what the README's wrote. From README.md's fenced code blocks (bash blocks: every line; transcripts: the lines after a `$ ` prompt), each
 `cakelm ...`, `python -m cakelm ...`, `torchrun ... -m cakelm ...` and `python benchmarks/NAME.py ...` line:
 - a cakelm command is parsed by `cakelm`'s own argparse parser and its config is built (`__main__.config_of`, the
   code `cakelm` runs before a stage starts): unknown options, bad choices, wrong types and failed option checks
@@ -34,23 +35,25 @@ from cakelm.config import add_arguments, flatten, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = ["README.md", "docs/results.md"]  # checked in this order: a later file may read what an earlier one wrote
 SHELL_BLOCKS = ("bash", "sh", "shell", "console")
 OUTPUT_FIELDS = ("out", "out_dir", "json")  # a command's outputs; every other path it names is an input
 
 
 @dataclass
 class Command:
-    line: int  # in README.md
+    line: int  # in `file`
     text: str  # as shown
     program: str  # "cakelm", or the benchmark script's path
     argv: list[str]  # after the program
     fenced: bool  # in a code block (a whole command) or an inline span (maybe a fragment)
+    file: str = "README.md"
 
     def __str__(self) -> str:
-        return f"README.md:{self.line}: {self.text}"
+        return f"{self.file}:{self.line}: {self.text}"
 
 
-def _commands(text: str, line: int, fenced: bool) -> list[Command]:
+def _commands(text: str, line: int, fenced: bool, file: str) -> list[Command]:
     """The cakelm and benchmark commands in one shell line (several with `&&`)."""
     try:
         words = shlex.split(text, comments=True)
@@ -64,19 +67,19 @@ def _commands(text: str, line: int, fenced: bool) -> list[Command]:
         while segment and re.fullmatch(r"[A-Z_]+=\S*", segment[0]):  # VAR=value before the program
             segment.pop(0)
         if segment[:1] == ["cakelm"]:
-            out.append(Command(line, text, "cakelm", segment[1:], fenced))
+            out.append(Command(line, text, "cakelm", segment[1:], fenced, file))
         elif segment[:1] == ["torchrun"] or segment[:3] in (["python", "-m", "cakelm"], ["python3", "-m", "cakelm"]):
             at = next((i for i in range(len(segment) - 1) if segment[i:i + 2] == ["-m", "cakelm"]), None)
             if at is not None:
-                out.append(Command(line, text, "cakelm", segment[at + 2:], fenced))
+                out.append(Command(line, text, "cakelm", segment[at + 2:], fenced, file))
         elif segment[:1] in (["python"], ["python3"]) and segment[1:2] and segment[1].startswith("benchmarks/"):
-            out.append(Command(line, text, segment[1], segment[2:], fenced))
+            out.append(Command(line, text, segment[1], segment[2:], fenced, file))
         segment = []
     return out
 
 
-def readme_commands(readme: str) -> list[Command]:
-    """Every command line of the README, in order (see the module docstring)."""
+def readme_commands(readme: str, file: str = "README.md") -> list[Command]:
+    """Every command line of a markdown file (the README's text, named `file`), in order (module docstring)."""
     found: list[Command] = []
     lines = readme.splitlines()
     block: str | None = None  # the info string of the fenced block we are in
@@ -89,7 +92,7 @@ def readme_commands(readme: str) -> list[Command]:
             continue
         if block is None:  # prose: inline code spans
             for span in re.findall(r"`([^`]+)`", raw):
-                found += _commands(span, number, fenced=False)
+                found += _commands(span, number, fenced=False, file=file)
             continue
         text = raw.strip()
         prompt = text.startswith("$ ")
@@ -99,11 +102,11 @@ def readme_commands(readme: str) -> list[Command]:
         while text.endswith("\\") and i < len(lines):  # continued on the next line
             text = text[:-1] + " " + lines[i].strip()
             i += 1
-        found += _commands(text, number, fenced=True)
+        found += _commands(text, number, fenced=True, file=file)
     return found
 
 
-COMMAND_LINES = readme_commands(README.read_text(encoding="utf-8"))
+COMMAND_LINES = [c for f in DOCS for c in readme_commands((ROOT / f).read_text(encoding="utf-8"), f)]
 FENCED = [c for c in COMMAND_LINES if c.fenced]
 INLINE = [c for c in COMMAND_LINES if not c.fenced]
 
@@ -112,6 +115,7 @@ def test_the_readme_shows_commands() -> None:
     # the extraction itself works: the set-up line, a torchrun line, a continued line and a transcript's prompt line
     texts = [c.text for c in FENCED]
     assert sum(c.program == "cakelm" for c in FENCED) >= 50
+    assert sum(c.file == "docs/results.md" for c in COMMAND_LINES) >= 10  # the measured runs are read too
     assert any(t.startswith("pip install") and "cakelm pipeline" in t for t in texts)
     assert any(t.startswith("torchrun") for t in texts) and any(c.argv[:1] == ["chat"] for c in FENCED)
     assert any(c.argv[:1] == ["sft"] and "--init" in c.argv and "--max-steps" in c.argv for c in FENCED)
@@ -184,7 +188,7 @@ def check_fenced(commands: list[Command], capsys, monkeypatch) -> list[str]:
             continue
         missing = [p for p in reads if not any(_inside(p, w) for w in written)]
         if missing:
-            problems.append(f"{c}\n  reads {', '.join(missing)}, which no earlier command in the README writes")
+            problems.append(f"{c}\n  reads {', '.join(missing)}, which no earlier command writes (README.md, then docs/results.md)")
         written += writes
     return problems
 
