@@ -1,7 +1,8 @@
 """The README cannot drift from the program: every command line it shows is checked against the real parsers.
 
 The same goes for docs/results.md (the measured runs the README summarises), read after the README: its commands
-may read what the README's wrote. From README.md's fenced code blocks (bash blocks: every line; transcripts: the lines after a `$ ` prompt), each
+may read what the README's wrote. From README.md's fenced code blocks (bash blocks: every line; transcripts: the
+lines after a `$ ` prompt), each
 `cakelm ...`, `python -m cakelm ...`, `torchrun ... -m cakelm ...` and `python benchmarks/NAME.py ...` line:
 - a cakelm command is parsed by `cakelm`'s own argparse parser and its config is built (`__main__.config_of`, the
   code `cakelm` runs before a stage starts): unknown options, bad choices, wrong types and failed option checks
@@ -188,7 +189,8 @@ def check_fenced(commands: list[Command], capsys, monkeypatch) -> list[str]:
             continue
         missing = [p for p in reads if not any(_inside(p, w) for w in written)]
         if missing:
-            problems.append(f"{c}\n  reads {', '.join(missing)}, which no earlier command writes (README.md, then docs/results.md)")
+            problems.append(f"{c}\n  reads {', '.join(missing)}, which no earlier command writes "
+                            "(README.md, then docs/results.md)")
         written += writes
     return problems
 
