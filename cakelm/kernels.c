@@ -95,19 +95,33 @@ void rope_bwd(const float *dy, const float *cos, const float *sin, float *dx, in
                        dx + (b * T + t) * H * D, H, D, 1);
 }
 
-/* ---- SwiGLU's product: h = silu(a) * u, silu(a) = a * sigmoid(a). a, u, h: (n). */
-void swiglu_fwd(const float *a, const float *u, float *h, int64_t n, int nt) {
-    #pragma omp parallel for simd schedule(static) num_threads(nt) if (n >= SERIAL_BELOW)
-    for (int64_t i = 0; i < n; i++) h[i] = a[i] / (1.f + expf(-a[i])) * u[i];
+/* ---- SwiGLU's product: h = silu(a) * u, silu(a) = a * sigmoid(a), over `rows` rows of f values. a and u are read
+ * at row stride ld: f for two separate (rows, f) arrays, 2f for the halves of one packed (rows, 2f) product
+ * [a | u], as model.MLP makes it when training (one matrix product for gate and up). h: (rows, f). */
+void swiglu_fwd(const float *a, const float *u, int64_t ld, float *h, int64_t rows, int64_t f, int nt) {
+    #pragma omp parallel for schedule(static) num_threads(nt) if (rows * f >= SERIAL_BELOW)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *ar = a + r * ld, *ur = u + r * ld;
+        float *hr = h + r * f;
+        #pragma omp simd
+        for (int64_t i = 0; i < f; i++) hr[i] = ar[i] / (1.f + expf(-ar[i])) * ur[i];
+    }
 }
 
-/* da = g * u * sigmoid(a) * (1 + a * (1 - sigmoid(a))), du = g * silu(a). g, a, u, da, du: (n). */
-void swiglu_bwd(const float *g, const float *a, const float *u, float *da, float *du, int64_t n, int nt) {
-    #pragma omp parallel for simd schedule(static) num_threads(nt) if (n >= SERIAL_BELOW)
-    for (int64_t i = 0; i < n; i++) {
-        float sg = 1.f / (1.f + expf(-a[i]));
-        du[i] = g[i] * a[i] * sg;
-        da[i] = g[i] * u[i] * sg * (1.f + a[i] * (1.f - sg));
+/* da = g * u * sigmoid(a) * (1 + a * (1 - sigmoid(a))), du = g * silu(a); g: (rows, f); da and du are written at
+ * row stride ld as a and u are read (packed: the product's gradient in one (rows, 2f) array). */
+void swiglu_bwd(const float *g, const float *a, const float *u, float *da, float *du, int64_t ld, int64_t rows,
+                int64_t f, int nt) {
+    #pragma omp parallel for schedule(static) num_threads(nt) if (rows * f >= SERIAL_BELOW)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gr = g + r * f, *ar = a + r * ld, *ur = u + r * ld;
+        float *dar = da + r * ld, *dur = du + r * ld;
+        #pragma omp simd
+        for (int64_t i = 0; i < f; i++) {
+            float sg = 1.f / (1.f + expf(-ar[i]));
+            dur[i] = gr[i] * ar[i] * sg;
+            dar[i] = gr[i] * ur[i] * sg * (1.f + ar[i] * (1.f - sg));
+        }
     }
 }
 

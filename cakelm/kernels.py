@@ -42,8 +42,8 @@ _SIGNATURES = {
     "rms_norm_bwd": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _N],
     "rope_fwd": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _N],
     "rope_bwd": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _N],
-    "swiglu_fwd": [_P, _P, _P, _I, _N],
-    "swiglu_bwd": [_P, _P, _P, _P, _P, _I, _N],
+    "swiglu_fwd": [_P, _P, _I, _P, _I, _I, _N],
+    "swiglu_bwd": [_P, _P, _P, _P, _P, _I, _I, _I, _N],
     "cross_entropy_fwd": [_P, _P, _P, _P, _I, _I, _I, _N],
     "cross_entropy_bwd": [_P, _P, _P, _P, _P, _I, _I, _I, _N],
 }
@@ -230,8 +230,9 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         a, u = a.contiguous(), u.contiguous()
+        f = a.size(-1)
         h = torch.empty_like(a)
-        _state["lib"].swiglu_fwd(_ptr(a), _ptr(u), _ptr(h), a.numel(), torch.get_num_threads())
+        _state["lib"].swiglu_fwd(_ptr(a), _ptr(u), f, _ptr(h), a.numel() // f, f, torch.get_num_threads())
         ctx.save_for_backward(a, u)
         return h
 
@@ -239,15 +240,47 @@ class SwiGLUFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a, u = ctx.saved_tensors
-        g = g.contiguous()
+        g, f = g.contiguous(), a.size(-1)
         da, du = torch.empty_like(a), torch.empty_like(u)
-        _state["lib"].swiglu_bwd(_ptr(g), _ptr(a), _ptr(u), _ptr(da), _ptr(du), a.numel(), torch.get_num_threads())
+        _state["lib"].swiglu_bwd(_ptr(g), _ptr(a), _ptr(u), _ptr(da), _ptr(du), f, a.numel() // f, f,
+                                 torch.get_num_threads())
         return da, du
+
+
+class PackedSwiGLUFunction(torch.autograd.Function):
+    """silu(a) * u for y = [a | u] on its last dimension, the packed product of gate and up: read in place, and
+    the gradient written packed, so neither half is ever copied out (autograd's split would copy both halves
+    forward and concatenate their gradients backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor) -> torch.Tensor:
+        y = y.contiguous()
+        f = y.size(-1) // 2
+        h = y.new_empty(*y.shape[:-1], f)
+        _state["lib"].swiglu_fwd(_ptr(y), _ptr(y) + 4 * f, 2 * f, _ptr(h), h.numel() // f, f,
+                                 torch.get_num_threads())
+        ctx.save_for_backward(y)
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        g, f = g.contiguous(), y.size(-1) // 2
+        dy = torch.empty_like(y)
+        _state["lib"].swiglu_bwd(_ptr(g), _ptr(y), _ptr(y) + 4 * f, _ptr(dy), _ptr(dy) + 4 * f, 2 * f,
+                                 g.numel() // f, f, torch.get_num_threads())
+        return dy
 
 
 def swiglu(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """silu(a) * u for a, u of one shape (call when applies(a, u))."""
     return SwiGLUFunction.apply(a, u)
+
+
+def swiglu_packed(y: torch.Tensor) -> torch.Tensor:
+    """silu(a) * u for y (..., 2f) = [a | u] (call when applies(y)): (..., f)."""
+    return PackedSwiGLUFunction.apply(y)
 
 
 class CrossEntropyFunction(torch.autograd.Function):

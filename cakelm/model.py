@@ -444,6 +444,12 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) and type(self.gate) is nn.Linear
+                and type(self.up) is nn.Linear and kernels.applies(x, self.gate.weight, self.up.weight)):
+            # Training on a CPU in float32: gate and up as one product, (B, T, 2 * ffn_dim) = [a | u], which the
+            # fused SwiGLU reads in place: one product of 2 x ffn_dim columns runs faster than two of ffn_dim
+            # (README, Benchmarks). Not when decoding: concatenating the weights would cost more than it saves.
+            return self.down(kernels.swiglu_packed(F.linear(x, torch.cat([self.gate.weight, self.up.weight]))))
         a, u = self.gate(x), self.up(x)  # (B, T, ffn_dim) each
         h = kernels.swiglu(a, u) if a.shape == u.shape and kernels.applies(a, u) else F.silu(a) * u
         return self.down(h)

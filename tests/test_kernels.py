@@ -112,6 +112,42 @@ def test_swiglu_equals_silu_times_up(shape: tuple[int, ...]) -> None:
         torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(5, 14), (4, 64, 768)])
+def test_packed_swiglu_equals_silu_times_up_of_the_halves(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(3)
+    y, g = torch.randn(shape) * 4, torch.randn(*shape[:-1], shape[-1] // 2)
+    y.view(-1)[:3] = torch.tensor([-100.0, 100.0, 0.0])  # exp overflows one way and underflows the other
+    h_fused, (dy_fused,) = forward_backward(kernels.swiglu_packed, [y], g)
+    h_plain, (dy_plain,) = forward_backward(lambda y: F.silu(y.chunk(2, -1)[0]) * y.chunk(2, -1)[1], [y], g)
+    torch.testing.assert_close(h_fused, h_plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dy_fused, dy_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_mlp_packs_gate_and_up_only_when_training_plain_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One product for gate and up in float32 training; the two products otherwise (decoding, evaluation, bf16
+    autocast, LoRA-wrapped layers), with the same output either way."""
+    from cakelm.lora import LoraConfig, add_lora
+
+    torch.manual_seed(6)
+    model = Transformer(ModelConfig(vocab_size=31, dim=32, ffn_dim=64, n_layers=1, n_heads=2, max_seq_len=8))
+    mlp, x = model.layers[0].mlp, torch.randn(2, 5, 32)
+    calls = []
+    packed = kernels.swiglu_packed
+    monkeypatch.setattr(kernels, "swiglu_packed", lambda y: calls.append(tuple(y.shape)) or packed(y))
+    y_train = mlp(x)
+    assert calls == [(2, 5, 128)]
+    with torch.no_grad():
+        y_eval = mlp(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(y_train.detach(), y_eval, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", torch.bfloat16):  # a bf16 product: the kernels take float32 only
+        mlp(x)
+    assert len(calls) == 1
+    add_lora(model, LoraConfig(rank=2, targets=["gate_proj", "up_proj"]))
+    model.layers[0].mlp(x).sum().backward()
+    assert len(calls) == 1  # the adapters' own products: the plain path
+
+
 def test_non_finite_values_come_out_non_finite() -> None:
     """A NaN must reach the loss (the loop refuses to save a non-finite one), not be hidden by a kernel."""
     x = torch.randn(2, 4, 16)
