@@ -4,7 +4,9 @@ functions.
 Eager PyTorch runs a Llama block's elementwise work as many small passes over memory (RMSNorm's backward alone is
 8), each reading and writing whole activations; GPT-2's LayerNorm and GELU have fused CPU kernels, so on a CPU our
 blocks lost time to nanoGPT's there (README, Benchmarks); its cross-entropy copies the logits twice more.
-kernels.c does each of them in one pass forward and one backward. It is compiled on first use with the system's
+kernels.c does each of them in one pass forward and one backward; the SwiGLU product also reads gate's and up's
+halves in place from one packed product (model.MLP in training: one matrix product of 2 x ffn_dim columns runs
+faster than two). It is compiled on first use with the system's
 C compiler (`cc`, or `$CC`: gcc -O3 -march=native -fopenmp, about a second) into `$CAKELM_HOME/kernels/<hash>/`
 and loaded with ctypes: no build step at install, no PyTorch headers. Without a compiler, off x86-64/aarch64
 Linux, or with `CAKELM_KERNELS=0`, `lib()` is None and the model and losses use their plain PyTorch code
