@@ -44,7 +44,8 @@ def cases(s: dict) -> dict[str, Callable[[], None]]:
     logits, targets = torch.randn(B, T, s["vocab"], requires_grad=True), torch.randint(0, s["vocab"], (B, T))
 
     def swiglu() -> None:
-        h = kernels.swiglu(a, u) if kernels.applies(a, u) else F.silu(a) * u  # as model.MLP chooses
+        # the two halves' path (model.MLP outside float32 training, which packs gate and up: kernels.swiglu_packed)
+        h = kernels.swiglu(a, u) if kernels.applies(a, u) else F.silu(a) * u
         h.backward(gh)
     return {
         "rms_norm": lambda: norm(x).backward(gx),

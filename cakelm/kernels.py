@@ -225,6 +225,23 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return RoPEFunction.apply(x, cos, sin)
 
 
+def _silu_mul(a: int, u: int, ld: int, h: torch.Tensor) -> None:
+    """kernels.c's swiglu_fwd into h (..., f): silu(a) * u, a and u at these addresses with row stride ld."""
+    f = h.size(-1)
+    _state["lib"].swiglu_fwd(a, u, ld, _ptr(h), h.numel() // f if f else 0, f, torch.get_num_threads())
+
+
+def _silu_mul_grad(g: torch.Tensor, a: int, u: int, da: int, du: int, ld: int) -> None:
+    """kernels.c's swiglu_bwd for g (..., f) contiguous: da and du written at row stride ld, as a and u are read."""
+    f = g.size(-1)
+    _state["lib"].swiglu_bwd(_ptr(g), a, u, da, du, ld, g.numel() // f if f else 0, f, torch.get_num_threads())
+
+
+def _second_half(y: torch.Tensor) -> int:
+    """The address of y[..., f:] for y (..., 2f) contiguous: the first row of its second half."""
+    return _ptr(y) + y.element_size() * (y.size(-1) // 2)
+
+
 class SwiGLUFunction(torch.autograd.Function):
     """silu(a) * u (Shazeer 2020, "GLU Variants Improve Transformer"), one pass each way; saves a and u only
     (eager PyTorch also keeps silu(a))."""
@@ -232,9 +249,8 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         a, u = a.contiguous(), u.contiguous()
-        f = a.size(-1)
         h = torch.empty_like(a)
-        _state["lib"].swiglu_fwd(_ptr(a), _ptr(u), f, _ptr(h), a.numel() // f, f, torch.get_num_threads())
+        _silu_mul(_ptr(a), _ptr(u), a.size(-1), h)
         ctx.save_for_backward(a, u)
         return h
 
@@ -242,10 +258,8 @@ class SwiGLUFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a, u = ctx.saved_tensors
-        g, f = g.contiguous(), a.size(-1)
         da, du = torch.empty_like(a), torch.empty_like(u)
-        _state["lib"].swiglu_bwd(_ptr(g), _ptr(a), _ptr(u), _ptr(da), _ptr(du), f, a.numel() // f, f,
-                                 torch.get_num_threads())
+        _silu_mul_grad(g.contiguous(), _ptr(a), _ptr(u), _ptr(da), _ptr(du), a.size(-1))
         return da, du
 
 
@@ -257,10 +271,8 @@ class PackedSwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, y: torch.Tensor) -> torch.Tensor:
         y = y.contiguous()
-        f = y.size(-1) // 2
-        h = y.new_empty(*y.shape[:-1], f)
-        _state["lib"].swiglu_fwd(_ptr(y), _ptr(y) + 4 * f, 2 * f, _ptr(h), h.numel() // f, f,
-                                 torch.get_num_threads())
+        h = y.new_empty(*y.shape[:-1], y.size(-1) // 2)
+        _silu_mul(_ptr(y), _second_half(y), y.size(-1), h)
         ctx.save_for_backward(y)
         return h
 
@@ -268,10 +280,8 @@ class PackedSwiGLUFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
         (y,) = ctx.saved_tensors
-        g, f = g.contiguous(), y.size(-1) // 2
         dy = torch.empty_like(y)
-        _state["lib"].swiglu_bwd(_ptr(g), _ptr(y), _ptr(y) + 4 * f, _ptr(dy), _ptr(dy) + 4 * f, 2 * f,
-                                 g.numel() // f, f, torch.get_num_threads())
+        _silu_mul_grad(g.contiguous(), _ptr(y), _second_half(y), _ptr(dy), _second_half(dy), y.size(-1))
         return dy
 
 
