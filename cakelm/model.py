@@ -450,6 +450,11 @@ class MLP(nn.Module):
             # fused SwiGLU reads in place: one product of 2 x ffn_dim columns runs faster than two of ffn_dim
             # (README, Benchmarks). Not when decoding: concatenating the weights would cost more than it saves.
             return self.down(kernels.swiglu_packed(F.linear(x, torch.cat([self.gate.weight, self.up.weight]))))
+        return self.two_products(x)
+
+    def two_products(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP with gate and up as two products: decoding, evaluation, autocast and LoRA-wrapped layers (and
+        benchmarks/block_ablation.py's `unpacked`, what packing gains)."""
         a, u = self.gate(x), self.up(x)  # (B, T, ffn_dim) each
         h = kernels.swiglu(a, u) if a.shape == u.shape and kernels.applies(a, u) else F.silu(a) * u
         return self.down(h)

@@ -176,7 +176,7 @@ def test_block_ablation_benchmark_times_every_variant_and_refuses_bad_ones() -> 
     import sys
     from pathlib import Path
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "block_ablation.py"
-    variants = ["ours", "plain", "layernorm", "no-rope", "gelu-mlp", "ffn384"]
+    variants = ["ours", "plain", "unpacked", "layernorm", "no-rope", "gelu-mlp", "ffn384"]
     done = subprocess.run([sys.executable, str(script), "--variants", *variants, "--rounds", "1", "--steps", "1"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -198,3 +198,20 @@ def test_block_ablation_variants_replace_the_piece_they_name() -> None:
     assert all(isinstance(b.attn_norm, torch.nn.LayerNorm) for b in build_variant("layernorm", s).layers)
     assert all(isinstance(b.mlp, GeluMLP) for b in build_variant("gelu-mlp", s).layers)
     assert build_variant("ffn40", s).cfg.ffn_dim == 40 and build_variant("ours", s).cfg.ffn_dim == 64  # 85.3 -> 64
+
+
+def test_matmul_shapes_benchmark_times_every_layout_at_equal_flops() -> None:
+    """benchmarks/matmul_shapes.py: every layout, the same GFLOP (ffn_dim at 8/3 x width: 1,024 at (b)), a ratio."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "matmul_shapes.py"
+    done = subprocess.run([sys.executable, str(script), "--shape", "b", "--rounds", "1"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["ours", "gpt2", "qkv-packed", "gate-up-packed", "both-packed"], done.stdout
+    assert len({r[1] for r in rows}) == 1 and float(rows[0][1]) > 0  # equal FLOPs
+    assert all(float(r[2]) > 0 and r[4].endswith("x") for r in rows)
+    bad = subprocess.run([sys.executable, str(script), "--rounds", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
