@@ -154,6 +154,8 @@ def test_non_finite_values_come_out_non_finite() -> None:
     x[0, 1, 3] = float("nan")
     assert torch.isnan(kernels.rms_norm(x, torch.ones(16), 1e-5)[0, 1]).all()
     assert torch.isnan(kernels.swiglu(x, torch.ones_like(x))[0, 1, 3])
+    assert torch.isnan(kernels.swiglu_packed(torch.cat([x, torch.ones_like(x)], -1))[0, 1, 3])  # gate's half
+    assert torch.isnan(kernels.swiglu_packed(torch.cat([torch.ones_like(x), x], -1))[0, 1, 3])  # up's half
     cos, sin = rope_cache(ModelConfig(dim=64, n_heads=4), 4)
     assert torch.isnan(rotate(x.view(2, 4, 1, 16), cos, sin)).any()
 
