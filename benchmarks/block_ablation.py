@@ -11,7 +11,9 @@ interleaved rounds in one process (shared CPUs drift from minute to minute; only
 anything). Variants:
   ours        the model as `cakelm pretrain` trains it (with the fused CPU kernels of cakelm/kernels.c)
   plain       the same model without the fused kernels (plain PyTorch, as before them or without a compiler)
-  unpacked    gate and up as two matrix products in training, not one (model.MLP.two_products): what packing gains
+  unpacked    q, k and v as three matrix products in training and gate and up as two, not one each (model.packs
+              false): what packing gains
+  qkv3        q, k and v as three products, gate and up still one: what packing q/k/v gains
   layernorm   torch's fused LayerNorm (no bias) in place of our RMSNorm: what RMSNorm's separate passes cost
   no-rope     RoPE skipped (`model.rotate` only transposes): what rotating q and k costs
   gelu-mlp    GPT-2's MLP (4 x width, GELU) in place of SwiGLU: what the SwiGLU product costs at its width
@@ -54,7 +56,7 @@ from pretrain_throughput import (  # noqa: E402  (the step and the reference it 
     reference_loss,
 )
 
-VARIANTS = ("ours", "plain", "unpacked", "layernorm", "no-rope", "gelu-mlp")
+VARIANTS = ("ours", "plain", "unpacked", "qkv3", "layernorm", "no-rope", "gelu-mlp")
 
 
 class GeluMLP(nn.Module):
@@ -127,8 +129,10 @@ def main() -> None:
                 yield
             finally:
                 kernels.set_enabled(True)
-        elif name == "unpacked":  # gate and up as two products in training too (MLP.two_products)
-            with mock.patch.object(model_module.MLP, "forward", model_module.MLP.two_products):
+        elif name in ("unpacked", "qkv3"):  # model.packs, asked by Attention for 3 layers and by MLP for 2
+            packs = model_module.packs
+            with mock.patch.object(model_module, "packs",
+                                   lambda x, *layers: name == "qkv3" and len(layers) == 2 and packs(x, *layers)):
                 yield
         elif name == "no-rope":  # the module-level rotate that Attention calls, made a transpose
             with mock.patch.object(model_module, "rotate", lambda t, cos, sin: t.transpose(1, 2)):

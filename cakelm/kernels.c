@@ -61,9 +61,12 @@ void rms_norm_bwd(const float *g, const float *x, const float *w, const float *r
  * table of model.rope_cache; `adjoint` != 0 gives the backward, dx[j] = dy[j] cos[j] + dy[j'] sin[j'] (the
  * rotation by minus the angle: the partner's sin, whose sign is the other). x, y: (B, T, H, D), the projection's
  * layout; attention reads y through a transposed view, as nanoGPT's q and k, so the flash kernel's output and
- * gradients come back in that layout too and the transposes around attention copy nothing. cos, sin: (T, D)
- * rows, at cos + b*cbs + t*D (cbs = 0: one table for the batch; T*D: a table per row, packed sequences).
- * rope_heads does one position's H heads. */
+ * gradients come back in that layout too and the transposes around attention copy nothing. Position (b, t)'s H
+ * heads are read at in + (b*T + t)*ldi and written at out + (b*T + t)*ldo: ldi = ldo = H*D for separate arrays;
+ * (H + 2 KV)*D for q's or k's columns of one packed q/k/v product (model.Attention in training), read there by
+ * the forward (ldi) and written there by the backward (ldo). cos, sin: (T, D) rows, at cos + b*cbs + t*D
+ * (cbs = 0: one table for the batch; T*D: a table per row, packed sequences). rope_heads does one position's H
+ * heads. */
 static inline void rope_heads(const float *x, const float *c, const float *s, float *y, int64_t H, int64_t D,
                               const int adjoint) {
     const int64_t h2 = D / 2, o = adjoint ? h2 : 0;  /* where sin is read, relative to j, in the first half */
@@ -78,21 +81,21 @@ static inline void rope_heads(const float *x, const float *c, const float *s, fl
 /* The rotation, and its adjoint for the backward; each passes `adjoint` as a constant, so each compiles its own
  * loops (a runtime flag measured 20-40% slower). */
 void rope_fwd(const float *x, const float *cos, const float *sin, float *y, int64_t B, int64_t T, int64_t H,
-              int64_t D, int64_t cbs, int nt) {
+              int64_t D, int64_t ldi, int64_t ldo, int64_t cbs, int nt) {
     #pragma omp parallel for collapse(2) schedule(static) num_threads(nt) if (B * T * H * D >= SERIAL_BELOW)
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t < T; t++)
-            rope_heads(x + (b * T + t) * H * D, cos + b * cbs + t * D, sin + b * cbs + t * D,
-                       y + (b * T + t) * H * D, H, D, 0);
+            rope_heads(x + (b * T + t) * ldi, cos + b * cbs + t * D, sin + b * cbs + t * D,
+                       y + (b * T + t) * ldo, H, D, 0);
 }
 
 void rope_bwd(const float *dy, const float *cos, const float *sin, float *dx, int64_t B, int64_t T, int64_t H,
-              int64_t D, int64_t cbs, int nt) {
+              int64_t D, int64_t ldi, int64_t ldo, int64_t cbs, int nt) {
     #pragma omp parallel for collapse(2) schedule(static) num_threads(nt) if (B * T * H * D >= SERIAL_BELOW)
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t < T; t++)
-            rope_heads(dy + (b * T + t) * H * D, cos + b * cbs + t * D, sin + b * cbs + t * D,
-                       dx + (b * T + t) * H * D, H, D, 1);
+            rope_heads(dy + (b * T + t) * ldi, cos + b * cbs + t * D, sin + b * cbs + t * D,
+                       dx + (b * T + t) * ldo, H, D, 1);
 }
 
 /* ---- SwiGLU's product: h = silu(a) * u, silu(a) = a * sigmoid(a), over `rows` rows of f values. a and u are read

@@ -42,8 +42,8 @@ _P, _I, _F, _N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
     "rms_norm_fwd": [_P, _P, _P, _P, _I, _I, _F, _N],
     "rms_norm_bwd": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _N],
-    "rope_fwd": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _N],
-    "rope_bwd": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _N],
+    "rope_fwd": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _N],
+    "rope_bwd": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _N],
     "swiglu_fwd": [_P, _P, _I, _P, _I, _I, _N],
     "swiglu_bwd": [_P, _P, _P, _P, _P, _I, _I, _I, _N],
     "cross_entropy_fwd": [_P, _P, _P, _P, _I, _I, _I, _N],
@@ -182,14 +182,21 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return _rms_norm_forward(x, w, eps)[2]
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, forward: bool) -> torch.Tensor:
-    """kernels.c's rope_fwd (the rotation) or rope_bwd (its adjoint) of x, (B, T, H, D) contiguous, in the same
-    layout."""
-    B, T, H, D = x.shape
-    y = torch.empty_like(x)
+def _rope(x: int, ldi: int, y: int, ldo: int, shape: tuple[int, ...], cos: torch.Tensor, sin: torch.Tensor,
+          forward: bool) -> None:
+    """kernels.c's rope_fwd (the rotation) or rope_bwd (its adjoint) of shape (B, T, H, D) from the address x into
+    y, each position's H x D values ldi (ldo) floats after the last's: H * D for a whole array, more for columns
+    of a packed product."""
+    B, T, H, D = shape
     cbs = 0 if cos.dim() == 2 else T * D  # one table, or one per sequence
     kernel = _state["lib"].rope_fwd if forward else _state["lib"].rope_bwd
-    kernel(_ptr(x), _ptr(cos), _ptr(sin), _ptr(y), B, T, H, D, cbs, torch.get_num_threads())
+    kernel(x, _ptr(cos), _ptr(sin), y, B, T, H, D, ldi, ldo, cbs, torch.get_num_threads())
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, forward: bool) -> torch.Tensor:
+    """_rope of a contiguous (B, T, H, D) x into a new array of that layout."""
+    y, hd = torch.empty_like(x), x.size(2) * x.size(3)
+    _rope(_ptr(x), hd, _ptr(y), hd, tuple(x.shape), cos, sin, forward)
     return y
 
 
@@ -202,27 +209,77 @@ class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
-        return _rope(x, cos, sin, forward=True).transpose(1, 2)
+        return _rotated(x, cos, sin, forward=True).transpose(1, 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         cos, sin = ctx.saved_tensors  # g: (B, H, T, D), usually a view of (B, T, H, D) memory (then no copy)
-        return _rope(g.transpose(1, 2).contiguous(), cos, sin, forward=False), None, None
+        return _rotated(g.transpose(1, 2).contiguous(), cos, sin, forward=False), None, None
+
+
+def rope_tables_apply(B: int, T: int, D: int, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """The fused RoPE takes tables of one row per position, (T, D), or per sequence and position, (B, 1, T, D),
+    contiguous, and heads of even size D."""
+    table = (T, D) if cos.dim() == 2 else (B, 1, T, D)
+    return (D % 2 == 0 and tuple(cos.shape) == table and tuple(sin.shape) == table and cos.is_contiguous()
+            and sin.is_contiguous())
 
 
 def rope_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """The fused RoPE takes x as the projection made it, (B, T, H, D) contiguous, and tables of one row per
-    position, (T, D), or per sequence and position, (B, 1, T, D), contiguous."""
+    """The fused RoPE takes x as the projection made it, (B, T, H, D) contiguous."""
     B, T, _, D = x.shape
-    table = (T, D) if cos.dim() == 2 else (B, 1, T, D)
-    return (x.is_contiguous() and D % 2 == 0 and tuple(cos.shape) == table and tuple(sin.shape) == table
-            and cos.is_contiguous() and sin.is_contiguous() and applies(x, cos, sin))
+    return x.is_contiguous() and rope_tables_apply(B, T, D, cos, sin) and applies(x, cos, sin)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """apply_rope(x.transpose(1, 2), cos, sin) for x (B, T, H, D): (B, H, T, D) (call when rope_applies)."""
     return RoPEFunction.apply(x, cos, sin)
+
+
+class QKVRoPEFunction(torch.autograd.Function):
+    """Attention's q, k and v from one packed product y (B, T, (H + 2 KV) * D) = [q | k | v] (model.Attention
+    in training): q and k rotated out of their columns into (B, T, heads, D) arrays, returned as RoPEFunction
+    returns them, (B, heads, T, D) views; v a view of its columns, as nanoGPT's split of its c_attn. The backward
+    writes the rotated-back dq and dk and the copied dv into one (B, T, (H + 2 KV) * D) array: the packed
+    product's gradient, with no concatenation of the three (which split's backward makes)."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y = y.contiguous()  # a matrix product's output: already
+        B, T, n = y.shape
+        D = n // (heads + 2 * kv_heads)
+        q, k = y.new_empty(B, T, heads, D), y.new_empty(B, T, kv_heads, D)
+        _rope(_ptr(y), n, _ptr(q), heads * D, (B, T, heads, D), cos, sin, forward=True)
+        _rope(_ptr(y) + heads * D * y.element_size(), n, _ptr(k), kv_heads * D, (B, T, kv_heads, D), cos, sin,
+              forward=True)
+        v = y[..., (heads + kv_heads) * D:].view(B, T, kv_heads, D)
+        ctx.save_for_backward(cos, sin)
+        ctx.heads = heads, kv_heads
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, gq: torch.Tensor, gk: torch.Tensor,
+                 gv: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        cos, sin = ctx.saved_tensors
+        (heads, kv_heads), (B, _, T, D) = ctx.heads, gq.shape
+        n = (heads + 2 * kv_heads) * D
+        dy = gq.new_empty(B, T, n)
+        gq, gk = gq.transpose(1, 2).contiguous(), gk.transpose(1, 2).contiguous()  # usually no copy, as RoPEFunction
+        _rope(_ptr(gq), heads * D, _ptr(dy), n, (B, T, heads, D), cos, sin, forward=False)
+        _rope(_ptr(gk), kv_heads * D, _ptr(dy) + heads * D * dy.element_size(), n, (B, T, kv_heads, D), cos, sin,
+              forward=False)
+        dy[..., (heads + kv_heads) * D:].view(B, T, kv_heads, D).copy_(gv.transpose(1, 2))
+        return dy, None, None, None, None
+
+
+def qkv_rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+             kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, heads, T, D) and k (B, kv_heads, T, D) rotated, and v (B, kv_heads, T, D), from one packed product
+    y = [q | k | v] (call when applies(y, cos, sin) and rope_tables_apply for its shape)."""
+    return QKVRoPEFunction.apply(y, cos, sin, heads, kv_heads)
 
 
 def _silu_mul(a: int, u: int, ld: int, h: torch.Tensor) -> None:

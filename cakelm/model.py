@@ -404,6 +404,14 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)  # fused kernels on GPUs; autocast-aware
 
 
+def packs(x: torch.Tensor, *layers: nn.Module) -> bool:
+    """Whether these linear layers of input x run as one product, the fused kernels reading its columns in place:
+    in float32 training on a CPU (gradients on, no autocast) of plain nn.Linear layers (not LoRA-wrapped) with the
+    kernels loaded. Not when decoding or evaluating: concatenating the weights would cost more than it saves."""
+    return (torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+            and all(type(m) is nn.Linear for m in layers) and kernels.applies(x, *(m.weight for m in layers)))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -422,11 +430,19 @@ class Attention(nn.Module):
                 causal: bool = True) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k = self.q(x).view(B, T, H, D), self.k(x).view(B, T, KV, D)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # (B, H, T, D), (B, KV, T, D)
-        v = self.v(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        if (kv_cache is None and self.q_norm is None and packs(x, self.q, self.k, self.v)
+                and kernels.rope_tables_apply(B, T, D, cos, sin)):
+            # Training on a CPU in float32: q, k and v as one product (B, T, (H + 2 KV) * D), as nanoGPT's c_attn,
+            # whose q and k columns the fused RoPE reads in place (README, Benchmarks).
+            bias = torch.cat([self.q.bias, self.k.bias, self.v.bias]) if self.q.bias is not None else None
+            y = F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]), bias)
+            q, k, v = kernels.qkv_rope(y, cos, sin, H, KV)  # (B, H, T, D), (B, KV, T, D), (B, KV, T, D)
+        else:
+            q, k = self.q(x).view(B, T, H, D), self.k(x).view(B, T, KV, D)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # (B, H, T, D), (B, KV, T, D)
+            v = self.v(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, S, D), S = cached + T
         if KV != H:
@@ -444,11 +460,10 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) and type(self.gate) is nn.Linear
-                and type(self.up) is nn.Linear and kernels.applies(x, self.gate.weight, self.up.weight)):
+        if packs(x, self.gate, self.up):
             # Training on a CPU in float32: gate and up as one product, (B, T, 2 * ffn_dim) = [a | u], which the
             # fused SwiGLU reads in place: one product of 2 x ffn_dim columns runs faster than two of ffn_dim
-            # (README, Benchmarks). Not when decoding: concatenating the weights would cost more than it saves.
+            # (README, Benchmarks).
             return self.down(kernels.swiglu_packed(F.linear(x, torch.cat([self.gate.weight, self.up.weight]))))
         return self.two_products(x)
 

@@ -148,6 +148,70 @@ def test_mlp_packs_gate_and_up_only_when_training_plain_weights(monkeypatch: pyt
     assert len(calls) == 1  # the adapters' own products: the plain path
 
 
+@pytest.mark.parametrize("B,T,H,KV,D,per_row", [(2, 9, 3, 3, 6, False), (3, 64, 4, 2, 32, False),
+                                                 (2, 17, 4, 1, 8, True)])
+def test_qkv_rope_equals_rope_of_the_columns(B: int, T: int, H: int, KV: int, D: int, per_row: bool) -> None:
+    """q, k and v from one packed product: q and k bit for bit the rotation of their columns, v the columns, and
+    the product's gradient the three gradients side by side."""
+    torch.manual_seed(7)
+    cos, sin = rope_cache(ModelConfig(dim=H * D, n_heads=H, max_seq_len=64), 64)
+    if per_row:
+        pos = torch.randint(0, 64, (B, T))
+        cos, sin = cos[pos][:, None], sin[pos][:, None]
+    else:
+        cos, sin = cos[:T], sin[:T]
+    y = torch.randn(B, T, (H + 2 * KV) * D)
+    # gradients as attention's backward gives them: views of (B, T, heads, D) memory, or (B, heads, T, D) tensors
+    gs = [torch.randn(B, T, H, D).transpose(1, 2), torch.randn(B, KV, T, D), torch.randn(B, T, KV, D).transpose(1, 2)]
+
+    def columns(y):
+        q, k, v = y.split([H * D, KV * D, KV * D], -1)
+        return (apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin),
+                apply_rope(k.view(B, T, KV, D).transpose(1, 2), cos, sin), v.view(B, T, KV, D).transpose(1, 2))
+
+    outs, grads = [], []
+    for fn in (lambda y: kernels.qkv_rope(y, cos, sin, H, KV), columns):
+        leaf = y.clone().requires_grad_(True)
+        out = fn(leaf)
+        torch.autograd.backward(out, gs)
+        outs.append([t.detach() for t in out])
+        grads.append(leaf.grad)
+    assert [tuple(t.shape) for t in outs[0]] == [(B, H, T, D), (B, KV, T, D), (B, KV, T, D)]
+    assert all(torch.equal(a, b) for a, b in zip(*outs)) and torch.equal(*grads)
+
+
+def test_attention_packs_qkv_only_when_training_plain_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One product for q, k and v (with Qwen2's biases) in float32 training; three otherwise (decoding with a KV
+    cache, evaluation, bf16 autocast, Qwen3's q/k norms, LoRA-wrapped layers), with the same output either way."""
+    from cakelm.lora import LoraConfig, add_lora
+
+    torch.manual_seed(8)
+    cfg = ModelConfig(vocab_size=31, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, qkv_bias=True, max_seq_len=8)
+    model = Transformer(cfg)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            torch.nn.init.normal_(p)
+    attn, x = model.layers[0].attn, torch.randn(2, 5, 32)
+    cos, sin = rope_cache(cfg, 5)
+    calls = []
+    packed = kernels.qkv_rope
+    monkeypatch.setattr(kernels, "qkv_rope", lambda y, *a: calls.append(tuple(y.shape)) or packed(y, *a))
+    y_train = attn(x, cos, sin)
+    assert calls == [(2, 5, 64)]
+    with torch.no_grad():
+        y_eval = attn(x, cos, sin)
+    torch.testing.assert_close(y_train.detach(), y_eval, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", torch.bfloat16):
+        attn(x, cos, sin)
+    assert len(calls) == 1
+    qk_norm = Transformer(ModelConfig(vocab_size=31, dim=32, n_layers=1, n_heads=4, qk_norm=True, max_seq_len=8))
+    qk_norm.layers[0].attn(x, cos, sin)
+    assert len(calls) == 1
+    add_lora(model, LoraConfig(rank=2, targets=["q_proj", "v_proj"]))
+    model.layers[0].attn(x, cos, sin).sum().backward()
+    assert len(calls) == 1
+
+
 def test_non_finite_values_come_out_non_finite() -> None:
     """A NaN must reach the loss (the loop refuses to save a non-finite one), not be hidden by a kernel."""
     x = torch.randn(2, 4, 16)
@@ -158,6 +222,8 @@ def test_non_finite_values_come_out_non_finite() -> None:
     assert torch.isnan(kernels.swiglu_packed(torch.cat([torch.ones_like(x), x], -1))[0, 1, 3])  # up's half
     cos, sin = rope_cache(ModelConfig(dim=64, n_heads=4), 4)
     assert torch.isnan(rotate(x.view(2, 4, 1, 16), cos, sin)).any()
+    q, k, v = kernels.qkv_rope(torch.cat([x, x, x], -1), cos, sin, 1, 1)  # a NaN in each of q's, k's, v's columns
+    assert all(torch.isnan(t[0, 0, 1]).any() for t in (q, k, v))
 
 
 def test_model_with_and_without_kernels_gives_the_same_logits_and_gradients() -> None:

@@ -176,7 +176,7 @@ def test_block_ablation_benchmark_times_every_variant_and_refuses_bad_ones() -> 
     import sys
     from pathlib import Path
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "block_ablation.py"
-    variants = ["ours", "plain", "unpacked", "layernorm", "no-rope", "gelu-mlp", "ffn384"]
+    variants = ["ours", "plain", "unpacked", "qkv3", "layernorm", "no-rope", "gelu-mlp", "ffn384"]
     done = subprocess.run([sys.executable, str(script), "--variants", *variants, "--rounds", "1", "--steps", "1"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
