@@ -215,3 +215,29 @@ def test_matmul_shapes_benchmark_times_every_layout_at_equal_flops() -> None:
     assert all(float(r[2]) > 0 and r[4].endswith("x") for r in rows)
     bad = subprocess.run([sys.executable, str(script), "--rounds", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_step_profile_benchmark_sorts_each_step_into_kinds() -> None:
+    """benchmarks/step_profile.py: each kind of work of one profiled step of ours and of the GPT-2 reference; RoPE
+    only in ours, products, attention and the optimizer in both, the kinds adding up to the total."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "step_profile.py"
+    done = subprocess.run([sys.executable, str(script), "--shape", "a", "--steps", "1", "--warmup", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "our GPT-2-architecture reference" in lines[1]
+    start = next(i for i, line in enumerate(lines) if line.startswith("kind"))
+    rows = {line[:18].strip(): [float(v.rstrip("%")) for v in line[18:].split()] for line in lines[start + 1:-1]}
+    assert list(rows) == ["matrix products", "attention", "normalisation", "activation", "RoPE", "loss",
+                          "clip + optimizer", "other", "total"], done.stdout
+    for kind in ("matrix products", "attention", "activation", "clip + optimizer"):
+        assert rows[kind][0] > 0 and rows[kind][2] > 0, kind
+    assert rows["RoPE"][0] > 0 and rows["RoPE"][2] == 0  # GPT-2 has learned positions, no rotation
+    for col in (0, 2):
+        assert abs(sum(r[col] for k, r in rows.items() if k != "total") - rows["total"][col]) < 0.05
+    assert lines[-1].startswith("reference / ours:") and "at most" in lines[-1]
+    bad = subprocess.run([sys.executable, str(script), "--steps", "-1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
