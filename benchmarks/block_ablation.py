@@ -15,7 +15,8 @@ anything). Variants:
               false): what packing gains
   qkv3        q, k and v as three products, gate and up still one: what packing q/k/v gains
   layernorm   torch's fused LayerNorm (no bias) in place of our RMSNorm: what RMSNorm's separate passes cost
-  no-rope     RoPE skipped (`model.rotate` only transposes): what rotating q and k costs
+  no-rope     RoPE skipped (`model.rotate` only transposes, `kernels.qkv_rope` only splits): what rotating
+              q and k costs
   gelu-mlp    GPT-2's MLP (4 x width, GELU) in place of SwiGLU: what the SwiGLU product costs at its width
   ffnN        SwiGLU of hidden width N (e.g. ffn384): what another rounding of 8/3 x width would cost (at width
               128 the default is 320, 8/3 x 128 = 341 rounded down to a multiple of 32; Llama's rule, up to a
@@ -86,6 +87,38 @@ def build_variant(name: str, s: dict) -> Transformer:
     return m
 
 
+def unrotated_qkv(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                  kv_heads: int) -> tuple[torch.Tensor, ...]:
+    """kernels.qkv_rope without the rotation (no-rope): q, k and v as (B, heads, T, D) views of the columns of the
+    packed product y (B, T, (heads + 2 kv_heads) * D)."""
+    B, T, n = y.shape
+    D = n // (heads + 2 * kv_heads)
+    return tuple(t.reshape(B, T, -1, D).transpose(1, 2) for t in y.split([heads * D, kv_heads * D, kv_heads * D], -1))
+
+
+@contextmanager
+def variant_context(name: str) -> Iterator[None]:
+    """What a variant changes while it steps, beyond its modules (build_variant): the fused kernels off (plain),
+    model.packs false for both packings (unpacked) or for q, k and v's (qkv3), RoPE skipped (no-rope)."""
+    if name == "plain":
+        kernels.set_enabled(False)
+        try:
+            yield
+        finally:
+            kernels.set_enabled(True)
+    elif name in ("unpacked", "qkv3"):  # model.packs, asked by Attention for 3 layers and by MLP for 2
+        packs = model_module.packs
+        with mock.patch.object(model_module, "packs",
+                               lambda x, *layers: name == "qkv3" and len(layers) == 2 and packs(x, *layers)):
+            yield
+    elif name == "no-rope":  # both paths Attention takes: rotate (separate products) and qkv_rope (packed)
+        with mock.patch.object(model_module, "rotate", lambda t, cos, sin: t.transpose(1, 2)), \
+                mock.patch.object(kernels, "qkv_rope", unrotated_qkv):
+            yield
+    else:
+        yield
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="a", choices=list(SHAPES))
@@ -121,33 +154,15 @@ def main() -> None:
     steps["reference"] = make_step(lambda: reference_loss(ref, x, y, nanogpt), ref.parameters(), ref_opt,
                                    torch.float32)
 
-    @contextmanager
-    def context(name: str) -> Iterator[None]:
-        if name == "plain":  # the fused kernels off while this variant steps
-            kernels.set_enabled(False)
-            try:
-                yield
-            finally:
-                kernels.set_enabled(True)
-        elif name in ("unpacked", "qkv3"):  # model.packs, asked by Attention for 3 layers and by MLP for 2
-            packs = model_module.packs
-            with mock.patch.object(model_module, "packs",
-                                   lambda x, *layers: name == "qkv3" and len(layers) == 2 and packs(x, *layers)):
-                yield
-        elif name == "no-rope":  # the module-level rotate that Attention calls, made a transpose
-            with mock.patch.object(model_module, "rotate", lambda t, cos, sin: t.transpose(1, 2)):
-                yield
-        else:
-            yield
     n = args.steps or {"a": 20, "b": 3, "cpu": 5}[args.shape]
     times: dict[str, list[float]] = {k: [] for k in steps}
     for name, step in steps.items():  # warm-up
-        with context(name):
+        with variant_context(name):
             for _ in range(3):
                 step()
     for _ in tqdm(range(args.rounds), desc="interleaved rounds", unit="round", leave=False):
         for name, step in steps.items():
-            with context(name):
+            with variant_context(name):
                 for _ in range(n):
                     t = time.perf_counter()
                     step()

@@ -4,11 +4,12 @@ functions.
 Eager PyTorch runs a Llama block's elementwise work as many small passes over memory (RMSNorm's backward alone is
 8), each reading and writing whole activations; GPT-2's LayerNorm and GELU have fused CPU kernels, so on a CPU our
 blocks lost time to nanoGPT's there (README, Benchmarks); its cross-entropy copies the logits twice more.
-kernels.c does each of them in one pass forward and one backward; the SwiGLU product also reads gate's and up's
-halves in place from one packed product (model.MLP in training: one matrix product of 2 x ffn_dim columns runs
-faster than two). It is compiled on first use with the system's
-C compiler (`cc`, or `$CC`: gcc -O3 -march=native -fopenmp, about a second) into `$CAKELM_HOME/kernels/<hash>/`
-and loaded with ctypes: no build step at install, no PyTorch headers. Without a compiler, off x86-64/aarch64
+kernels.c does each of them in one pass forward and one backward. In training, model.packs makes q, k and v one
+matrix product and gate and up another (one product of more columns runs faster than several): RoPE reads q's and
+k's columns in place from the first and the SwiGLU product gate's and up's halves from the second, and each
+backward writes the product's gradient as one array. It is compiled on first use with the system's C compiler
+(`cc`, or `$CC`: gcc -O3 -march=native -fopenmp, about a second) into `$CAKELM_HOME/kernels/<hash>/` and loaded
+with ctypes: no build step at install, no PyTorch headers. Without a compiler, off x86-64/aarch64
 Linux, or with `CAKELM_KERNELS=0`, `lib()` is None and the model and losses use their plain PyTorch code
 (cakelm/model.py, cakelm/losses.py), which is what these are tested equal to (tests/test_kernels.py).
 
@@ -182,15 +183,15 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return _rms_norm_forward(x, w, eps)[2]
 
 
-def _rope(x: int, ldi: int, y: int, ldo: int, shape: tuple[int, ...], cos: torch.Tensor, sin: torch.Tensor,
-          forward: bool) -> None:
-    """kernels.c's rope_fwd (the rotation) or rope_bwd (its adjoint) of shape (B, T, H, D) from the address x into
-    y, each position's H x D values ldi (ldo) floats after the last's: H * D for a whole array, more for columns
-    of a packed product."""
+def _rope(x_addr: int, ldi: int, y_addr: int, ldo: int, shape: tuple[int, ...], cos: torch.Tensor,
+          sin: torch.Tensor, forward: bool) -> None:
+    """kernels.c's rope_fwd (the rotation) or rope_bwd (its adjoint) of shape (B, T, H, D), read from address
+    x_addr and written at y_addr, each position's H x D values ldi (ldo) floats after the last's: H * D for a whole
+    array, more for columns of a packed product."""
     B, T, H, D = shape
     cbs = 0 if cos.dim() == 2 else T * D  # one table, or one per sequence
     kernel = _state["lib"].rope_fwd if forward else _state["lib"].rope_bwd
-    kernel(x, _ptr(cos), _ptr(sin), y, B, T, H, D, ldi, ldo, cbs, torch.get_num_threads())
+    kernel(x_addr, _ptr(cos), _ptr(sin), y_addr, B, T, H, D, ldi, ldo, cbs, torch.get_num_threads())
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, forward: bool) -> torch.Tensor:
@@ -219,17 +220,18 @@ class RoPEFunction(torch.autograd.Function):
 
 
 def rope_tables_apply(B: int, T: int, D: int, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """The fused RoPE takes tables of one row per position, (T, D), or per sequence and position, (B, 1, T, D),
-    contiguous, and heads of even size D."""
+    """The fused RoPE takes float32 tables of one row per position, (T, D), or per sequence and position,
+    (B, 1, T, D), contiguous on the CPU, and heads of even size D."""
     table = (T, D) if cos.dim() == 2 else (B, 1, T, D)
     return (D % 2 == 0 and tuple(cos.shape) == table and tuple(sin.shape) == table and cos.is_contiguous()
-            and sin.is_contiguous())
+            and sin.is_contiguous() and applies(cos, sin))
 
 
 def rope_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """The fused RoPE takes x as the projection made it, (B, T, H, D) contiguous."""
+    """The fused RoPE takes x as the projection made it, (B, T, H, D) contiguous float32, and tables as
+    rope_tables_apply says."""
     B, T, _, D = x.shape
-    return x.is_contiguous() and rope_tables_apply(B, T, D, cos, sin) and applies(x, cos, sin)
+    return x.is_contiguous() and rope_tables_apply(B, T, D, cos, sin) and applies(x)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -256,7 +258,7 @@ class QKVRoPEFunction(torch.autograd.Function):
               forward=True)
         v = y[..., (heads + kv_heads) * D:].view(B, T, kv_heads, D)
         ctx.save_for_backward(cos, sin)
-        ctx.heads = heads, kv_heads
+        ctx.head_counts = heads, kv_heads
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     @staticmethod
@@ -264,7 +266,7 @@ class QKVRoPEFunction(torch.autograd.Function):
     def backward(ctx: Any, gq: torch.Tensor, gk: torch.Tensor,
                  gv: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         cos, sin = ctx.saved_tensors
-        (heads, kv_heads), (B, _, T, D) = ctx.heads, gq.shape
+        (heads, kv_heads), (B, _, T, D) = ctx.head_counts, gq.shape
         n = (heads + 2 * kv_heads) * D
         dy = gq.new_empty(B, T, n)
         gq, gk = gq.transpose(1, 2).contiguous(), gk.transpose(1, 2).contiguous()  # usually no copy, as RoPEFunction
@@ -278,7 +280,8 @@ class QKVRoPEFunction(torch.autograd.Function):
 def qkv_rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
              kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (B, heads, T, D) and k (B, kv_heads, T, D) rotated, and v (B, kv_heads, T, D), from one packed product
-    y = [q | k | v] (call when applies(y, cos, sin) and rope_tables_apply for its shape)."""
+    y = [q | k | v] (call when applies(y) and rope_tables_apply for its shape). v is a view of y's columns: not
+    to be written in place."""
     return QKVRoPEFunction.apply(y, cos, sin, heads, kv_heads)
 
 

@@ -435,8 +435,8 @@ class Attention(nn.Module):
             # Training on a CPU in float32: q, k and v as one product (B, T, (H + 2 KV) * D), as nanoGPT's c_attn,
             # whose q and k columns the fused RoPE reads in place (README, Benchmarks).
             bias = torch.cat([self.q.bias, self.k.bias, self.v.bias]) if self.q.bias is not None else None
-            y = F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]), bias)
-            q, k, v = kernels.qkv_rope(y, cos, sin, H, KV)  # (B, H, T, D), (B, KV, T, D), (B, KV, T, D)
+            qkv = F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]), bias)
+            q, k, v = kernels.qkv_rope(qkv, cos, sin, H, KV)  # (B, H, T, D), (B, KV, T, D), (B, KV, T, D)
         else:
             q, k = self.q(x).view(B, T, H, D), self.k(x).view(B, T, KV, D)
             if self.q_norm is not None:
@@ -469,7 +469,7 @@ class MLP(nn.Module):
 
     def two_products(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP with gate and up as two products: decoding, evaluation, autocast and LoRA-wrapped layers (and
-        benchmarks/block_ablation.py's `unpacked`, what packing gains)."""
+        what benchmarks/block_ablation.py's `unpacked` times, packs made false)."""
         a, u = self.gate(x), self.up(x)  # (B, T, ffn_dim) each
         h = kernels.swiglu(a, u) if a.shape == u.shape and kernels.applies(a, u) else F.silu(a) * u
         return self.down(h)

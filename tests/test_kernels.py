@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cakelm import kernels
-from cakelm.model import ModelConfig, RMSNorm, Transformer, apply_rope, rope_cache, rotate
+from cakelm.model import KVCache, ModelConfig, RMSNorm, Transformer, apply_rope, rope_cache, rotate
 
 
 @pytest.fixture(autouse=True)
@@ -204,6 +204,10 @@ def test_attention_packs_qkv_only_when_training_plain_weights(monkeypatch: pytes
     with torch.autocast("cpu", torch.bfloat16):
         attn(x, cos, sin)
     assert len(calls) == 1
+    cache = KVCache(cfg, batch_size=2, max_len=8, device="cpu")
+    y_cached = attn(x, cos, sin, kv_cache=cache)  # gradients on, but a cache: decoding's separate products
+    assert len(calls) == 1
+    torch.testing.assert_close(y_cached.detach(), y_eval, rtol=1e-5, atol=1e-6)
     qk_norm = Transformer(ModelConfig(vocab_size=31, dim=32, n_layers=1, n_heads=4, qk_norm=True, max_seq_len=8))
     qk_norm.layers[0].attn(x, cos, sin)
     assert len(calls) == 1

@@ -200,6 +200,42 @@ def test_block_ablation_variants_replace_the_piece_they_name() -> None:
     assert build_variant("ffn40", s).cfg.ffn_dim == 40 and build_variant("ours", s).cfg.ffn_dim == 64  # 85.3 -> 64
 
 
+def test_block_ablation_contexts_change_what_they_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """no-rope skips the rotation on both of Attention's paths (packed in training, separate products under
+    no_grad): the logits of a model whose RoPE tables are the identity; unpacked and qkv3 turn packing off."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from block_ablation import build_variant, variant_context
+
+    from cakelm import kernels
+    s = dict(n_layers=2, n_heads=2, dim=32, max_seq_len=16, vocab=50)
+    model, idx = build_variant("ours", s), torch.randint(0, 50, (2, 16))
+    identity = build_variant("ours", s)
+    identity.cos.fill_(1.0)
+    identity.sin.zero_()
+    with variant_context("no-rope"):
+        got_train = model(idx)
+        with torch.no_grad():
+            got_nograd = model(idx)
+    want = identity(idx).detach()
+    assert not torch.allclose(model(idx).detach(), want, atol=1e-4)  # RoPE does change the logits
+    for got in (got_train.detach(), got_nograd):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if kernels.lib() is None:
+        return
+    calls = []
+    for name in ("qkv_rope", "swiglu_packed"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda y, *a, name=name, real=real: calls.append(name) or real(y, *a))
+    for variant, want_calls in (("ours", ["qkv_rope", "swiglu_packed"] * 2), ("unpacked", []),
+                                ("qkv3", ["swiglu_packed"] * 2)):
+        calls.clear()
+        with variant_context(variant):
+            model(idx)
+        assert calls == want_calls, variant
+
+
 def test_matmul_shapes_benchmark_times_every_layout_at_equal_flops() -> None:
     """benchmarks/matmul_shapes.py: every layout, the same GFLOP (ffn_dim at 8/3 x width: 1,024 at (b)), a ratio."""
     import subprocess
