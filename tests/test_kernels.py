@@ -216,6 +216,47 @@ def test_attention_packs_qkv_only_when_training_plain_weights(monkeypatch: pytes
     assert len(calls) == 1
 
 
+def test_packed_products_save_no_weight_copy_and_give_every_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packed, the forward saves for the backward what the separate products save (the layers' own weights, no
+    concatenation of them: that copy of every packed weight would live until the backward), and every weight and
+    bias (Qwen2's q/k/v biases), and the input, get the gradients of the separate products."""
+    import cakelm.model as model_module
+
+    torch.manual_seed(9)
+    cfg = ModelConfig(vocab_size=31, dim=64, ffn_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, qkv_bias=True,
+                      max_seq_len=8)
+    model, idx = Transformer(cfg), torch.randint(0, 31, (2, 8))
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            torch.nn.init.normal_(p)
+    params = {p.data_ptr() for p in model.parameters()}
+
+    def run(pack: bool) -> tuple[int, dict[str, torch.Tensor]]:
+        saved: dict[int, int] = {}
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            if t.data_ptr() not in params:
+                saved[t.data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        real = model_module.packs
+        monkeypatch.setattr(model_module, "packs", lambda x, *layers: pack and real(x, *layers))
+        model.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            logits = model(idx)
+        logits.square().mean().backward()
+        return sum(saved.values()), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    calls = []
+    qkv_rope = kernels.qkv_rope
+    monkeypatch.setattr(kernels, "qkv_rope", lambda y, *a: calls.append(1) or qkv_rope(y, *a))
+    saved_packed, grads_packed = run(True)
+    assert len(calls) == 2  # one packed q/k/v product a layer
+    saved_plain, grads_plain = run(False)
+    assert saved_packed <= saved_plain
+    for name, g in grads_plain.items():
+        torch.testing.assert_close(grads_packed[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_non_finite_values_come_out_non_finite() -> None:
     """A NaN must reach the loss (the loop refuses to save a non-finite one), not be hidden by a kernel."""
     x = torch.randn(2, 4, 16)
