@@ -413,11 +413,11 @@ def packs(x: torch.Tensor, *layers: nn.Module) -> bool:
 
 
 class _PackedLinear(torch.autograd.Function):
-    """x @ cat(weights).T + bias (B, T, sum of the weights' rows): linear layers of one input as one matrix
-    product. Unlike F.linear over torch.cat(weights), it keeps the layers' own weights for the backward, not their
-    concatenation: that copy of every packed weight would stay alive from the forward to the backward (266 MB more
-    saved for a SmolLM2-135M step). The backward concatenates them again, for the input's gradient only, and hands
-    each weight its rows of the one weight gradient."""
+    """x @ cat(weights).T + bias (B, T, sum of the weights' rows), keeping the layers' own weights for the
+    backward, not their concatenation (which F.linear over torch.cat(weights) keeps alive from the forward to the
+    backward: a copy of every packed weight, 266 MB for a SmolLM2-135M step of 128 tokens). The backward
+    concatenates them again, for the input's gradient only, and hands each weight its rows of the one weight
+    gradient."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, *weights: torch.Tensor) -> torch.Tensor:
@@ -441,7 +441,12 @@ def packed_linear(x: torch.Tensor, layers: tuple[nn.Linear, ...]) -> torch.Tenso
     """The outputs of these linear layers of x side by side, (..., sum of their out_features), as one product
     (call when packs(x, *layers))."""
     bias = torch.cat([m.bias for m in layers]) if layers[0].bias is not None else None
-    return _PackedLinear.apply(x, bias, *(m.weight for m in layers))
+    weights = [m.weight for m in layers]
+    if sum(w.size(0) for w in weights) <= x.numel() // x.size(-1):
+        # The concatenation autograd keeps for the backward is no larger than x, which it keeps too: F.linear,
+        # whose backward runs in C++ (_PackedLinear's Python costs 1-2% of a step at nanoGPT's small shape).
+        return F.linear(x, torch.cat(weights), bias)
+    return _PackedLinear.apply(x, bias, *weights)  # more weight rows than tokens: the copy would cost memory
 
 
 class Attention(nn.Module):
