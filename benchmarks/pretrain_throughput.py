@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from cakelm import kernels
 from cakelm.common import (
@@ -149,17 +150,20 @@ def reference_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, nanogpt: 
 
 def make_step(forward_loss, params, optimizers: list[torch.optim.Optimizer], dtype: torch.dtype):
     """One training step as train.py runs it: loss, backward, clip at 1.0, optimizer step, zero grads. Under
-    autocast when dtype is not fp32 (as cakelm's loop does)."""
+    autocast when dtype is not fp32 (as cakelm's loop does). Its two phases are named for torch.profiler
+    (step_profile.py; a few microseconds when no profiler runs)."""
     params = list(params)
 
     def step() -> None:
-        with autocast(torch.device("cpu"), dtype):
-            loss = forward_loss()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for o in optimizers:
-            o.step()
-            o.zero_grad(set_to_none=True)
+        with record_function("forward + backward"):
+            with autocast(torch.device("cpu"), dtype):
+                loss = forward_loss()
+            loss.backward()
+        with record_function("clip + optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            for o in optimizers:
+                o.step()
+                o.zero_grad(set_to_none=True)
     return step
 
 

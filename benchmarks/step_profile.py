@@ -21,7 +21,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
+from tqdm import tqdm
 
 from cakelm import kernels
 from cakelm.common import hardware_info, keep_freed_memory
@@ -30,7 +31,7 @@ from cakelm.model import ModelConfig, Transformer
 from cakelm.optim import OptimConfig, build_optimizers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_throughput import SHAPES, load_nanogpt, reference, reference_loss  # noqa: E402
+from pretrain_throughput import SHAPES, load_nanogpt, make_step, reference, reference_loss  # noqa: E402
 
 # kind -> substrings of operator names (first match wins; the optimizer phase is found by its record_function)
 KINDS = {
@@ -45,6 +46,8 @@ ORDER = [*KINDS, "clip + optimizer", "other"]
 
 
 def kind_of(name: str, phases: set[str]) -> str:
+    """The kind of an operator by its name, or "clip + optimizer" when it ran inside make_step's phase of that
+    name."""
     if "clip + optimizer" in phases:
         return "clip + optimizer"
     return next((k for k, keys in KINDS.items() if any(s in name for s in keys)), "other")
@@ -67,24 +70,10 @@ def profile_steps(step, steps: int) -> dict[str, float]:
     return ms
 
 
-def make_step(forward_loss, params, optimizers):
-    """One training step as pretrain_throughput's, its two phases named for the profile."""
-    params = list(params)
-
-    def step() -> None:
-        with record_function("forward + backward"):
-            forward_loss().backward()
-        with record_function("clip + optimizer"):
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            for o in optimizers:
-                o.step()
-                o.zero_grad(set_to_none=True)
-    return step
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="b", choices=list(SHAPES))
+    ap.add_argument("--shape", default="b", choices=list(SHAPES),
+                    help="a: nanoGPT's CPU example, b: its shakespeare-char shape, cpu: our cpu preset")
     ap.add_argument("--nanogpt", type=Path, default=None, help="a nanoGPT checkout: profile its own model.py")
     ap.add_argument("--steps", type=int, default=0, help="profiled steps of each (default: 10 at a, 3 else)")
     ap.add_argument("--warmup", type=int, default=0, help="steps of each before (default: 20 at a, 4 else)")
@@ -109,13 +98,15 @@ def main() -> None:
         nanogpt, commit = load_nanogpt(args.nanogpt)
         ref_name = f"nanoGPT's model.py (commit {commit})"
     ref, ref_opt, _ = reference(s, nanogpt)
-    steps = {"ours": make_step(ours_loss, model.parameters(), opt),
-             "reference": make_step(lambda: reference_loss(ref, x, y, nanogpt), ref.parameters(), ref_opt)}
+    steps = {"ours": make_step(ours_loss, model.parameters(), opt, torch.float32),
+             "reference": make_step(lambda: reference_loss(ref, x, y, nanogpt), ref.parameters(), ref_opt,
+                                    torch.float32)}
     n = args.steps or (10 if args.shape == "a" else 3)
-    for _ in range(args.warmup or (20 if args.shape == "a" else 4)):
+    for _ in tqdm(range(args.warmup or (20 if args.shape == "a" else 4)), desc="warm-up", unit="step", leave=False):
         for step in steps.values():
             step()
-    ms = {name: profile_steps(step, n) for name, step in steps.items()}
+    ms = {name: profile_steps(step, n)
+          for name, step in tqdm(steps.items(), desc="profiling", unit="model", leave=False)}
     print(f"cpu: {hardware_info(torch.device('cpu'))['cpu']}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; shape {args.shape}: {s}")
     print(f"reference: {ref_name}; {n} profiled steps each, fp32; fused CPU kernels: "

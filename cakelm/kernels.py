@@ -143,6 +143,12 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def _column(y: torch.Tensor, c: int) -> int:
+    """The address of y[..., c:] for y contiguous: column c of its first row, where a packed product's later
+    columns (k's and v's after q's, up's after gate's) begin."""
+    return _ptr(y) + y.element_size() * c
+
+
 def _rms_norm_forward(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
     """(x, w, y, r) with x and w made contiguous, y the output and r each row's 1 / rms (the backward's input)."""
     x, w = x.contiguous(), w.contiguous()
@@ -254,8 +260,7 @@ class QKVRoPEFunction(torch.autograd.Function):
         D = n // (heads + 2 * kv_heads)
         q, k = y.new_empty(B, T, heads, D), y.new_empty(B, T, kv_heads, D)
         _rope(_ptr(y), n, _ptr(q), heads * D, (B, T, heads, D), cos, sin, forward=True)
-        _rope(_ptr(y) + heads * D * y.element_size(), n, _ptr(k), kv_heads * D, (B, T, kv_heads, D), cos, sin,
-              forward=True)
+        _rope(_column(y, heads * D), n, _ptr(k), kv_heads * D, (B, T, kv_heads, D), cos, sin, forward=True)
         v = y[..., (heads + kv_heads) * D:].view(B, T, kv_heads, D)
         ctx.save_for_backward(cos, sin)
         ctx.head_counts = heads, kv_heads
@@ -271,8 +276,7 @@ class QKVRoPEFunction(torch.autograd.Function):
         dy = gq.new_empty(B, T, n)
         gq, gk = gq.transpose(1, 2).contiguous(), gk.transpose(1, 2).contiguous()  # usually no copy, as RoPEFunction
         _rope(_ptr(gq), heads * D, _ptr(dy), n, (B, T, heads, D), cos, sin, forward=False)
-        _rope(_ptr(gk), kv_heads * D, _ptr(dy) + heads * D * dy.element_size(), n, (B, T, kv_heads, D), cos, sin,
-              forward=False)
+        _rope(_ptr(gk), kv_heads * D, _column(dy, heads * D), n, (B, T, kv_heads, D), cos, sin, forward=False)
         dy[..., (heads + kv_heads) * D:].view(B, T, kv_heads, D).copy_(gv.transpose(1, 2))
         return dy, None, None, None, None
 
@@ -295,11 +299,6 @@ def _silu_mul_grad(g: torch.Tensor, a: int, u: int, da: int, du: int, ld: int) -
     """kernels.c's swiglu_bwd for g (..., f) contiguous: da and du written at row stride ld, as a and u are read."""
     f = g.size(-1)
     _state["lib"].swiglu_bwd(_ptr(g), a, u, da, du, ld, g.numel() // f if f else 0, f, torch.get_num_threads())
-
-
-def _second_half(y: torch.Tensor) -> int:
-    """The address of y[..., f:] for y (..., 2f) contiguous: the first row of its second half."""
-    return _ptr(y) + y.element_size() * (y.size(-1) // 2)
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -332,7 +331,7 @@ class PackedSwiGLUFunction(torch.autograd.Function):
     def forward(ctx: Any, y: torch.Tensor) -> torch.Tensor:
         y = y.contiguous()
         h = y.new_empty(*y.shape[:-1], y.size(-1) // 2)
-        _silu_mul(_ptr(y), _second_half(y), y.size(-1), h)
+        _silu_mul(_ptr(y), _column(y, h.size(-1)), y.size(-1), h)
         ctx.save_for_backward(y)
         return h
 
@@ -341,7 +340,8 @@ class PackedSwiGLUFunction(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
         (y,) = ctx.saved_tensors
         dy = torch.empty_like(y)
-        _silu_mul_grad(g.contiguous(), _ptr(y), _second_half(y), _ptr(dy), _second_half(dy), y.size(-1))
+        f = y.size(-1) // 2
+        _silu_mul_grad(g.contiguous(), _ptr(y), _column(y, f), _ptr(dy), _column(dy, f), y.size(-1))
         return dy
 
 

@@ -10,6 +10,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +23,15 @@ from cakelm.config import build_config
 from cakelm.model import ModelConfig
 from cakelm.stages import data as data_stage
 from cakelm.stages import tokenizer as tokenizer_stage
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_benchmark(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python benchmarks/SCRIPT ARGS` in a fresh process, as a user runs it; stdout and stderr captured as text."""
+    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
 
 WORDS = ("the king queen lord lady love death night day sword crown heart blood fair foul sweet time "
          "speak hear see come go stay die live thou thee thy my your our what why how where when and but "

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from cakelm import kernels
 from cakelm.model import KVCache, ModelConfig, RMSNorm, Transformer, apply_rope, rope_cache, rotate
+from tests.conftest import run_benchmark
 
 
 @pytest.fixture(autouse=True)
@@ -365,16 +366,10 @@ def test_a_broken_cached_library_falls_back(monkeypatch: pytest.MonkeyPatch, tmp
 
 def test_kernels_benchmark_times_every_op() -> None:
     """benchmarks/kernels.py: every op at a shape, a finite plain and fused time and their ratio."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "kernels.py"
-    done = subprocess.run([sys.executable, str(script), "--shapes", "a", "--repeats", "1"], capture_output=True,
-                          text=True, timeout=300)
+    done = run_benchmark("kernels.py", "--shapes", "a", "--repeats", "1")
     assert done.returncode == 0, done.stderr
     rows = [line.split() for line in done.stdout.splitlines()[2:]]
     assert [r[1] for r in rows] == ["rms_norm", "rope", "swiglu", "cross_entropy"], done.stdout
     assert all(float(r[2]) > 0 and float(r[3]) > 0 and r[4].endswith("x") for r in rows)
-    bad = subprocess.run([sys.executable, str(script), "--repeats", "0"], capture_output=True, text=True, timeout=60)
+    bad = run_benchmark("kernels.py", "--repeats", "0", timeout=60)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1

@@ -9,7 +9,7 @@ import torch
 
 from cakelm.config import ConfigError
 from cakelm.model import PRESETS, KVCache, ModelConfig, Transformer, flops_per_token
-from tests.conftest import tiny_model_config
+from tests.conftest import BENCHMARKS, run_benchmark, tiny_model_config
 
 
 def test_shapes_and_param_count() -> None:
@@ -172,27 +172,20 @@ def test_rope_is_the_rotation_of_halves_bit_for_bit() -> None:
 def test_block_ablation_benchmark_times_every_variant_and_refuses_bad_ones() -> None:
     """benchmarks/block_ablation.py (where our step loses time against GPT-2 blocks): one round of one step of each
     variant prints a finite time and ratio for it and the reference; an unknown variant is a one-line refusal."""
-    import subprocess
-    import sys
-    from pathlib import Path
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "block_ablation.py"
     variants = ["ours", "plain", "unpacked", "qkv3", "layernorm", "no-rope", "gelu-mlp", "ffn384"]
-    done = subprocess.run([sys.executable, str(script), "--variants", *variants, "--rounds", "1", "--steps", "1"],
-                          capture_output=True, text=True, timeout=300)
+    done = run_benchmark("block_ablation.py", "--variants", *variants, "--rounds", "1", "--steps", "1")
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[3:] if line.strip()}
     assert set(rows) == {*variants, "reference"}, done.stdout
     assert all(math.isfinite(float(ms)) and float(ms) > 0 and ratio.endswith("x") for ms, ratio in rows.values())
     assert "our GPT-2-architecture reference" in done.stdout
-    bad = subprocess.run([sys.executable, str(script), "--variants", "ours", "swish"], capture_output=True,
-                         text=True, timeout=120)
+    bad = run_benchmark("block_ablation.py", "--variants", "ours", "swish", timeout=120)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "swish" in bad.stderr
 
 
 def test_block_ablation_variants_replace_the_piece_they_name() -> None:
     import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    sys.path.insert(0, str(BENCHMARKS))
     from block_ablation import GeluMLP, build_variant
     s = dict(n_layers=2, n_heads=2, dim=32, max_seq_len=16, vocab=50)
     assert all(isinstance(b.attn_norm, torch.nn.LayerNorm) for b in build_variant("layernorm", s).layers)
@@ -204,8 +197,7 @@ def test_block_ablation_contexts_change_what_they_name(monkeypatch: pytest.Monke
     """no-rope skips the rotation on both of Attention's paths (packed in training, separate products under
     no_grad): the logits of a model whose RoPE tables are the identity; unpacked and qkv3 turn packing off."""
     import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    sys.path.insert(0, str(BENCHMARKS))
     from block_ablation import build_variant, variant_context
 
     from cakelm import kernels
@@ -238,30 +230,20 @@ def test_block_ablation_contexts_change_what_they_name(monkeypatch: pytest.Monke
 
 def test_matmul_shapes_benchmark_times_every_layout_at_equal_flops() -> None:
     """benchmarks/matmul_shapes.py: every layout, the same GFLOP (ffn_dim at 8/3 x width: 1,024 at (b)), a ratio."""
-    import subprocess
-    import sys
-    from pathlib import Path
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "matmul_shapes.py"
-    done = subprocess.run([sys.executable, str(script), "--shape", "b", "--rounds", "1"], capture_output=True,
-                          text=True, timeout=300)
+    done = run_benchmark("matmul_shapes.py", "--shape", "b", "--rounds", "1")
     assert done.returncode == 0, done.stderr
     rows = [line.split() for line in done.stdout.splitlines()[2:]]
     assert [r[0] for r in rows] == ["ours", "gpt2", "qkv-packed", "gate-up-packed", "both-packed"], done.stdout
     assert len({r[1] for r in rows}) == 1 and float(rows[0][1]) > 0  # equal FLOPs
     assert all(float(r[2]) > 0 and r[4].endswith("x") for r in rows)
-    bad = subprocess.run([sys.executable, str(script), "--rounds", "0"], capture_output=True, text=True, timeout=60)
+    bad = run_benchmark("matmul_shapes.py", "--rounds", "0", timeout=60)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_step_profile_benchmark_sorts_each_step_into_kinds() -> None:
     """benchmarks/step_profile.py: each kind of work of one profiled step of ours and of the GPT-2 reference; RoPE
     only in ours, products, attention and the optimizer in both, the kinds adding up to the total."""
-    import subprocess
-    import sys
-    from pathlib import Path
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "step_profile.py"
-    done = subprocess.run([sys.executable, str(script), "--shape", "a", "--steps", "1", "--warmup", "1"],
-                          capture_output=True, text=True, timeout=300)
+    done = run_benchmark("step_profile.py", "--shape", "a", "--steps", "1", "--warmup", "1")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert "our GPT-2-architecture reference" in lines[1]
@@ -275,5 +257,5 @@ def test_step_profile_benchmark_sorts_each_step_into_kinds() -> None:
     for col in (0, 2):
         assert abs(sum(r[col] for k, r in rows.items() if k != "total") - rows["total"][col]) < 0.05
     assert lines[-1].startswith("reference / ours:") and "at most" in lines[-1]
-    bad = subprocess.run([sys.executable, str(script), "--steps", "-1"], capture_output=True, text=True, timeout=60)
+    bad = run_benchmark("step_profile.py", "--steps", "-1", timeout=60)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
